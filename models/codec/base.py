@@ -1,0 +1,27 @@
+"""The codec interface: 44.1 kHz stereo waveform <-> latent sequence."""
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+
+class AudioCodec(nn.Module):
+    """``encode(wave [B, 2, N]) -> latents [B, C, T]`` (normalised to about unit variance, ready for diffusion) and
+    ``decode(latents [B, C, T]) -> wave [B, 2, T * samples_per_latent]``."""
+
+    sample_rate: int
+    audio_channels: int
+    latent_dim: int
+    samples_per_latent: int
+
+    def latent_frames(self, num_samples: int) -> int:
+        return -(-num_samples // self.samples_per_latent)
+
+    @property
+    def latent_rate(self) -> float:
+        return self.sample_rate / self.samples_per_latent
+
+    def encode(self, wave: Tensor) -> Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def decode(self, latents: Tensor) -> Tensor:  # pragma: no cover - interface
+        raise NotImplementedError

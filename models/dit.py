@@ -1,0 +1,150 @@
+"""The DiT denoiser: a transformer over latent frames.
+
+Conditioning, as in Stable Audio: cross-attention to the text encoder's token states; a global condition
+(pooled text embedding + requested duration in seconds, like seconds_total) added to the timestep embedding and
+applied through adaptive LayerNorm (adaLN-Zero, as in DiT); rotary position embeddings so any length up to the
+model maximum works. Padded frames (batches of different durations) are masked out of self-attention and zeroed,
+so a sample's output does not depend on what else shares its batch. An optional guidance-scale embedding lets a
+distilled student take the guidance scale as an input (guided distillation, stage one).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from models.layers import fourier_features
+
+
+@dataclass
+class DiTConfig:
+    latent_dim: int = 32
+    width: int = 192
+    depth: int = 6
+    heads: int = 4
+    mlp_ratio: float = 3.0
+    text_dim: int = 384
+    pooled_dim: int = 384
+    max_seconds: float = 10.0
+    guidance_embed: bool = False
+
+
+def rope_tables(length: int, head_dim: int, device, base: float = 10000.0) -> tuple[Tensor, Tensor]:
+    inv = 1.0 / base ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+    angles = torch.arange(length, device=device, dtype=torch.float32)[:, None] * inv[None]
+    return torch.cos(angles), torch.sin(angles)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x [B, H, T, D]: rotate pairs (even, odd) of channels by position-dependent angles."""
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    out = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+    return out.flatten(-2)
+
+
+class Attention(nn.Module):
+    def __init__(self, width: int, heads: int, context_dim: int | None = None):
+        super().__init__()
+        self.heads = heads
+        self.q = nn.Linear(width, width)
+        self.kv = nn.Linear(context_dim or width, 2 * width)
+        self.out = nn.Linear(width, width)
+        self.q_norm = nn.LayerNorm(width // heads)
+        self.k_norm = nn.LayerNorm(width // heads)
+
+    def forward(self, x: Tensor, context: Tensor, key_mask: Tensor, rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        b, t, w = x.shape
+        h = self.heads
+        q = self.q(x).view(b, t, h, -1).transpose(1, 2)
+        k, v = self.kv(context).view(b, context.shape[1], 2, h, -1).permute(2, 0, 3, 1, 4)
+        q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask[:, None, None, :])
+        return self.out(o.transpose(1, 2).reshape(b, t, w))
+
+
+class DiTBlock(nn.Module):
+    def __init__(self, width: int, heads: int, mlp_ratio: float):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(width, elementwise_affine=False)
+        self.attn = Attention(width, heads)
+        self.norm_x = nn.LayerNorm(width)
+        self.cross = Attention(width, heads)
+        self.norm2 = nn.LayerNorm(width, elementwise_affine=False)
+        hidden = int(width * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width))
+        self.ada = nn.Linear(width, 6 * width)
+        nn.init.zeros_(self.ada.weight)
+        nn.init.zeros_(self.ada.bias)
+
+    def forward(self, x, cond, context, context_mask, frame_mask, rope):
+        s1, c1, g1, s2, c2, g2 = self.ada(F.silu(cond))[:, None].chunk(6, dim=-1)
+        h = self.norm1(x) * (1 + c1) + s1
+        x = x + g1 * self.attn(h, h, frame_mask, rope)
+        x = x + self.cross(self.norm_x(x), context, context_mask)
+        x = x + g2 * self.mlp(self.norm2(x) * (1 + c2) + s2)
+        return x
+
+
+class DiT(nn.Module):
+    def __init__(self, config: DiTConfig | None = None):
+        super().__init__()
+        c = self.config = config or DiTConfig()
+        w = c.width
+        self.proj_in = nn.Linear(c.latent_dim, w)
+        self.time_mlp = nn.Sequential(nn.Linear(256, w), nn.SiLU(), nn.Linear(w, w))
+        self.seconds_mlp = nn.Sequential(nn.Linear(256, w), nn.SiLU(), nn.Linear(w, w))
+        self.pooled_proj = nn.Sequential(nn.Linear(c.pooled_dim, w), nn.SiLU(), nn.Linear(w, w))
+        self.guidance_mlp = (nn.Sequential(nn.Linear(256, w), nn.SiLU(), nn.Linear(w, w))
+                             if c.guidance_embed else None)
+        self.context_proj = nn.Sequential(nn.Linear(c.text_dim, w), nn.LayerNorm(w))
+        self.blocks = nn.ModuleList(DiTBlock(w, c.heads, c.mlp_ratio) for _ in range(c.depth))
+        self.norm_out = nn.LayerNorm(w, elementwise_affine=False)
+        self.ada_out = nn.Linear(w, 2 * w)
+        self.proj_out = nn.Linear(w, c.latent_dim)
+        for layer in (self.ada_out, self.proj_out):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+        if self.guidance_mlp is not None:
+            nn.init.zeros_(self.guidance_mlp[-1].weight)
+            nn.init.zeros_(self.guidance_mlp[-1].bias)
+
+    def condition(self, t: Tensor, pooled: Tensor, seconds: Tensor, guidance: Tensor | None) -> Tensor:
+        c = self.config
+        cond = self.time_mlp(fourier_features(t * 1000.0, 256))
+        cond = cond + self.seconds_mlp(fourier_features(seconds / c.max_seconds * 1000.0, 256))
+        cond = cond + self.pooled_proj(pooled)
+        if self.guidance_mlp is not None:
+            if guidance is None:
+                raise ValueError("this denoiser was trained with a guidance-scale input; pass guidance")
+            cond = cond + self.guidance_mlp(fourier_features(guidance * 100.0, 256))
+        return cond
+
+    def forward(self, z: Tensor, t: Tensor, tokens: Tensor, token_mask: Tensor, pooled: Tensor, seconds: Tensor,
+                frame_mask: Tensor | None = None, guidance: Tensor | None = None) -> Tensor:
+        """z [B, C, T], t [B] in [0, 1], tokens [B, L, text_dim], token_mask [B, L] bool, pooled [B, pooled_dim],
+        seconds [B], frame_mask [B, T] bool (True = real frame) -> raw prediction [B, C, T]."""
+        b, _, length = z.shape
+        if frame_mask is None:
+            frame_mask = torch.ones(b, length, dtype=torch.bool, device=z.device)
+        keep = frame_mask[:, :, None].to(z.dtype)
+        x = self.proj_in(z.transpose(1, 2)) * keep
+        cond = self.condition(t.to(z.dtype), pooled, seconds.to(z.dtype), guidance)
+        context = self.context_proj(tokens)
+        head_dim = self.config.width // self.config.heads
+        rope = rope_tables(length, head_dim, z.device)
+        for block in self.blocks:
+            x = block(x, cond, context, token_mask, frame_mask, rope)
+        shift, scale = self.ada_out(F.silu(cond))[:, None].chunk(2, dim=-1)
+        x = self.norm_out(x) * (1 + scale) + shift
+        return (self.proj_out(x) * keep).transpose(1, 2)
+
+    def to_config(self) -> dict:
+        return asdict(self.config)
+
+    @classmethod
+    def from_config(cls, config: dict) -> "DiT":
+        return cls(DiTConfig(**config))

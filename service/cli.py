@@ -1,0 +1,128 @@
+"""``tta``: train, generate, serve (and, later, distil, post-train and export)."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+ZOO = Path(__file__).resolve().parent.parent / "models" / "zoo"
+
+
+def _add_dataclass_args(parser: argparse.ArgumentParser, cls) -> None:
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else None
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(default, bool):
+            parser.add_argument(flag, type=lambda s: s.lower() in ("1", "true", "yes"), default=default)
+        else:
+            kind = type(default) if default is not None else int
+            parser.add_argument(flag, type=kind, default=default, help=f"(default: {default})")
+
+
+def _dataclass_from_args(cls, args):
+    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+
+
+def cmd_train_autoencoder(args) -> None:
+    from models.training.autoencoder import AutoencoderTrainConfig, train_autoencoder
+
+    cfg = _dataclass_from_args(AutoencoderTrainConfig, args)
+    train_autoencoder(args.out, args.run_dir, cfg)
+
+
+def cmd_train_teacher(args) -> None:
+    from models.training.teacher import TeacherTrainConfig, train_teacher
+
+    cfg = _dataclass_from_args(TeacherTrainConfig, args)
+    train_teacher(args.out, args.run_dir, args.codec, cfg)
+
+
+def cmd_generate(args) -> None:
+    import random
+
+    import soundfile as sf
+    import torch
+
+    from models.bundle import ModelBundle
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model_path = Path(args.model) if Path(args.model).is_dir() else ZOO / args.model
+    bundle = ModelBundle.load(model_path)
+    seed = args.seed if args.seed is not None else random.randrange(2**31)
+    duration = args.duration or bundle.config.default_duration
+    wave = bundle.generate([args.prompt], [duration], [seed], steps=args.steps, guidance=args.guidance)[0]
+    sf.write(args.output, wave.T.numpy(), bundle.codec.sample_rate, subtype="PCM_16")
+    print(f"wrote {args.output}: {duration:.2f} s, model {bundle.name}, seed {seed}")
+
+
+def cmd_serve(args) -> None:
+    from service.__main__ import serve
+
+    serve(host=args.host, port=args.port, model_dir=args.model_dir, default_model=args.default_model,
+          device=args.device, runtime=args.runtime, policy=args.policy, max_batch=args.max_batch,
+          threads=args.threads, log_level=args.log_level)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tta", description="Text-to-audio diffusion: train, generate, serve")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="train the embedded models").add_subparsers(dest="what", required=True)
+    from models.training.autoencoder import AutoencoderTrainConfig
+
+    p = train.add_parser("autoencoder", help="train the STFT autoencoder on the synthetic corpus")
+    p.add_argument("--out", default=str(ZOO / "tta-codec"), help="where codec.safetensors + config.json go")
+    p.add_argument("--run-dir", default="runs/autoencoder", help="checkpoints and logs; an existing run resumes")
+    _add_dataclass_args(p, AutoencoderTrainConfig)
+    p.set_defaults(func=cmd_train_autoencoder)
+
+    try:
+        from models.training.teacher import TeacherTrainConfig
+    except ImportError:  # pragma: no cover - during bring-up
+        TeacherTrainConfig = None
+    if TeacherTrainConfig is not None:
+        p = train.add_parser("teacher", help="train the 200-step DiT teacher on cached corpus latents")
+        p.add_argument("--out", default=str(ZOO / "tta-teacher"))
+        p.add_argument("--run-dir", default="runs/teacher")
+        p.add_argument("--codec", default=str(ZOO / "tta-codec"), help="trained autoencoder directory")
+        _add_dataclass_args(p, TeacherTrainConfig)
+        p.set_defaults(func=cmd_train_teacher)
+
+    p = sub.add_parser("generate", help="generate a WAV from a prompt, offline")
+    p.add_argument("prompt")
+    p.add_argument("-o", "--output", default="out.wav")
+    p.add_argument("--model", default=os.environ.get("TTA_DEFAULT_MODEL", "tta-teacher"))
+    p.add_argument("--duration", type=float, default=None)
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--guidance", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--threads", type=int, default=None)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("serve", help="run the HTTP service (flags override TTA_* environment settings)")
+    p.add_argument("--host", default=None)
+    p.add_argument("--port", type=int, default=None)
+    p.add_argument("--model-dir", default=None)
+    p.add_argument("--default-model", default=None)
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None)
+    p.add_argument("--runtime", default=None)
+    p.add_argument("--policy", choices=["continuous", "request", "none"], default=None)
+    p.add_argument("--max-batch", type=int, default=None)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--log-level", default=None)
+    p.set_defaults(func=cmd_serve)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,43 @@
+"""Service settings: environment variables prefixed ``TTA_`` or a ``.env`` file (pydantic-settings)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ZOO = Path(__file__).resolve().parent.parent / "models" / "zoo"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="TTA_", env_file=".env", extra="ignore",
+                                      protected_namespaces=())
+
+    host: str = "0.0.0.0"
+    port: int = Field(8000, ge=0, le=65535)
+    model_dir: Path = ZOO
+    default_model: str = "tta-teacher"
+    models: str = Field("", description="comma-separated model names to load; empty = every model in model_dir")
+    device: Literal["cpu", "cuda"] = "cpu"
+    runtime: Literal["auto", "torch"] = "auto"
+    max_batch: int = Field(16, ge=1, le=256, description="samples per denoiser forward")
+    queue_size: int = Field(64, ge=0, description="requests waiting for admission before 429")
+    request_timeout: float = Field(60.0, gt=0, description="seconds from arrival to answer, else 504")
+    api_keys: str = Field("", description="comma-separated; empty = authentication off")
+    policy: Literal["continuous", "request", "none"] = "continuous"
+    max_queue_delay_ms: float = Field(20.0, ge=0, description="request-level policy: wait this long to fill a batch")
+    threads: int | None = Field(None, ge=1, description="torch intra-op threads (default: torch's choice)")
+    log_level: str = "info"
+    max_body_bytes: int = Field(16 * 1024, ge=256)
+    warmup: bool = True
+    # Test/debug only: a runtime wrapper that raises or sleeps for prompts carrying [[fail]] / [[slow=MS]] markers.
+    debug_faults: bool = False
+
+    @property
+    def api_key_set(self) -> frozenset[str]:
+        return frozenset(k.strip() for k in self.api_keys.split(",") if k.strip())
+
+    @property
+    def model_names(self) -> list[str]:
+        return [m.strip() for m in self.models.split(",") if m.strip()]

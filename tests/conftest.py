@@ -1,0 +1,66 @@
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(1)
+
+
+@contextmanager
+def float32_default():
+    """Other test modules set a float64 default dtype at import (collection time); the service and its models are
+    float32, so everything the service tests build or load happens under float32."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+@pytest.fixture(scope="session")
+def text_encoder():
+    from service.runtimes.torch_runtime import shared_text_encoder
+
+    with float32_default():
+        return shared_text_encoder({"name": "minilm"}, "cpu")
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory, text_encoder):
+    from service_support import build_model_dir
+
+    with float32_default():
+        return build_model_dir(tmp_path_factory.mktemp("zoo"), text_encoder)
+
+
+@pytest.fixture(scope="session")
+def base_settings(model_dir):
+    from service.settings import Settings
+
+    return Settings(_env_file=None, model_dir=model_dir, default_model="tiny", threads=1, debug_faults=True,
+                    max_batch=16, queue_size=64, request_timeout=30, log_level="warning")
+
+
+@pytest.fixture(scope="session")
+def server(base_settings):
+    from service_support import LiveServer
+
+    with float32_default():
+        srv = LiveServer(base_settings)
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(autouse=True)
+def _float32_default(request):
+    """Some model tests set a float64 default dtype at import; the service runs in float32."""
+    if not request.node.fspath.basename.startswith("test_service"):
+        yield
+        return
+    with float32_default():
+        yield

@@ -1,0 +1,106 @@
+"""Shared helpers for the service tests: tiny real model directories and a real uvicorn server in a thread."""
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import torch
+
+from models.bundle import BundleConfig, ModelBundle
+from models.codec.stft_autoencoder import STFTAutoencoder, STFTAutoencoderConfig
+from models.dit import DiT, DiTConfig
+
+TINY = "tiny"
+TINY_ARC = "tiny-arc"
+
+
+def _randomise(module: torch.nn.Module, scale: float = 0.05) -> None:
+    """Random init everywhere, including the zero-initialised adaLN / output layers, so outputs depend on the text,
+    time, guidance and seed (a zero output layer would make the denoiser ignore its conditioning)."""
+    with torch.no_grad():
+        for p in module.parameters():
+            if p.dim() > 1 and p.abs().sum() == 0:
+                p.normal_(0.0, scale)
+            elif p.dim() == 1 and p.abs().sum() == 0:
+                p.normal_(0.0, scale)
+
+
+def build_tiny_bundle(name: str, text_encoder, seed: int, **config) -> ModelBundle:
+    torch.manual_seed(seed)
+    cfg = BundleConfig(name=name, default_steps=4, max_steps=50, max_duration=4.0, default_duration=1.0, **config)
+    dit = DiT(DiTConfig(width=32, depth=1, heads=2, text_dim=384, pooled_dim=384))
+    _randomise(dit)
+    codec = STFTAutoencoder(STFTAutoencoderConfig(hidden=32, encoder_blocks=1, decoder_latent_blocks=1,
+                                                  decoder_frame_blocks=1))
+    with torch.no_grad():  # audible output: a louder magnitude bias than the trained-from-scratch default
+        codec.dec_out.bias.view(2, 3, -1)[:, 0] = -2.0
+    return ModelBundle(cfg, dit, codec, text_encoder)
+
+
+def build_model_dir(root: Path, text_encoder) -> Path:
+    build_tiny_bundle(TINY, text_encoder, 0).save(root / TINY, save_codec=True)
+    build_tiny_bundle(TINY_ARC, text_encoder, 1, kind="arc", sampler="pingpong",
+                      schedule={"name": "rectified-flow"}, default_guidance=1.0).save(root / TINY_ARC, save_codec=True)
+    return root
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LiveServer:
+    """``create_app(settings)`` under a real uvicorn server on a loopback port, in a background thread."""
+
+    def __init__(self, settings, wait_ready: bool = True, timeout: float = 120.0):
+        import uvicorn
+
+        from service.app import create_app
+
+        self.port = free_port()
+        self.settings = settings.model_copy(update={"host": "127.0.0.1", "port": self.port})
+        self.app = create_app(self.settings)
+        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning",
+                                                    access_log=False, lifespan="on"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        self.url = f"http://127.0.0.1:{self.port}"
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                r = httpx.get(self.url + ("/health/ready" if wait_ready else "/health/live"), timeout=2)
+                if r.status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.05)
+        else:
+            self.stop()
+            raise RuntimeError(f"server did not become ready: {self.app.state.tta.load_error}")
+
+    @property
+    def engine(self):
+        return self.app.state.tta.engine
+
+    def client(self, **kw) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=kw.pop("timeout", 60), **kw)
+
+    def metric(self, name: str, **labels) -> float:
+        """Current value of one sample from /metrics (0 when absent)."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        text = httpx.get(self.url + "/metrics", timeout=10).text
+        total = 0.0
+        for fam in text_string_to_metric_families(text):
+            for s in fam.samples:
+                if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                    total += s.value
+        return total
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(15)

@@ -1,0 +1,113 @@
+"""Model code: batch invariance, save/load, determinism, text-encoder cache, codec shapes."""
+import math
+
+import pytest
+import torch
+
+from models.bundle import BundleConfig, ModelBundle
+from models.codec import STFTAutoencoder, STFTAutoencoderConfig
+from models.dit import DiT, DiTConfig
+from models.text import load_text_encoder
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def text_encoder():
+    return load_text_encoder({"name": "minilm"})
+
+
+def tiny_bundle(text_encoder, sampler="ddim", guidance_in_model=False):
+    torch.manual_seed(0)
+    cfg = BundleConfig(name="tiny", sampler=sampler, default_steps=4, max_steps=50, max_duration=4.0,
+                       default_duration=1.0, guidance_in_model=guidance_in_model,
+                       schedule={"name": "rectified-flow"} if sampler == "pingpong" else {"name": "vp-cosine"})
+    dit = DiT(DiTConfig(width=32, depth=2, heads=2, guidance_embed=guidance_in_model))
+    for p in dit.parameters():  # zero-initialised output layers would hide bugs: randomise everything
+        torch.nn.init.normal_(p, std=0.05)
+    codec = STFTAutoencoder(STFTAutoencoderConfig(hidden=32, encoder_blocks=1, decoder_latent_blocks=1,
+                                                  decoder_frame_blocks=1))
+    return ModelBundle(cfg, dit, codec, text_encoder)
+
+
+def test_dit_is_invariant_to_batch_padding(text_encoder):
+    b = tiny_bundle(text_encoder)
+    text = text_encoder.encode(["a 440 Hz sine tone", "rain on a roof with distant thunder and wind"])
+    z = torch.randn(2, 32, 30)
+    mask = torch.ones(2, 30, dtype=torch.bool)
+    mask[0, 17:] = False
+    z[0, :, 17:] = 99.0  # garbage in the padding must not matter
+    t, sec = torch.tensor([0.3, 0.8]), torch.tensor([0.8, 1.4])
+    with torch.no_grad():
+        batched = b.denoiser(z, t, text.tokens, text.mask, text.pooled, sec, mask)
+        alone = text_encoder.encode(["a 440 Hz sine tone"])
+        single = b.denoiser(z[:1, :, :17], t[:1], alone.tokens, alone.mask, alone.pooled, sec[:1])
+    assert torch.allclose(batched[0, :, :17], single[0], atol=1e-5)
+    assert torch.all(batched[0, :, 17:] == 0)
+
+
+def test_predict_x0_mixed_guidance_matches_separate_calls(text_encoder):
+    b = tiny_bundle(text_encoder)
+    cond = b.conditioning(["a dog barks", "white noise fading in", "a kick drum"], [1.0, 2.0, 1.5])
+    frames = [b.latent_frames(d) for d in (1.0, 2.0, 1.5)]
+    z = torch.randn(3, 32, max(frames))
+    mask = torch.arange(max(frames))[None] < torch.tensor(frames)[:, None]
+    t = torch.tensor([0.9, 0.5, 0.2])
+    g = torch.tensor([3.0, 1.0, 5.0])
+    x0 = b.predict_x0(z, t, cond, g, mask)
+    for i in range(3):
+        one = b.predict_x0(z[i:i + 1, :, :frames[i]], t[i:i + 1], cond.select([i]), g[i:i + 1],
+                           torch.ones(1, frames[i], dtype=torch.bool))
+        assert torch.allclose(x0[i, :, :frames[i]], one[0], atol=1e-5)
+    assert b.forward_count(g) == 5  # 3 conditional rows + 2 unconditional rows in ONE forward
+
+
+def test_save_load_round_trip_and_seeded_generation(tmp_path, text_encoder):
+    b = tiny_bundle(text_encoder)
+    b.save(tmp_path / "tiny")
+    loaded = ModelBundle.load(tmp_path / "tiny", text_encoder=text_encoder)
+    a = b.generate(["a 440 Hz sine tone on the left"], [1.3], [7], steps=3)[0]
+    c = loaded.generate(["a 440 Hz sine tone on the left"], [1.3], [7], steps=3)[0]
+    d = loaded.generate(["a 440 Hz sine tone on the left"], [1.3], [8], steps=3)[0]
+    assert a.shape == (2, round(1.3 * 44100))
+    assert torch.equal(a, c)
+    assert not torch.allclose(a, d)
+
+
+def test_generation_alone_equals_generation_in_a_mixed_batch(text_encoder):
+    b = tiny_bundle(text_encoder, sampler="pingpong")
+    alone = b.generate_latents(["birds chirping"], [1.0], [11], steps=4, guidance=1.0)[0]
+    mixed = b.generate_latents(["a siren", "birds chirping", "a 300 Hz square wave"], [2.0, 1.0, 0.5],
+                               [3, 11, 5], steps=4, guidance=1.0)[1]
+    assert torch.allclose(alone, mixed, atol=1e-5)
+
+
+def test_guidance_embedding_student_runs_one_forward(text_encoder):
+    b = tiny_bundle(text_encoder, guidance_in_model=True)
+    assert b.forward_count(torch.tensor([3.0, 1.0])) == 2
+    out = b.generate_latents(["a clap"], [0.5], [1], steps=2, guidance=3.0)[0]
+    assert torch.isfinite(out).all()
+
+
+def test_text_cache_returns_the_same_embeddings(text_encoder):
+    enc = load_text_encoder({"name": "minilm"}, cache_size=2)
+    first = enc.encode(["ocean waves", "a phone ringing on the right"])
+    again = enc.encode(["a phone ringing on the right"])
+    n = int(again.mask[0].sum())
+    assert torch.allclose(first.tokens[1, :n], again.tokens[0, :n])
+    assert enc.hits == 1 and enc.misses == 2
+    enc.encode(["x", "y", "z"])
+    assert len(enc._cache) == 2  # LRU bound
+
+
+def test_codec_shapes_and_determinism():
+    torch.manual_seed(0)
+    codec = STFTAutoencoder(STFTAutoencoderConfig(hidden=32, encoder_blocks=1, decoder_latent_blocks=1,
+                                                  decoder_frame_blocks=1)).eval()
+    wave = torch.randn(2, 2, 44100) * 0.1
+    z = codec.encode(wave)
+    assert z.shape == (2, 32, math.ceil(44100 / 2048))
+    y1, y2 = codec.decode(z), codec.decode(z[1:])
+    assert y1.shape == (2, 2, z.shape[-1] * 2048)
+    assert torch.allclose(y1[1], y2[0], atol=1e-5)  # decoding does not depend on batch companions
+    assert torch.equal(codec.decode(z), y1)

@@ -1,0 +1,226 @@
+"""The HTTP contract, against a real uvicorn server on a loopback port (tiny untrained models)."""
+from __future__ import annotations
+
+import io
+import re
+
+import httpx
+import pytest
+import soundfile as sf
+
+from service_support import LiveServer
+
+SR = 44100
+
+
+def read_audio(content: bytes):
+    info = sf.info(io.BytesIO(content))
+    data, sr = sf.read(io.BytesIO(content), dtype="int16", always_2d=True)
+    return info, data, sr
+
+
+def test_health_models_docs(server):
+    with server.client() as c:
+        assert c.get("/health/live").json() == {"status": "alive"}
+        ready = c.get("/health/ready")
+        assert ready.status_code == 200 and set(ready.json()["models"]) == {"tiny", "tiny-arc"}
+        models = {m["name"]: m for m in c.get("/models").json()}
+        assert set(models) == {"tiny", "tiny-arc"}
+        tiny = models["tiny"]
+        for key in ("name", "kind", "default_steps", "max_steps", "default_guidance", "max_duration",
+                    "default_duration", "runtime", "sample_rate"):
+            assert key in tiny
+        assert (tiny["default_steps"], tiny["max_steps"], tiny["max_duration"], tiny["runtime"],
+                tiny["sample_rate"]) == (4, 50, 4.0, "torch", SR)
+        assert models["tiny-arc"]["kind"] == "arc"
+        assert c.get("/docs").status_code == 200
+        assert "/generate" in c.get("/openapi.json").json()["paths"]
+        root = c.get("/", follow_redirects=False)
+        assert root.status_code in (302, 307) and root.headers["location"] == "/docs"
+
+
+@pytest.mark.parametrize("fmt,subtype", [("wav", "PCM_16"), ("flac", "PCM_16"), ("ogg", "VORBIS")])
+def test_generate_audio_contract(server, fmt, subtype):
+    duration = 1.37
+    with server.client() as c:
+        r = c.post("/generate", json={"prompt": "a dog barks twice", "duration": duration, "seed": 42, "format": fmt})
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"].startswith(f"audio/{fmt}")
+    info, data, sr = read_audio(r.content)
+    assert (sr, info.channels, info.subtype) == (SR, 2, subtype)
+    assert data.shape == (round(duration * SR), 2)
+    assert abs(data).max() > 0
+    assert r.headers["x-seed"] == "42" and r.headers["x-model"] == "tiny" and r.headers["x-request-id"]
+    timing = r.headers["server-timing"]
+    assert re.fullmatch(r"queue;dur=[\d.]+, encode;dur=[\d.]+, denoise;dur=[\d.]+, decode;dur=[\d.]+", timing), timing
+
+
+def test_defaults_random_seed_and_request_id(server):
+    with server.client() as c:
+        r = c.post("/generate", json={"prompt": "rain on a tin roof"}, headers={"X-Request-Id": "my-req-1"})
+        assert r.status_code == 200
+        assert r.headers["x-request-id"] == "my-req-1"
+        seed = int(r.headers["x-seed"])
+        assert 0 <= seed < 2**63
+        assert read_audio(r.content)[1].shape == (SR, 2)  # default duration 1.0 s
+        again = c.post("/generate", json={"prompt": "rain on a tin roof", "seed": seed})
+        assert again.content == r.content  # the returned seed reproduces the audio
+        other = c.post("/generate", json={"prompt": "rain on a tin roof", "seed": seed + 1})
+        assert other.content != r.content
+
+
+def test_other_model_and_edge_values(server):
+    with server.client() as c:
+        r = c.post("/generate", json={"prompt": "x" * 500, "model": "tiny-arc", "duration": 4.0, "steps": 1,
+                                      "guidance": 0, "seed": 2**63 - 1})
+        assert r.status_code == 200, r.text
+        assert r.headers["x-model"] == "tiny-arc"
+        assert read_audio(r.content)[1].shape == (4 * SR, 2)
+        r = c.post("/generate", json={"prompt": "short", "duration": 0.5, "guidance": 20, "steps": 2})
+        assert r.status_code == 200 and read_audio(r.content)[1].shape == (round(0.5 * SR), 2)
+
+
+@pytest.mark.parametrize("body,field", [
+    ({}, "prompt"),
+    ({"prompt": ""}, "prompt"),
+    ({"prompt": "x" * 501}, "prompt"),
+    ({"prompt": 5}, "prompt"),
+    ({"prompt": "a", "duration": 0.4}, "duration"),
+    ({"prompt": "a", "duration": 4.01}, "duration"),
+    ({"prompt": "a", "duration": "long"}, "duration"),
+    ({"prompt": "a", "steps": 0}, "steps"),
+    ({"prompt": "a", "steps": 51}, "steps"),
+    ({"prompt": "a", "steps": 2.5}, "steps"),
+    ({"prompt": "a", "guidance": -0.1}, "guidance"),
+    ({"prompt": "a", "guidance": 20.5}, "guidance"),
+    ({"prompt": "a", "seed": -1}, "seed"),
+    ({"prompt": "a", "seed": 2**63}, "seed"),
+    ({"prompt": "a", "format": "mp3"}, "format"),
+    ({"prompt": "a", "timeout": 0}, "timeout"),
+    ({"prompt": "a", "colour": "blue"}, "colour"),
+])
+def test_invalid_input_is_422_naming_the_field(server, body, field):
+    with server.client() as c:
+        r = c.post("/generate", json=body)
+    assert r.status_code == 422, r.text
+    err = r.json()["error"]
+    assert err["code"] == "invalid_input"
+    assert field in err["message"] and err["field"] == field
+
+
+@pytest.mark.parametrize("content", [b"{not json", b"[1, 2]", b"", b"\xff\xfe"])
+def test_malformed_body_is_422_not_500(server, content):
+    with server.client() as c:
+        r = c.post("/generate", content=content, headers={"Content-Type": "application/json"})
+    assert r.status_code == 422, r.text
+    assert r.json()["error"]["code"] == "invalid_input"
+
+
+def test_unknown_model_is_404(server):
+    with server.client() as c:
+        r = c.post("/generate", json={"prompt": "a", "model": "no-such-model"})
+    assert r.status_code == 404
+    assert r.json()["error"]["code"] == "unknown_model" and "no-such-model" in r.json()["error"]["message"]
+
+
+def test_body_too_large_is_413(server):
+    big = b'{"prompt": "' + b"a" * 20000 + b'"}'
+    with server.client() as c:
+        r = c.post("/generate", content=big, headers={"Content-Type": "application/json"})
+        assert r.status_code == 413 and r.json()["error"]["code"] == "payload_too_large"
+
+        def chunks():  # no Content-Length: counted while streaming
+            for _ in range(40):
+                yield b"a" * 1000
+
+        r = c.post("/generate", content=chunks(), headers={"Content-Type": "application/json"})
+        assert r.status_code == 413 and r.json()["error"]["code"] == "payload_too_large"
+
+
+def test_unknown_route_and_method_are_json(server):
+    with server.client() as c:
+        r = c.get("/nope")
+        assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+        r = c.get("/generate")
+        assert r.status_code == 405 and "error" in r.json()
+
+
+def test_metrics_move(server):
+    before_ok = server.metric("tta_requests_total", model="tiny", status="200")
+    before_422 = server.metric("tta_requests_total", status="422")
+    before_audio = server.metric("tta_generated_audio_seconds_total", model="tiny")
+    before_dur = server.metric("tta_request_duration_seconds_count", model="tiny")
+    with server.client() as c:
+        assert c.post("/generate", json={"prompt": "metrics", "duration": 1.5, "seed": 3}).status_code == 200
+        assert c.post("/generate", json={"prompt": ""}).status_code == 422
+        text = c.get("/metrics").text
+    assert server.metric("tta_requests_total", model="tiny", status="200") == before_ok + 1
+    assert server.metric("tta_requests_total", status="422") == before_422 + 1
+    assert server.metric("tta_generated_audio_seconds_total", model="tiny") == pytest.approx(before_audio + 1.5)
+    assert server.metric("tta_request_duration_seconds_count", model="tiny") == before_dur + 1
+    for stage in ("encode", "denoise", "decode"):
+        assert server.metric("tta_stage_duration_seconds_count", model="tiny", stage=stage) > 0
+    assert server.metric("tta_queue_wait_seconds_count", model="tiny") > 0
+    assert server.metric("tta_batch_size_count", model="tiny") > 0
+    assert server.metric("tta_real_time_factor_count", model="tiny") > 0
+    assert server.metric("tta_model_loaded", model="tiny", runtime="torch") == 1
+    assert server.metric("tta_ready") == 1
+    assert "tta_inflight_requests" in text and "tta_queue_depth" in text
+
+
+def test_not_ready_is_503(base_settings):
+    """The app before its models are loaded (no lifespan run): readiness and generation say 503."""
+    from service.app import create_app
+
+    app = create_app(base_settings)
+
+    async def go():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+            live = await c.get("/health/live")
+            ready = await c.get("/health/ready")
+            gen = await c.post("/generate", json={"prompt": "a"})
+            metrics = await c.get("/metrics")
+        return live, ready, gen, metrics
+
+    import asyncio
+
+    live, ready, gen, metrics = asyncio.run(go())
+    assert live.status_code == 200
+    assert ready.status_code == 503 and ready.json()["error"]["code"] == "not_ready"
+    assert gen.status_code == 503 and gen.json()["error"]["code"] == "not_ready"
+    assert "tta_ready 0.0" in metrics.text
+
+
+def test_missing_default_model_stays_not_ready(base_settings, tmp_path):
+    srv = LiveServer(base_settings.model_copy(update={"model_dir": tmp_path}), wait_ready=False)
+    try:
+        import time
+
+        for _ in range(100):
+            if srv.app.state.tta.load_error:
+                break
+            time.sleep(0.05)
+        r = httpx.get(srv.url + "/health/ready")
+        assert r.status_code == 503 and "tiny" in r.json()["error"]["message"]
+    finally:
+        srv.stop()
+
+
+def test_api_keys(base_settings):
+    srv = LiveServer(base_settings.model_copy(update={"api_keys": "k1, secret-2", "warmup": False}))
+    try:
+        with srv.client() as c:
+            body = {"prompt": "auth", "steps": 1, "duration": 0.5}
+            for headers in ({}, {"Authorization": "Bearer wrong"}, {"X-API-Key": "k"}, {"Authorization": "k1"}):
+                r = c.post("/generate", json=body, headers=headers)
+                assert r.status_code == 401, headers
+                assert r.json()["error"]["code"] == "unauthorized"
+            assert c.get("/models").status_code == 401
+            assert c.post("/generate", json=body, headers={"Authorization": "Bearer k1"}).status_code == 200
+            assert c.post("/generate", json=body, headers={"X-API-Key": "secret-2"}).status_code == 200
+            assert c.get("/models", headers={"X-API-Key": "k1"}).status_code == 200
+            for open_path in ("/health/live", "/health/ready", "/metrics"):
+                assert c.get(open_path).status_code == 200
+    finally:
+        srv.stop()

@@ -1,0 +1,257 @@
+"""Scheduler and engine behaviour: determinism across batch companions, batching, cancellation, back-pressure,
+deadlines, fault isolation and the three policies."""
+from __future__ import annotations
+
+import asyncio
+import io
+import threading
+import time
+
+import httpx
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from service_support import TINY, TINY_ARC, LiveServer
+
+
+# ------------------------------------------------------------------------------------------ engine level
+@pytest.fixture(scope="module")
+def runtimes(model_dir):
+    from conftest import float32_default
+    from service.runtimes import load_runtime
+
+    with float32_default():
+        return {name: load_runtime(model_dir / name) for name in (TINY, TINY_ARC)}
+
+
+def run_engine(runtimes, jobs: list[dict], policy="continuous", max_batch=16):
+    """Submit every job before the worker starts, so the first tick admits them all together."""
+    from service.engine import Engine
+    from service.metrics import Metrics
+    from service.scheduler import GenerationJob
+
+    engine = Engine(runtimes, Metrics(), policy=policy, max_batch=max_batch, queue_size=64)
+    results, done = {}, threading.Event()
+    lock = threading.Lock()
+
+    def make_cb(jid):
+        def cb(result, error):
+            with lock:
+                results[jid] = (result, error)
+                if len(results) == len(jobs):
+                    done.set()
+        return cb
+
+    for i, spec in enumerate(jobs):
+        jid = spec.get("id", f"job{i}")
+        engine.submit(GenerationJob(id=jid, on_done=make_cb(jid), deadline=time.monotonic() + 60,
+                                    **{k: v for k, v in spec.items() if k != "id"}))
+    engine.start()
+    try:
+        assert done.wait(60)
+    finally:
+        engine.stop()
+    return results, engine
+
+
+def spec(model, prompt, duration, steps, guidance, seed, **kw):
+    return dict(model=model, prompt=prompt, duration=duration, steps=steps, guidance=guidance, seed=seed, **kw)
+
+
+@pytest.mark.parametrize("model", [TINY, TINY_ARC])
+def test_engine_latents_equal_bundle_generate_latents(runtimes, model):
+    """The service's per-sample recipe (initial noise, per-step noise, per-sample t grid, masking) gives the same
+    latents as ModelBundle.generate_latents: bit-identical alone, float-close inside a mixed batch."""
+    bundle = runtimes[model].bundle
+    target = spec(model, "a cat meows", 1.3, 6, 2.5, 1234, id="target")
+    others = [spec(model, "thunder", 3.0, 3, 1.0, 7), spec(model, "a bell rings", 0.5, 9, 4.0, 8),
+              spec(model, "wind", 2.2, 6, 0.0, 9), spec(TINY if model == TINY_ARC else TINY_ARC, "birds", 1.0, 5, 3.0, 10)]
+    expected = bundle.generate_latents(["a cat meows"], [1.3], [1234], steps=6, guidance=2.5)[0]
+
+    alone, _ = run_engine(runtimes, [target])
+    result, error = alone["target"]
+    assert error is None
+    assert torch.equal(result.latents, expected)
+    assert result.steps_done == 6
+
+    mixed, engine = run_engine(runtimes, [others[0], target, *others[1:]])
+    result, error = mixed["target"]
+    assert error is None and all(e is None for _, e in mixed.values())
+    assert (result.latents - expected).abs().max() < 1e-4
+    companion = others[1]  # same model, other duration / steps / guidance: equals its own reference run
+    ref = bundle.generate_latents([companion["prompt"]], [companion["duration"]], [companion["seed"]],
+                                  steps=companion["steps"], guidance=companion["guidance"])[0]
+    assert (mixed["job2"][0].latents - ref).abs().max() < 1e-4
+    assert engine.ticks < 6 + 9 + 3 + 6 + 5  # samples of one model shared forwards
+
+
+def test_engine_companions_match_their_solo_runs(runtimes):
+    jobs = [spec(TINY, f"prompt {i}", d, s, g, 100 + i)
+            for i, (d, s, g) in enumerate([(0.5, 2, 1.0), (1.0, 4, 3.0), (2.5, 7, 5.0), (4.0, 3, 0.0),
+                                           (1.7, 5, 1.5), (0.9, 1, 3.0), (3.3, 6, 2.0), (1.1, 4, 7.0)])]
+    together, _ = run_engine(runtimes, jobs)
+    for i, j in enumerate(jobs):
+        solo, _ = run_engine(runtimes, [j])
+        a, b = together[f"job{i}"][0], solo["job0"][0]
+        assert (a.latents - b.latents).abs().max() < 1e-4
+        assert (a.wave - b.wave).abs().max() < 1e-4
+        assert a.wave.shape == (2, round(j["duration"] * 44100))
+
+
+def test_engine_denoise_fault_fails_its_batch(runtimes):
+    from service.runtimes.debug import FaultInjectingRuntime
+
+    rts = {TINY: FaultInjectingRuntime(runtimes[TINY])}
+    results, _ = run_engine(rts, [spec(TINY, "fine", 1.0, 3, 3.0, 1), spec(TINY, "[[fail]] bad", 1.0, 3, 3.0, 2)])
+    # both were in the failing batch: both fail with a 500-class error, the engine survives
+    assert all(err is not None and err.status == 500 for _, err in results.values())
+
+
+# ------------------------------------------------------------------------------------------ HTTP level
+def post_many(url: str, bodies: list[dict], timeout: float = 60, stagger: float = 0.0) -> list[httpx.Response]:
+    async def go():
+        async with httpx.AsyncClient(base_url=url, timeout=timeout) as c:
+            async def one(i, b):
+                await asyncio.sleep(i * stagger)
+                return await c.post("/generate", json=b)
+            return await asyncio.gather(*(one(i, b) for i, b in enumerate(bodies)))
+    return asyncio.run(go())
+
+
+def pcm(content: bytes) -> np.ndarray:
+    return sf.read(io.BytesIO(content), dtype="int16")[0].astype(np.int32)
+
+
+def test_same_seed_same_audio_regardless_of_companions(server):
+    target = {"prompt": "a door slams", "duration": 1.3, "steps": 6, "guidance": 2.5, "seed": 77}
+    with server.client() as c:
+        alone1 = c.post("/generate", json=target)
+        alone2 = c.post("/generate", json=target)
+    assert alone1.status_code == alone2.status_code == 200
+    assert alone1.content == alone2.content  # identical bytes under the same load
+    # a slow long companion first, so the others join it in the denoise set
+    companions = [{"prompt": "[[slow=15]] drone", "duration": 3.0, "steps": 30, "guidance": 3.0, "seed": 1}]
+    companions += [{"prompt": f"companion {i}", "duration": d, "steps": s, "guidance": g, "seed": 10 + i}
+                   for i, (d, s, g) in enumerate([(0.5, 3, 1.0), (2.0, 9, 4.0), (4.0, 5, 0.0), (1.0, 12, 6.0),
+                                                  (2.7, 6, 2.5), (0.8, 2, 3.0)])]
+    before = server.metric("tta_batch_size_bucket", model="tiny", le="4.0")
+    count_before = server.metric("tta_batch_size_count", model="tiny")
+    responses = post_many(server.url, companions[:1] + [target] + companions[1:], stagger=0.01)
+    assert all(r.status_code == 200 for r in responses), [r.text for r in responses]
+    batched = responses[1]
+    diff = np.abs(pcm(batched.content) - pcm(alone1.content)).max()
+    assert diff <= 2, diff
+    # batches of more than 4 samples happened while these ran
+    assert server.metric("tta_batch_size_count", model="tiny") - count_before > \
+        server.metric("tta_batch_size_bucket", model="tiny", le="4.0") - before
+
+
+def test_32_concurrent_requests_batch(server):
+    count0 = server.metric("tta_batch_size_count", model="tiny")
+    le1 = server.metric("tta_batch_size_bucket", model="tiny", le="1.0")
+    bodies = [{"prompt": f"concurrent {i % 5}", "duration": 0.5 + (i % 4) * 0.5, "steps": 2 + i % 5, "seed": i,
+               "model": TINY} for i in range(32)]
+    responses = post_many(server.url, bodies)
+    assert [r.status_code for r in responses] == [200] * 32
+    for b, r in zip(bodies, responses):
+        assert pcm(r.content).shape == (round(b["duration"] * 44100), 2)
+    forwards = server.metric("tta_batch_size_count", model="tiny") - count0
+    singles = server.metric("tta_batch_size_bucket", model="tiny", le="1.0") - le1
+    assert forwards > singles  # some forwards held more than one sample
+    assert forwards < sum(b["steps"] for b in bodies)
+
+
+def wait_for(pred, timeout=5.0):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if pred():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def test_disconnected_client_stops_consuming_steps(server):
+    steps0 = server.metric("tta_denoise_steps_total", model="tiny")
+    closed0 = server.metric("tta_requests_total", model="tiny", status="499")
+    t0 = time.monotonic()
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.url + "/generate", json={"prompt": "[[slow=40]] long", "steps": 50, "duration": 1.0},
+                   timeout=httpx.Timeout(10, read=0.4))
+    # the sample leaves at the next tick: nothing is in flight any more, long before 50 * 40 ms
+    assert wait_for(lambda: server.metric("tta_inflight_requests", model="tiny") == 0, 1.0)
+    assert wait_for(lambda: server.metric("tta_requests_total", model="tiny", status="499") == closed0 + 1, 1.0)
+    steps = server.metric("tta_denoise_steps_total", model="tiny") - steps0
+    time.sleep(0.3)
+    assert server.metric("tta_denoise_steps_total", model="tiny") - steps0 == steps  # no more steps
+    assert steps < 50 and time.monotonic() - t0 < 2.0
+
+
+def test_deadline_is_504_and_the_sample_is_dropped(server):
+    with server.client() as c:
+        t0 = time.monotonic()
+        r = c.post("/generate", json={"prompt": "[[slow=30]] too slow", "steps": 50, "timeout": 0.3})
+        assert r.status_code == 504 and r.json()["error"]["code"] == "timeout"
+        assert time.monotonic() - t0 < 1.5
+    assert wait_for(lambda: server.metric("tta_inflight_requests", model="tiny") == 0, 1.0)
+    with server.client() as c:  # still serving
+        assert c.post("/generate", json={"prompt": "after timeout", "steps": 2}).status_code == 200
+
+
+def test_injected_fault_fails_only_its_batch(server):
+    """A denoiser exception fails the batch it is in (500 JSON); another model's batch and later requests are fine.
+    An encode-stage fault fails only the newly admitted request, not the running ones it would have joined."""
+    bodies = [{"prompt": "[[slow=20]] survivor", "model": TINY_ARC, "steps": 15, "seed": 5},
+              {"prompt": "boom [[fail]]", "model": TINY, "steps": 5}]
+    survivor, failed = post_many(server.url, bodies, stagger=0.1)
+    assert failed.status_code == 500
+    assert failed.json()["error"]["code"] == "internal_error" and "denoise" in failed.json()["error"]["message"]
+    assert survivor.status_code == 200
+    bodies = [{"prompt": "[[slow=20]] running", "model": TINY, "steps": 15, "seed": 6},
+              {"prompt": "[[fail:encode]] newcomer", "model": TINY, "steps": 3}]
+    running, newcomer = post_many(server.url, bodies, stagger=0.1)
+    assert newcomer.status_code == 500 and "encode" in newcomer.json()["error"]["message"]
+    assert running.status_code == 200
+    with server.client() as c:
+        assert c.post("/generate", json={"prompt": "after the fault", "steps": 2}).status_code == 200
+    assert server.metric("tta_requests_total", model="tiny", status="500") >= 2
+
+
+def test_full_queue_is_429_with_retry_after(base_settings):
+    srv = LiveServer(base_settings.model_copy(update={"queue_size": 2, "policy": "none"}))
+    try:
+        bodies = [{"prompt": f"[[slow=40]] q{i}", "steps": 5, "seed": i} for i in range(8)]
+        responses = post_many(srv.url, bodies, stagger=0.01)
+        codes = sorted(r.status_code for r in responses)
+        assert codes.count(429) >= 4 and codes.count(200) >= 3 and set(codes) == {200, 429}, codes
+        for r in responses:
+            if r.status_code == 429:
+                assert int(r.headers["retry-after"]) >= 1
+                assert r.json()["error"]["code"] == "queue_full"
+        assert srv.metric("tta_requests_total", model="tiny", status="429") == codes.count(429)
+        assert srv.metric("tta_queue_depth", model="tiny") == 0
+    finally:
+        srv.stop()
+
+
+@pytest.mark.parametrize("policy", ["request", "none"])
+def test_other_policies_serve_the_same_audio(server, base_settings, policy):
+    bodies = [{"prompt": f"policy {i}", "duration": 0.5 + i * 0.4, "steps": 2 + i, "seed": 50 + i,
+               "guidance": 1.0 + i} for i in range(4)]
+    reference = post_many(server.url, bodies)
+    srv = LiveServer(base_settings.model_copy(update={"policy": policy, "max_queue_delay_ms": 150, "warmup": False}))
+    try:
+        responses = post_many(srv.url, bodies)
+        assert [r.status_code for r in responses] == [200] * 4
+        for a, b in zip(reference, responses):
+            assert np.abs(pcm(a.content) - pcm(b.content)).max() <= 2
+        forwards = srv.metric("tta_batch_size_count", model="tiny")
+        if policy == "request":  # the four waited for each other and ran as one batch
+            assert srv.metric("tta_batch_size_bucket", model="tiny", le="2.0") < forwards
+            assert forwards == max(b["steps"] for b in bodies)
+        else:
+            assert srv.metric("tta_batch_size_bucket", model="tiny", le="1.0") == forwards
+            assert forwards == sum(b["steps"] for b in bodies)
+    finally:
+        srv.stop()
