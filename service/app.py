@@ -19,6 +19,7 @@ from fastapi.responses import JSONResponse, RedirectResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from models.bundle import available_models
 from service.audio import encode_audio
 from service.engine import Engine
 from service.logging_setup import setup_logging
@@ -62,10 +63,8 @@ class ServiceState:
 
 # ---------------------------------------------------------------------------------------------------- loading
 def discover_models(settings: Settings) -> list[Path]:
-    """Model directories under model_dir: a config.json beside denoiser weights (codec-only dirs are skipped)."""
-    root = Path(settings.model_dir)
-    dirs = sorted(p for p in root.iterdir() if (p / "config.json").is_file()
-                  and (p / "denoiser.safetensors").is_file()) if root.is_dir() else []
+    """The models to serve: those of ``available_models`` that the settings ask for (all when none are named)."""
+    dirs = available_models(settings.model_dir)
     wanted = settings.model_names
     return [p for p in dirs if not wanted or p.name in wanted]
 

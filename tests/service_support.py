@@ -1,6 +1,7 @@
 """Shared helpers for the service tests: tiny real model directories and a real uvicorn server in a thread."""
 from __future__ import annotations
 
+import math
 import socket
 import threading
 import time
@@ -10,7 +11,7 @@ import httpx
 import torch
 
 from models.bundle import BundleConfig, ModelBundle
-from models.codec.stft_autoencoder import STFTAutoencoder, STFTAutoencoderConfig
+from models.codec.stft_autoencoder import LOGMAG_GAIN, MAG_FLOOR, STFTAutoencoder, STFTAutoencoderConfig
 from models.dit import DiT, DiTConfig
 
 TINY = "tiny"
@@ -35,8 +36,8 @@ def build_tiny_bundle(name: str, text_encoder, seed: int, **config) -> ModelBund
     _randomise(dit)
     codec = STFTAutoencoder(STFTAutoencoderConfig(hidden=32, encoder_blocks=1, decoder_latent_blocks=1,
                                                   decoder_frame_blocks=1))
-    with torch.no_grad():  # audible output: a louder magnitude bias than the trained-from-scratch default
-        codec.dec_out.bias.view(2, 3, -1)[:, 0] = -2.0
+    with torch.no_grad():  # audible output: bins around magnitude 0.4 instead of the trained-from-scratch floor
+        codec.dec_out.bias.view(2, 3, -1)[:, 0] = (math.log(0.4) - math.log(MAG_FLOOR)) / LOGMAG_GAIN
     return ModelBundle(cfg, dit, codec, text_encoder)
 
 
