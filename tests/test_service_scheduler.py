@@ -95,8 +95,10 @@ def test_engine_companions_match_their_solo_runs(runtimes):
     for i, j in enumerate(jobs):
         solo, _ = run_engine(runtimes, [j])
         a, b = together[f"job{i}"][0], solo["job0"][0]
-        assert (a.latents - b.latents).abs().max() < 1e-4
-        assert (a.wave - b.wave).abs().max() < 1e-4
+        # float tolerance relative to the signal: the random tiny model with guidance up to 7 gives latents of
+        # tens, and batch shape changes the order of float reductions
+        assert (a.latents - b.latents).abs().max() <= 1e-5 * (1 + b.latents.abs().max())
+        assert (a.wave - b.wave).abs().max() <= 1e-4 * (1 + b.wave.abs().max())
         assert a.wave.shape == (2, round(j["duration"] * 44100))
 
 
