@@ -7,7 +7,6 @@ from __future__ import annotations
 import argparse
 import time
 
-import numpy as np
 import torch
 
 from benchmarks.common import environment, md_table, peak_rss_mb, write_results

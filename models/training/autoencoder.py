@@ -21,7 +21,6 @@ from models.audio.spectral import multi_resolution_stft_distance
 from models.codec.stft_autoencoder import MAG_FLOOR, STFTAutoencoder, STFTAutoencoderConfig
 from models.training.common import EMA, RunState, lr_at, progress, seed_everything, set_threads
 
-LOSS_EPS = 1e-3
 # the decoder's own resolution (2048, 512) checks overlap-add consistency; (512, 128) checks transients
 TRAIN_RESOLUTIONS = ((2048, 512), (512, 128))
 
