@@ -565,23 +565,38 @@ def _grafana_to_promql(expr: str) -> str:
             .replace("$__range", "5m").replace("$model", ".*"))
 
 
-def test_prometheus_evaluates_queries(tmp_path):
+@pytest.fixture
+def scrape_target(request):
+    """(service URL, whether it has answered a rejected request): TTA_TEST_SERVICE_URL when set, else the suite's
+    own live server on the tiny model, after a few generations and one rejected request."""
+    url = os.environ.get("TTA_TEST_SERVICE_URL")
+    if url:
+        return url, os.environ.get("TTA_TEST_EXPECT_ERRORS") == "1"
+    server = request.getfixturevalue("server")
+    with server.client() as client:
+        for i in range(3):
+            r = client.post("/generate", json={"prompt": f"rain on a roof {i}", "duration": 1.0, "steps": 2})
+            assert r.status_code == 200, r.text
+        assert client.post("/generate", json={"prompt": "x" * 600}).status_code == 422
+        assert client.post("/generate", json={"prompt": "a bell", "model": "no-such-model"}).status_code == 404
+    return server.url, True
+
+
+def test_prometheus_evaluates_queries(tmp_path, scrape_target):
     """Every dashboard and rule expression evaluates against a live service.
 
-    Set TTA_TEST_SERVICE_URL (e.g. http://127.0.0.1:8123) to a running, ready service.
+    By default the target is the suite's own live server on the tiny model (see ``scrape_target``); set
+    TTA_TEST_SERVICE_URL (e.g. http://127.0.0.1:8123) to scrape another running, ready service instead.
     Traffic the caller must have sent before this test starts: at least one POST
     /generate answered 200 (so that every labelled series, histograms included, exists
     in the scrape). Expressions that select only non-2xx responses are also checked for
     data when TTA_TEST_EXPECT_ERRORS=1, i.e. when the caller also had a request rejected
     (for example a 422 for a too-long prompt on a valid model).
     """
-    service_url = os.environ.get("TTA_TEST_SERVICE_URL")
-    if not service_url:
-        pytest.skip("TTA_TEST_SERVICE_URL is unset: needs a running service to scrape")
     prometheus = shutil.which("prometheus")
     if not prometheus:
         pytest.skip("prometheus binary not installed (Debian package `prometheus`)")
-    expect_errors = os.environ.get("TTA_TEST_EXPECT_ERRORS") == "1"
+    service_url, expect_errors = scrape_target
 
     target = urllib.parse.urlsplit(service_url)
     config = {
