@@ -42,7 +42,8 @@ class STFTAutoencoderConfig:
     decoder_latent_blocks: int = 3
     decoder_frame_blocks: int = 3
     # ConvNeXt's usual 1e-6..1e-2 layer scale keeps the blocks near identity for thousands of steps, and a decoder
-    # that is effectively linear cannot place sharp spectral peaks from a compact code; 1.0 learns ~3x faster here
+    # that is effectively linear cannot place sharp spectral peaks from a compact code (measured on an 8-clip
+    # overfit, 120 steps: log-magnitude L1 0.30 with 1.0 against 0.68 with 1e-2)
     layer_scale: float = 1.0
     phase_seed: int = 20261121
     # latent normalisation measured on the corpus after training: z = (mu - shift) / scale
@@ -80,19 +81,21 @@ class STFTAutoencoder(AudioCodec):
         self.sample_rate, self.audio_channels, self.latent_dim = c.sample_rate, c.audio_channels, c.latent_dim
         self.samples_per_latent = c.samples_per_latent
         k, h = c.bins, c.hidden
+
+        def blocks(n: int, kernel_size: int = 7) -> nn.Sequential:
+            return nn.Sequential(*[ConvNeXtBlock1d(h, kernel_size, layer_scale=c.layer_scale) for _ in range(n)])
+
         # encoder
         self.enc_in = nn.Conv1d(c.audio_channels * 3 * k, h, 1)
-        self.enc_frame = nn.Sequential(*[ConvNeXtBlock1d(h, layer_scale=c.layer_scale) for _ in range(c.encoder_blocks)])
+        self.enc_frame = blocks(c.encoder_blocks)
         self.enc_down = nn.Conv1d(h, h, c.frames_per_latent, stride=c.frames_per_latent)
-        self.enc_latent = nn.Sequential(*[ConvNeXtBlock1d(h, kernel_size=5, layer_scale=c.layer_scale)
-                                          for _ in range(c.encoder_blocks)])
+        self.enc_latent = blocks(c.encoder_blocks, kernel_size=5)
         self.enc_out = nn.Conv1d(h, 2 * c.latent_dim, 1)
         # decoder
         self.dec_in = nn.Conv1d(c.latent_dim, h, 3, padding=1)
-        self.dec_latent = nn.Sequential(*[ConvNeXtBlock1d(h, kernel_size=5, layer_scale=c.layer_scale)
-                                          for _ in range(c.decoder_latent_blocks)])
+        self.dec_latent = blocks(c.decoder_latent_blocks, kernel_size=5)
         self.dec_up = nn.ConvTranspose1d(h, h, c.frames_per_latent, stride=c.frames_per_latent)
-        self.dec_frame = nn.Sequential(*[ConvNeXtBlock1d(h, layer_scale=c.layer_scale) for _ in range(c.decoder_frame_blocks)])
+        self.dec_frame = blocks(c.decoder_frame_blocks)
         self.dec_norm = nn.LayerNorm(h)
         self.dec_out = nn.Linear(h, c.audio_channels * 3 * k)
         with torch.no_grad():
