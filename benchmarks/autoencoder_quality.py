@@ -14,7 +14,7 @@ from benchmarks.common import environment, md_table, peak_rss_mb, write_results
 from models.audio.spectral import multi_resolution_stft_distance, si_sdr
 from models.data.corpus import SAMPLE_RATE, SyntheticCorpus
 from models.eval.pitch import PitchTracker
-from models.training.teacher import load_codec
+from models.codec import load_codec
 
 
 def main(argv=None) -> dict:

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from models.codec import STFTAutoencoder
+from models.codec import load_codec
 from models.codec.base import AudioCodec
 from models.diffusion import apply_guidance, make_parameterization, make_sampler, make_schedule
 from models.dit import DiT
@@ -106,9 +106,7 @@ class ModelBundle:
         denoiser = DiT.from_config(config.denoiser)
         denoiser.load_state_dict(load_file(path / "denoiser.safetensors"))
         codec_dir = (path / config.codec_from).resolve() if config.codec_from else path
-        codec_config = config.codec or json.loads((codec_dir / "config.json").read_text())["codec"]
-        codec = STFTAutoencoder.from_config(codec_config)
-        codec.load_state_dict(load_file(codec_dir / "codec.safetensors"))
+        codec = load_codec(codec_dir, config.codec or None)
         text_encoder = text_encoder or load_text_encoder(config.text_encoder, device=device)
         return cls(config, denoiser, codec, text_encoder, device=device, path=path)
 
@@ -249,8 +247,15 @@ def _pad_len(x: Tensor, length: int) -> Tensor:
 
 
 def available_models(model_dir: str | Path = ZOO) -> list[Path]:
-    """Model directories under ``model_dir``: a config.json beside denoiser weights (codec-only dirs are skipped)."""
+    """Model directories under ``model_dir``: a config.json beside denoiser weights (codec-only dirs are skipped), or
+    a downloaded checkpoint in a format ``models.checkpoints`` reads; ``model_dir`` may also be such a checkpoint."""
+    # imported here because models.checkpoints builds on this module
+    from models.checkpoints import is_checkpoint_dir
+
     root = Path(model_dir)
     if not root.is_dir():
         return []
-    return sorted(p for p in root.iterdir() if (p / "config.json").is_file() and (p / "denoiser.safetensors").is_file())
+    if is_checkpoint_dir(root):
+        return [root]
+    return sorted(p for p in root.iterdir() if ((p / "config.json").is_file() and (p / "denoiser.safetensors").is_file())
+                  or is_checkpoint_dir(p))

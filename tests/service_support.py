@@ -11,7 +11,7 @@ import httpx
 import torch
 
 from models.bundle import BundleConfig, ModelBundle
-from models.codec.stft_autoencoder import LOGMAG_GAIN, MAG_FLOOR, STFTAutoencoder, STFTAutoencoderConfig
+from models.codec import HarmonicAutoencoder, HarmonicAutoencoderConfig
 from models.dit import DiT, DiTConfig
 
 TINY = "tiny"
@@ -34,10 +34,10 @@ def build_tiny_bundle(name: str, text_encoder, seed: int, **config) -> ModelBund
     cfg = BundleConfig(name=name, default_steps=4, max_steps=50, max_duration=4.0, default_duration=1.0, **config)
     dit = DiT(DiTConfig(width=32, depth=1, heads=2, text_dim=384, pooled_dim=384))
     _randomise(dit)
-    codec = STFTAutoencoder(STFTAutoencoderConfig(hidden=32, encoder_blocks=1, decoder_latent_blocks=1,
-                                                  decoder_frame_blocks=1))
-    with torch.no_grad():  # audible, unclipped output: bins around magnitude 0.02 instead of the floor
-        codec.dec_out.bias.view(2, 3, -1)[:, 0] = (math.log(0.02) - math.log(MAG_FLOOR)) / LOGMAG_GAIN
+    codec = HarmonicAutoencoder(HarmonicAutoencoderConfig(hidden=32, encoder_blocks=1, decoder_latent_blocks=1,
+                                                          decoder_frame_blocks=1))
+    with torch.no_grad():  # audible, unclipped output: a noise floor of about 0.02 rms instead of near silence
+        codec.dec_out.bias[-2 * codec.config.noise_bands:] = math.log(0.5)
     return ModelBundle(cfg, dit, codec, text_encoder)
 
 

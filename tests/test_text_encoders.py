@@ -43,3 +43,21 @@ def test_missing_directory_is_a_clear_error(tmp_path):
         HFTextEncoder(tmp_path / "nowhere")
     with pytest.raises(ValueError, match="needs a local 'path'"):
         load_text_encoder({"name": "t5"})
+
+
+def test_number_channels_code_the_value_on_its_own_tokens():
+    enc = load_text_encoder({"name": "minilm", "number_freqs": 16})
+    assert enc.dim == 384 + 32 and enc.pooled_dim == 384 + 32
+    text = enc.encode(["a 508 Hz square tone", "a 523 Hz square tone", "rain on a roof"])
+    numbers = text.tokens[..., 384:]
+    tokens = enc.encoder.tokenizer.convert_ids_to_tokens(enc.encoder.tokenizer("a 508 Hz square tone")["input_ids"])
+    marked = [tok for tok, row in zip(tokens, numbers[0]) if row.abs().sum() > 0]
+    assert marked == ["50", "##8"]  # both subwords of the number, nothing else
+    assert float(numbers[2].abs().sum()) == 0.0 and float(text.pooled[2, 384:].abs().sum()) == 0.0
+    # the code is smooth in log(value): 508 vs 523 Hz (3 %) differ less than 508 vs 1016 Hz (an octave)
+    far = enc.encode(["a 1016 Hz square tone"]).tokens[0, 2, 384:]
+    assert (numbers[0, 2] - numbers[1, 2]).norm() < (numbers[0, 2] - far).norm()
+    assert torch.allclose(text.pooled[0, 384:], numbers[0, 2])
+    # the language part is the plain encoder's
+    plain = load_text_encoder({"name": "minilm"}).encode(["a 508 Hz square tone"])
+    assert torch.allclose(plain.tokens[0], text.tokens[0, : plain.tokens.shape[1], :384], atol=1e-5)

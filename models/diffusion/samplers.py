@@ -48,6 +48,16 @@ class DDIMSampler(Sampler):
         z_next = _bc(a_s, z) * x0 + _bc(s_s, z) * eps
         return torch.where(_bc(t_next, z) <= 0, x0, z_next)
 
+    def x0_for_step(self, z: Tensor, z_next: Tensor, t: Tensor, t_next: Tensor) -> Tensor:
+        """The inverse of ``step`` in x0: the x0 prediction at (z, t) whose DDIM step lands exactly on z_next at
+        t_next, x0 = (z_s - (sigma_s / sigma_t) z_t) / (alpha_s - (sigma_s / sigma_t) alpha_t) (the progressive-
+        distillation target); at t_next = 0 a step returns x0 itself, so the answer is z_next."""
+        a_t, s_t = self.schedule.alpha_sigma(t.to(z.dtype))
+        a_s, s_s = self.schedule.alpha_sigma(t_next.to(z.dtype))
+        ratio = _bc(s_s / s_t, z)
+        x0 = (z_next - ratio * z) / (_bc(a_s, z) - ratio * _bc(a_t, z))
+        return torch.where(_bc(t_next, z) <= 0, z_next, x0)
+
 
 class PingPongSampler(Sampler):
     """Ping-pong sampling (the ARC sampler): denoise fully to x0, then re-noise with fresh noise to the next time.

@@ -6,7 +6,9 @@ fetched from a hub: every load is ``local_files_only``.
 """
 from __future__ import annotations
 
+import math
 import os
+import re
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -65,15 +67,45 @@ def pad_stack(items: list[Tensor], length: int | None = None) -> tuple[Tensor, T
     return out, mask
 
 
+NUMBER = re.compile(r"\d+(?:\.\d+)?")
+
+
+def number_features(prompt: str, offsets: list[tuple[int, int]], n_freqs: int) -> Tensor:
+    """[L, 2 * n_freqs]: for each token that is part of a number in the prompt, sin / cos of log(value) at
+    geometrically spaced frequencies (0.5 to 64 rad per natural-log unit, so 1 % apart is still 0.6 rad apart at the
+    top); zeros for every other token.
+
+    Why: a small encoder's subword states for "508" and "523" are not ordered like the values, so a model trained on
+    some pitches or tempi cannot interpolate to unseen ones. Attached to the number's own contextual token (which
+    knows whether "Hz" or "BPM" follows), a smooth code of the value lets the denoiser read it like Stable Audio
+    reads seconds_total from its number conditioner."""
+    feats = torch.zeros(len(offsets), 2 * n_freqs)
+    if n_freqs == 0:
+        return feats
+    omega = 0.5 * (128.0 ** (torch.arange(n_freqs, dtype=torch.float64) / max(1, n_freqs - 1)))
+    for m in NUMBER.finditer(prompt):
+        value = float(m.group())
+        if value <= 0:
+            continue
+        angles = omega * math.log(value)
+        code = torch.cat([torch.sin(angles), torch.cos(angles)]).float()
+        for i, (a, b) in enumerate(offsets):
+            if b > a and a < m.end() and b > m.start():
+                feats[i] = code
+    return feats
+
+
 class HFTextEncoder(TextEncoder):
     """A transformers encoder (BERT-like or T5 encoder) loaded from a local directory.
 
     Pooled embedding = masked mean of the token states; for sentence-transformer models it is L2-normalised as
-    they were trained to be used.
+    they were trained to be used. With ``number_freqs`` > 0 every token state gets ``2 * number_freqs`` more
+    channels holding the value of the number it belongs to (see ``number_features``), and the pooled embedding the
+    mean of those over the prompt's number tokens.
     """
 
     def __init__(self, path: str | Path, kind: str = "auto", max_length: int = 64, normalize_pooled: bool | None = None,
-                 device: str | torch.device = "cpu"):
+                 device: str | torch.device = "cpu", number_freqs: int = 0):
         from transformers import AutoConfig, AutoModel, AutoTokenizer
 
         self.path = Path(path)
@@ -91,7 +123,8 @@ class HFTextEncoder(TextEncoder):
         self.model.eval().to(device)
         self.device = torch.device(device)
         self.max_length = max_length
-        self.dim = int(getattr(config, "hidden_size", getattr(config, "d_model", 0)))
+        self.number_freqs = number_freqs
+        self.dim = int(getattr(config, "hidden_size", getattr(config, "d_model", 0))) + 2 * number_freqs
         self.pooled_dim = self.dim
         self.normalize_pooled = (self.kind == "bert") if normalize_pooled is None else normalize_pooled
         self.name = self.path.name if self.path.name != "model" else self.path.parent.name
@@ -101,7 +134,9 @@ class HFTextEncoder(TextEncoder):
         """Per prompt: (token states [L_i, D], pooled [P]) without padding, so results do not depend on
         which other prompts shared the batch."""
         batch = self.tokenizer(prompts, padding=True, truncation=True, max_length=self.max_length,
-                               return_tensors="pt").to(self.device)
+                               return_tensors="pt", return_offsets_mapping=self.number_freqs > 0)
+        offsets = batch.pop("offset_mapping", None)
+        batch = batch.to(self.device)
         states = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
         states = states.float()
         mask = batch["attention_mask"].bool()
@@ -110,7 +145,16 @@ class HFTextEncoder(TextEncoder):
         if self.normalize_pooled:
             pooled = torch.nn.functional.normalize(pooled, dim=-1)
         lengths = mask.sum(1).tolist()
-        return [(states[i, : lengths[i]].cpu(), pooled[i].cpu()) for i in range(len(prompts))]
+        out = []
+        for i, prompt in enumerate(prompts):
+            tokens, pool = states[i, : lengths[i]].cpu(), pooled[i].cpu()
+            if self.number_freqs:
+                numbers = number_features(prompt, offsets[i, : lengths[i]].tolist(), self.number_freqs)
+                is_number = numbers.abs().sum(1) > 0
+                numbers_pooled = numbers[is_number].mean(0) if is_number.any() else numbers.new_zeros(numbers.shape[1])
+                tokens, pool = torch.cat([tokens, numbers], 1), torch.cat([pool, numbers_pooled])
+            out.append((tokens, pool))
+        return out
 
     def encode(self, prompts: list[str]) -> TextEmbedding:
         return assemble(self.encode_unpadded(prompts))
@@ -154,12 +198,14 @@ class CachedTextEncoder(TextEncoder):
 
 def load_text_encoder(config: dict, device: str | torch.device = "cpu", cache_size: int = 4096) -> CachedTextEncoder:
     """Build the text encoder a model's config names: ``{"name": "minilm"}`` for the embedded one or
-    ``{"name": "t5", "path": "<local dir>"}`` for any local transformers encoder."""
+    ``{"name": "t5", "path": "<local dir>"}`` for any local transformers encoder; ``"number_freqs": n`` adds the
+    number channels of ``number_features``."""
     name = config.get("name", "minilm")
     path = config.get("path")
     if name == "minilm" and not path:
         path = minilm_path()
     if not path:
         raise ValueError(f"text encoder {name!r} needs a local 'path'")
-    enc = HFTextEncoder(path, max_length=int(config.get("max_length", 64)), device=device)
+    enc = HFTextEncoder(path, max_length=int(config.get("max_length", 64)), device=device,
+                        number_freqs=int(config.get("number_freqs", 0)))
     return CachedTextEncoder(enc, maxsize=cache_size)

@@ -1,24 +1,23 @@
-"""Train the embedded STFT autoencoder on the synthetic corpus.
+"""Train the embedded harmonic-plus-noise autoencoder on the synthetic corpus.
 
-Losses: multi-resolution STFT distance on the waveform; at the decoder's own STFT resolution, log-magnitude L1,
-a magnitude-weighted phase-advance loss (1 - cos of the per-hop phase-advance error, so the decoder learns each
-bin's instantaneous frequency directly) and a noisiness target (how incoherent the phase advance is over five
-frames); a small KL term keeps the latent a smooth, near-Gaussian space for diffusion.
+Losses: multi-resolution STFT distance on the waveform; at the decoder's own STFT resolution a squared log-magnitude
+error (its gradient grows with the error, so a tone's partials, ~12 nats above the floor, are pulled up at once)
+and a squared error of log energies in the codec's mel-spaced bands; a tonality-weighted error of the decoded pitch
+track against the analysed one; a small KL term on the learned latent channels keeps them a smooth, near-Gaussian
+space for diffusion.
 """
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from models.audio.spectral import multi_resolution_stft_distance
-from models.codec.stft_autoencoder import MAG_FLOOR, STFTAutoencoder, STFTAutoencoderConfig
+from models.codec.harmonic import MAG_FLOOR, HarmonicAutoencoder, HarmonicAutoencoderConfig
 from models.training.common import EMA, RunState, lr_at, progress, seed_everything, set_threads
 
 # the decoder's own resolution (2048, 512) checks overlap-add consistency; (512, 128) checks transients
@@ -27,16 +26,16 @@ TRAIN_RESOLUTIONS = ((2048, 512), (512, 128))
 
 @dataclass
 class AutoencoderTrainConfig:
-    steps: int = 3000
-    batch_size: int = 6
-    crop_latents: int = 32  # 32 * 2048 samples = 1.49 s
-    lr: float = 1e-3
-    warmup: int = 200
-    kl_weight: float = 1e-2
+    steps: int = 1500
+    batch_size: int = 8
+    crop_latents: int = 24  # 24 * 2048 samples = 1.11 s
+    lr: float = 5e-4
+    warmup: int = 50
+    kl_weight: float = 1e-4
     mag_weight: float = 1.0
-    phase_weight: float = 2.0
-    noisiness_weight: float = 0.5
-    ema_decay: float = 0.998
+    band_weight: float = 0.5
+    pitch_weight: float = 10.0
+    ema_decay: float = 0.995
     seed: int = 0
     checkpoint_every: int = 250
     log_every: int = 25
@@ -44,58 +43,65 @@ class AutoencoderTrainConfig:
     threads: int | None = None
 
 
-def crop_batch(corpus, rng: np.random.Generator, batch: int, length: int) -> torch.Tensor:
-    out = np.zeros((batch, 2, length), dtype=np.float32)
-    for b in range(batch):
-        clip = corpus[int(rng.integers(0, 2**31 - 1))]
-        n = clip.audio.shape[-1]
-        if n > length:
-            start = int(rng.integers(0, n - length))
-            out[b] = clip.audio[:, start:start + length]
-        else:
-            out[b, :, :n] = clip.audio
-    return torch.from_numpy(out)
+class ClipPool:
+    """Rendering a corpus clip costs ~0.15 s on a 2-core CPU, more than a training step's compute, and a step needs
+    only a 1 s crop of each: keep ``size`` rendered clips, crop batches from them and replace ``refresh`` clips with
+    fresh ones every step, so the stream still sees a new clip every few crops."""
+
+    def __init__(self, corpus, rng: np.random.Generator, size: int = 192, refresh: int = 2):
+        self.corpus, self.rng, self.refresh = corpus, rng, refresh
+        self.clips = [self._render() for _ in range(size)]
+
+    def _render(self) -> np.ndarray:
+        return self.corpus[int(self.rng.integers(0, 2**31 - 1))].audio
+
+    def batch(self, batch: int, length: int) -> torch.Tensor:
+        for _ in range(self.refresh):
+            self.clips[int(self.rng.integers(0, len(self.clips)))] = self._render()
+        out = np.zeros((batch, 2, length), dtype=np.float32)
+        for b in range(batch):
+            audio = self.clips[int(self.rng.integers(0, len(self.clips)))]
+            n = audio.shape[-1]
+            if n > length:
+                start = int(self.rng.integers(0, n - length))
+                out[b] = audio[:, start:start + length]
+            else:
+                out[b, :, :n] = audio
+        return torch.from_numpy(out)
 
 
-def autoencoder_losses(model: STFTAutoencoder, wave: torch.Tensor, cfg: AutoencoderTrainConfig) -> dict[str, torch.Tensor]:
-    mean, logvar = model.encode_distribution(wave)
-    z = mean + torch.randn_like(mean) * torch.exp(0.5 * logvar)
-    logmag, deviation, noisiness = model.decode_params(z)
-    recon = model.synthesize(logmag, deviation, noisiness)[..., : wave.shape[-1]]
+def autoencoder_losses(model: HarmonicAutoencoder, wave: torch.Tensor, cfg: AutoencoderTrainConfig) -> dict[str, torch.Tensor]:
+    target = model.analyse(wave)  # [B, C, K, F]
+    target_mag = target.abs()
+    tau, freq = model.analyser(target, target_mag)
+    mean, logvar = model.encode_distribution(wave, target, (tau, freq))
+    learned = slice(model.config.pitch_channels, None)
+    z = mean.clone()
+    z[:, learned] = mean[:, learned] + torch.randn_like(mean[:, learned]) * torch.exp(0.5 * logvar[:, learned])
+    p = model.decode_params(z)
+    spec = model.render(p["logf"], p["log_amp"], p["noise_log"])
+    recon = model.synthesize(spec)[..., : wave.shape[-1]]
 
-    target = model.analyse(wave)  # [B, 2, K, F]
-    mag_t = target.abs()
-    # squared error in the log domain: its gradient grows with the error, so the rare loud bins (a tone's partials,
-    # ~12 nats above the floor) are pulled up at once; an L1 here is a median regression that leaves them at the
-    # floor, and a loss on linear magnitude would vanish there (its gradient scales with exp(logmag))
-    log_err = logmag - torch.log(mag_t + MAG_FLOOR)
+    mag = spec.abs()
+    log_err = torch.log(mag + MAG_FLOOR) - torch.log(target_mag + MAG_FLOOR)
     l_mag = log_err.pow(2).mean()
-    c = model.config
-    k = torch.arange(c.bins, dtype=torch.float32)[:, None]
-    dphi_pred = 2 * math.pi * (k + deviation) * c.hop / c.n_fft
-    phase_t = torch.angle(target)
-    dphi_t = phase_t[..., 1:] - phase_t[..., :-1]
-    w = torch.minimum(mag_t[..., 1:], mag_t[..., :-1])
-    w = w / w.sum(dim=(-2, -1), keepdim=True).clamp(min=1e-6)
-    l_phase = (w * (1 - torch.cos(dphi_pred[..., 1:] - dphi_t))).sum(dim=(-2, -1)).mean()
-
-    # phase-advance coherence over 5 frames: 1 for a steady partial, ~0.45 for noise
-    flat = lambda x: x.flatten(0, 2)[:, None]  # noqa: E731
-    cos_avg = F.avg_pool1d(flat(torch.cos(dphi_t)), 5, 1, 2, count_include_pad=False)
-    sin_avg = F.avg_pool1d(flat(torch.sin(dphi_t)), 5, 1, 2, count_include_pad=False)
-    coherence = torch.sqrt(cos_avg ** 2 + sin_avg ** 2).view_as(dphi_t)
-    noisy_t = ((1 - coherence) / 0.55).clamp(0, 1)
-    l_noise = (w * (noisiness[..., 1:] - noisy_t).abs()).sum(dim=(-2, -1)).mean()
-
+    # band energies on the codec's mel-spaced bands: every band counts alike (a linear-frequency mean leaves the
+    # few low bins that carry brown noise or a rumble nearly unweighted), and the energy of many bins is not the
+    # mean of their log (which sits ~0.6 nats below the log-energy for noise)
+    weights = model.bands / model.bands.sum(0, keepdim=True)  # [K, bands]
+    band = lambda m: torch.log(torch.einsum("bckf,kx->bcxf", m.pow(2), weights) + MAG_FLOOR ** 2)  # noqa: E731
+    l_band = (band(mag) - band(target_mag)).pow(2).mean()
+    l_pitch = (tau * (p["logf"] - torch.log(freq)).pow(2)).sum() / tau.sum().clamp(min=1.0)
     l_stft = multi_resolution_stft_distance(recon, wave, TRAIN_RESOLUTIONS, eps=1e-3, pooled=True)
-    l_kl = 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).mean()
-    total = (l_stft + cfg.mag_weight * l_mag + cfg.phase_weight * l_phase + cfg.noisiness_weight * l_noise
+    m, lv = mean[:, learned], logvar[:, learned]
+    l_kl = 0.5 * (m.pow(2) + lv.exp() - 1 - lv).mean()
+    total = (l_stft + cfg.mag_weight * l_mag + cfg.band_weight * l_band + cfg.pitch_weight * l_pitch
              + cfg.kl_weight * l_kl)
-    return {"loss": total, "stft": l_stft, "mag": l_mag, "phase": l_phase, "noise": l_noise, "kl": l_kl}
+    return {"loss": total, "stft": l_stft, "mag": l_mag, "band": l_band, "pitch": l_pitch, "kl": l_kl}
 
 
 @torch.no_grad()
-def latent_statistics(model: STFTAutoencoder, corpus, n: int, seed: int) -> tuple[list[float], list[float]]:
+def latent_statistics(model: HarmonicAutoencoder, corpus, n: int, seed: int) -> tuple[list[float], list[float]]:
     rng = np.random.default_rng(seed + 7)
     means = []
     for _ in range(n):
@@ -106,13 +112,13 @@ def latent_statistics(model: STFTAutoencoder, corpus, n: int, seed: int) -> tupl
 
 
 def train_autoencoder(out_dir: str | Path, run_dir: str | Path, cfg: AutoencoderTrainConfig,
-                      model_config: STFTAutoencoderConfig | None = None) -> Path:
+                      model_config: HarmonicAutoencoderConfig | None = None) -> Path:
     from models.data.corpus import SyntheticCorpus
 
     set_threads(cfg.threads)
     seed_everything(cfg.seed)
     run = RunState(run_dir)
-    model = STFTAutoencoder(model_config)
+    model = HarmonicAutoencoder(model_config)
     ema = EMA(model, cfg.ema_decay)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.8, 0.99), weight_decay=0.01)
     step = 0
@@ -122,11 +128,12 @@ def train_autoencoder(out_dir: str | Path, run_dir: str | Path, cfg: Autoencoder
     (run.dir / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
     corpus = SyntheticCorpus("train", seed=cfg.seed)
     rng = np.random.default_rng([cfg.seed, step])  # a resumed run continues with a fresh, reproducible stream
+    pool = ClipPool(corpus, rng)
     length = cfg.crop_latents * model.samples_per_latent
     bar = progress(cfg.steps, step, "autoencoder")
     model.train()
     while step < cfg.steps:
-        wave = crop_batch(corpus, rng, cfg.batch_size, length)
+        wave = pool.batch(cfg.batch_size, length)
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg.steps, cfg.lr, cfg.warmup, final=cfg.lr * 0.05)
         losses = autoencoder_losses(model, wave, cfg)
@@ -139,7 +146,7 @@ def train_autoencoder(out_dir: str | Path, run_dir: str | Path, cfg: Autoencoder
         bar.update(1)
         if step % cfg.log_every == 0 or step == cfg.steps:
             rec = {k: round(float(v.detach()), 5) for k, v in losses.items()}
-            bar.set_postfix(loss=rec["loss"], stft=rec["stft"], phase=rec["phase"])
+            bar.set_postfix(loss=rec["loss"], stft=rec["stft"], mag=rec["mag"])
             run.log({"step": step, **rec, "grad_norm": round(float(gnorm), 3)})
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
             run.save(step, {"model": model, "ema": ema.model}, {"opt": opt})
@@ -147,7 +154,7 @@ def train_autoencoder(out_dir: str | Path, run_dir: str | Path, cfg: Autoencoder
     return export_autoencoder(ema.model, corpus, out_dir, cfg)
 
 
-def export_autoencoder(model: STFTAutoencoder, corpus, out_dir: str | Path, cfg: AutoencoderTrainConfig) -> Path:
+def export_autoencoder(model: HarmonicAutoencoder, corpus, out_dir: str | Path, cfg: AutoencoderTrainConfig) -> Path:
     """Measure latent statistics, then write codec.safetensors + config.json."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,5 @@
-"""Training plumbing shared by every trainer: resumable checkpoints, EMA, learning-rate schedule, progress."""
+"""Training plumbing shared by every trainer: the step loop (progress bar, logs, checkpoints), resumable run state,
+per-step random streams, EMA, learning-rate schedule, optimizer step with clipping."""
 from __future__ import annotations
 
 import copy
@@ -101,3 +102,58 @@ def progress(total: int, initial: int, desc: str):
     from tqdm import tqdm
 
     return tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, mininterval=5.0)
+
+
+def step_rngs(seed: int, stream: int, step: int) -> tuple[np.random.Generator, torch.Generator]:
+    """Fresh numpy and torch generators for one training step: what a step draws depends only on (seed, stream,
+    step), so a resumed run repeats exactly what the uninterrupted run would have done."""
+    rng = np.random.default_rng([seed, stream, step])
+    gen = torch.Generator().manual_seed(int(rng.integers(0, 2**62)))
+    return rng, gen
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, loss: torch.Tensor,
+                   clip: float | None = 1.0) -> float:
+    """Backward, gradient-norm clipping, update; returns the gradient norm before clipping."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    params = [p for p in model.parameters() if p.grad is not None]
+    gnorm = torch.nn.utils.clip_grad_norm_(params, clip if clip else float("inf"))
+    optimizer.step()
+    return float(gnorm)
+
+
+def train_loop(run: RunState, desc: str, start: int, total: int, step_fn, checkpoint, log_every: int,
+               checkpoint_every: int, stop_at: int | None = None, postfix: tuple[str, ...] = ("loss",)) -> int:
+    """The loop every trainer shares: ``step_fn(step) -> metrics`` runs one step (``step`` = steps done before it),
+    then the progress bar moves, ``run.log`` gets the metrics every ``log_every`` steps and ``checkpoint(step)``
+    runs every ``checkpoint_every`` steps and at the end. ``stop_at`` ends this invocation early (after a
+    checkpoint), for time-boxed jobs that resume later. Returns the steps done."""
+    end = total if stop_at is None else min(total, stop_at)
+    bar = progress(total, start, desc)
+    step = start
+    try:
+        while step < end:
+            metrics = step_fn(step)
+            step += 1
+            bar.update(1)
+            if step % log_every == 0 or step == total:
+                bar.set_postfix({k: round(float(metrics[k]), 4) for k in postfix if k in metrics})
+                run.log({"step": step, **{k: _round(v) for k, v in metrics.items()}})
+            if step % checkpoint_every == 0 or step == end:
+                checkpoint(step)
+    finally:
+        bar.close()
+    return step
+
+
+def _round(value):
+    if isinstance(value, (float, int, torch.Tensor, np.floating)):
+        value = float(value)
+        return round(value, 6) if abs(value) >= 1e-3 else float(f"{value:.4g}")
+    return value

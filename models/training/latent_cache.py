@@ -3,6 +3,7 @@ encoding at every step. The cache is a directory of numbered shards (resumable) 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -33,34 +34,46 @@ class LatentCache:
         return cls(latents, params, durations)
 
 
+def _render_clips(split: str, seed: int, indices: list[int]) -> list[tuple[np.ndarray, dict, float]]:
+    from models.data.corpus import SyntheticCorpus
+
+    corpus = SyntheticCorpus(split, seed=seed)
+    return [(clip.audio, clip.params, clip.duration) for clip in (corpus[i] for i in indices)]
+
+
 @torch.no_grad()
 def build_latent_cache(codec, directory: str | Path, n_clips: int, seed: int = 0, split: str = "train",
-                       shard_size: int = 250) -> Path:
-    from models.data.corpus import SyntheticCorpus
+                       shard_size: int = 250, workers: int | None = None) -> Path:
+    """Encode clips 0..n_clips-1 of the corpus into shards; existing shards are kept (resume). Rendering a clip
+    costs more than encoding it, so ``workers`` processes render while this one encodes."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    corpus = SyntheticCorpus(split, seed=seed)
     codec.eval()
+    workers = workers or os.cpu_count() or 1
     n_shards = -(-n_clips // shard_size)
     bar = progress(n_clips, 0, f"encoding {split} clips")
-    for s in range(n_shards):
-        path = directory / f"shard-{s:04d}.pt"
-        lo, hi = s * shard_size, min(n_clips, (s + 1) * shard_size)
-        if path.is_file():
-            bar.update(hi - lo)
-            continue
-        latents, params, durations = [], [], []
-        for i in range(lo, hi):
-            clip = corpus[i]
-            latents.append(codec.encode(torch.from_numpy(clip.audio)[None])[0].half())
-            params.append(clip.params)
-            durations.append(clip.duration)
-            bar.update(1)
-        meta = json.dumps({"params": params, "durations": durations, "split": split, "seed": seed})
-        tmp = path.with_suffix(".tmp")
-        torch.save({"latents": latents, "meta": meta}, tmp)
-        tmp.rename(path)
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+        for s in range(n_shards):
+            path = directory / f"shard-{s:04d}.pt"
+            lo, hi = s * shard_size, min(n_clips, (s + 1) * shard_size)
+            if path.is_file():
+                bar.update(hi - lo)
+                continue
+            chunks = [list(range(i, min(hi, i + 10))) for i in range(lo, hi, 10)]
+            latents, params, durations = [], [], []
+            for rendered in pool.map(_render_clips, [split] * len(chunks), [seed] * len(chunks), chunks):
+                for audio, p, duration in rendered:
+                    latents.append(codec.encode(torch.from_numpy(audio)[None])[0].half())
+                    params.append(p)
+                    durations.append(duration)
+                    bar.update(1)
+            meta = json.dumps({"params": params, "durations": durations, "split": split, "seed": seed})
+            tmp = path.with_suffix(".tmp")
+            torch.save({"latents": latents, "meta": meta}, tmp)
+            tmp.rename(path)
     bar.close()
     return directory
 

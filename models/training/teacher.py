@@ -6,16 +6,28 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from models.bundle import BundleConfig, ModelBundle
-from models.codec import STFTAutoencoder
+from models.codec import load_codec
 from models.diffusion import VPCosineSchedule, VPrediction
 from models.dit import DiT, DiTConfig
 from models.text import load_text_encoder
-from models.training.common import EMA, RunState, lr_at, progress, seed_everything, set_threads
-from models.training.latent_cache import LatentCache, build_latent_cache, sample_batch
+from models.training.batches import masked_mse, sample_captioned_batch
+from models.training.common import (
+    EMA,
+    RunState,
+    lr_at,
+    optimizer_step,
+    seed_everything,
+    set_lr,
+    set_threads,
+    step_rngs,
+    train_loop,
+)
+from models.training.latent_cache import LatentCache, build_latent_cache
+
+__all__ = ["TeacherTrainConfig", "export_teacher", "load_codec", "masked_mse", "train_teacher"]
 
 
 @dataclass
@@ -35,24 +47,14 @@ class TeacherTrainConfig:
     width: int = 192
     depth: int = 6
     heads: int = 4
+    number_freqs: int = 16  # the text encoder's number channels (models.text.encoders.number_features)
+
+    def text_encoder_config(self) -> dict:
+        return {"name": "minilm", "number_freqs": self.number_freqs}
 
 
-def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Per-sample mean squared error over real frames only: [B]."""
-    m = mask[:, None, :].to(pred.dtype)
-    return ((pred - target) ** 2 * m).sum(dim=(1, 2)) / (m.sum(dim=(1, 2)) * pred.shape[1])
-
-
-def load_codec(codec_dir: str | Path) -> STFTAutoencoder:
-    from safetensors.torch import load_file
-
-    codec_dir = Path(codec_dir)
-    codec = STFTAutoencoder.from_config(json.loads((codec_dir / "config.json").read_text())["codec"])
-    codec.load_state_dict(load_file(codec_dir / "codec.safetensors"))
-    return codec.eval()
-
-
-def train_teacher(out_dir: str | Path, run_dir: str | Path, codec_dir: str | Path, cfg: TeacherTrainConfig) -> Path:
+def train_teacher(out_dir: str | Path, run_dir: str | Path, codec_dir: str | Path, cfg: TeacherTrainConfig,
+                  stop_at: int | None = None) -> Path:
     from models.data.corpus import SyntheticCorpus
 
     set_threads(cfg.threads)
@@ -61,7 +63,7 @@ def train_teacher(out_dir: str | Path, run_dir: str | Path, codec_dir: str | Pat
     codec = load_codec(codec_dir)
     cache_dir = build_latent_cache(codec, run.dir / "latents", cfg.cache_clips, seed=cfg.seed)
     cache = LatentCache.load(cache_dir)
-    text_encoder = load_text_encoder({"name": "minilm"}, cache_size=2048)
+    text_encoder = load_text_encoder(cfg.text_encoder_config(), cache_size=2048)
     dit_config = DiTConfig(latent_dim=codec.latent_dim, width=cfg.width, depth=cfg.depth, heads=cfg.heads,
                            text_dim=text_encoder.dim, pooled_dim=text_encoder.pooled_dim)
     model = DiT(dit_config)
@@ -75,37 +77,28 @@ def train_teacher(out_dir: str | Path, run_dir: str | Path, codec_dir: str | Pat
     schedule = VPCosineSchedule()
     param = VPrediction(schedule)
     corpus = SyntheticCorpus("train", seed=cfg.seed)
-    rng = np.random.default_rng([cfg.seed, 1, step])
-    bar = progress(cfg.steps, step, "teacher")
     model.train()
-    while step < cfg.steps:
-        x0, mask, idx = sample_batch(cache, rng, cfg.batch_size)
-        prompts = [corpus.caption(cache.params[i], rng) for i in idx]
-        prompts = ["" if rng.random() < cfg.cond_dropout else p for p in prompts]
-        text = text_encoder.encode(prompts)
-        seconds = torch.tensor([cache.durations[i] for i in idx], dtype=torch.float32)
+
+    def train_step(step: int) -> dict:
+        rng, gen = step_rngs(cfg.seed, 1, step)
+        b = sample_captioned_batch(cache, corpus, text_encoder, rng, cfg.batch_size, cfg.cond_dropout)
         t = torch.from_numpy(rng.random(cfg.batch_size)).float()
-        eps = torch.randn_like(x0)
-        z = schedule.add_noise(x0, eps, t)
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, cfg.steps, cfg.lr, cfg.warmup, final=cfg.lr * 0.05)
-        out = model(z, t, text.tokens, text.mask, text.pooled, seconds, mask)
-        loss = masked_mse(out, param.target(x0, eps, t), mask).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        step += 1
-        ema.update(model, step)
-        bar.update(1)
-        if step % cfg.log_every == 0 or step == cfg.steps:
-            bar.set_postfix(loss=round(float(loss), 4))
-            run.log({"step": step, "loss": round(float(loss), 5), "grad_norm": round(float(gnorm), 3),
-                     "lr": opt.param_groups[0]["lr"]})
-        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-            run.save(step, {"model": model, "ema": ema.model}, {"opt": opt})
-            export_teacher(ema.model, codec, text_encoder, out_dir, codec_dir, cfg, step)
-    bar.close()
+        eps = torch.randn(b.x0.shape, generator=gen)
+        z = schedule.add_noise(b.x0, eps, t)
+        lr = lr_at(step, cfg.steps, cfg.lr, cfg.warmup, final=cfg.lr * 0.05)
+        set_lr(opt, lr)
+        out = model(z, t, b.text.tokens, b.text.mask, b.text.pooled, b.seconds, b.mask)
+        loss = masked_mse(out, param.target(b.x0, eps, t), b.mask).mean()
+        gnorm = optimizer_step(model, opt, loss, clip=1.0)
+        ema.update(model, step + 1)
+        return {"loss": loss.item(), "grad_norm": gnorm, "lr": lr}
+
+    def checkpoint(step: int) -> None:
+        run.save(step, {"model": model, "ema": ema.model}, {"opt": opt})
+        export_teacher(ema.model, codec, text_encoder, out_dir, codec_dir, cfg, step)
+
+    train_loop(run, "teacher", step, cfg.steps, train_step, checkpoint, cfg.log_every, cfg.checkpoint_every,
+               stop_at=stop_at)
     return Path(out_dir)
 
 
@@ -114,7 +107,7 @@ def export_teacher(model: DiT, codec, text_encoder, out_dir, codec_dir, cfg: Tea
     config = BundleConfig(
         name=out.name, kind="teacher", schedule=VPCosineSchedule().to_config(), parameterization="v",
         sampler="ddim", default_steps=200, default_guidance=3.0, default_duration=5.0, max_duration=10.0,
-        codec_from=_relpath(codec_dir, out),
+        text_encoder=cfg.text_encoder_config(), codec_from=_relpath(codec_dir, out),
         description="DiT teacher (v-prediction, VP-cosine, 200-step DDIM with classifier-free guidance 3)",
         training={**asdict(cfg), "steps_done": step},
     )

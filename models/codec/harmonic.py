@@ -1,0 +1,354 @@
+"""The embedded autoencoder: a harmonic-plus-noise (sinusoidal modelling) codec in the STFT domain.
+
+Why this shape: a decoder that must place a tone's spectral peak at the right one of 1025 bins from a compact code
+learns slowly (a first, per-bin design decoded unseen tones to silence after 1500 CPU steps), and a pitch hidden in a
+distributed code is hard for a small diffusion model to hit to within a few percent. Here pitch is an explicit,
+smooth coordinate of the latent, and the decoder renders partials analytically, so a tone keeps its exact pitch.
+
+Latent (32 channels at 44100 / 2048 = 21.5 frames per second, like Stable Audio's Oobleck VAE):
+- ``2 * slots`` analytic channels per latent frame, averaged over its 4 STFT frames: for each pitch slot its tonality
+  ``tau`` in [0, 1] and ``tau * pitch_scale * log(f / pitch_ref_hz)``. Slot 1 is the strongest spectral peak of the
+  frame (refined to a fraction of a bin by its phase advance), slot 2 the strongest peak that is not a harmonic of
+  slot 1. A frame without a prominent peak has tau = 0 and so contributes nothing.
+- the remaining channels are learned (a VAE posterior from a ConvNeXt encoder over log magnitudes and phase
+  advances): loudness of each slot per audio channel, harmonic shape, the noise envelope, stereo placement.
+
+Decoder (what runs at serving time; cheap on a CPU): ConvNeXt blocks at the latent rate -> 4x upsampling to STFT
+frames -> ConvNeXt blocks -> per STFT frame: a pitch correction, per-channel log amplitude, 16 harmonic log
+amplitudes and a tail (slope, odd-only weight, up to ``max_harmonics`` partials) per slot, and a noise envelope in
+``noise_bands`` bands per channel. Each partial is drawn straight into the STFT as the Hann window's main lobe at its
+fractional bin with the phase a real sinusoid would have (phase accumulated from the frequency track); the noise
+envelope gets random phases from a fixed seeded table (deterministic, independent of batch companions). An inverse
+STFT gives the waveform.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from models.audio.spectral import istft, istft_real, pad_to_multiple, stft
+from models.codec.base import AudioCodec
+from models.layers import ConvNeXtBlock1d
+
+LOG_EPS = 1e-5
+MAG_FLOOR = 1e-3  # the log-magnitude loss compares log(|X| + MAG_FLOOR): about -114 dB re full scale
+LOBE = 2  # partials are drawn on the bins within +-LOBE (+ rounding) of their centre: Hann's main lobe
+
+
+@dataclass
+class HarmonicAutoencoderConfig:
+    sample_rate: int = 44100
+    audio_channels: int = 2
+    latent_dim: int = 32
+    n_fft: int = 2048
+    hop: int = 512
+    frames_per_latent: int = 4
+    hidden: int = 256
+    encoder_blocks: int = 3
+    decoder_latent_blocks: int = 2
+    decoder_frame_blocks: int = 2
+    layer_scale: float = 1.0
+    slots: int = 2
+    harmonics: int = 16       # partials with their own amplitude; the rest follow a power-law tail
+    max_harmonics: int = 64
+    noise_bands: int = 48
+    pitch_min_hz: float = 60.0
+    pitch_max_hz: float = 8600.0
+    pitch_ref_hz: float = 400.0
+    pitch_scale: float = 10.0  # latent units per natural-log unit of frequency: 1 % of pitch = 0.1 units
+    phase_seed: int = 20261121
+    # latent normalisation measured on the corpus after training: z = (raw - shift) / scale
+    latent_shift: list[float] = field(default_factory=list)
+    latent_scale: list[float] = field(default_factory=list)
+
+    @property
+    def bins(self) -> int:
+        return self.n_fft // 2 + 1
+
+    @property
+    def samples_per_latent(self) -> int:
+        return self.hop * self.frames_per_latent
+
+    @property
+    def pitch_channels(self) -> int:
+        return 2 * self.slots
+
+    @property
+    def slot_outputs(self) -> int:  # pitch correction, per-channel log amplitude, harmonic shape, tail slope, odd
+        return 1 + self.audio_channels + self.harmonics + 2
+
+
+def analysis_features(mag: Tensor) -> Tensor:
+    """[B, C, K, F] magnitudes -> [B, C * K, F] scaled log magnitudes: what the learned channels are encoded from
+    (pitch is analysed exactly, so the phase advances need not be learned from)."""
+    return (torch.log(mag + LOG_EPS) / 5.0).flatten(1, 2)
+
+
+def _sinc(x: Tensor) -> Tensor:
+    """sin(pi x) / (pi x) with a gradient that stays finite at 0 (torch.sinc has no ONNX export)."""
+    small = x.abs() < 1e-4
+    safe = torch.where(small, torch.ones_like(x), x)
+    return torch.where(small, 1 - (math.pi * x) ** 2 / 6, torch.sin(math.pi * safe) / (math.pi * safe))
+
+
+def hann_lobe(d: Tensor) -> Tensor:
+    """The periodic Hann window's spectrum at an offset of d bins, divided by n_fft (0.5 at d = 0; zero at |d| = 2)."""
+    return 0.5 * _sinc(d) + 0.25 * (_sinc(d - 1) + _sinc(d + 1))
+
+
+def band_matrix(bins: int, bands: int, sample_rate: int) -> Tensor:
+    """[bins, bands]: each bin's log level as a linear interpolation between mel-spaced band centres."""
+    mel = lambda f: 2595.0 * math.log10(1.0 + f / 700.0)  # noqa: E731
+    centres_mel = torch.linspace(0.0, mel(sample_rate / 2), bands, dtype=torch.float64)
+    centres_hz = 700.0 * (10 ** (centres_mel / 2595.0) - 1.0)
+    hz = torch.linspace(0.0, sample_rate / 2, bins, dtype=torch.float64)
+    pos = torch.searchsorted(centres_hz, hz, right=True).clamp(1, bands - 1)
+    lo, hi = centres_hz[pos - 1], centres_hz[pos]
+    w_hi = ((hz - lo) / (hi - lo)).clamp(0, 1)
+    m = torch.zeros(bins, bands, dtype=torch.float64)
+    m[torch.arange(bins), pos - 1] = 1 - w_hi
+    m[torch.arange(bins), pos] += w_hi
+    return m.float()
+
+
+class PitchAnalyser:
+    """Deterministic pitch slots of a complex STFT: per frame, the strongest peak in the pitch range refined by its
+    phase advance, then the strongest peak that is not within 5 bins of a harmonic of the first. Tonality rises from
+    0 to 1 as the peak stands 18 to 28 dB above the mean log level of the 41 bins around it, gated to 0 below
+    -80 dBFS (and, for the second slot, more than 50 dB below the first)."""
+
+    def __init__(self, config: HarmonicAutoencoderConfig):
+        c = self.config = config
+        self.k_lo = max(1, math.floor(c.pitch_min_hz * c.n_fft / c.sample_rate))
+        self.k_hi = min(c.bins - 1 - LOBE, math.ceil(c.pitch_max_hz * c.n_fft / c.sample_rate))
+
+    @torch.no_grad()
+    def __call__(self, spec: Tensor, mag: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """[B, C, K, F] complex (and its magnitude, if at hand) -> (tonality [B, S, F], frequency in Hz [B, S, F])."""
+        c = self.config
+        mixed = spec.sum(1)  # [B, K, F]: a panned source keeps its phase in both channels
+        mag = (spec.abs() if mag is None else mag).mean(1)
+        logmag = torch.log(mag + 1e-7)
+        local = F.avg_pool1d(logmag.transpose(1, 2).flatten(0, 1)[:, None], 41, 1, 20, count_include_pad=False)
+        local = local.view(mag.shape[0], mag.shape[2], -1).transpose(1, 2)
+        phase = torch.angle(mixed)
+        advance = torch.diff(phase, dim=-1)
+        advance = torch.cat([advance[..., :1], advance], dim=-1)  # frame 0 borrows frame 1's advance
+        k_all = torch.arange(c.bins, dtype=torch.float32, device=spec.device)
+        dev_all = torch.remainder(advance - 2 * math.pi * k_all[:, None] * c.hop / c.n_fft + math.pi, 2 * math.pi)
+        dev_all = (dev_all - math.pi) * c.n_fft / (2 * math.pi * c.hop)  # bins, in (-n_fft/(2 hop), n_fft/(2 hop)]
+        search = mag.clone()
+        search[:, : self.k_lo] = 0
+        search[:, self.k_hi + 1:] = 0
+        taus, freqs = [], []
+        for _ in range(c.slots):
+            k = search.argmax(dim=1, keepdim=True)  # [B, 1, F]
+            peak = mag.gather(1, k)
+            prominence_db = 20 / math.log(10) * (torch.log(peak + 1e-7) - local.gather(1, k))
+            level_db = 20 * torch.log10(peak / (c.n_fft / 4) + 1e-12)
+            tau = ((prominence_db - 18) / 10).clamp(0, 1) * ((level_db + 80) / 10).clamp(0, 1)
+            tau = tau * (search.gather(1, k) > 0)
+            if taus:  # a second slot must stand within 40 dB of the first (beyond that: window side lobes)
+                tau = tau * ((level_db - first_db + 50) / 10).clamp(0, 1)
+            else:
+                first_db = level_db
+            p = k.float() + dev_all.gather(1, k).clamp(-1, 1)
+            taus.append(tau[:, 0])
+            freqs.append((p[:, 0] * c.sample_rate / c.n_fft).clamp(min=c.pitch_min_hz))
+            # suppress the harmonics of this slot for the next one
+            p_safe = p.clamp(min=1.0)
+            nearest = (k_all[None, :, None] / p_safe).round().clamp(min=1.0) * p_safe
+            search = search.masked_fill((k_all[None, :, None] - nearest).abs() <= 5.0, 0.0)
+        return torch.stack(taus, 1), torch.stack(freqs, 1)
+
+
+class HarmonicAutoencoder(AudioCodec):
+    def __init__(self, config: HarmonicAutoencoderConfig | None = None):
+        super().__init__()
+        c = self.config = config or HarmonicAutoencoderConfig()
+        self.sample_rate, self.audio_channels, self.latent_dim = c.sample_rate, c.audio_channels, c.latent_dim
+        self.samples_per_latent = c.samples_per_latent
+        self.learned_dim = c.latent_dim - c.pitch_channels
+        h = c.hidden
+        self.analyser = PitchAnalyser(c)
+
+        def blocks(n: int, kernel_size: int = 7) -> nn.Sequential:
+            return nn.Sequential(*[ConvNeXtBlock1d(h, kernel_size, layer_scale=c.layer_scale) for _ in range(n)])
+
+        # encoder (learned channels)
+        self.enc_in = nn.Conv1d(c.audio_channels * c.bins + c.pitch_channels, h, 1)
+        self.enc_frame = blocks(c.encoder_blocks)
+        self.enc_down = nn.Conv1d(h, h, c.frames_per_latent, stride=c.frames_per_latent)
+        self.enc_latent = blocks(c.encoder_blocks, kernel_size=5)
+        self.enc_out = nn.Conv1d(h, 2 * self.learned_dim, 1)
+        with torch.no_grad():  # a narrow posterior from the start: the decoder should see the code, not noise
+            self.enc_out.bias[self.learned_dim:] = -7.0
+        # decoder
+        self.dec_in = nn.Conv1d(c.latent_dim, h, 3, padding=1)
+        self.dec_latent = blocks(c.decoder_latent_blocks, kernel_size=5)
+        self.dec_up = nn.ConvTranspose1d(h, h, c.frames_per_latent, stride=c.frames_per_latent)
+        self.dec_frame = blocks(c.decoder_frame_blocks)
+        self.dec_norm = nn.LayerNorm(h)
+        n_out = c.slots * c.slot_outputs + c.audio_channels * c.noise_bands
+        self.dec_out = nn.Linear(h, n_out)
+        with torch.no_grad():  # start quiet, with no pitch correction and a 1/h tail
+            self.dec_out.weight.mul_(0.1)
+            self.dec_out.bias.zero_()
+            slots = self.dec_out.bias[: c.slots * c.slot_outputs].view(c.slots, c.slot_outputs)
+            slots[:, 1: 1 + c.audio_channels] = math.log(1e-3)
+            slots[:, 1 + c.audio_channels: 1 + c.audio_channels + c.harmonics] = -torch.log(
+                torch.arange(1, c.harmonics + 1, dtype=torch.float32))
+            self.dec_out.bias[c.slots * c.slot_outputs:] = math.log(1e-2)
+        self.register_buffer("bands", band_matrix(c.bins, c.noise_bands, c.sample_rate), persistent=False)
+        shift = torch.tensor(c.latent_shift or [0.0] * c.latent_dim)
+        scale = torch.tensor(c.latent_scale or [1.0] * c.latent_dim)
+        self.register_buffer("latent_shift", shift.view(1, -1, 1), persistent=False)
+        self.register_buffer("latent_scale", scale.view(1, -1, 1), persistent=False)
+        self._phase_table: Tensor | None = None
+
+    # ---------------------------------------------------------------- encoder
+    def analyse(self, wave: Tensor) -> Tensor:
+        """Complex STFT frames aligned with latents: [B, C, K, T * frames_per_latent]."""
+        c = self.config
+        wave = pad_to_multiple(wave, c.samples_per_latent)
+        return stft(wave, c.n_fft, c.hop)[..., : wave.shape[-1] // c.hop]
+
+    def pitch_features(self, tau: Tensor, freq: Tensor) -> Tensor:
+        """Per-frame analytic channels [B, 2S, F]: (tau_s, tau_s * pitch_scale * log(f_s / ref)) per slot."""
+        c = self.config
+        logf = c.pitch_scale * torch.log(freq / c.pitch_ref_hz)
+        return torch.stack([tau, tau * logf], dim=2).flatten(1, 2)
+
+    def encode_distribution(self, wave: Tensor, spec: Tensor | None = None,
+                            pitch: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+        """Unnormalised posterior (mean, logvar) [B, latent_dim, T]; the analytic channels have logvar -inf.
+        ``spec`` and ``pitch`` (the analyser's output) may be passed in when the caller has them already."""
+        c = self.config
+        spec = self.analyse(wave) if spec is None else spec
+        mag = spec.abs()
+        pitch = self.pitch_features(*(self.analyser(spec, mag) if pitch is None else pitch))
+        h = self.enc_in(torch.cat([analysis_features(mag), pitch], dim=1))
+        h = self.enc_latent(self.enc_down(self.enc_frame(h)))
+        mean, logvar = self.enc_out(h).chunk(2, dim=1)
+        pitch_latent = F.avg_pool1d(pitch, c.frames_per_latent)
+        mean = torch.cat([pitch_latent, mean], dim=1)
+        logvar = torch.cat([torch.full_like(pitch_latent, -float("inf")), logvar.clamp(-12, 4)], dim=1)
+        return mean, logvar
+
+    def normalize(self, raw: Tensor) -> Tensor:
+        return (raw - self.latent_shift) / self.latent_scale
+
+    def denormalize(self, latents: Tensor) -> Tensor:
+        return latents * self.latent_scale + self.latent_shift
+
+    @torch.no_grad()
+    def encode(self, wave: Tensor) -> Tensor:
+        return self.normalize(self.encode_distribution(wave)[0])
+
+    # ---------------------------------------------------------------- decoder
+    def decode_params(self, raw: Tensor) -> dict[str, Tensor]:
+        """Unnormalised latents [B, D, T] -> per STFT frame: log frequency per slot [B, S, F], log amplitudes of
+        each partial [B, S, C, H_max, F] and the noise level per bin [B, C, K, F] (log magnitude)."""
+        c = self.config
+        S, C, H = c.slots, c.audio_channels, c.harmonics
+        h = self.dec_latent(self.dec_in(raw))
+        h = self.dec_frame(self.dec_up(h))
+        out = self.dec_out(self.dec_norm(h.transpose(1, 2))).transpose(1, 2)  # [B, n_out, F]
+        B, F_ = out.shape[0], out.shape[-1]
+        slot = out[:, : S * c.slot_outputs].view(B, S, c.slot_outputs, F_)
+        noise = out[:, S * c.slot_outputs:].view(B, C, c.noise_bands, F_)
+
+        pitch = F.interpolate(raw[:, : c.pitch_channels], scale_factor=c.frames_per_latent, mode="linear",
+                              align_corners=False).view(B, S, 2, F_)
+        tau = pitch[:, :, 0].clamp(min=0.05)
+        logf = pitch[:, :, 1] / (c.pitch_scale * tau) + math.log(c.pitch_ref_hz) + 0.1 * slot[:, :, 0]
+
+        level = slot[:, :, 1: 1 + C]                           # [B, S, C, F]
+        shape = slot[:, :, 1 + C: 1 + C + H]                   # [B, S, H, F]
+        slope = F.softplus(slot[:, :, 1 + C + H] + 1.0)        # [B, S, F]
+        odd = torch.sigmoid(slot[:, :, 2 + C + H])
+        n = torch.arange(1, c.max_harmonics + 1, dtype=raw.dtype, device=raw.device)
+        tail_n = n[H:]
+        tail = shape[:, :, H - 1: H] - slope[:, :, None] * torch.log(tail_n / H)[None, None, :, None]
+        even = (tail_n % 2 == 0).to(raw.dtype)[None, None, :, None]
+        tail = tail + even * torch.log1p(-odd[:, :, None] * 0.999)
+        partials = torch.cat([shape, tail], dim=2)              # [B, S, H_max, F]
+        # a slot without a prominent peak has no partials: tonality gates them by construction, so a noise or a
+        # click never grows a spurious hum at whatever pitch its slot holds
+        gate = torch.log(((pitch[:, :, 0] - 0.1) / 0.9).clamp(min=1e-8, max=1.0))  # [B, S, F]
+        log_amp = level[:, :, :, None] + partials[:, :, None] + gate[:, :, None, None]  # [B, S, C, H_max, F]
+        noise_log = torch.einsum("kx,bcxf->bckf", self.bands, noise)
+        return {"logf": logf, "log_amp": log_amp, "noise_log": noise_log}
+
+    def phase_table(self, frames: int, device) -> Tensor:
+        """Fixed uniform(-1, 1) table [C, K, frames] from a seed: independent of batch and call order."""
+        c = self.config
+        if self._phase_table is None or self._phase_table.shape[-1] < frames:
+            n = max(frames, 4096)
+            g = torch.Generator().manual_seed(c.phase_seed)
+            self._phase_table = torch.rand(c.audio_channels, c.bins, n, generator=g) * 2 - 1
+        return self._phase_table[..., :frames].to(device)
+
+    def render(self, logf: Tensor, log_amp: Tensor, noise_log: Tensor) -> Tensor:
+        """Draw the partials and the noise into a complex STFT [B, C, K, F]."""
+        return torch.complex(*self.render_parts(logf, log_amp, noise_log))
+
+    def render_parts(self, logf: Tensor, log_amp: Tensor, noise_log: Tensor) -> tuple[Tensor, Tensor]:
+        """``render`` as (real, imaginary) parts, with real-valued operations only (ONNX has no complex tensors;
+        ``decode_real`` and the ONNX export use this). Tensors are laid out [B, C, S, H, lobe bin, F] so that the
+        scatter's source is a view, not a copy."""
+        c = self.config
+        B, S, C, Hm, F_ = log_amp.shape
+        f = torch.exp(logf)                                                    # [B, S, F] Hz
+        # phase of the fundamental at each frame centre: trapezoidal integral of the frequency track
+        step = math.pi * c.hop / c.sample_rate * (f[..., 1:] + f[..., :-1])
+        theta = torch.cat([torch.zeros_like(f[..., :1]), torch.cumsum(step, dim=-1)], dim=-1)
+        n = torch.arange(1, Hm + 1, dtype=f.dtype, device=f.device)[:, None]
+        pos = (n * f[:, :, None]) * (c.n_fft / c.sample_rate)                  # [B, S, Hm, F] fractional bin
+        offsets = torch.arange(-LOBE, LOBE + 1, device=f.device, dtype=f.dtype)[:, None]
+        bins = torch.round(pos)[:, :, :, None] + offsets                       # [B, S, Hm, 2L+1, F]
+        valid = (pos < c.bins - 1 - LOBE)[:, :, :, None] & (bins >= 0)
+        lobe = hann_lobe(bins - pos[:, :, :, None]) * valid * (c.n_fft / 2)   # amplitude A -> |X| = A n_fft / 4
+        # a real sinusoid's STFT bin k (centred frames) has phase theta_h + pi k
+        angle = torch.remainder(n[:, None] * theta[:, :, None, None], 2 * math.pi) + math.pi * bins
+        amp = torch.exp(log_amp).transpose(1, 2)[:, :, :, :, None]            # [B, C, S, Hm, 1, F]
+        real = (amp * (lobe * torch.cos(angle))[:, None]).reshape(B, C, -1, F_)
+        imag = (amp * (lobe * torch.sin(angle))[:, None]).reshape(B, C, -1, F_)
+        index = bins.clamp(0, c.bins - 1).long().reshape(B, 1, -1, F_).expand(B, C, -1, F_)
+        noise_mag = torch.exp(noise_log)
+        noise_phase = math.pi * self.phase_table(F_, f.device)
+        spec_re = (noise_mag * torch.cos(noise_phase)).scatter_add(2, index, real)
+        spec_im = (noise_mag * torch.sin(noise_phase)).scatter_add(2, index, imag)
+        return spec_re, spec_im
+
+    def synthesize(self, spec: Tensor) -> Tensor:
+        c = self.config
+        spec = F.pad(spec, (0, 1))  # the centred iSTFT wants frames + 1
+        return istft(spec, c.n_fft, c.hop, length=spec.shape[-1] * c.hop - c.hop)
+
+    def decode_raw(self, raw: Tensor) -> Tensor:
+        p = self.decode_params(raw)
+        return self.synthesize(self.render(p["logf"], p["log_amp"], p["noise_log"]))
+
+    @torch.no_grad()
+    def decode(self, latents: Tensor) -> Tensor:
+        return self.decode_raw(self.denormalize(latents)).clamp(-1, 1)
+
+    def decode_real(self, latents: Tensor) -> Tensor:
+        """``decode`` with real-valued operations only (``istft_real``): the graph the ONNX export traces. Equal to
+        ``decode`` up to float rounding; frames up to the phase table's length (``phase_table``)."""
+        c = self.config
+        p = self.decode_params(self.denormalize(latents))
+        real, imag = (F.pad(x, (0, 1)) for x in self.render_parts(p["logf"], p["log_amp"], p["noise_log"]))
+        return istft_real(real, imag, c.n_fft, c.hop, length=real.shape[-1] * c.hop - c.hop).clamp(-1, 1)
+
+    def to_config(self) -> dict:
+        return asdict(self.config)
+
+    @classmethod
+    def from_config(cls, config: dict) -> "HarmonicAutoencoder":
+        return cls(HarmonicAutoencoderConfig(**config))

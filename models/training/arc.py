@@ -1,0 +1,320 @@
+"""ARC post-training (Adversarial Relativistic-Contrastive; Novack et al. 2025) on the project's models.
+
+A few-step generator is trained adversarially, without distillation targets: the generator denoises a noisy real
+clip fully to x0 in one forward pass; the real clip and the generator's x0 are re-noised with the SAME noise to the
+SAME level; a discriminator (a copy of the generator's transformer up to a hidden block, plus a small convolutional
+head giving one logit per frame, averaged over real frames) scores both; relativistic losses
+    generator:      softplus(D(real, c) - D(fake, c))
+    discriminator:  softplus(-(D(real, c) - D(fake, c))) + lambda * softplus(-(D(real, c) - D(real, c_shuffled)))
+where the contrastive term, on noisy REAL clips only, teaches the discriminator to tell a clip with its own prompt
+from the same clip with another clip's prompt (``shuffled_prompts``: a derangement by index AND by text, correct
+at batch size 2, that never touches the caller's conditioning), which is what pushes the generator towards prompt
+adherence without guidance. Generator and discriminator updates alternate (discriminator on even steps); AdamW with
+betas (0.9, 0.95); an EMA of the generator is exported as a bundle of kind "arc" with the ping-pong sampler,
+8 steps and guidance 1 (no CFG, one forward per step).
+
+ARC on a VP-cosine v-prediction model (the paper's model is rectified flow). Noise levels are chosen by SNR and
+mapped through the model's own schedule, never by t: the generator's input level has half-logSNR l ~ U[-6, 2]
+(for rectified flow t = sigmoid(-l), the paper's logSNR-uniform sampler), the discriminator's re-noising level
+has half-logSNR ~ N(0, 1) (for rectified flow, the reference's logit-normal t_gan), each turned into t by
+``schedule.t_from_logsnr(2 l)``. At equal SNR a VP latent is a rectified-flow latent divided by
+sqrt(alpha_RF^2 + sigma_RF^2), so this is the paper's training distribution written on the model's schedule, and
+it is the grid ``PingPongSampler`` samples on (half-logSNR linspace(-6, 2), t_0 = 1, t_N = 0), which only needs
+alpha(t), sigma(t) and per-sample t and noise. The generator's "one Euler step to x0" is the parameterisation's
+x0 (v-prediction: x0 = alpha z - sigma v; rectified flow: x0 = z - t v), and re-noising is
+``schedule.add_noise``. A source that takes the guidance scale as an input (a distilled student) has that input
+folded into a constant at the source's default scale (``fold_guidance``), so the generator starts from the guided
+model and exports as a plain one-forward model.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from models.bundle import ModelBundle
+from models.dit import DiT, rope_tables
+from models.text import TextEmbedding
+from models.training.batches import CaptionedBatch, sample_captioned_batch
+from models.training.common import (
+    EMA,
+    RunState,
+    optimizer_step,
+    seed_everything,
+    set_threads,
+    step_rngs,
+    train_loop,
+)
+from models.training.derived import export_derived, load_source, source_cache
+from models.training.latent_cache import LatentCache
+
+
+@dataclass
+class ARCConfig:
+    train_steps: int = 2000  # updates, alternating discriminator (even) and generator (odd)
+    steps: int = 8  # the exported model's default ping-pong steps
+    batch_size: int = 16
+    lr_g: float = 5e-5
+    lr_d: float = 5e-5
+    weight_decay: float = 0.01
+    ema_decay: float = 0.999
+    contrastive_weight: float = 1.0
+    disc_layer: int = 0  # trunk depth of the discriminator; 0: two thirds of the generator's depth
+    head_channels: int = 0  # 0: the transformer's width
+    half_logsnr_min: float = -6.0
+    half_logsnr_max: float = 2.0
+    gan_half_logsnr_mean: float = 0.0
+    gan_half_logsnr_std: float = 1.0
+    fold_guidance: float = 0.0  # scale baked into a source with a guidance input; 0: the source's default
+    cond_dropout: float = 0.0
+    cache_clips: int = 3000
+    seed: int = 0
+    checkpoint_every: int = 200
+    log_every: int = 25
+    threads: int | None = None
+    device: str = "cpu"
+
+
+# ---------------------------------------------------------------------------------------------- prompt shuffling
+def shuffled_prompts(prompts: list[str], rng: np.random.Generator) -> tuple[Tensor, Tensor]:
+    """(perm [B] long, valid [B] bool): clip i is paired with prompt perm[i], where perm[i] != i AND
+    prompts[perm[i]] != prompts[i] for every valid row. Rows are grouped by caption text and the groups laid out in
+    a random order; moving every row by a shift at least as long as the longest group maps each row outside its
+    own group. That works whenever no caption fills more than half the batch; otherwise the surplus rows of the
+    largest group get no wrong prompt and are marked invalid (all rows when every caption is the same)."""
+    n = len(prompts)
+    groups: dict[str, list[int]] = {}
+    for i in rng.permutation(n):
+        groups.setdefault(prompts[int(i)], []).append(int(i))
+    valid = torch.ones(n, dtype=torch.bool)
+    biggest = max(groups.values(), key=len)
+    surplus = 2 * len(biggest) - n
+    if surplus > 0:
+        valid[biggest[:surplus]] = False
+        del biggest[:surplus]
+    order = [i for g in groups.values() for i in g]
+    perm = torch.arange(n)
+    if order:
+        m, longest = len(order), max(len(g) for g in groups.values())
+        shift = int(rng.integers(longest, m - longest + 1))
+        for k, i in enumerate(order):
+            perm[i] = order[(k + shift) % m]
+    return perm, valid
+
+
+# ---------------------------------------------------------------------------------------------- networks
+def fold_guidance(dit: DiT, scale: float) -> DiT:
+    """A denoiser without a guidance input that computes what ``dit`` computes at guidance ``scale``: the guidance
+    embedding of a fixed scale is a constant added to the conditioning vector, moved into the bias of the pooled-text
+    projection's last layer (which is added to the same vector)."""
+    if not dit.config.guidance_embed:
+        return copy.deepcopy(dit)
+    src = copy.deepcopy(dit).eval()
+    p = next(src.parameters())
+    with torch.no_grad():
+        t = torch.zeros(1, device=p.device)
+        pooled = torch.zeros(1, src.config.pooled_dim, device=p.device)
+        with_g = src.condition(t, pooled, t, torch.full((1,), float(scale), device=p.device))
+        mlp, src.guidance_mlp = src.guidance_mlp, None
+        without = src.condition(t, pooled, t, None)
+        src.guidance_mlp = mlp
+    folded = DiT(dataclasses.replace(src.config, guidance_embed=False)).to(p.device)
+    state = {k: v for k, v in src.state_dict().items() if not k.startswith("guidance_mlp.")}
+    key = f"pooled_proj.{len(src.pooled_proj) - 1}.bias"
+    state[key] = state[key] + (with_g - without)[0]
+    folded.load_state_dict(state)
+    return folded
+
+
+class Discriminator(nn.Module):
+    """A copy of the generator's DiT up to block ``layer`` (input projection, conditioning, text projection and the
+    first blocks, weights shared at initialisation, trained afterwards) and a small convolutional head giving one
+    logit per latent frame; the clip's score is the mean over its real frames. Padded frames are zeroed before and
+    inside the head, so a clip's score does not depend on its batch companions."""
+
+    def __init__(self, dit: DiT, layer: int = 0, head_channels: int = 0):
+        super().__init__()
+        depth = dit.config.depth
+        self.layer = layer or max(1, round(2 * depth / 3))
+        if not 1 <= self.layer <= depth:
+            raise ValueError(f"discriminator layer {self.layer} outside 1..{depth}")
+        trunk = copy.deepcopy(dit)
+        trunk.blocks = nn.ModuleList(list(trunk.blocks)[: self.layer])
+        for unused in ("norm_out", "ada_out", "proj_out"):
+            delattr(trunk, unused)
+        self.trunk = trunk
+        width = dit.config.width
+        hidden = head_channels or width
+        self.norm = nn.LayerNorm(width)
+        self.conv1 = nn.Conv1d(width, hidden, 3, padding=1)
+        self.conv2 = nn.Conv1d(hidden, 1, 3, padding=1)
+
+    def frame_logits(self, z: Tensor, t: Tensor, text: TextEmbedding, seconds: Tensor, frame_mask: Tensor,
+                     guidance: Tensor | None = None) -> Tensor:
+        """[B, T] logits (zero on padded frames)."""
+        tr = self.trunk
+        keep = frame_mask[:, :, None].to(z.dtype)
+        x = tr.proj_in(z.transpose(1, 2)) * keep
+        cond = tr.condition(t.to(z.dtype), text.pooled, seconds.to(z.dtype), guidance)
+        context = tr.context_proj(text.tokens)
+        rope = rope_tables(z.shape[-1], tr.config.width // tr.config.heads, z.device)
+        for block in tr.blocks:
+            x = block(x, cond, context, text.mask, frame_mask, rope)
+        h = (self.norm(x) * keep).transpose(1, 2)
+        h = F.silu(self.conv1(h)) * frame_mask[:, None].to(z.dtype)
+        return self.conv2(h)[:, 0] * frame_mask.to(z.dtype)
+
+    def forward(self, z: Tensor, t: Tensor, text: TextEmbedding, seconds: Tensor, frame_mask: Tensor) -> Tensor:
+        """[B] one logit per clip: the mean of its frames' logits over real frames."""
+        m = frame_mask.to(z.dtype)
+        return (self.frame_logits(z, t, text, seconds, frame_mask) * m).sum(1) / m.sum(1).clamp(min=1)
+
+
+# ---------------------------------------------------------------------------------------------- training
+@dataclass
+class ARCDraw:
+    """The random part of one ARC example."""
+
+    t: Tensor  # [B] generator input time
+    eps: Tensor  # [B, C, T] generator input noise
+    t_gan: Tensor  # [B] re-noising time, shared by real and fake
+    eps_gan: Tensor  # [B, C, T] re-noising noise, shared by real and fake
+    perm: Tensor  # [B] prompt index paired with each clip in the contrastive term
+    valid: Tensor  # [B] rows that have a wrong prompt
+
+
+class ARCTrainer:
+    def __init__(self, source: ModelBundle, cfg: ARCConfig):
+        self.cfg = cfg
+        self.schedule, self.param = source.schedule, source.parameterization
+        dit = source.denoiser
+        if dit.config.guidance_embed:
+            dit = fold_guidance(dit, cfg.fold_guidance or source.config.default_guidance)
+        self.gen = copy.deepcopy(dit).to(cfg.device).train()
+        self.disc = Discriminator(self.gen, cfg.disc_layer, cfg.head_channels).to(cfg.device).train()
+        self.ema = EMA(self.gen, cfg.ema_decay)
+        betas = (0.9, 0.95)
+        self.opt_g = torch.optim.AdamW(self.gen.parameters(), lr=cfg.lr_g, betas=betas, weight_decay=cfg.weight_decay)
+        self.opt_d = torch.optim.AdamW(self.disc.parameters(), lr=cfg.lr_d, betas=betas,
+                                       weight_decay=cfg.weight_decay)
+
+    def modules(self) -> dict[str, nn.Module]:
+        return {"gen": self.gen, "ema": self.ema.model, "disc": self.disc}
+
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        return {"gen": self.opt_g, "disc": self.opt_d}
+
+    def _t_of_half_logsnr(self, half: np.ndarray) -> Tensor:
+        return self.schedule.t_from_logsnr(2 * torch.from_numpy(half)).clamp(0, 1).float().to(self.cfg.device)
+
+    def draw(self, batch: CaptionedBatch, rng: np.random.Generator, gen: torch.Generator) -> ARCDraw:
+        b, c = len(batch), self.cfg
+        t = self._t_of_half_logsnr(rng.uniform(c.half_logsnr_min, c.half_logsnr_max, b))
+        t_gan = self._t_of_half_logsnr(rng.normal(c.gan_half_logsnr_mean, c.gan_half_logsnr_std, b))
+        keep = batch.mask[:, None].to(batch.x0.dtype)
+        eps = torch.randn(batch.x0.shape, generator=gen).to(c.device) * keep
+        eps_gan = torch.randn(batch.x0.shape, generator=gen).to(c.device) * keep
+        perm, valid = shuffled_prompts(batch.prompts, rng)
+        return ARCDraw(t, eps, t_gan, eps_gan, perm.to(c.device), valid.to(c.device))
+
+    def fake_x0(self, batch: CaptionedBatch, d: ARCDraw) -> Tensor:
+        """The generator's one-pass x0 from the noisy real clip."""
+        z = self.schedule.add_noise(batch.x0, d.eps, d.t)
+        text = batch.text
+        out = self.gen(z, d.t, text.tokens, text.mask, text.pooled, batch.seconds, batch.mask)
+        return self.param.to_x0(out, z, d.t) * batch.mask[:, None].to(z.dtype)
+
+    def score(self, x0: Tensor, batch: CaptionedBatch, d: ARCDraw, text: TextEmbedding | None = None) -> Tensor:
+        """D of x0 re-noised with the draw's shared (eps_gan, t_gan)."""
+        z = self.schedule.add_noise(x0, d.eps_gan, d.t_gan)
+        return self.disc(z, d.t_gan, batch.text if text is None else text, batch.seconds, batch.mask)
+
+    def generator_loss(self, batch: CaptionedBatch, d: ARCDraw) -> tuple[Tensor, dict]:
+        fake = self.fake_x0(batch, d)
+        real_score, fake_score = self.score(batch.x0, batch, d), self.score(fake, batch, d)
+        loss = F.softplus(real_score - fake_score).mean()
+        return loss, {"g_loss": loss.item(), "d_real": real_score.mean().item(), "d_fake": fake_score.mean().item()}
+
+    def discriminator_loss(self, batch: CaptionedBatch, d: ARCDraw) -> tuple[Tensor, dict]:
+        with torch.no_grad():
+            fake = self.fake_x0(batch, d)
+        real_score, fake_score = self.score(batch.x0, batch, d), self.score(fake, batch, d)
+        adversarial = F.softplus(-(real_score - fake_score)).mean()
+        loss, metrics = adversarial, {}
+        if self.cfg.contrastive_weight and bool(d.valid.any()):
+            wrong = self.score(batch.x0, batch, d, text=batch.text.select(d.perm))
+            contrastive = F.softplus(-(real_score - wrong))[d.valid].mean()
+            loss = loss + self.cfg.contrastive_weight * contrastive
+            metrics["contrastive"] = contrastive.item()
+        metrics.update({"d_loss": loss.item(), "d_adv": adversarial.item(), "d_real": real_score.mean().item(),
+                        "d_fake": fake_score.mean().item()})
+        return loss, metrics
+
+    def train_step(self, batch: CaptionedBatch, d: ARCDraw, step: int) -> dict:
+        """Even steps update the discriminator, odd steps the generator (then its EMA)."""
+        if step % 2 == 0:
+            loss, metrics = self.discriminator_loss(batch, d)
+            metrics["d_grad_norm"] = optimizer_step(self.disc, self.opt_d, loss, clip=1.0)
+        else:
+            self.disc.requires_grad_(False)
+            try:
+                loss, metrics = self.generator_loss(batch, d)
+                metrics["g_grad_norm"] = optimizer_step(self.gen, self.opt_g, loss, clip=1.0)
+            finally:
+                self.disc.requires_grad_(True)
+            self.ema.update(self.gen, (step + 1) // 2)
+        return metrics
+
+
+def train_arc(source: ModelBundle, cache: LatentCache, out_dir: str | Path, run_dir: str | Path, cfg: ARCConfig,
+              stop_at: int | None = None) -> Path:
+    """ARC post-training of ``source`` (a loaded teacher or student); exports the generator's EMA to ``out_dir``
+    at every checkpoint. Resumable from ``run_dir``; ``stop_at`` ends this invocation early."""
+    from models.data.corpus import SyntheticCorpus
+
+    set_threads(cfg.threads)
+    seed_everything(cfg.seed)
+    trainer = ARCTrainer(source, cfg)
+    run = RunState(run_dir)
+    step = 0
+    if run.exists():
+        step, _ = run.load(trainer.modules(), trainer.optimizers())
+        print(f"resumed ARC post-training at step {step}")
+    (run.dir / "arc_config.json").write_text(json.dumps({**asdict(cfg), "source": source.name}, indent=2))
+    corpus = SyntheticCorpus("train", seed=cfg.seed)
+
+    def train_step(step: int) -> dict:
+        rng, gen = step_rngs(cfg.seed, 2, step)
+        batch = sample_captioned_batch(cache, corpus, source.text_encoder, rng, cfg.batch_size, cfg.cond_dropout)
+        batch = batch.to(cfg.device)
+        return trainer.train_step(batch, trainer.draw(batch, rng, gen), step)
+
+    def checkpoint(step: int) -> None:
+        run.save(step, trainer.modules(), trainer.optimizers())
+        export_derived(
+            source, trainer.ema.model, out_dir, kind="arc", sampler="pingpong", default_steps=cfg.steps,
+            default_guidance=1.0, guidance_in_model=False,
+            description=(f"ARC post-trained from {source.name}: ping-pong sampling, {cfg.steps} steps by default "
+                         "(1 to 8 work), no classifier-free guidance (one forward per step)"),
+            training={**asdict(cfg), "source": source.name, "steps_done": step})
+
+    train_loop(run, "arc", step, cfg.train_steps, train_step, checkpoint, cfg.log_every, cfg.checkpoint_every,
+               stop_at=stop_at, postfix=("d_loss", "g_loss"))
+    return Path(out_dir)
+
+
+def run_arc(source: str | Path, out_dir: str | Path, run_dir: str | Path, cfg: ARCConfig,
+            cache_dir: str | Path | None = None, stop_at: int | None = None) -> Path:
+    """The CLI's entry: load the source (a directory or a zoo name), encode the training clips with its codec
+    (or reuse ``cache_dir``), post-train."""
+    set_threads(cfg.threads)
+    bundle = load_source(source, device=cfg.device)
+    cache = source_cache(bundle, cache_dir or Path(run_dir) / "latents", cfg.cache_clips, cfg.seed)
+    return train_arc(bundle, cache, out_dir, run_dir, cfg, stop_at=stop_at)

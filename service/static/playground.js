@@ -1,0 +1,403 @@
+// tta playground: plain JS, no build step, no external scripts. It talks to the service that serves it, through
+// the public API only (GET /models, POST /generate), so it shows exactly what any other client gets.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const ui = {
+  form: $("gen-form"), apiKeyRow: $("api-key-row"), apiKey: $("api-key"), prompt: $("prompt"), model: $("model"),
+  modelHelp: $("model-help"), duration: $("duration"), steps: $("steps"), guidance: $("guidance"), seed: $("seed"),
+  generate: $("generate"), cancel: $("cancel"), progressBox: $("progress-box"), progress: $("progress"),
+  progressLabel: $("progress-label"), elapsed: $("elapsed"), status: $("status"), error: $("error"),
+  result: $("result"), player: $("player"), download: $("download"), seedOut: $("seed-out"),
+  reuseSeed: $("reuse-seed"), canvas: $("spectrogram"), timingBody: document.querySelector("#timing tbody"),
+  timingHelp: $("timing-help"),
+};
+const KEY_STORAGE = "tta-api-key";  // sessionStorage: the key lives as long as the tab, never on disk
+const MAX_SEED = 2n ** 63n - 1n;    // the API's seed range; BigInt because seeds exceed 2^53
+const STAGES = ["queue", "encode", "denoise", "decode"];
+
+let models = {};       // name -> ModelInfo from GET /models
+const lastRuns = {};   // model name -> its previous successful request, the basis of the next progress estimate
+let audioUrl = null;   // current blob: URL, revoked when a new result replaces it
+let inflight = null;   // AbortController of the running request
+
+// ------------------------------------------------------------------------------------------------ API helpers
+function authHeaders() {
+  const key = ui.apiKey.value.trim();
+  return key ? { "X-API-Key": key } : {};
+}
+
+// Every API error is JSON {"error": {"code", "message", "field"?}}; anything else (a proxy page, a dropped
+// connection) still becomes the same shape so that one function shows all errors.
+async function readError(resp) {
+  const err = { status: resp.status, code: "http_" + resp.status, message: resp.statusText || "request failed" };
+  try {
+    const body = await resp.json();
+    if (body && body.error) Object.assign(err, body.error);
+  } catch (_) { /* not JSON: keep the HTTP status text */ }
+  const retry = resp.headers.get("Retry-After");
+  if (retry) err.message += ` (retry after ${retry} s)`;
+  return err;
+}
+
+function showError(err) {
+  ui.error.hidden = false;
+  ui.error.textContent = err.status ? `Error ${err.status} (${err.code}): ${err.message}` : err.message;
+  // Point at the offending input when the API names one (422 invalid_input, 404 unknown_model).
+  const input = err.field && ui.form.elements.namedItem(err.field);
+  if (input) {
+    input.setAttribute("aria-invalid", "true");
+    input.focus();
+  }
+}
+
+function clearError() {
+  ui.error.hidden = true;
+  ui.error.textContent = "";
+  for (const input of ui.form.querySelectorAll("[aria-invalid]")) input.removeAttribute("aria-invalid");
+}
+
+const setStatus = (text) => { ui.status.textContent = text; };
+
+// ------------------------------------------------------------------------------------------------ models
+async function loadModels() {
+  setStatus("Loading the model list…");
+  let resp;
+  try {
+    resp = await fetch("/models", { headers: authHeaders() });
+  } catch (e) {
+    setStatus("");
+    showError({ message: `Cannot reach the service (${e.message}); retrying in 5 s.` });
+    setTimeout(loadModels, 5000);
+    return;
+  }
+  if (resp.status === 503) {  // still loading weights / warming up: wait as long as the server asks
+    const wait = Number(resp.headers.get("Retry-After")) || 5;
+    setStatus(`The service is still loading its models; retrying in ${wait} s…`);
+    setTimeout(loadModels, wait * 1000);
+    return;
+  }
+  if (!resp.ok) {
+    setStatus("");
+    const err = await readError(resp);
+    if (resp.status === 401) {  // authentication is on: ask for a key, and reload the list once one is given
+      ui.apiKeyRow.hidden = false;
+      err.message += ui.apiKey.value ? " — the key entered was refused." : " — enter one in the API key field.";
+      ui.apiKey.focus();
+    }
+    showError(err);
+    return;
+  }
+  const list = await resp.json();
+  models = Object.fromEntries(list.map((m) => [m.name, m]));
+  const chosen = ui.model.value;
+  ui.model.replaceChildren(...list.map((m) => new Option(`${m.name} — ${m.kind}, ${m.default_steps} steps`, m.name)));
+  const fallback = list.find((m) => m.default) || list[0];
+  ui.model.value = chosen in models ? chosen : fallback.name;
+  ui.model.disabled = false;
+  applyModelDefaults();
+  clearError();
+  setStatus("");
+  ui.generate.disabled = inflight !== null;
+}
+
+// A new model brings its own step count, duration range and guidance: reset the inputs to its defaults.
+function applyModelDefaults() {
+  const m = models[ui.model.value];
+  if (!m) return;
+  ui.steps.max = m.max_steps;
+  ui.steps.value = m.default_steps;
+  ui.duration.max = m.max_duration;
+  ui.duration.value = m.default_duration;
+  ui.guidance.value = "";
+  ui.guidance.placeholder = `default ${m.default_guidance}`;
+  ui.modelHelp.textContent = `${m.kind} · ${m.sampler} sampler · default ${m.default_steps} steps (max ` +
+    `${m.max_steps}) · up to ${m.max_duration} s · ${m.runtime}`;
+}
+
+// ------------------------------------------------------------------------------------------------ generate
+function requestJson() {
+  const body = {
+    prompt: ui.prompt.value,
+    model: ui.model.value,
+    duration: Number(ui.duration.value),
+    steps: Number(ui.steps.value),
+    format: "wav",
+  };
+  if (ui.guidance.value !== "") body.guidance = Number(ui.guidance.value);
+  let json = JSON.stringify(body);
+  // Seeds go up to 2^63 - 1, beyond what a JS number holds exactly, so the digits are spliced in verbatim.
+  const seed = ui.seed.value.trim();
+  if (seed !== "") json = json.slice(0, -1) + `,"seed":${seed}}`;
+  return json;
+}
+
+function checkSeed() {
+  const seed = ui.seed.value.trim();
+  const ok = seed === "" || (/^\d{1,19}$/.test(seed) && BigInt(seed) <= MAX_SEED);
+  ui.seed.setCustomValidity(ok ? "" : `A whole number from 0 to ${MAX_SEED}, or empty for a random seed.`);
+}
+
+// The expected wall time of this request, from the Server-Timing of the previous one on the same model: the
+// denoise stage grows with steps x duration (one DiT forward per step over a latent sequence as long as the clip),
+// decoding with the duration, and the rest (queue, text encoding, HTTP) is taken as fixed. Null before the first.
+function estimateMs(model, steps, duration) {
+  const lastRun = lastRuns[model];
+  if (!lastRun) return null;
+  const t = lastRun.timings;
+  const other = Math.max(0, lastRun.totalMs - STAGES.reduce((s, k) => s + (t[k] || 0), 0));
+  return (t.queue || 0) + (t.encode || 0) + other +
+    (t.denoise || 0) * (steps * duration) / (lastRun.steps * lastRun.duration) +
+    (t.decode || 0) * duration / lastRun.duration;
+}
+
+function startProgress(model, steps, duration) {
+  const started = performance.now();
+  const expected = estimateMs(model, steps, duration);
+  ui.progressBox.hidden = false;
+  if (expected === null) ui.progress.removeAttribute("value");  // indeterminate until one request was timed
+  ui.progressLabel.textContent = expected === null
+    ? `Generating ${duration} s with ${steps} steps…`
+    : `Generating ${duration} s with ${steps} steps (about ${(expected / 1000).toFixed(1)} s, estimated from the previous request)…`;
+  const tick = () => {
+    const ms = performance.now() - started;
+    ui.elapsed.textContent = `${(ms / 1000).toFixed(1)} s`;
+    // Stop short of full: the bar is an estimate, and only the response says that the work is done.
+    if (expected !== null) ui.progress.value = Math.min(0.97, ms / expected);
+  };
+  tick();
+  const timer = setInterval(tick, 100);
+  return () => {
+    clearInterval(timer);
+    ui.progressBox.hidden = true;
+    return performance.now() - started;
+  };
+}
+
+async function generate(event) {
+  event.preventDefault();
+  if (inflight) return;
+  clearError();
+  checkSeed();
+  if (!ui.form.reportValidity()) return;
+  const model = ui.model.value, steps = Number(ui.steps.value), duration = Number(ui.duration.value);
+  inflight = new AbortController();
+  ui.generate.disabled = true;
+  ui.cancel.hidden = false;
+  ui.form.setAttribute("aria-busy", "true");
+  setStatus("");
+  const stopProgress = startProgress(model, steps, duration);
+  try {
+    const resp = await fetch("/generate", {
+      method: "POST",
+      headers: { "Content-Type": "application/json", ...authHeaders() },
+      body: requestJson(),
+      signal: inflight.signal,
+    });
+    if (!resp.ok) {
+      stopProgress();
+      if (resp.status === 401) ui.apiKeyRow.hidden = false;
+      showError(await readError(resp));
+      return;
+    }
+    const wav = await resp.blob();
+    const totalMs = stopProgress();
+    const timings = parseServerTiming(resp.headers.get("Server-Timing"));
+    lastRuns[model] = { steps, duration, timings, totalMs };
+    await showResult(wav, resp.headers, timings, totalMs, duration);
+  } catch (e) {
+    stopProgress();
+    if (e.name === "AbortError") setStatus("Cancelled.");  // the server drops the job when the client leaves
+    else showError({ message: `Request failed: ${e.message}` });
+  } finally {
+    inflight = null;
+    ui.generate.disabled = false;
+    ui.cancel.hidden = true;
+    ui.form.removeAttribute("aria-busy");
+  }
+}
+
+// "queue;dur=1.20, encode;dur=3.40, ..." -> {queue: 1.2, encode: 3.4, ...} in milliseconds.
+function parseServerTiming(header) {
+  const out = {};
+  for (const entry of (header || "").split(",")) {
+    const [name, ...params] = entry.trim().split(";");
+    const dur = params.map((p) => p.trim()).find((p) => p.startsWith("dur="));
+    if (name && dur) out[name] = Number(dur.slice(4));
+  }
+  return out;
+}
+
+function slug(text) {
+  const s = text.normalize("NFKD").replace(/[\u0300-\u036f]/g, "").toLowerCase()
+    .replace(/[^a-z0-9]+/g, "-").replace(/^-+|-+$/g, "").slice(0, 48).replace(/-+$/, "");
+  return s || "tta";
+}
+
+async function showResult(wav, headers, timings, totalMs, duration) {
+  const seed = headers.get("X-Seed");
+  if (audioUrl) URL.revokeObjectURL(audioUrl);
+  audioUrl = URL.createObjectURL(wav);
+  ui.player.src = audioUrl;
+  ui.download.href = audioUrl;
+  ui.download.download = `${slug(ui.prompt.value)}-seed${seed}.wav`;
+  ui.download.textContent = `Download ${ui.download.download}`;
+  ui.seedOut.value = seed;
+  ui.reuseSeed.dataset.seed = seed;
+  showTimings(timings, totalMs, duration, headers);
+  ui.result.hidden = false;
+  try {
+    await drawSpectrogram(ui.canvas, await wav.arrayBuffer(), models[headers.get("X-Model")]?.sample_rate || 44100);
+  } catch (e) {
+    showError({ message: `The audio arrived but could not be decoded for the spectrogram: ${e.message}` });
+  }
+}
+
+function showTimings(timings, totalMs, duration, headers) {
+  const serverMs = STAGES.reduce((s, k) => s + (timings[k] || 0), 0);
+  const rows = STAGES.map((k) => [k, timings[k] || 0]);
+  rows.push(["HTTP, WAV encoding, transfer", Math.max(0, totalMs - serverMs)]);
+  ui.timingBody.replaceChildren(...rows.map(([name, ms]) => {
+    const tr = document.createElement("tr");
+    const bar = document.createElement("span");
+    bar.className = "bar";
+    bar.style.width = `${(100 * ms / Math.max(totalMs, 1e-9)).toFixed(1)}%`;
+    const cells = [name, ms.toFixed(1)].map((text) => {
+      const td = document.createElement("td");
+      td.textContent = text;
+      return td;
+    });
+    const barCell = document.createElement("td");
+    barCell.append(bar);
+    tr.append(...cells, barCell);
+    return tr;
+  }));
+  const rtf = duration / (totalMs / 1000);
+  ui.timingHelp.textContent = `Round trip ${totalMs.toFixed(0)} ms in the browser for ${duration} s of audio ` +
+    `(${rtf.toFixed(1)}× real time) · model ${headers.get("X-Model")} · ${headers.get("X-Steps")} steps · ` +
+    `guidance ${headers.get("X-Guidance")} · request ${headers.get("X-Request-Id")}`;
+}
+
+// ------------------------------------------------------------------------------------------------ spectrogram
+// Iterative radix-2 Cooley-Tukey FFT of size n (a power of two), in place on two Float64Arrays. The bit-reversal
+// table and twiddles are computed once per size because the spectrogram runs hundreds of same-size transforms.
+function makeFFT(n) {
+  const levels = Math.log2(n);
+  if (!Number.isInteger(levels)) throw new Error(`FFT size ${n} is not a power of two`);
+  const rev = new Uint32Array(n);
+  for (let i = 1; i < n; i++) rev[i] = (rev[i >> 1] >> 1) | ((i & 1) << (levels - 1));
+  const cos = new Float64Array(n / 2), sin = new Float64Array(n / 2);
+  for (let i = 0; i < n / 2; i++) {
+    cos[i] = Math.cos(2 * Math.PI * i / n);
+    sin[i] = Math.sin(2 * Math.PI * i / n);
+  }
+  return function fft(re, im) {
+    for (let i = 0; i < n; i++) {
+      const j = rev[i];
+      if (j > i) {
+        [re[i], re[j]] = [re[j], re[i]];
+        [im[i], im[j]] = [im[j], im[i]];
+      }
+    }
+    for (let size = 2; size <= n; size <<= 1) {
+      const half = size >> 1, stride = n / size;
+      for (let start = 0; start < n; start += size) {
+        for (let k = 0; k < half; k++) {
+          const wr = cos[k * stride], wi = -sin[k * stride];  // e^(-2 pi i k / size): the forward transform
+          const a = start + k, b = a + half;
+          const tr = re[b] * wr - im[b] * wi, ti = re[b] * wi + im[b] * wr;
+          re[b] = re[a] - tr; im[b] = im[a] - ti;
+          re[a] += tr; im[a] += ti;
+        }
+      }
+    }
+  };
+}
+
+// Short-time power spectra in dB of a mono signal: `columns` Hann-windowed frames of `size` samples spread evenly
+// over the clip (the hop follows the clip length, so every clip fills the canvas). Returns frames x (size/2 + 1).
+function stftDb(signal, size, columns) {
+  const fft = makeFFT(size), bins = size / 2 + 1;
+  const window = new Float64Array(size);
+  for (let i = 0; i < size; i++) window[i] = 0.5 - 0.5 * Math.cos(2 * Math.PI * i / size);
+  const norm = 1 / (size / 4) ** 2;  // a Hann-windowed full-scale sine peaks at size/4: it reads 0 dB
+  const hop = Math.max(0, signal.length - size) / Math.max(1, columns - 1);
+  const out = new Float32Array(columns * bins);
+  const re = new Float64Array(size), im = new Float64Array(size);
+  for (let c = 0; c < columns; c++) {
+    const start = Math.round(c * hop);
+    for (let i = 0; i < size; i++) {
+      re[i] = (signal[start + i] || 0) * window[i];  // past the end: zero padding
+      im[i] = 0;
+    }
+    fft(re, im);
+    for (let k = 0; k < bins; k++) out[c * bins + k] = 10 * Math.log10((re[k] ** 2 + im[k] ** 2) * norm + 1e-12);
+  }
+  return { db: out, bins, columns };
+}
+
+// Perceptually ordered dark-to-bright anchors (close to matplotlib's "inferno"); values in between interpolate.
+const COLOURS = [[0, 0, 4], [40, 11, 84], [101, 21, 110], [159, 42, 99], [212, 72, 66], [245, 125, 21],
+  [250, 193, 39], [252, 255, 164]];
+function colour(v) {
+  const x = Math.min(1, Math.max(0, v)) * (COLOURS.length - 1);
+  const i = Math.min(COLOURS.length - 2, Math.floor(x)), f = x - i;
+  return COLOURS[i].map((c, j) => c + (COLOURS[i + 1][j] - c) * f);
+}
+
+const RANGE_DB = 80;
+
+async function drawSpectrogram(canvas, wavBytes, sampleRate) {
+  // An OfflineAudioContext at the file's own rate decodes without resampling and needs no user gesture.
+  const ctx = new OfflineAudioContext(1, 1, sampleRate);
+  const audio = await ctx.decodeAudioData(wavBytes);
+  const mono = new Float32Array(audio.length);
+  for (let ch = 0; ch < audio.numberOfChannels; ch++) {
+    const data = audio.getChannelData(ch);
+    for (let i = 0; i < data.length; i++) mono[i] += data[i] / audio.numberOfChannels;
+  }
+  const { db, bins, columns } = stftDb(mono, 1024, Math.min(canvas.width, Math.max(1, Math.floor(mono.length / 256))));
+  const top = db.reduce((m, v) => Math.max(m, v), -Infinity);
+  // Paint frames x bins pixels (high frequencies at the top) then let drawImage stretch them onto the canvas.
+  const image = new ImageData(columns, bins);
+  for (let c = 0; c < columns; c++) {
+    for (let k = 0; k < bins; k++) {
+      const [r, g, b] = colour((db[c * bins + k] - top + RANGE_DB) / RANGE_DB);
+      const p = 4 * ((bins - 1 - k) * columns + c);
+      image.data[p] = r; image.data[p + 1] = g; image.data[p + 2] = b; image.data[p + 3] = 255;
+    }
+  }
+  const small = document.createElement("canvas");
+  small.width = columns;
+  small.height = bins;
+  small.getContext("2d").putImageData(image, 0, 0);
+  const g = canvas.getContext("2d");
+  g.imageSmoothingEnabled = true;
+  g.clearRect(0, 0, canvas.width, canvas.height);
+  g.drawImage(small, 0, 0, canvas.width, canvas.height);
+  canvas.setAttribute("aria-label", `Spectrogram of ${(audio.length / audio.sampleRate).toFixed(2)} s of ` +
+    `${audio.numberOfChannels}-channel audio at ${audio.sampleRate} Hz; peak ${top.toFixed(0)} dBFS`);
+}
+
+// ------------------------------------------------------------------------------------------------ wiring
+ui.form.addEventListener("submit", generate);
+ui.cancel.addEventListener("click", () => inflight && inflight.abort());
+ui.model.addEventListener("change", applyModelDefaults);
+ui.seed.addEventListener("input", checkSeed);
+ui.prompt.addEventListener("keydown", (e) => {
+  if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) ui.form.requestSubmit();
+});
+ui.reuseSeed.addEventListener("click", () => { ui.seed.value = ui.reuseSeed.dataset.seed || ""; checkSeed(); });
+ui.apiKey.addEventListener("change", () => {
+  sessionStorage.setItem(KEY_STORAGE, ui.apiKey.value.trim());
+  loadModels();
+});
+const savedKey = sessionStorage.getItem(KEY_STORAGE);
+if (savedKey) {
+  ui.apiKey.value = savedKey;
+  ui.apiKeyRow.hidden = false;
+}
+loadModels();
+
+// Exposed for the browser test and the console: the maths the spectrogram is built on.
+window.playground = { makeFFT, stftDb, parseServerTiming };

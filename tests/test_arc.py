@@ -1,0 +1,219 @@
+"""ARC post-training: prompt shuffling, discriminator construction, loss directions, training, export, resume."""
+import copy
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from training_support import count_denoiser_rows, randomise, tiny_cache, tiny_teacher
+
+from models.bundle import ModelBundle
+from models.data.corpus import SyntheticCorpus
+from models.diffusion import PingPongSampler
+from models.dit import DiT, DiTConfig
+from models.training.arc import (
+    ARCConfig,
+    ARCTrainer,
+    Discriminator,
+    fold_guidance,
+    shuffled_prompts,
+    train_arc,
+)
+from models.training.batches import sample_captioned_batch
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory, text_encoder):
+    return tiny_teacher(tmp_path_factory.mktemp("teacher"), text_encoder)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory, teacher):
+    return tiny_cache(teacher, tmp_path_factory.mktemp("latents"))
+
+
+def _batch(cache, text_encoder, n=4, seed=3):
+    return sample_captioned_batch(cache, SyntheticCorpus("train"), text_encoder, np.random.default_rng(seed), n)
+
+
+# ------------------------------------------------------------------------------------------------ prompt shuffling
+def _check_shuffle(prompts, perm, valid):
+    n = len(prompts)
+    biggest = max(prompts.count(p) for p in prompts)
+    assert int(valid.sum()) == n - max(0, 2 * biggest - n)  # every row that can get a wrong prompt gets one
+    rows = torch.nonzero(valid).flatten().tolist()
+    for i in rows:
+        assert perm[i] != i  # by index
+        assert prompts[perm[i]] != prompts[i]  # by text
+    assert sorted(perm[rows].tolist()) == rows  # a permutation of the valid rows: every wrong prompt used once
+
+
+def test_shuffle_at_batch_size_two():
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        perm, valid = shuffled_prompts(["a dog barks", "a cat meows"], rng)
+        assert perm.tolist() == [1, 0] and valid.all()
+    perm, valid = shuffled_prompts(["rain", "rain"], rng)
+    assert not valid.any()  # the only other prompt is the same text: no wrong prompt exists
+
+
+@pytest.mark.parametrize("n", [2, 3, 4, 5, 8, 9])
+def test_shuffle_never_pairs_a_clip_with_its_own_prompt(n):
+    rng = np.random.default_rng(n)
+    vocab = ["a dog barks", "rain", "a 440 Hz sine tone", ""]
+    for trial in range(200):
+        prompts = [vocab[int(k)] for k in rng.integers(0, 1 + trial % 4, n)]  # many duplicates, sometimes all equal
+        _check_shuffle(prompts, *shuffled_prompts(prompts, rng))
+    for prompts in itertools.product(vocab[:3], repeat=min(n, 5)):  # every pattern of duplicates, small batches
+        _check_shuffle(list(prompts), *shuffled_prompts(list(prompts), rng))
+
+
+def test_shuffle_is_random():
+    rng = np.random.default_rng(1)
+    prompts = [f"prompt {i}" for i in range(6)]
+    seen = {tuple(shuffled_prompts(prompts, rng)[0].tolist()) for _ in range(50)}
+    assert len(seen) > 5
+
+
+# ------------------------------------------------------------------------------------------------ networks
+def test_discriminator_shares_the_trunk_at_init(teacher, text_encoder):
+    gen = teacher.denoiser
+    disc = Discriminator(gen)
+    assert disc.layer == 2 and len(disc.trunk.blocks) == 2  # two thirds of depth 3
+    g_params = dict(gen.named_parameters())
+    trunk = dict(disc.trunk.named_parameters())
+    assert trunk and all(name in g_params for name in trunk)
+    for name, p in trunk.items():
+        assert torch.equal(p, g_params[name]) and p.data_ptr() != g_params[name].data_ptr()  # copied, not tied
+    assert not any(n.startswith(("blocks.2.", "proj_out", "ada_out")) for n in trunk)
+    # one logit per clip, independent of padding and batch companions
+    text = text_encoder.encode(["a dog barks", "a 300 Hz square wave"])
+    z, t, sec = torch.randn(2, 32, 12), torch.tensor([0.4, 0.7]), torch.tensor([1.0, 0.5])
+    mask = torch.ones(2, 12, dtype=torch.bool)
+    mask[1, 7:] = False
+    z[1, :, 7:] = 50.0
+    with torch.no_grad():
+        both = disc(z, t, text, sec, mask)
+        alone = disc(z[1:, :, :7], t[1:], text.select([1]), sec[1:], mask[1:, :7])
+    assert both.shape == (2,) and torch.allclose(both[1], alone[0], atol=1e-5)
+
+
+def test_fold_guidance_is_exact(text_encoder):
+    torch.manual_seed(0)
+    dit = DiT(DiTConfig(width=32, depth=2, heads=2, guidance_embed=True))
+    randomise(dit, 1)
+    folded = fold_guidance(dit, 4.0)
+    assert not folded.config.guidance_embed
+    text = text_encoder.encode(["wind", "a kick drum"])
+    z, t, sec = torch.randn(2, 32, 9), torch.tensor([0.2, 0.95]), torch.tensor([1.0, 3.0])
+    with torch.no_grad():
+        ref = dit(z, t, text.tokens, text.mask, text.pooled, sec, guidance=torch.full((2,), 4.0))
+        other = dit(z, t, text.tokens, text.mask, text.pooled, sec, guidance=torch.full((2,), 1.0))
+        out = folded(z, t, text.tokens, text.mask, text.pooled, sec)
+    assert torch.allclose(out, ref, atol=1e-5) and not torch.allclose(out, other, atol=1e-3)
+
+
+# ------------------------------------------------------------------------------------------------ losses
+def test_losses_move_the_right_way_and_conditioning_is_not_mutated(teacher, cache, text_encoder):
+    """Discriminator updates make real clips outscore fakes: its loss falls, the generator's loss rises."""
+    torch.manual_seed(0)
+    cfg = ARCConfig(lr_d=1e-3, contrastive_weight=1.0)
+    tr = ARCTrainer(teacher, cfg)
+    batch = _batch(cache, text_encoder)
+    draw = tr.draw(batch, np.random.default_rng(0), torch.Generator().manual_seed(0))
+    assert bool(draw.valid.all()) and bool((draw.perm != torch.arange(4)).all())
+    saved = copy.deepcopy(batch)
+    g0 = tr.generator_loss(batch, draw)[0].item()
+    d0, m0 = tr.discriminator_loss(batch, draw)
+    gen_before = copy.deepcopy(tr.gen.state_dict())
+    for step in range(0, 16, 2):  # even steps: discriminator updates only
+        tr.train_step(batch, draw, step)
+    d1, m1 = tr.discriminator_loss(batch, draw)
+    g1 = tr.generator_loss(batch, draw)[0].item()
+    assert d1.item() < d0.item() and m1["d_real"] - m1["d_fake"] > m0["d_real"] - m0["d_fake"]
+    assert m1["contrastive"] < m0["contrastive"]
+    assert g1 > g0
+    assert all(torch.equal(v, tr.gen.state_dict()[k]) for k, v in gen_before.items())
+    # the shuffled prompts went to the discriminator in a copy: the caller's batch is untouched
+    assert batch.prompts == saved.prompts
+    for a, b in ((batch.text.tokens, saved.text.tokens), (batch.text.mask, saved.text.mask),
+                 (batch.text.pooled, saved.text.pooled), (batch.seconds, saved.seconds), (batch.x0, saved.x0)):
+        assert torch.equal(a, b)
+
+
+def test_generator_step_updates_only_the_generator(teacher, cache, text_encoder):
+    tr = ARCTrainer(teacher, ARCConfig(lr_g=1e-3))
+    batch = _batch(cache, text_encoder, seed=5)
+    draw = tr.draw(batch, np.random.default_rng(1), torch.Generator().manual_seed(1))
+    disc_before = copy.deepcopy(tr.disc.state_dict())
+    gen_before = copy.deepcopy(tr.gen.state_dict())
+    m = tr.train_step(batch, draw, 1)
+    assert "g_loss" in m and m["g_grad_norm"] > 0
+    assert all(torch.equal(v, tr.disc.state_dict()[k]) for k, v in disc_before.items())
+    assert not torch.equal(gen_before["proj_out.weight"], tr.gen.state_dict()["proj_out.weight"])
+    assert all(p.requires_grad for p in tr.disc.parameters())
+
+
+# ------------------------------------------------------------------------------------------------ training run
+def test_arc_run_updates_both_nets_exports_and_resumes(tmp_path, teacher, cache, text_encoder):
+    cfg = ARCConfig(train_steps=6, batch_size=3, lr_g=1e-3, lr_d=1e-3, checkpoint_every=2, log_every=1,
+                    ema_decay=0.5)
+    out = train_arc(teacher, cache, tmp_path / "arc-a", tmp_path / "run-a", cfg)
+    state = torch.load(tmp_path / "run-a" / "state.pt", weights_only=True)
+    assert state["step"] == 6
+    source = teacher.denoiser.state_dict()
+    gen, disc = state["modules"]["gen"], state["modules"]["disc"]
+    assert not torch.equal(gen["proj_out.weight"], source["proj_out.weight"])
+    assert not torch.equal(disc["trunk.blocks.0.ada.weight"], source["blocks.0.ada.weight"])
+
+    # interrupted after 3 steps (mid-way between checkpoints: it checkpoints where it stops) and resumed
+    train_arc(teacher, cache, tmp_path / "arc-b", tmp_path / "run-b", cfg, stop_at=3)
+    train_arc(teacher, cache, tmp_path / "arc-b", tmp_path / "run-b", cfg)
+    a, b = load_file(out / "denoiser.safetensors"), load_file(tmp_path / "arc-b" / "denoiser.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+    arc = ModelBundle.load(out, text_encoder=text_encoder)
+    c = arc.config
+    assert (c.kind, c.sampler, c.default_steps, c.default_guidance, c.guidance_in_model) == \
+        ("arc", "pingpong", 8, 1.0, False)
+    assert c.schedule["name"] == "vp-cosine" and c.parameterization == "v"
+    rows = count_denoiser_rows(arc)
+    for steps in (1, 2, 4, 8):
+        rows.clear()
+        lat = arc.generate_latents(["a dog barks", "rain on a roof"], [1.0, 2.0], [4, 5], steps=steps)
+        assert [x.shape for x in lat] == [(32, arc.latent_frames(1.0)), (32, arc.latent_frames(2.0))]
+        assert all(torch.isfinite(x).all() for x in lat)
+        assert rows == [2] * steps  # one forward row per sample per step, no CFG
+    wave = arc.generate(["a dog barks"], [1.0], [4], steps=2)[0]
+    assert wave.shape == (2, 44100)
+
+
+def test_arc_from_a_guidance_embedded_student(tmp_path, teacher, cache, text_encoder):
+    """A distilled student (guidance as an input) is folded at its default scale; the export needs no guidance."""
+    from models.training.derived import export_derived
+    from models.training.distill import with_guidance_embedding
+
+    student = with_guidance_embedding(teacher.denoiser)
+    randomise(student.guidance_mlp, 7, scale=0.1)
+    path = export_derived(teacher, student, tmp_path / "student", kind="bsa", guidance_in_model=True)
+    student_bundle = ModelBundle.load(path, text_encoder=text_encoder)
+    tr = ARCTrainer(student_bundle, ARCConfig())
+    assert not tr.gen.config.guidance_embed and tr.disc.trunk.guidance_mlp is None
+    text = text_encoder.encode(["a siren"])
+    z, t, sec = torch.randn(1, 32, 8), torch.tensor([0.6]), torch.tensor([1.0])
+    with torch.no_grad():
+        ref = student_bundle.denoiser(z, t, text.tokens, text.mask, text.pooled, sec, guidance=torch.tensor([3.0]))
+        out = tr.gen(z, t, text.tokens, text.mask, text.pooled, sec)
+    assert torch.allclose(out, ref, atol=1e-5)
+    out_dir = train_arc(student_bundle, cache, tmp_path / "arc", tmp_path / "run",
+                        ARCConfig(train_steps=2, batch_size=2, checkpoint_every=2))
+    arc = ModelBundle.load(out_dir, text_encoder=text_encoder)
+    assert not arc.config.guidance_in_model and arc.forward_count(torch.tensor([1.0])) == 1
+
+
+def test_pingpong_grid_on_the_vp_schedule(teacher):
+    grid = PingPongSampler(teacher.schedule).timesteps(8)
+    assert grid[0] == 1 and grid[-1] == 0 and torch.all(grid[1:] < grid[:-1])
+    half = teacher.schedule.logsnr(grid[1:-1]) / 2
+    assert torch.allclose(half, torch.linspace(-6, 2, 9, dtype=torch.float64)[1:-1], atol=1e-6)
