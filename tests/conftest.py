@@ -42,8 +42,9 @@ def model_dir(tmp_path_factory, text_encoder):
 def base_settings(model_dir):
     from service.settings import Settings
 
+    # the eager torch runtime: these tests pin its behaviour (test_export.py covers runtime=onnxruntime / auto)
     return Settings(_env_file=None, model_dir=model_dir, default_model="tiny", threads=1, debug_faults=True,
-                    max_batch=16, queue_size=64, request_timeout=30, log_level="warning")
+                    max_batch=16, queue_size=64, request_timeout=30, log_level="warning", runtime="torch")
 
 
 @pytest.fixture(scope="session")
@@ -64,3 +65,19 @@ def _float32_default(request):
         return
     with float32_default():
         yield
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory, text_encoder):
+    """A tiny saved teacher bundle for the distillation and ARC tests."""
+    from training_support import tiny_teacher
+
+    return tiny_teacher(tmp_path_factory.mktemp("teacher"), text_encoder)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory, teacher):
+    """A tiny latent cache encoded by the tiny teacher's codec."""
+    from training_support import tiny_cache
+
+    return tiny_cache(teacher, tmp_path_factory.mktemp("latents"))

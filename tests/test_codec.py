@@ -4,7 +4,6 @@ import math
 import pytest
 import torch
 
-from models.audio.spectral import stft
 from models.codec import HarmonicAutoencoder, HarmonicAutoencoderConfig
 from models.codec.harmonic import band_matrix, hann_lobe
 
@@ -66,7 +65,6 @@ def test_rendered_partial_is_the_stft_of_a_real_sinusoid():
     inner = (..., slice(2, 82))
     assert float((rendered - spec)[inner].abs().max() / spec.abs().max()) < 0.05  # main lobe only: side lobes cut
     y = codec.synthesize(rendered)
-    n = y.shape[-1]
     assert float((y[..., 4096:40000] - wave[..., 4096:40000]).abs().max()) < 5e-3
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-from training_support import count_denoiser_rows, tiny_cache, tiny_teacher
+from training_support import count_denoiser_rows
 
 from models.bundle import ModelBundle
 from models.data.corpus import SyntheticCorpus
@@ -23,16 +23,6 @@ from models.training.distill import (
     two_step_target,
     with_guidance_embedding,
 )
-
-
-@pytest.fixture(scope="module")
-def teacher(tmp_path_factory, text_encoder):
-    return tiny_teacher(tmp_path_factory.mktemp("teacher"), text_encoder)
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory, teacher):
-    return tiny_cache(teacher, tmp_path_factory.mktemp("latents"))
 
 
 # ------------------------------------------------------------------------------------------------ weights

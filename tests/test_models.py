@@ -1,5 +1,4 @@
 """Model code: batch invariance, save/load, determinism, text-encoder cache, codec shapes."""
-import math
 
 import pytest
 import torch

@@ -247,7 +247,10 @@ def test_other_policies_serve_the_same_audio(server, base_settings, policy):
         responses = post_many(srv.url, bodies)
         assert [r.status_code for r in responses] == [200] * 4
         for a, b in zip(reference, responses):
-            assert np.abs(pcm(a.content) - pcm(b.content)).max() <= 2
+            # float tolerance, not bytes: batch layouts round differently (~1e-6 in the latents), and the codec
+            # integrates each partial's frequency into its phase, which grows that into up to ~1e-3 of full scale
+            # after a few seconds at the upper harmonics; other seeds or prompts differ by thousands of units
+            assert np.abs(pcm(a.content) - pcm(b.content)).max() <= 33
         forwards = srv.metric("tta_batch_size_count", model="tiny")
         if policy == "request":  # the four waited for each other and ran as one batch
             assert srv.metric("tta_batch_size_bucket", model="tiny", le="2.0") < forwards

@@ -145,6 +145,7 @@ class PitchAnalyser:
         search[:, : self.k_lo] = 0
         search[:, self.k_hi + 1:] = 0
         taus, freqs = [], []
+        first_db: Tensor | None = None
         for _ in range(c.slots):
             k = search.argmax(dim=1, keepdim=True)  # [B, 1, F]
             peak = mag.gather(1, k)
@@ -152,10 +153,10 @@ class PitchAnalyser:
             level_db = 20 * torch.log10(peak / (c.n_fft / 4) + 1e-12)
             tau = ((prominence_db - 18) / 10).clamp(0, 1) * ((level_db + 80) / 10).clamp(0, 1)
             tau = tau * (search.gather(1, k) > 0)
-            if taus:  # a second slot must stand within 40 dB of the first (beyond that: window side lobes)
-                tau = tau * ((level_db - first_db + 50) / 10).clamp(0, 1)
-            else:
+            if first_db is None:
                 first_db = level_db
+            else:  # a second slot must stand within 40 dB of the first (beyond that: window side lobes)
+                tau = tau * ((level_db - first_db + 50) / 10).clamp(0, 1)
             p = k.float() + dev_all.gather(1, k).clamp(-1, 1)
             taus.append(tau[:, 0])
             freqs.append((p[:, 0] * c.sample_rate / c.n_fft).clamp(min=c.pitch_min_hz))
@@ -304,9 +305,12 @@ class HarmonicAutoencoder(AudioCodec):
         c = self.config
         B, S, C, Hm, F_ = log_amp.shape
         f = torch.exp(logf)                                                    # [B, S, F] Hz
-        # phase of the fundamental at each frame centre: trapezoidal integral of the frequency track
+        # phase of the fundamental at each frame centre: trapezoidal integral of the frequency track, summed in
+        # float64 and wrapped to [0, 2 pi) before it is multiplied by the harmonic number (n theta mod 2 pi only
+        # needs theta mod 2 pi); a float32 running sum reaches 1e5 rad in 10 s and would smear the upper partials
         step = math.pi * c.hop / c.sample_rate * (f[..., 1:] + f[..., :-1])
-        theta = torch.cat([torch.zeros_like(f[..., :1]), torch.cumsum(step, dim=-1)], dim=-1)
+        theta = torch.remainder(torch.cumsum(step.double(), dim=-1), 2 * math.pi).to(f.dtype)
+        theta = torch.cat([torch.zeros_like(f[..., :1]), theta], dim=-1)
         n = torch.arange(1, Hm + 1, dtype=f.dtype, device=f.device)[:, None]
         pos = (n * f[:, :, None]) * (c.n_fft / c.sample_rate)                  # [B, S, Hm, F] fractional bin
         offsets = torch.arange(-LOBE, LOBE + 1, device=f.device, dtype=f.dtype)[:, None]

@@ -65,8 +65,9 @@ class CrepeNet(nn.Module):
         total = max((out - 1) * stride + kernel - length, 0)
         return total // 2, total - total // 2
 
-    def forward(self, frames: torch.Tensor) -> torch.Tensor:
-        """frames [B, 1024] (already normalised) -> activations [B, 360] in (0, 1)."""
+    def embed(self, frames: torch.Tensor) -> torch.Tensor:
+        """frames [B, 1024] (already normalised) -> the penultimate layer [B, 4 * width6], the flattened output of
+        the last conv block that the classifier reads (Keras order: 4 time positions x channels)."""
         x = frames[:, None, :, None]
         for i in range(6):
             conv, bn = getattr(self, f"conv{i + 1}"), getattr(self, f"conv{i + 1}_BN")
@@ -75,8 +76,11 @@ class CrepeNet(nn.Module):
             x = bn(F.relu(conv(x)))
             x = F.max_pool2d(x, (2, 1), (2, 1))
         # Keras flattens (time, channel) in that order
-        x = x.permute(0, 2, 1, 3).reshape(x.shape[0], -1)
-        return torch.sigmoid(self.classifier(x))
+        return x.permute(0, 2, 1, 3).reshape(x.shape[0], -1)
+
+    def forward(self, frames: torch.Tensor) -> torch.Tensor:
+        """frames [B, 1024] (already normalised) -> activations [B, 360] in (0, 1)."""
+        return torch.sigmoid(self.classifier(self.embed(frames)))
 
 
 @lru_cache(maxsize=4)
@@ -146,6 +150,34 @@ class PitchTracker:
             for i in range(0, len(frames_t), self.batch_size):
                 out.append(self.net(frames_t[i:i + self.batch_size].to(self.device)).float().cpu())
         return torch.cat(out).numpy() if out else np.zeros((0, N_BINS), np.float32)
+
+    @property
+    def embedding_dim(self) -> int:
+        """Size of :meth:`embedding` (the last conv block's channels)."""
+        return self.net.in_features // 4
+
+    def embedding(self, audio: np.ndarray, sample_rate: int, max_frames: int | None = 32) -> np.ndarray:
+        """A clip-level embedding from a network no one here trained: CREPE's penultimate layer (the flattened last
+        conv block, 4 time positions x channels), averaged over the 4 positions within a frame and over the clip's
+        frames -> [embedding_dim] (512 for 'full').
+
+        Every frame of the mono mix counts, silent ones too (a clip's silence is part of what it sounds like),
+        normalised as CREPE normalises them; at most ``max_frames`` frames, evenly spread over the clip, are
+        analysed to bound the cost of the 'full' model (``None`` analyses all)."""
+        frames, _ = self._frames(to_mono(audio), sample_rate)
+        if len(frames) == 0:
+            raise ValueError("clip too short for a CREPE frame")
+        if max_frames is not None and len(frames) > max_frames:
+            frames = frames[np.round(np.linspace(0, len(frames) - 1, max_frames)).astype(int)]
+        frames = frames - frames.mean(axis=1, keepdims=True)
+        frames = frames / np.maximum(frames.std(axis=1, keepdims=True), 1e-10)
+        frames_t = torch.from_numpy(np.ascontiguousarray(frames, dtype=np.float32))
+        total = torch.zeros(self.embedding_dim, dtype=torch.float64)
+        with torch.inference_mode():
+            for i in range(0, len(frames_t), self.batch_size):
+                feats = self.net.embed(frames_t[i:i + self.batch_size].to(self.device)).double().cpu()
+                total += feats.reshape(feats.shape[0], 4, -1).mean(1).sum(0)
+        return (total / len(frames_t)).numpy()
 
     def activations(self, mono: np.ndarray, sample_rate: int) -> np.ndarray:
         frames, _ = self._frames(to_mono(mono), sample_rate)

@@ -1,20 +1,48 @@
-"""Runtimes: how a model executes (eager torch today; ONNX Runtime and TensorRT plug in behind the same interface)."""
+"""Runtimes: how a model executes. ``torch`` (eager PyTorch) and ``onnxruntime`` (exported graphs) implement one
+interface; TensorRT plugs in behind it later."""
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
+from models.export.ort import MissingPackage, onnxruntime_available
 from service.runtimes.base import Runtime
+from service.runtimes.onnx_runtime import OnnxRuntime
 from service.runtimes.torch_runtime import TorchRuntime
 
-RUNTIMES = {"torch": TorchRuntime}
+log = logging.getLogger("tta.runtimes")
+
+RUNTIMES = {"torch": TorchRuntime, "onnxruntime": OnnxRuntime}
 
 
-def load_runtime(path: Path, runtime: str = "auto", device: str = "cpu", debug_faults: bool = False) -> Runtime:
-    """``auto`` picks the best runtime available for the model directory; for now that is always torch."""
-    name = "torch" if runtime == "auto" else runtime
-    if name not in RUNTIMES:
+def resolve_runtime(runtime: str, device: str = "cpu") -> str:
+    """The runtime a setting asks for: ``auto`` is ONNX Runtime on the CPU when onnxruntime can be imported, else
+    torch (and torch on CUDA until TensorRT engines exist)."""
+    if runtime == "auto":
+        return "onnxruntime" if device == "cpu" and onnxruntime_available() else "torch"
+    if runtime not in RUNTIMES:
         raise ValueError(f"unknown runtime {runtime!r}; expected auto or one of {sorted(RUNTIMES)}")
-    rt = RUNTIMES[name].load(Path(path), device=device)
+    return runtime
+
+
+def load_runtime(path: Path, runtime: str = "torch", device: str = "cpu", debug_faults: bool = False) -> Runtime:
+    """Load the model at ``path`` under ``runtime`` (the service passes its ``runtime`` setting; the library default
+    is the eager reference). A runtime whose package is missing never stops the service: the model is served by
+    torch and the log says why. Any other failure of the runtime ``auto`` chose also falls back to torch; a runtime
+    asked for by name fails loudly instead."""
+    path = Path(path)
+    name = resolve_runtime(runtime, device)
+    try:
+        rt = RUNTIMES[name].load(path, device=device)
+    except MissingPackage as exc:
+        log.warning("%s; serving %s with the torch runtime instead", exc, path.name)
+        rt = TorchRuntime.load(path, device=device)
+    except Exception as exc:
+        if runtime != "auto" or name == "torch":
+            raise
+        log.warning("runtime %s failed for %s (%s: %s); serving it with the torch runtime instead", name, path.name,
+                    type(exc).__name__, exc)
+        rt = TorchRuntime.load(path, device=device)
     if debug_faults:
         from service.runtimes.debug import FaultInjectingRuntime
 
@@ -22,4 +50,4 @@ def load_runtime(path: Path, runtime: str = "auto", device: str = "cpu", debug_f
     return rt
 
 
-__all__ = ["Runtime", "TorchRuntime", "load_runtime", "RUNTIMES"]
+__all__ = ["RUNTIMES", "OnnxRuntime", "Runtime", "TorchRuntime", "load_runtime", "resolve_runtime"]

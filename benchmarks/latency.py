@@ -1,0 +1,228 @@
+"""Latency per runtime (CPU part): text encoding, one denoiser forward, decoding and end to end, through the same
+runtime interface the service uses.
+
+For each runtime (``torch`` = eager PyTorch, ``onnxruntime``) and batch size: median and p95 of
+- text encoding of B distinct prompts (uncached: the prompt cache is bypassed),
+- one denoiser call (``predict_x0``: with the model's default guidance, samples get their unconditional row in the
+  same forward, so a guided batch of B runs 2B rows),
+- decoding B clips of ``--duration`` seconds,
+- end to end: B requests of ``--duration`` s at the model's default steps through the engine's ``ModelRunner``
+  (encode, one denoise step per tick for all B, decode), with fresh prompts each repetition;
+plus the real-time factor (compute seconds per second of audio; below 1 is faster than real time) and the peak RSS.
+Each runtime runs in its own process, so the peak RSS is its own and no runtime warms another's caches.
+
+    python -m benchmarks.latency [--model models/zoo/tta-teacher] [--batches 1,4] [--threads 2]
+    python -m benchmarks.latency --smoke        # a quick check with tiny repetition counts and 2 steps
+
+``--random-weights`` benchmarks the model's architecture with random weights (speed does not depend on the
+weights; use it while shipped weights do not match the current code).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RUNTIMES = ("torch", "onnxruntime")
+
+
+def _peak_rss_mb() -> float:
+    """This process's peak RSS. ``ru_maxrss`` survives exec, so a worker started by a big parent would report the
+    parent's peak; VmHWM belongs to the process image and starts afresh."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    from benchmarks.common import peak_rss_mb
+
+    return peak_rss_mb()
+
+
+def _uncached_encoder(rt):
+    """The encoder behind the runtime's prompt cache (``encode_unpadded``), so that every call does the work."""
+    cached = rt.bundle.text_encoder if hasattr(rt, "bundle") else rt.text_encoder
+    return cached.encoder
+
+
+def _random_copy(model: Path, out: Path) -> Path:
+    """The model's architecture (config.json, codec config) with random weights, saved as a model directory."""
+    import torch
+
+    from models.bundle import BundleConfig, ModelBundle
+    from models.codec import HarmonicAutoencoder
+    from models.dit import DiT
+    from models.text import load_text_encoder
+
+    config = BundleConfig.load(model / "config.json")
+    codec_dir = (model / config.codec_from).resolve() if config.codec_from else model
+    codec_config = config.codec or json.loads((codec_dir / "config.json").read_text())["codec"]
+    codec_config = {k: v for k, v in codec_config.items() if k not in ("latent_shift", "latent_scale")}
+    torch.manual_seed(0)
+    dit = DiT.from_config(config.denoiser)
+    with torch.no_grad():  # zero-initialised output layers would make the denoiser a constant
+        for p in dit.parameters():
+            if p.abs().sum() == 0:
+                p.normal_(0.0, 0.02)
+    codec = HarmonicAutoencoder.from_config(codec_config)
+    config.codec, config.codec_from = {}, None
+    bundle = ModelBundle(config, dit, codec, load_text_encoder(config.text_encoder))
+    bundle.save(out / config.name, save_codec=True)
+    return out / config.name
+
+
+def measure_batch(rt, runner, encoder, b: int, args, steps: int, prompts) -> dict:
+    """Every stage at batch size ``b``."""
+    import torch
+
+    from benchmarks.common import timed
+    from service.scheduler import GenerationJob
+
+    guidance = rt.config.default_guidance
+    frames = rt.latent_frames(args.duration)
+    g = torch.Generator().manual_seed(b)
+    z = torch.randn(b, rt.latent_dim, frames, generator=g)
+    t = torch.full((b,), 0.5)
+    cond = rt.encode_text(prompts(b), [args.duration] * b)
+    gvec = torch.full((b,), float(guidance))
+    mask = torch.ones(b, frames, dtype=torch.bool)
+    latents = [z[i] for i in range(b)]
+
+    def e2e():
+        jobs = [GenerationJob(id=f"bench-{i}", model=rt.model_name, prompt=p, duration=args.duration, steps=steps,
+                              guidance=guidance, seed=i, deadline=float("inf"), on_done=lambda r, e: None)
+                for i, p in enumerate(prompts(b))]
+        samples = runner.encode(jobs, time.monotonic())
+        while not all(s.finished for s in samples):
+            runner.denoise_step(samples)
+        runner.decode(samples)
+
+    row = {
+        "text_encoding": timed(lambda: encoder.encode_unpadded(prompts(b)), args.repeats),
+        "denoiser_forward": timed(lambda: rt.predict_x0(z, t, cond, gvec, mask), args.repeats),
+        "decode": timed(lambda: rt.decode(latents, [args.duration] * b), args.repeats),
+        "end_to_end": timed(e2e, args.e2e_repeats, warmup=1),
+    }
+    row["rtf"] = row["end_to_end"]["median_s"] / (b * args.duration)
+    return row
+
+
+def worker(args) -> dict:
+    """One runtime in this process: load (exporting first if needed), then time every stage."""
+    import torch
+
+    from service.engine import ModelRunner
+    from service.runtimes import load_runtime
+
+    torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    rt = load_runtime(Path(args.model), args.worker)
+    load_s = time.perf_counter() - t0
+    if rt.name != args.worker:
+        raise SystemExit(f"runtime {args.worker} did not load (got {rt.name}); see the log above")
+    steps = args.steps or rt.config.default_steps
+    counter = iter(range(10**9))
+
+    def prompts(n):
+        return [f"a {200 + next(counter)} Hz tone, then rain on a tin roof" for _ in range(n)]
+
+    out = {"runtime": rt.name, "load_s": load_s, "steps": steps, "guidance": rt.config.default_guidance,
+           "duration_s": args.duration, "latent_frames": rt.latent_frames(args.duration), "batches": {}}
+    runner, encoder = ModelRunner(rt), _uncached_encoder(rt)
+    for b in args.batches:
+        out["batches"][str(b)] = measure_batch(rt, runner, encoder, b, args, steps, prompts)
+    out["peak_rss_mb"] = _peak_rss_mb()
+    return out
+
+
+def markdown(results: list[dict], args, model_label: str, export_s: float | None) -> str:
+    from benchmarks.common import md_table
+
+    rows = []
+    by = {(r["runtime"], b): row for r in results for b, row in r["batches"].items()}
+    for r in results:
+        for b, row in r["batches"].items():
+            base = by.get(("torch", b))
+            for stage in ("text_encoding", "denoiser_forward", "decode", "end_to_end"):
+                speedup = (base[stage]["median_s"] / row[stage]["median_s"]) if base and r["runtime"] != "torch" \
+                    else None
+                rows.append([r["runtime"], int(b), stage.replace("_", " "), row[stage]["median_s"] * 1000,
+                             row[stage]["p95_s"] * 1000, row[stage]["repeats"], speedup])
+    summary = [[r["runtime"], int(b), row["rtf"], r["peak_rss_mb"], r["load_s"]]
+               for r in results for b, row in r["batches"].items()]
+    r0 = results[0]
+    return (f"# Latency per runtime (CPU): `{model_label}`\n\n"
+            f"{r0['duration_s']:g} s of 44.1 kHz stereo per sample ({r0['latent_frames']} latent frames), "
+            f"{r0['steps']} steps at guidance {r0['guidance']:g} end to end; {args.threads} threads. "
+            "Denoiser forward = one `predict_x0` (guided samples add their unconditional row to the same batch). "
+            "Text encoding bypasses the prompt cache. Speed-up = eager torch median / this runtime's median.\n\n"
+            + md_table(["runtime", "batch", "stage", "median ms", "p95 ms", "runs", "speed-up vs torch"], rows)
+            + "\n\n" + md_table(["runtime", "batch", "real-time factor (end to end)", "peak RSS MB", "load s"],
+                                summary)
+            + ("" if export_s is None else f"\n\nONNX export and its parity checks (once per model; not in load s): "
+                                           f"{export_s:.1f} s."))
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=str(ROOT / "models" / "zoo" / "tta-teacher"))
+    ap.add_argument("--runtimes", default=",".join(RUNTIMES))
+    ap.add_argument("--batches", default="1,4")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--duration", type=float, default=10.0)
+    ap.add_argument("--steps", type=int, default=None, help="end-to-end steps (default: the model's)")
+    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--e2e-repeats", type=int, default=3)
+    ap.add_argument("--random-weights", action="store_true")
+    ap.add_argument("--smoke", action="store_true", help="2 repeats, 1 end-to-end run of 2 steps; not for results")
+    ap.add_argument("--name", default=None)
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    args.batches = [int(b) for b in str(args.batches).split(",")]
+    if args.smoke:
+        args.repeats, args.e2e_repeats, args.steps = 2, 1, args.steps or 2
+    if args.worker:
+        Path(args.worker_out).write_text(json.dumps(worker(args)))
+        return {}
+
+    from benchmarks.common import environment, write_results
+
+    model = Path(args.model)
+    label = model.name + (" (random weights)" if args.random_weights else "")
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.random_weights:
+            model = _random_copy(model, Path(tmp))
+        export_s = None
+        if "onnxruntime" in args.runtimes.split(","):  # export here, so the worker's RSS and load time are serving's
+            from models.export import ensure_onnx_export
+
+            t0 = time.perf_counter()
+            ensure_onnx_export(model)
+            export_s = time.perf_counter() - t0
+        results = []
+        for name in args.runtimes.split(","):
+            out = Path(tmp) / f"{name}.json"
+            cmd = [sys.executable, "-m", "benchmarks.latency", "--worker", name, "--worker-out", str(out),
+                   "--model", str(model), "--batches", ",".join(map(str, args.batches)), "--threads",
+                   str(args.threads), "--duration", str(args.duration), "--repeats", str(args.repeats),
+                   "--e2e-repeats", str(args.e2e_repeats)] + (["--steps", str(args.steps)] if args.steps else [])
+            subprocess.run(cmd, check=True, cwd=ROOT)
+            results.append(json.loads(out.read_text()))
+    md = markdown(results, args, label, export_s)
+    data = {"model": label, "smoke": args.smoke, "onnx_export_s": export_s, "results": results,
+            "environment": environment()}
+    name = args.name or ("latency-cpu-smoke" if args.smoke else "latency-cpu")
+    write_results(name, data, md)
+    print(md)
+    return data
+
+
+if __name__ == "__main__":
+    main()

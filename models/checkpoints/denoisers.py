@@ -1,0 +1,96 @@
+"""Adapters that give foreign networks the project's denoiser call:
+``denoiser(z, t, tokens, token_mask, pooled, seconds, frame_mask, guidance=None) -> raw output [B, C, T]``,
+with t the project's time in [0, 1] on the bundle's schedule. Each adapter assembles its model's conditioning from
+the text embedding and the requested duration, and converts t to the time input the network was trained with.
+
+The null condition: a text embedding whose mask has no real token (``CheckpointBundle.unconditional_text``) stands
+for classifier-free guidance's unconditional branch. Stable Audio models were trained with the whole cross-attention
+input (text tokens and duration tokens) zeroed for it, so the Stable Audio adapter zeroes it for such rows; UNet
+models (Tango) use the empty prompt's encoding, which is an ordinary embedding.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from models.checkpoints.discrete_schedule import DiscreteVPSchedule
+from models.checkpoints.stable_audio_dit import NumberEmbedder, StableAudioDiT
+from models.checkpoints.unet import UNet2DCondition
+from models.diffusion.schedules import NoiseSchedule
+
+NUMBER_INPUTS = ("seconds_start", "seconds_total")
+
+
+class StableAudioDenoiser(nn.Module):
+    """Stable Audio DiT + its number conditioners + the conditioning layout of its config.
+
+    ``cross_ids`` / ``global_ids`` name, in order, the conditioners whose outputs are concatenated along the token
+    axis (cross-attention) and the channel axis (global condition); ``text_id`` is the T5 conditioner's id. Text
+    tokens are zeroed past each prompt's end and padded to ``text_len`` tokens, as the reference tokenizer pads to
+    max_length and attends to every position. ``objective`` is "rectified_flow" (model time = t) or "v" (model time
+    = the cosine-schedule time with the same noise level: 2/pi atan(sigma / alpha)).
+    """
+
+    def __init__(self, dit: StableAudioDiT, numbers: dict[str, NumberEmbedder], cross_ids: list[str],
+                 global_ids: list[str], text_id: str, text_len: int, objective: str, schedule: NoiseSchedule,
+                 text_proj: nn.Module | None = None):
+        super().__init__()
+        self.dit = dit
+        self.numbers = nn.ModuleDict(numbers)
+        self.cross_ids, self.global_ids, self.text_id = list(cross_ids), list(global_ids), text_id
+        self.text_len = int(text_len)
+        self.objective = objective
+        self.schedule = schedule
+        self.text_proj = text_proj
+
+    def model_time(self, t: Tensor) -> Tensor:
+        if self.objective in ("rectified_flow", "rf_denoiser"):
+            return t
+        alpha, sigma = self.schedule.alpha_sigma(t)
+        return torch.atan2(sigma, alpha) * (2 / math.pi)
+
+    def conditioning(self, tokens: Tensor, token_mask: Tensor, seconds: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        values = {"seconds_start": torch.zeros_like(seconds, dtype=torch.float32), "seconds_total": seconds.float()}
+        numbers = {k: m(values[k].to(tokens.device)) for k, m in self.numbers.items()}
+        context = None
+        if self.cross_ids:
+            text = self.text_proj(tokens) if self.text_proj is not None else tokens
+            text = (text * token_mask[..., None].to(text.dtype))[:, : self.text_len]
+            text = nn.functional.pad(text, (0, 0, 0, self.text_len - text.shape[1]))
+            parts = [text if k == self.text_id else numbers[k][:, None] for k in self.cross_ids]
+            context = torch.cat(parts, dim=1)
+            null = ~token_mask.bool().any(dim=1)
+            context = context.masked_fill(null[:, None, None], 0.0)
+        glob = torch.cat([numbers[k] for k in self.global_ids], dim=-1) if self.global_ids else None
+        return context, glob
+
+    def forward(self, z: Tensor, t: Tensor, tokens: Tensor, token_mask: Tensor, pooled: Tensor, seconds: Tensor,
+                frame_mask: Tensor | None = None, guidance: Tensor | None = None) -> Tensor:
+        context, glob = self.conditioning(tokens, token_mask, seconds)
+        return self.dit(z, self.model_time(t.to(z.dtype)), context, glob, frame_mask)
+
+
+class UNetDenoiser(nn.Module):
+    """A Stable-Diffusion-style 2D UNet over mel latents. The project's latents are [B, C*F, T] (channel-major);
+    the UNet sees [B, C, T, F]. Its 2D convolutions would let a sample's padded frames leak into its real ones, so a
+    batch of different lengths runs as one forward per length (each sample exactly as it would run alone)."""
+
+    def __init__(self, unet: UNet2DCondition, schedule: DiscreteVPSchedule, bins: int):
+        super().__init__()
+        self.unet = unet
+        self.schedule = schedule
+        self.bins = bins
+
+    def forward(self, z: Tensor, t: Tensor, tokens: Tensor, token_mask: Tensor, pooled: Tensor, seconds: Tensor,
+                frame_mask: Tensor | None = None, guidance: Tensor | None = None) -> Tensor:
+        b, cf, n = z.shape
+        x = z.reshape(b, cf // self.bins, self.bins, n).transpose(2, 3)
+        steps = self.schedule.model_timestep(t).to(z.device)
+        lengths = frame_mask.sum(dim=1) if frame_mask is not None else torch.full((b,), n, device=z.device)
+        out = torch.zeros_like(x)
+        for length in lengths.unique().tolist():
+            rows = torch.nonzero(lengths == length).flatten()
+            out[rows, :, :length] = self.unet(x[rows, :, :length], steps[rows], tokens[rows], token_mask[rows].bool())
+        return out.transpose(2, 3).reshape(b, cf, n)

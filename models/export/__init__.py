@@ -1,0 +1,20 @@
+"""Export: a model directory -> ONNX graphs (text encoder, denoiser, decoder) with a manifest, for the
+ONNX Runtime (and, later, TensorRT) serving runtimes. See ``onnx_export`` for the procedure, ``parity`` for the
+tolerances and ``manifest`` for when an export counts as current."""
+from models.export.manifest import ExportError, fingerprint, load_manifest
+from models.export.onnx_export import OPSET, OnnxExport, ensure_onnx_export, export_onnx
+from models.export.ort import MissingPackage, onnxruntime_available
+from models.export.parity import TOLERANCES
+
+__all__ = [
+           "OPSET",
+           "TOLERANCES",
+           "ExportError",
+           "MissingPackage",
+           "OnnxExport",
+           "ensure_onnx_export",
+           "export_onnx",
+           "fingerprint",
+           "load_manifest",
+           "onnxruntime_available",
+]

@@ -1,0 +1,81 @@
+"""The three graphs a serving runtime runs, as nn.Modules with flat tensor signatures that trace to ONNX.
+
+Each wrapper calls the model's own code (no re-implementation), so an exported graph computes what the PyTorch
+runtime computes; only the shapes of the interface are fixed here: tokenisation stays in Python (the text graph takes
+token ids), the denoiser takes the padded batch the scheduler builds, and the decoder takes normalised latents.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from models.dit import DiT
+
+TEXT_INPUTS = ["input_ids", "attention_mask"]
+TEXT_OUTPUTS = ["tokens", "pooled"]
+DENOISER_INPUTS = ["z", "t", "tokens", "token_mask", "pooled", "seconds", "frame_mask"]
+DENOISER_OUTPUTS = ["out"]
+DECODER_INPUTS = ["latents"]
+DECODER_OUTPUTS = ["wave"]
+
+
+class TextEncoderGraph(nn.Module):
+    """Token ids -> (token states [B, L, D], pooled [B, P]) exactly as ``HFTextEncoder.encode_unpadded`` computes
+    them: the masked mean of the token states, L2-normalised for sentence-transformer (BERT-like) models.
+
+    The padding mask goes in as an additive 4-D mask that transformers uses as given. With a 2-D mask, transformers
+    decides in Python whether any padding exists (and drops the mask when none does), and a trace would freeze that
+    decision for every later input."""
+
+    def __init__(self, model: nn.Module, normalize_pooled: bool):
+        super().__init__()
+        self.model = model
+        self.normalize_pooled = normalize_pooled
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
+        keep = (attention_mask > 0)[:, None, None, :]  # [B, 1, 1, L]
+        length = input_ids.shape[1]
+        keep = keep.expand(-1, -1, length, -1)  # [B, 1, L, L]
+        additive = torch.zeros(keep.shape, dtype=torch.float32, device=keep.device).masked_fill(
+            ~keep, torch.finfo(torch.float32).min)
+        states = self.model(input_ids=input_ids, attention_mask=additive).last_hidden_state.float()
+        weights = (attention_mask > 0).unsqueeze(-1).float()
+        pooled = (states * weights).sum(1) / weights.sum(1).clamp(min=1)
+        if self.normalize_pooled:
+            pooled = F.normalize(pooled, dim=-1)
+        return states, pooled
+
+
+class DenoiserGraph(nn.Module):
+    """``DiT.forward`` with positional inputs (``DENOISER_INPUTS``, plus ``guidance`` for a guidance-embedding
+    student) -> the raw prediction [B, C, T]."""
+
+    def __init__(self, dit: DiT):
+        super().__init__()
+        self.dit = dit
+        self.takes_guidance = bool(dit.config.guidance_embed)
+
+    @property
+    def input_names(self) -> list[str]:
+        return DENOISER_INPUTS + (["guidance"] if self.takes_guidance else [])
+
+    def forward(self, z: Tensor, t: Tensor, tokens: Tensor, token_mask: Tensor, pooled: Tensor, seconds: Tensor,
+                frame_mask: Tensor, *guidance: Tensor) -> Tensor:
+        return self.dit(z, t, tokens, token_mask, pooled, seconds, frame_mask,
+                        guidance=guidance[0] if guidance else None)
+
+
+class DecoderGraph(nn.Module):
+    """Normalised latents [B, C, T] -> waveform [B, channels, T * samples_per_latent], clamped to [-1, 1].
+
+    Codecs whose ``decode`` uses complex tensors (an iSTFT) provide ``decode_real``, the same computation with real
+    tensors only (ONNX has no complex type); others are traced through ``decode``."""
+
+    def __init__(self, codec: nn.Module):
+        super().__init__()
+        self.codec = codec
+
+    def forward(self, latents: Tensor) -> Tensor:
+        decode = getattr(self.codec, "decode_real", None) or self.codec.decode
+        return decode(latents)

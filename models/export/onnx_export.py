@@ -1,0 +1,375 @@
+"""Export a model directory to ONNX: text encoder, denoiser and decoder, each checked by ``onnx.checker`` and
+compared with PyTorch through ONNX Runtime on inputs of other shapes than the trace's (so the dynamic axes are
+exercised too). An export that misses a tolerance (``models.export.parity``) is not written.
+
+    export_onnx("models/zoo/tta-teacher")          # -> <model_dir>/onnx/{text_encoder,denoiser,decoder}.onnx
+    ensure_onnx_export("models/zoo/tta-teacher")   # the same, unless a current export is already there
+
+The TorchScript-based exporter (``dynamo=False``) is used: it needs no packages beyond torch and onnx.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from models.export import parity
+from models.export.graphs import (
+    DECODER_INPUTS,
+    DECODER_OUTPUTS,
+    DENOISER_OUTPUTS,
+    TEXT_INPUTS,
+    TEXT_OUTPUTS,
+    DecoderGraph,
+    DenoiserGraph,
+    TextEncoderGraph,
+)
+from models.export.manifest import (
+    EXPORT_FORMAT,
+    MANIFEST,
+    ExportError,
+    export_dirs,
+    file_sha256,
+    fingerprint,
+    is_current,
+    load_manifest,
+    stale_reason,
+    writable,
+)
+from models.export.ort import import_onnx, import_onnxruntime, session
+
+log = logging.getLogger("tta.export")
+
+OPSET = 17
+VERIFY_PROMPTS = ["", "a dog barks", "rain on a tin roof, then thunder far away", "a 440 Hz sine tone on the left",
+                  " ".join(["a long prompt that the tokenizer truncates"] * 12)]
+
+
+@dataclass
+class OnnxExport:
+    dir: Path
+    manifest: dict
+
+    def path(self, graph: str) -> Path:
+        return self.dir / self.manifest["graphs"][graph]["file"]
+
+
+@contextlib.contextmanager
+def _float32():
+    """Exports are float32 whatever the caller's default dtype (some tests switch it to float64)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def _remainder_symbolic(g, a, b):
+    """``torch.remainder`` as ONNX ``Mod(fmod=1)`` plus torch's sign rule. The exporter's own translation,
+    a - floor(a / b) * b, loses digits for large arguments (0.4 rad at 5e6 rad where torch loses 0.14), and the
+    codec wraps accumulated phases of that size; fmod is exact, so this matches torch bit for bit."""
+    r = g.op("Mod", a, b, fmod_i=1)
+    zero = g.op("Constant", value_t=torch.tensor(0.0))
+    fix = g.op("And", g.op("Not", g.op("Equal", r, zero)),
+               g.op("Not", g.op("Equal", g.op("Less", r, zero), g.op("Less", b, zero))))
+    return g.op("Where", fix, g.op("Add", r, b), r)
+
+
+def _cumsum_symbolic(g, x, dim, dtype):
+    """``torch.cumsum`` of float32 accumulated in float64, as PyTorch's CPU kernel does (ONNX Runtime's CumSum
+    accumulates in the input type). The codec integrates frequency tracks to phases of 1e5 rad and more, where a
+    float32 running sum drifts by ~1e-7 relative, i.e. by radians once multiplied by a harmonic number."""
+    from torch.onnx import symbolic_helper
+
+    axis = g.op("Constant", value_t=torch.tensor(symbolic_helper._get_const(dim, "i", "dim"), dtype=torch.int64))
+    if x.type().scalarType() != "Float":
+        return g.op("CumSum", x, axis)
+    wide = g.op("Cast", x, to_i=11)  # DOUBLE
+    return g.op("Cast", g.op("CumSum", wide, axis), to_i=1)  # FLOAT
+
+
+_SYMBOLICS = {"aten::remainder": _remainder_symbolic, "aten::cumsum": _cumsum_symbolic}
+
+
+@contextlib.contextmanager
+def _custom_symbolics(opset: int):
+    """Translations of ours, for this export only, where the exporter's default rounds differently from PyTorch."""
+    from torch.onnx import register_custom_op_symbolic, unregister_custom_op_symbolic
+
+    for name, fn in _SYMBOLICS.items():
+        register_custom_op_symbolic(name, fn, opset)
+    try:
+        yield
+    finally:
+        for name in _SYMBOLICS:
+            unregister_custom_op_symbolic(name, opset)
+
+
+def _trace_to_onnx(module: torch.nn.Module, args: tuple, path: Path, input_names: list[str],
+                   output_names: list[str], dynamic_axes: dict, opset: int) -> None:
+    module.eval()
+    with torch.no_grad(), warnings.catch_warnings(), _custom_symbolics(opset):
+        # the tracer warns about every Python-level branch on a shape; the parity checks on other shapes are what
+        # tells whether a branch mattered
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        # deliberate: the TorchScript exporter needs no onnxscript, and its graphs are checked below
+        warnings.filterwarnings("ignore", message="You are using the legacy TorchScript-based ONNX export")
+        # strided slices (the DiT's rotary embedding) are computed at run time instead of folded: harmless
+        warnings.filterwarnings("ignore", message="Constant folding - Only steps=1 can be constant folded")
+        warnings.filterwarnings("ignore", message="The feature will be removed", category=DeprecationWarning)
+        torch.onnx.export(module, args, str(path), dynamo=False, opset_version=opset, input_names=input_names,
+                          output_names=output_names, dynamic_axes=dynamic_axes, do_constant_folding=True)
+    module.eval()  # the exporter restores the wrapper's training flag, which for a fresh wrapper is True
+    import_onnx().checker.check_model(str(path), full_check=True)
+
+
+def _io_signature(path: Path) -> dict:
+    """Input and output names, element types and shapes (named axes for dynamic ones) as the file declares them."""
+    onnx = import_onnx()
+    graph = onnx.load(str(path), load_external_data=False).graph
+
+    def describe(values):
+        out = []
+        for v in values:
+            t = v.type.tensor_type
+            shape = [d.dim_param or d.dim_value for d in t.shape.dim]
+            out.append({"name": v.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name,
+                        "shape": shape})
+        return out
+
+    return {"inputs": describe(graph.input), "outputs": describe(graph.output)}
+
+
+def _graph_entry(path: Path, errors: dict, graph: str, **extra) -> dict:
+    ok = parity.within(graph, errors)
+    entry = {"file": path.name, "sha256": file_sha256(path), "bytes": path.stat().st_size, **_io_signature(path),
+             "parity": {**errors, "tolerance": parity.TOLERANCES[graph], "passed": ok, **extra}}
+    if not ok:
+        raise ExportError(f"{graph}: ONNX Runtime differs from PyTorch: {'; '.join(parity.failures(graph, errors))} "
+                          f"(all measurements: {errors})")
+    return entry
+
+
+# ---------------------------------------------------------------------------------------------------- text encoder
+def export_text_encoder(encoder, path: Path, opset: int = OPSET) -> dict:
+    """``encoder``: an ``HFTextEncoder`` (tokenizer + transformers model). Compared with its ``encode_unpadded``."""
+    graph = TextEncoderGraph(encoder.model, encoder.normalize_pooled).eval()
+    example = encoder.tokenizer(["a dog barks twice", "rain"], padding=True, return_tensors="pt")
+    axes = {"input_ids": {0: "batch", 1: "length"}, "attention_mask": {0: "batch", 1: "length"},
+            "tokens": {0: "batch", 1: "length"}, "pooled": {0: "batch"}}
+    _trace_to_onnx(graph, (example["input_ids"], example["attention_mask"]), path, TEXT_INPUTS, TEXT_OUTPUTS, axes,
+                   opset)
+    sess = session(path)
+    batch = encoder.tokenizer(VERIFY_PROMPTS, padding=True, truncation=True, max_length=encoder.max_length,
+                              return_tensors="np")
+    states, pooled = sess.run(TEXT_OUTPUTS, {k: batch[k] for k in TEXT_INPUTS})
+    reference = encoder.encode_unpadded(VERIFY_PROMPTS)
+    lengths = batch["attention_mask"].sum(1)
+    got_t = torch.cat([torch.from_numpy(states[i, :n]) for i, n in enumerate(lengths)])
+    want_t = torch.cat([t for t, _ in reference])
+    got_p, want_p = torch.from_numpy(pooled), torch.stack([p for _, p in reference])
+    errors = {"max_rel": max(parity.max_rel_error(got_t, want_t), parity.max_rel_error(got_p, want_p)),
+              "max_abs": max(parity.max_abs_error(got_t, want_t), parity.max_abs_error(got_p, want_p))}
+    return _graph_entry(path, errors, "text_encoder", checked_on=f"{len(VERIFY_PROMPTS)} prompts, one padded batch")
+
+
+# ---------------------------------------------------------------------------------------------------- denoiser
+def _denoiser_inputs(dit, batch: int, frames: int, length: int, generator: torch.Generator) -> tuple:
+    c = dit.config
+    z = torch.randn(batch, c.latent_dim, frames, generator=generator)
+    t = torch.rand(batch, generator=generator)
+    tokens = torch.randn(batch, length, c.text_dim, generator=generator)
+    token_mask = torch.arange(length)[None] < torch.randint(1, length + 1, (batch,), generator=generator)[:, None]
+    token_mask[0] = True
+    pooled = torch.randn(batch, c.pooled_dim, generator=generator)
+    seconds = torch.rand(batch, generator=generator) * c.max_seconds
+    frame_mask = torch.arange(frames)[None] < torch.randint(1, frames + 1, (batch,), generator=generator)[:, None]
+    frame_mask[0] = True
+    args = (z, t, tokens, token_mask, pooled, seconds, frame_mask)
+    if c.guidance_embed:
+        args += (1 + 4 * torch.rand(batch, generator=generator),)
+    return args
+
+
+def export_denoiser(dit, path: Path, opset: int = OPSET) -> dict:
+    """Dynamic batch, frame and text-token axes; compared with the DiT on two batches of other shapes than the
+    trace's, with ragged frame and token masks."""
+    graph = DenoiserGraph(dit).eval()
+    names = graph.input_names
+    g = torch.Generator().manual_seed(0)
+    axes = {"z": {0: "batch", 2: "frames"}, "t": {0: "batch"}, "tokens": {0: "batch", 1: "text_length"},
+            "token_mask": {0: "batch", 1: "text_length"}, "pooled": {0: "batch"}, "seconds": {0: "batch"},
+            "frame_mask": {0: "batch", 1: "frames"}, "guidance": {0: "batch"}, "out": {0: "batch", 2: "frames"}}
+    axes = {k: v for k, v in axes.items() if k in names or k in DENOISER_OUTPUTS}
+    _trace_to_onnx(graph, _denoiser_inputs(dit, 2, 8, 5, g), path, names, DENOISER_OUTPUTS, axes, opset)
+    sess = session(path)
+    worst = {"max_rel": 0.0, "max_abs": 0.0}
+    for batch, frames, length in ((3, 13, 9), (1, 5, 2)):
+        args = _denoiser_inputs(dit, batch, frames, length, g)
+        got = sess.run(DENOISER_OUTPUTS, {n: a.numpy() for n, a in zip(names, args)})[0]
+        with torch.no_grad():
+            want = graph(*args)
+        worst["max_rel"] = max(worst["max_rel"], parity.max_rel_error(got, want))
+        worst["max_abs"] = max(worst["max_abs"], parity.max_abs_error(got, want))
+    return _graph_entry(path, worst, "denoiser", checked_on="batch 3 x 13 frames x 9 tokens, batch 1 x 5 x 2")
+
+
+# ---------------------------------------------------------------------------------------------------- decoder
+def export_decoder(codec, path: Path, max_latent_frames: int, opset: int = OPSET) -> dict:
+    """Dynamic batch and frame axes; compared with ``codec.decode`` on a short batch of two (sample by sample and
+    on magnitudes) and at the model's maximum length (on magnitudes; see ``parity`` for why)."""
+    graph = DecoderGraph(codec).eval()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # one eager call at the longest length first: lazily built tables (the codec's phase
+        graph(torch.randn(1, codec.latent_dim, max_latent_frames, generator=g))  # table) become graph constants
+    axes = {"latents": {0: "batch", 2: "frames"}, "wave": {0: "batch", 2: "samples"}}
+    _trace_to_onnx(graph, (torch.randn(2, codec.latent_dim, 3, generator=g),), path, DECODER_INPUTS,
+                   DECODER_OUTPUTS, axes, opset)
+    sess = session(path)
+    errors = {"spectral_rel": 0.0, "rms_rel_short": 0.0, "rms_rel": 0.0, "max_abs": 0.0}
+    sensitivity = 0.0
+    short = min(max_latent_frames, 11)
+    for batch, frames in ((2, short), (1, max_latent_frames)):
+        z = torch.randn(batch, codec.latent_dim, frames, generator=g)
+        got = sess.run(DECODER_OUTPUTS, {"latents": z.numpy()})[0]
+        with torch.no_grad():
+            want = codec.decode(z)
+            nudged = codec.decode(z * (1 + 1e-7 * torch.randn(z.shape, generator=g)))
+        for i in range(batch):
+            rms = parity.rms_rel_error(got[i], want[i])
+            errors["rms_rel"] = max(errors["rms_rel"], rms)
+            if frames == short:
+                errors["rms_rel_short"] = max(errors["rms_rel_short"], rms)
+            errors["spectral_rel"] = max(errors["spectral_rel"], parity.spectral_rel_error(got[i], want[i]))
+            sensitivity = max(sensitivity, parity.rms_rel_error(nudged[i], want[i]))
+        errors["max_abs"] = max(errors["max_abs"], parity.max_abs_error(got, want))
+    return _graph_entry(path, errors, "decoder", float32_sensitivity=sensitivity,
+                        checked_on=f"batch 2 x {short} latent frames (short), batch 1 x {max_latent_frames} "
+                                   "(the maximum)")
+
+
+# ---------------------------------------------------------------------------------------------------- whole model
+def text_encoder_fingerprint(source: dict, max_length: int, opset: int) -> str:
+    """What the text-encoder graph depends on: its weights and tokenizer files, the code that defines it, opset."""
+    parts = {k: v for k, v in source["files"].items() if k.startswith("text_encoder/")}
+    parts.update({k: v for k, v in source["code"].items() if k in ("text/encoders.py", "export/graphs.py", "export/onnx_export.py")})
+    blob = json.dumps({"format": EXPORT_FORMAT, "opset": opset, "max_length": max_length, "parts": parts},
+                      sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _reuse_text_encoder(bundle_dir: Path, digest: str, target: Path) -> dict | None:
+    """Models of one zoo usually share a text encoder: take a sibling's checked text-encoder graph with the same
+    fingerprint (a hard link where possible) instead of exporting and checking the same graph again."""
+    for manifest_path in sorted(bundle_dir.resolve().parent.glob("*/onnx/" + MANIFEST)):
+        manifest = load_manifest(manifest_path.parent)
+        if not manifest or manifest.get("text_encoder", {}).get("fingerprint") != digest:
+            continue
+        entry = manifest["graphs"]["text_encoder"]
+        source = manifest_path.parent / entry["file"]
+        if not source.is_file() or file_sha256(source) != entry["sha256"]:
+            continue
+        try:
+            os.link(source, target)
+        except OSError:
+            shutil.copyfile(source, target)
+        return {**entry, "reused_from": manifest.get("model")}
+    return None
+
+
+def _versions() -> dict:
+    import transformers
+
+    return {"torch": torch.__version__, "onnx": import_onnx().__version__,
+            "onnxruntime": import_onnxruntime().__version__, "transformers": transformers.__version__}
+
+
+def export_onnx(bundle_dir: str | Path, out_dir: str | Path | None = None, opset: int = OPSET) -> OnnxExport:
+    """Export the model in ``bundle_dir`` to ``out_dir`` (default ``<bundle_dir>/onnx``, or a user cache directory
+    when that is not writable) and write ``manifest.json`` beside the graphs. Raises ``ExportError`` when a graph
+    fails its checks; nothing is replaced then."""
+    from models.bundle import ModelBundle
+
+    bundle_dir = Path(bundle_dir)
+    if opset < 17:
+        raise ExportError("opset 17 or later is required")
+    import_onnx()
+    import_onnxruntime()  # the parity checks run the graphs
+    source = fingerprint(bundle_dir)
+    if out_dir is None:
+        out_dir = next((d for d in export_dirs(bundle_dir) if writable(d)), None)
+        if out_dir is None:
+            raise ExportError(f"no writable export directory among {[str(d) for d in export_dirs(bundle_dir)]}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    partial = out_dir / f".partial-{os.getpid()}-{time.monotonic_ns()}"
+    partial.mkdir()
+    t0 = time.perf_counter()
+    try:
+        with _float32():
+            bundle = ModelBundle.load(bundle_dir)
+            encoder = bundle.text_encoder.encoder  # CachedTextEncoder -> HFTextEncoder
+            max_frames = bundle.latent_frames(bundle.config.max_duration)
+            te_digest = text_encoder_fingerprint(source, encoder.max_length, opset)
+            graphs = {
+                "text_encoder": (_reuse_text_encoder(bundle_dir, te_digest, partial / "text_encoder.onnx")
+                                 or export_text_encoder(encoder, partial / "text_encoder.onnx", opset)),
+                "denoiser": export_denoiser(bundle.denoiser, partial / "denoiser.onnx", opset),
+                "decoder": export_decoder(bundle.codec, partial / "decoder.onnx", max_frames, opset),
+            }
+        codec = bundle.codec
+        manifest = {
+            "format": EXPORT_FORMAT,
+            "model": bundle.config.name,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "export_seconds": round(time.perf_counter() - t0, 2),
+            "opset": opset,
+            "versions": _versions(),
+            "source": source,
+            "text_encoder": {"kind": encoder.kind, "max_length": encoder.max_length, "dim": encoder.dim,
+                             "pooled_dim": encoder.pooled_dim, "normalize_pooled": encoder.normalize_pooled,
+                             "name": encoder.name, "fingerprint": te_digest},
+            "codec": {"sample_rate": codec.sample_rate, "audio_channels": codec.audio_channels,
+                      "latent_dim": codec.latent_dim, "samples_per_latent": codec.samples_per_latent},
+            "limits": {"max_latent_frames": max_frames},
+            "parity_metrics": {"max_rel": "max|onnx - torch| / max|torch|",
+                               "rms_rel": "||onnx - torch|| / ||torch|| per clip (rms_rel_short: short clips only)",
+                               "spectral_rel": "the same on STFT magnitudes (n_fft 2048, hop 512) per clip",
+                               "float32_sensitivity": "rms_rel of torch's own decoder when its input latents "
+                                                      "are perturbed by 1e-7 relative"},
+            "graphs": graphs,
+        }
+        (out_dir / MANIFEST).unlink(missing_ok=True)  # no manifest names a mix of old and new graphs
+        for entry in graphs.values():
+            os.replace(partial / entry["file"], out_dir / entry["file"])
+        (partial / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        os.replace(partial / MANIFEST, out_dir / MANIFEST)  # last: a manifest only ever names complete graphs
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    log.info("exported %s to %s in %.1f s", bundle_dir, out_dir, time.perf_counter() - t0,
+             extra={"parity": {k: v["parity"] for k, v in graphs.items()}})
+    return OnnxExport(out_dir, manifest)
+
+
+def ensure_onnx_export(bundle_dir: str | Path, out_dir: str | Path | None = None) -> OnnxExport:
+    """A current export of ``bundle_dir``: an existing one whose fingerprint matches the sources, else a new one."""
+    bundle_dir = Path(bundle_dir)
+    current = fingerprint(bundle_dir)
+    candidates = [Path(out_dir)] if out_dir is not None else export_dirs(bundle_dir)
+    for d in candidates:
+        manifest = load_manifest(d)
+        if is_current(d, manifest, current["sha256"]):
+            return OnnxExport(d, manifest)
+    first = candidates[0]
+    log.info("exporting %s to ONNX: %s", bundle_dir.name, stale_reason(first, load_manifest(first), current))
+    return export_onnx(bundle_dir, out_dir)

@@ -1,0 +1,158 @@
+"""The ONNX Runtime runtime: text encoder, denoiser and decoder run as exported graphs in onnxruntime sessions.
+
+Exports are made on first use (``models.export.ensure_onnx_export``: ``<model_dir>/onnx``, re-made when the model's
+weights or the graph-defining code change). Tokenisation, the prompt-embedding cache, classifier-free-guidance
+batching, the sampler maths and every random number stay in torch on the CPU, exactly as in ``ModelBundle``, so a
+seed gives the same audio whichever runtime serves it (up to float rounding). No torch model is loaded: only the
+tokenizer and the sessions.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from models.bundle import BundleConfig, Conditioning, guided_forward
+from models.diffusion import (
+    make_parameterization,
+    make_sampler,
+    make_schedule,
+)
+from models.export import OnnxExport, ensure_onnx_export
+from models.export.graphs import (
+    DECODER_OUTPUTS,
+    DENOISER_OUTPUTS,
+    TEXT_INPUTS,
+    TEXT_OUTPUTS,
+)
+from models.export.manifest import text_encoder_dir
+from models.export.ort import import_onnxruntime, session
+from models.text import CachedTextEncoder, TextEmbedding
+from service.runtimes.base import Runtime
+
+log = logging.getLogger("tta.runtimes")
+
+_ENCODERS: dict[str, CachedTextEncoder] = {}
+_ENCODERS_LOCK = threading.Lock()
+
+
+class OnnxTextEncoder:
+    """The tokenizer in Python, the encoder graph in onnxruntime; ``encode_unpadded`` as ``HFTextEncoder``'s (the
+    ``CachedTextEncoder`` in front of it only needs that method and the dims)."""
+
+    def __init__(self, path: Path, tokenizer_dir: Path, info: dict, device: str):
+        from transformers import AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
+        self.session = session(path, device)
+        self.max_length = int(info["max_length"])
+        self.dim, self.pooled_dim, self.name = int(info["dim"]), int(info["pooled_dim"]), info.get("name", "text")
+
+    def encode_unpadded(self, prompts: list[str]) -> list[tuple[Tensor, Tensor]]:
+        batch = self.tokenizer(prompts, padding=True, truncation=True, max_length=self.max_length,
+                               return_tensors="np")
+        feed = {k: np.ascontiguousarray(batch[k], dtype=np.int64) for k in TEXT_INPUTS}
+        states, pooled = self.session.run(TEXT_OUTPUTS, feed)
+        states, pooled = torch.from_numpy(states), torch.from_numpy(pooled)
+        lengths = feed["attention_mask"].sum(1).tolist()
+        return [(states[i, :n], pooled[i]) for i, n in enumerate(lengths)]
+
+
+def shared_onnx_text_encoder(export: OnnxExport, config: dict, device: str) -> CachedTextEncoder:
+    """One encoder session and prompt cache per distinct encoder graph (models sharing a text encoder share it)."""
+    key = export.manifest["graphs"]["text_encoder"]["sha256"] + "@" + device
+    with _ENCODERS_LOCK:
+        if key not in _ENCODERS:
+            enc = OnnxTextEncoder(export.path("text_encoder"), text_encoder_dir(config),
+                                  export.manifest["text_encoder"], device)
+            _ENCODERS[key] = CachedTextEncoder(enc)
+        return _ENCODERS[key]
+
+
+class OnnxRuntime(Runtime):
+    name = "onnxruntime"
+
+    def __init__(self, path: Path, export: OnnxExport, device: str = "cpu"):
+        self.path = Path(path)
+        self.export = export
+        self.config = BundleConfig.load(self.path / "config.json")
+        self.schedule = make_schedule(self.config.schedule)
+        self.parameterization = make_parameterization(self.config.parameterization, self.schedule)
+        self.sampler = make_sampler(self.config.sampler, self.schedule)
+        codec = export.manifest["codec"]
+        self.sample_rate, self.latent_dim = int(codec["sample_rate"]), int(codec["latent_dim"])
+        self.samples_per_latent = int(codec["samples_per_latent"])
+        self.max_latent_frames = int(export.manifest["limits"]["max_latent_frames"])
+        self.text_encoder = shared_onnx_text_encoder(export, {"text_encoder": self.config.text_encoder}, device)
+        self.denoiser = session(export.path("denoiser"), device)
+        self.decoder = session(export.path("decoder"), device)
+        self.denoiser_inputs = [i.name for i in self.denoiser.get_inputs()]
+        self.providers = self.denoiser.get_providers()
+        self._uncond: TextEmbedding | None = None
+
+    @classmethod
+    def load(cls, path: Path, device: str = "cpu") -> OnnxRuntime:
+        import_onnxruntime()  # a clear MissingPackage before anything is exported
+        export = ensure_onnx_export(path)
+        rt = cls(path, export, device=device)
+        log.info("onnxruntime model ready", extra={"model": rt.model_name, "export_dir": str(export.dir),
+                                                   "providers": rt.providers})
+        return rt
+
+    # ------------------------------------------------------------------ text
+    def latent_frames(self, duration: float) -> int:
+        return -(-round(duration * self.sample_rate) // self.samples_per_latent)
+
+    def encode_text(self, prompts: list[str], durations: list[float]) -> Conditioning:
+        return Conditioning(self.text_encoder.encode(prompts), torch.tensor(durations, dtype=torch.float32))
+
+    def unconditional_text(self, n: int) -> TextEmbedding:
+        """The empty prompt's embedding, as ``ModelBundle.unconditional_text``."""
+        if self._uncond is None:
+            self._uncond = self.text_encoder.encode([""])
+        u = self._uncond
+        return TextEmbedding(u.tokens.expand(n, -1, -1), u.mask.expand(n, -1), u.pooled.expand(n, -1))
+
+    # ------------------------------------------------------------------ denoiser
+    def _denoise(self, z: Tensor, t: Tensor, tokens: Tensor, mask: Tensor, pooled: Tensor, seconds: Tensor,
+                 frame_mask: Tensor, guidance: Tensor | None = None) -> Tensor:
+        values = {"z": z, "t": t, "tokens": tokens, "token_mask": mask, "pooled": pooled, "seconds": seconds,
+                  "frame_mask": frame_mask, "guidance": guidance}
+        feed = {}
+        for name in self.denoiser_inputs:
+            x = values[name]
+            dtype = np.bool_ if x.dtype == torch.bool else np.float32
+            feed[name] = np.ascontiguousarray(x.detach().cpu().numpy(), dtype=dtype)
+        return torch.from_numpy(self.denoiser.run(DENOISER_OUTPUTS, feed)[0])
+
+    @torch.inference_mode()
+    def predict_x0(self, z: Tensor, t: Tensor, cond: Conditioning, guidance: Tensor, frame_mask: Tensor) -> Tensor:
+        """``ModelBundle.predict_x0`` over the denoiser graph: one session run per call; samples with guidance != 1
+        get an unconditional row (the empty prompt) appended to the same batch, unless the model takes guidance as
+        an input."""
+        z, t, guidance, frame_mask = z.float().cpu(), t.float().cpu(), guidance.float().cpu(), frame_mask.cpu()
+        out = guided_forward(self._denoise, z, t, cond, guidance, frame_mask, self.unconditional_text,
+                             self.config.guidance_in_model)
+        return self.parameterization.to_x0(out, z, t)
+
+    # ------------------------------------------------------------------ decoder
+    @torch.inference_mode()
+    def decode(self, latents: list[Tensor], durations: list[float]) -> list[Tensor]:
+        """As ``ModelBundle.decode``: equal lengths share one session run; each waveform is cut to its duration."""
+        out: list[Tensor | None] = [None] * len(latents)
+        groups: dict[int, list[int]] = {}
+        for i, x in enumerate(latents):
+            groups.setdefault(x.shape[-1], []).append(i)
+        for frames, idx in groups.items():
+            if frames > self.max_latent_frames:
+                raise ValueError(f"{frames} latent frames is longer than the exported decoder was checked for "
+                                 f"({self.max_latent_frames}, the model's max_duration)")
+            batch = torch.stack([latents[i].float().cpu() for i in idx]).numpy()
+            wave = torch.from_numpy(self.decoder.run(DECODER_OUTPUTS, {"latents": batch})[0])
+            for j, i in enumerate(idx):
+                out[i] = wave[j, :, : round(durations[i] * self.sample_rate)]
+        return out
