@@ -175,9 +175,10 @@ def export_text_encoder(encoder, path: Path, opset: int = OPSET) -> dict:
     states, pooled = sess.run(TEXT_OUTPUTS, {k: batch[k] for k in TEXT_INPUTS})
     reference = encoder.encode_unpadded(VERIFY_PROMPTS)
     lengths = batch["attention_mask"].sum(1)
+    base = encoder.dim - 2 * encoder.number_freqs  # the number channels are appended in Python by every runtime
     got_t = torch.cat([torch.from_numpy(states[i, :n]) for i, n in enumerate(lengths)])
-    want_t = torch.cat([t for t, _ in reference])
-    got_p, want_p = torch.from_numpy(pooled), torch.stack([p for _, p in reference])
+    want_t = torch.cat([t[:, :base] for t, _ in reference])
+    got_p, want_p = torch.from_numpy(pooled), torch.stack([p[:base] for _, p in reference])
     errors = {"max_rel": max(parity.max_rel_error(got_t, want_t), parity.max_rel_error(got_p, want_p)),
               "max_abs": max(parity.max_abs_error(got_t, want_t), parity.max_abs_error(got_p, want_p))}
     return _graph_entry(path, errors, "text_encoder", checked_on=f"{len(VERIFY_PROMPTS)} prompts, one padded batch")
@@ -338,6 +339,7 @@ def export_onnx(bundle_dir: str | Path, out_dir: str | Path | None = None, opset
             "source": source,
             "text_encoder": {"kind": encoder.kind, "max_length": encoder.max_length, "dim": encoder.dim,
                              "pooled_dim": encoder.pooled_dim, "normalize_pooled": encoder.normalize_pooled,
+                             "number_freqs": encoder.number_freqs,
                              "name": encoder.name, "fingerprint": te_digest},
             "codec": {"sample_rate": codec.sample_rate, "audio_channels": codec.audio_channels,
                       "latent_dim": codec.latent_dim, "samples_per_latent": codec.samples_per_latent},

@@ -95,6 +95,23 @@ def number_features(prompt: str, offsets: list[tuple[int, int]], n_freqs: int) -
     return feats
 
 
+def unpad_with_numbers(prompts: list[str], states: Tensor, pooled: Tensor, lengths: list[int], offsets,
+                       number_freqs: int) -> list[tuple[Tensor, Tensor]]:
+    """Per prompt: (token states [L_i, D (+ 2 number_freqs)], pooled) without padding, the number channels of
+    ``number_features`` appended when ``number_freqs`` > 0 (``offsets``: the tokenizer's character offsets).
+    Shared by every runtime of a text encoder, so the number channels are computed in one place."""
+    out = []
+    for i, prompt in enumerate(prompts):
+        tokens, pool = states[i, : lengths[i]], pooled[i]
+        if number_freqs:
+            numbers = number_features(prompt, [tuple(o) for o in offsets[i][: lengths[i]].tolist()], number_freqs)
+            is_number = numbers.abs().sum(1) > 0
+            numbers_pooled = numbers[is_number].mean(0) if is_number.any() else numbers.new_zeros(numbers.shape[1])
+            tokens, pool = torch.cat([tokens, numbers], 1), torch.cat([pool, numbers_pooled])
+        out.append((tokens, pool))
+    return out
+
+
 class HFTextEncoder(TextEncoder):
     """A transformers encoder (BERT-like or T5 encoder) loaded from a local directory.
 
@@ -144,17 +161,8 @@ class HFTextEncoder(TextEncoder):
         pooled = (states * weights).sum(1) / weights.sum(1).clamp(min=1)
         if self.normalize_pooled:
             pooled = torch.nn.functional.normalize(pooled, dim=-1)
-        lengths = mask.sum(1).tolist()
-        out = []
-        for i, prompt in enumerate(prompts):
-            tokens, pool = states[i, : lengths[i]].cpu(), pooled[i].cpu()
-            if self.number_freqs:
-                numbers = number_features(prompt, offsets[i, : lengths[i]].tolist(), self.number_freqs)
-                is_number = numbers.abs().sum(1) > 0
-                numbers_pooled = numbers[is_number].mean(0) if is_number.any() else numbers.new_zeros(numbers.shape[1])
-                tokens, pool = torch.cat([tokens, numbers], 1), torch.cat([pool, numbers_pooled])
-            out.append((tokens, pool))
-        return out
+        return unpad_with_numbers(prompts, states.cpu(), pooled.cpu(), mask.sum(1).tolist(), offsets,
+                                  self.number_freqs)
 
     def encode(self, prompts: list[str]) -> TextEmbedding:
         return assemble(self.encode_unpadded(prompts))

@@ -32,6 +32,7 @@ from models.export.graphs import (
 from models.export.manifest import text_encoder_dir
 from models.export.ort import import_onnxruntime, session
 from models.text import CachedTextEncoder, TextEmbedding
+from models.text.encoders import unpad_with_numbers
 from service.runtimes.base import Runtime
 
 log = logging.getLogger("tta.runtimes")
@@ -51,15 +52,16 @@ class OnnxTextEncoder:
         self.session = session(path, device)
         self.max_length = int(info["max_length"])
         self.dim, self.pooled_dim, self.name = int(info["dim"]), int(info["pooled_dim"]), info.get("name", "text")
+        self.number_freqs = int(info.get("number_freqs", 0))
 
     def encode_unpadded(self, prompts: list[str]) -> list[tuple[Tensor, Tensor]]:
         batch = self.tokenizer(prompts, padding=True, truncation=True, max_length=self.max_length,
-                               return_tensors="np")
+                               return_tensors="np", return_offsets_mapping=self.number_freqs > 0)
         feed = {k: np.ascontiguousarray(batch[k], dtype=np.int64) for k in TEXT_INPUTS}
         states, pooled = self.session.run(TEXT_OUTPUTS, feed)
-        states, pooled = torch.from_numpy(states), torch.from_numpy(pooled)
-        lengths = feed["attention_mask"].sum(1).tolist()
-        return [(states[i, :n], pooled[i]) for i, n in enumerate(lengths)]
+        return unpad_with_numbers(prompts, torch.from_numpy(states), torch.from_numpy(pooled),
+                                  feed["attention_mask"].sum(1).tolist(), batch.get("offset_mapping"),
+                                  self.number_freqs)
 
 
 def shared_onnx_text_encoder(export: OnnxExport, config: dict, device: str) -> CachedTextEncoder:
