@@ -15,7 +15,7 @@ import math
 from dataclasses import asdict
 from pathlib import Path
 
-from torch import Tensor, nn
+from torch import nn
 
 from models.checkpoints.bundle import CheckpointBundle, bundle_config
 from models.checkpoints.denoisers import StableAudioDenoiser
@@ -37,10 +37,8 @@ from models.checkpoints.stable_audio_dit import (
 from models.checkpoints.text import load_t5
 from models.checkpoints.weights import (
     CheckpointError,
-    check_fit,
-    expected_shapes,
     fold_weight_norm,
-    tensor_shapes,
+    load_checked,
 )
 from models.diffusion import make_schedule
 
@@ -69,11 +67,6 @@ def tokenizer_max_length(path: Path) -> int:
     return n if n <= 4096 else 128
 
 
-def _fit(module: nn.Module, sd: dict[str, Tensor], source: str, what: str) -> None:
-    check_fit(expected_shapes(module), tensor_shapes(sd), source, what)
-    module.load_state_dict(sd, strict=True)
-
-
 def load(path: str | Path, device: str = "cpu", text_encoder=None) -> CheckpointBundle:
     path = Path(path)
     comps = components(path)
@@ -84,12 +77,12 @@ def load(path: str | Path, device: str = "cpu", text_encoder=None) -> Checkpoint
     dit_cfg = config_from_diffusers(tcfg, str(path / "transformer/config.json"))
     dit = StableAudioDiT(dit_cfg)
     sd, src = component_weights(path, "transformer")
-    _fit(dit, from_diffusers(sd), src, "transformer")
+    load_checked(dit, from_diffusers(sd), src, "transformer")
 
     vcfg = component_config(path, "vae")
     codec = OobleckCodec(oobleck_config(vcfg, str(path / "vae/config.json")))
     sd, src = component_weights(path, "vae")
-    _fit(codec, fold_weight_norm(sd), src, "vae")
+    load_checked(codec, fold_weight_norm(sd), src, "vae")
 
     pcfg = component_config(path, "projection_model")
     cond_dim, text_dim = int(pcfg["conditioning_dim"]), int(pcfg["text_encoder_dim"])
@@ -109,7 +102,7 @@ def load(path: str | Path, device: str = "cpu", text_encoder=None) -> Checkpoint
             if key.startswith("text_projection."):
                 key = "text_proj." + key[len("text_projection."):]
         mapped[key] = value
-    _fit(proj, mapped, src, "projection_model")
+    load_checked(proj, mapped, src, "projection_model")
     if dit_cfg.cond_token_dim != cond_dim or dit_cfg.global_cond_dim != 2 * cond_dim:
         raise CheckpointError(f"{path}: transformer cross_attention_input_dim / global_states_input_dim "
                               f"({dit_cfg.cond_token_dim} / {dit_cfg.global_cond_dim}) do not match the projection "

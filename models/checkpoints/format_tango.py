@@ -16,7 +16,6 @@ from __future__ import annotations
 from dataclasses import asdict
 from pathlib import Path
 
-from torch import Tensor, nn
 
 from models.checkpoints.bundle import CheckpointBundle, bundle_config
 from models.checkpoints.denoisers import UNetDenoiser
@@ -39,10 +38,8 @@ from models.checkpoints.unet import UNet2DCondition
 from models.checkpoints.unet import config_from_diffusers as unet_config
 from models.checkpoints.weights import (
     CheckpointError,
-    check_fit,
-    expected_shapes,
     fold_weight_norm,
-    tensor_shapes,
+    load_checked,
 )
 
 NAME = "tango"
@@ -56,11 +53,6 @@ def detect(path: Path) -> bool:
         return {"unet", "vae", "vocoder"} <= set(components(path))
     except CheckpointError:
         return False
-
-
-def _fit(module: nn.Module, sd: dict[str, Tensor], source: str, what: str) -> None:
-    check_fit(expected_shapes(module), tensor_shapes(sd), source, what)
-    module.load_state_dict(sd, strict=True)
 
 
 def load(path: str | Path, device: str = "cpu", text_encoder=None) -> CheckpointBundle:
@@ -77,17 +69,17 @@ def load(path: str | Path, device: str = "cpu", text_encoder=None) -> Checkpoint
     ucfg = component_config(path, "unet")
     unet = UNet2DCondition(unet_config(ucfg, str(path / "unet/config.json")))
     sd, src = component_weights(path, "unet")
-    _fit(unet, sd, src, "unet")
+    load_checked(unet, sd, src, "unet")
 
     vae_cfg = vae_config_from_diffusers(component_config(path, "vae"), str(path / "vae/config.json"))
     vae = MelVAE(vae_cfg)
     sd, src = component_weights(path, "vae")
-    _fit(vae, {vae_key(k): v for k, v in sd.items()}, src, "vae")
+    load_checked(vae, {vae_key(k): v for k, v in sd.items()}, src, "vae")
 
     vocoder = HifiGan(vocoder_config_from_transformers(component_config(path, "vocoder"),
                                                        str(path / "vocoder/config.json")))
     sd, src = component_weights(path, "vocoder")
-    _fit(vocoder, fold_weight_norm(sd), src, "vocoder")
+    load_checked(vocoder, fold_weight_norm(sd), src, "vocoder")
 
     if unet.config.in_channels != vae_cfg.latent_channels or unet.config.out_channels != vae_cfg.latent_channels:
         raise CheckpointError(f"{path}: unet in/out channels {unet.config.in_channels}/{unet.config.out_channels} "

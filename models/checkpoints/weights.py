@@ -112,6 +112,13 @@ def expected_shapes(module: nn.Module) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in module.state_dict().items()}
 
 
+def load_checked(module: nn.Module, state_dict: Mapping[str, Tensor], source: str, what: str) -> None:
+    """Load ``state_dict`` into ``module`` strictly, after ``check_fit`` has named any missing, unexpected or
+    mis-shaped weight."""
+    check_fit(expected_shapes(module), tensor_shapes(state_dict), source, what)
+    module.load_state_dict(state_dict, strict=True)
+
+
 def _few(keys: list[str], n: int = 6) -> str:
     shown = ", ".join(keys[:n])
     return f"[{shown}{', ...' if len(keys) > n else ''}] ({len(keys)})"
