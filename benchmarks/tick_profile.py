@@ -57,7 +57,7 @@ def build_bundle(seed: int = 0):
     """A teacher-sized bundle with random weights; zero-initialised layers get small random values so that the
     output depends on every input, as a trained model's does."""
     from models.bundle import BundleConfig, ModelBundle
-    from models.codec import HarmonicAutoencoder, HarmonicAutoencoderConfig
+    from models.codec import HarmonicAutoencoder
     from models.dit import DiT, DiTConfig
     from service.runtimes.torch_runtime import shared_text_encoder
 
@@ -67,7 +67,7 @@ def build_bundle(seed: int = 0):
         for p in dit.parameters():
             if p.abs().sum() == 0:
                 p.normal_(0.0, 0.02)
-    codec = HarmonicAutoencoder(HarmonicAutoencoderConfig(**codec_config()))
+    codec = HarmonicAutoencoder.from_config(codec_config())
     cfg = BundleConfig(name="profile-teacher", default_steps=25, max_steps=500, default_duration=5.0,
                        max_duration=10.0)
     return ModelBundle(cfg, dit, codec, shared_text_encoder({"name": "minilm"}, "cpu"))

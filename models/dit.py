@@ -20,7 +20,7 @@ from models.layers import fourier_features
 
 @dataclass
 class DiTConfig:
-    latent_dim: int = 32
+    latent_dim: int = 33  # the embedded codec: 4 pitch + 1 balance + 28 learned channels
     width: int = 192
     depth: int = 6
     heads: int = 4

@@ -22,6 +22,8 @@ from models.training.arc import (
 )
 from models.training.batches import sample_captioned_batch
 
+LATENT = DiTConfig.latent_dim  # the embedded codec's latent channels
+
 
 def _batch(cache, text_encoder, n=4, seed=3):
     return sample_captioned_batch(cache, SyntheticCorpus("train"), text_encoder, np.random.default_rng(seed), n)
@@ -79,7 +81,7 @@ def test_discriminator_shares_the_trunk_at_init(teacher, text_encoder):
     assert not any(n.startswith(("blocks.2.", "proj_out", "ada_out")) for n in trunk)
     # one logit per clip, independent of padding and batch companions
     text = text_encoder.encode(["a dog barks", "a 300 Hz square wave"])
-    z, t, sec = torch.randn(2, 32, 12), torch.tensor([0.4, 0.7]), torch.tensor([1.0, 0.5])
+    z, t, sec = torch.randn(2, LATENT, 12), torch.tensor([0.4, 0.7]), torch.tensor([1.0, 0.5])
     mask = torch.ones(2, 12, dtype=torch.bool)
     mask[1, 7:] = False
     z[1, :, 7:] = 50.0
@@ -96,7 +98,7 @@ def test_fold_guidance_is_exact(text_encoder):
     folded = fold_guidance(dit, 4.0)
     assert not folded.config.guidance_embed
     text = text_encoder.encode(["wind", "a kick drum"])
-    z, t, sec = torch.randn(2, 32, 9), torch.tensor([0.2, 0.95]), torch.tensor([1.0, 3.0])
+    z, t, sec = torch.randn(2, LATENT, 9), torch.tensor([0.2, 0.95]), torch.tensor([1.0, 3.0])
     with torch.no_grad():
         ref = dit(z, t, text.tokens, text.mask, text.pooled, sec, guidance=torch.full((2,), 4.0))
         other = dit(z, t, text.tokens, text.mask, text.pooled, sec, guidance=torch.full((2,), 1.0))
@@ -172,7 +174,7 @@ def test_arc_run_updates_both_nets_exports_and_resumes(tmp_path, teacher, cache,
     for steps in (1, 2, 4, 8):
         rows.clear()
         lat = arc.generate_latents(["a dog barks", "rain on a roof"], [1.0, 2.0], [4, 5], steps=steps)
-        assert [x.shape for x in lat] == [(32, arc.latent_frames(1.0)), (32, arc.latent_frames(2.0))]
+        assert [x.shape for x in lat] == [(LATENT, arc.latent_frames(1.0)), (LATENT, arc.latent_frames(2.0))]
         assert all(torch.isfinite(x).all() for x in lat)
         assert rows == [2] * steps  # one forward row per sample per step, no CFG
     wave = arc.generate(["a dog barks"], [1.0], [4], steps=2)[0]
@@ -191,7 +193,7 @@ def test_arc_from_a_guidance_embedded_student(tmp_path, teacher, cache, text_enc
     tr = ARCTrainer(student_bundle, ARCConfig())
     assert not tr.gen.config.guidance_embed and tr.disc.trunk.guidance_mlp is None
     text = text_encoder.encode(["a siren"])
-    z, t, sec = torch.randn(1, 32, 8), torch.tensor([0.6]), torch.tensor([1.0])
+    z, t, sec = torch.randn(1, LATENT, 8), torch.tensor([0.6]), torch.tensor([1.0])
     with torch.no_grad():
         ref = student_bundle.denoiser(z, t, text.tokens, text.mask, text.pooled, sec, guidance=torch.tensor([3.0]))
         out = tr.gen(z, t, text.tokens, text.mask, text.pooled, sec)

@@ -1,11 +1,19 @@
-"""The harmonic-plus-noise codec's analytic parts: pitch analysis, partial rendering, the latent's pitch channels."""
+"""The harmonic-plus-noise codec's analytic parts: pitch analysis, partial rendering, the latent's pitch and
+balance channels, warm starts across latent layouts."""
+import json
 import math
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
-from models.codec import HarmonicAutoencoder, HarmonicAutoencoderConfig
-from models.codec.harmonic import band_matrix, hann_lobe
+from models.codec import HarmonicAutoencoder, HarmonicAutoencoderConfig, load_codec
+from models.codec.harmonic import balance_gains, band_matrix, hann_lobe
+from models.training.warm_start import (
+    DIT_CHANNEL_PARAMS,
+    load_remapped,
+    warm_start_codec,
+)
 
 SR = 44100
 
@@ -96,8 +104,77 @@ def test_codec_shapes_and_determinism():
     codec = tiny_codec()
     wave = torch.randn(2, 2, 44100) * 0.1
     z = codec.encode(wave)
-    assert z.shape == (2, 32, math.ceil(44100 / 2048))
+    assert z.shape == (2, codec.latent_dim, math.ceil(44100 / 2048))
     y1, y2 = codec.decode(z), codec.decode(z[1:])
     assert y1.shape == (2, 2, z.shape[-1] * 2048)
     assert torch.allclose(y1[1], y2[0], atol=1e-5)  # decoding does not depend on batch companions
     assert torch.equal(codec.decode(z), y1)
+
+
+def test_balance_channel_places_the_sound():
+    codec = tiny_codec()
+    c = codec.config
+    assert c.channel_names()[c.pitch_channels] == "balance"
+    with torch.no_grad():  # a decoder that ignores the learned code: both channels get the same levels
+        codec.dec_out.weight.zero_()
+    for pan_db in (-20.0, 0.0, 9.0):
+        g = 10 ** (pan_db / 20)
+        wave = tone([(440.0, 0.3)], seconds=2.0, pan=(1.0 / max(1.0, g), g / max(1.0, g)))
+        raw, _ = codec.encode_distribution(wave)
+        inner = slice(1, 42)
+        expected = pan_db / 20 * math.log(10)  # half the log energy ratio = the log amplitude ratio
+        assert torch.allclose(raw[0, c.pitch_channels, inner], torch.tensor(expected), atol=1e-3)
+        y = codec.decode(codec.normalize(raw))[..., 4096:80000]
+        energy = y.pow(2).mean(-1)[0]
+        assert 10 * math.log10(energy[1] / energy[0]) == pytest.approx(pan_db, abs=0.5)
+
+
+def test_balance_gains_keep_power():
+    b = torch.linspace(-4, 4, 9)[None]
+    gains = balance_gains(b).exp()
+    assert torch.allclose(gains.pow(2).sum(1), torch.full_like(b, 2.0))
+    assert torch.allclose(gains[:, 1] / gains[:, 0], b.exp())
+
+
+def test_warm_start_from_a_codec_without_a_balance_channel(tmp_path):
+    torch.manual_seed(1)
+    small = {"hidden": 32, "encoder_blocks": 1, "decoder_latent_blocks": 1, "decoder_frame_blocks": 1}
+    old = HarmonicAutoencoder(HarmonicAutoencoderConfig(latent_dim=32, balance=False, **small)).eval()
+    with torch.no_grad():
+        for p in old.dec_out.parameters():
+            p.normal_(0, 0.05)
+    config = {k: v for k, v in old.to_config().items() if k != "balance"}  # as codecs were saved before it
+    config["latent_shift"], config["latent_scale"] = [0.1] * 32, [2.0] * 32
+    save_file(old.state_dict(), tmp_path / "codec.safetensors")
+    (tmp_path / "config.json").write_text(json.dumps({"codec": config}))
+    old = load_codec(tmp_path)
+    assert not old.config.balance and old.latent_dim == 32
+    new = HarmonicAutoencoder(HarmonicAutoencoderConfig(**small)).eval()
+    assert warm_start_codec(new, tmp_path) == ["balance"]
+    wave = tone([(300.0, 0.2), (1100.0, 0.1)], seconds=1.0)  # centred: balance 0, so the pan gains are 1
+    z_old, z_new = old.encode(wave), new.encode(wave)
+    keep = [i for i in range(33) if i != new.config.pitch_channels]
+    assert torch.allclose(z_new[:, keep], z_old, atol=1e-5)
+    assert torch.allclose(new.decode(z_new), old.decode(z_old), atol=1e-5)
+
+
+def test_dit_warm_start_maps_channels_by_name():
+    from models.dit import DiT, DiTConfig
+
+    torch.manual_seed(2)
+    names32 = HarmonicAutoencoderConfig(latent_dim=32, balance=False).channel_names()
+    names33 = HarmonicAutoencoderConfig().channel_names()
+    small = {"width": 32, "depth": 1, "heads": 2, "text_dim": 8, "pooled_dim": 8}
+    old, new = DiT(DiTConfig(latent_dim=32, **small)).eval(), DiT(DiTConfig(latent_dim=33, **small)).eval()
+    with torch.no_grad():
+        for p in old.parameters():
+            p.normal_(0, 0.05)
+    assert load_remapped(new, old.state_dict(), DIT_CHANNEL_PARAMS, names32, names33) == ["balance"]
+    z = torch.randn(1, 33, 7)
+    keep = [i for i, n in enumerate(names33) if n != "balance"]
+    args = (torch.tensor([0.4]), torch.randn(1, 3, 8), torch.ones(1, 3, dtype=torch.bool), torch.randn(1, 8),
+            torch.tensor([1.0]))
+    with torch.no_grad():
+        out_new, out_old = new(z, *args), old(z[:, keep], *args)
+    assert torch.allclose(out_new[:, keep], out_old, atol=1e-5)
+    assert torch.all(out_new[:, 4] == 0)

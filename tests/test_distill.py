@@ -12,6 +12,7 @@ from models.bundle import ModelBundle
 from models.data.corpus import SyntheticCorpus
 from models.diffusion import DDIMSampler, RectifiedFlowSchedule, VPCosineSchedule
 from models.diffusion.weighting import loss_weight
+from models.dit import DiTConfig
 from models.training.batches import sample_captioned_batch
 from models.training.derived import codec_dir
 from models.training.distill import (
@@ -23,6 +24,8 @@ from models.training.distill import (
     two_step_target,
     with_guidance_embedding,
 )
+
+LATENT = DiTConfig.latent_dim  # the embedded codec's latent channels
 
 
 # ------------------------------------------------------------------------------------------------ weights
@@ -120,7 +123,7 @@ def test_student_starts_as_teacher_conditional_model(teacher, text_encoder):
     student = with_guidance_embedding(teacher.denoiser)
     assert student.config.guidance_embed and not teacher.denoiser.config.guidance_embed
     text = text_encoder.encode(["a 440 Hz sine tone", "rain"])
-    z, t = torch.randn(2, 32, 9), torch.tensor([0.3, 0.9])
+    z, t = torch.randn(2, LATENT, 9), torch.tensor([0.3, 0.9])
     with torch.no_grad():
         ref = teacher.denoiser(z, t, text.tokens, text.mask, text.pooled, torch.tensor([1.0, 2.0]))
         for w in (1.0, 3.0, 6.0):
@@ -192,7 +195,7 @@ def test_distill_run_exports_halvings_and_resumes(tmp_path, teacher, cache, text
         assert codec_dir(student) == codec_dir(teacher)
         rows = count_denoiser_rows(student)
         lat = student.generate_latents(["a dog barks", "a 300 Hz square wave"], [1.0, 2.5], [1, 2])
-        assert [x.shape for x in lat] == [(32, student.latent_frames(1.0)), (32, student.latent_frames(2.5))]
+        assert [x.shape for x in lat] == [(LATENT, student.latent_frames(1.0)), (LATENT, student.latent_frames(2.5))]
         assert rows == [2] * steps  # one forward row per sample per step, guidance included
         assert student.forward_count(torch.tensor([3.0, 3.0])) == 2
         assert teacher.forward_count(torch.tensor([3.0, 3.0])) == 4

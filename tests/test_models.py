@@ -8,6 +8,8 @@ from models.codec import HarmonicAutoencoder, HarmonicAutoencoderConfig
 from models.dit import DiT, DiTConfig
 from models.text import load_text_encoder
 
+LATENT = DiTConfig.latent_dim  # the embedded codec's latent channels
+
 torch.set_num_threads(1)
 
 
@@ -32,7 +34,7 @@ def tiny_bundle(text_encoder, sampler="ddim", guidance_in_model=False):
 def test_dit_is_invariant_to_batch_padding(text_encoder):
     b = tiny_bundle(text_encoder)
     text = text_encoder.encode(["a 440 Hz sine tone", "rain on a roof with distant thunder and wind"])
-    z = torch.randn(2, 32, 30)
+    z = torch.randn(2, LATENT, 30)
     mask = torch.ones(2, 30, dtype=torch.bool)
     mask[0, 17:] = False
     z[0, :, 17:] = 99.0  # garbage in the padding must not matter
@@ -49,7 +51,7 @@ def test_predict_x0_mixed_guidance_matches_separate_calls(text_encoder):
     b = tiny_bundle(text_encoder)
     cond = b.conditioning(["a dog barks", "white noise fading in", "a kick drum"], [1.0, 2.0, 1.5])
     frames = [b.latent_frames(d) for d in (1.0, 2.0, 1.5)]
-    z = torch.randn(3, 32, max(frames))
+    z = torch.randn(3, LATENT, max(frames))
     mask = torch.arange(max(frames))[None] < torch.tensor(frames)[:, None]
     t = torch.tensor([0.9, 0.5, 0.2])
     g = torch.tensor([3.0, 1.0, 5.0])

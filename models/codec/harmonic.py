@@ -36,6 +36,7 @@ from models.layers import ConvNeXtBlock1d
 
 LOG_EPS = 1e-5
 MAG_FLOOR = 1e-3  # the log-magnitude loss compares log(|X| + MAG_FLOOR): about -114 dB re full scale
+BALANCE_LIMIT = 4.0  # |balance| is clipped at e^4: the quieter channel 35 dB down
 LOBE = 2  # partials are drawn on the bins within +-LOBE (+ rounding) of their centre: Hann's main lobe
 
 
@@ -43,7 +44,7 @@ LOBE = 2  # partials are drawn on the bins within +-LOBE (+ rounding) of their c
 class HarmonicAutoencoderConfig:
     sample_rate: int = 44100
     audio_channels: int = 2
-    latent_dim: int = 32
+    latent_dim: int = 33
     n_fft: int = 2048
     hop: int = 512
     frames_per_latent: int = 4
@@ -53,6 +54,7 @@ class HarmonicAutoencoderConfig:
     decoder_frame_blocks: int = 2
     layer_scale: float = 1.0
     slots: int = 2
+    balance: bool = True      # one analytic stereo-balance channel (needs 2 audio channels)
     harmonics: int = 16       # partials with their own amplitude; the rest follow a power-law tail
     max_harmonics: int = 64
     noise_bands: int = 48
@@ -64,6 +66,11 @@ class HarmonicAutoencoderConfig:
     # latent normalisation measured on the corpus after training: z = (raw - shift) / scale
     latent_shift: list[float] = field(default_factory=list)
     latent_scale: list[float] = field(default_factory=list)
+
+    @classmethod
+    def from_dict(cls, config: dict) -> HarmonicAutoencoderConfig:
+        """A saved config; one written before the balance channel existed has none."""
+        return cls(**{"balance": False, **config})
 
     @property
     def bins(self) -> int:
@@ -78,6 +85,16 @@ class HarmonicAutoencoderConfig:
         return 2 * self.slots
 
     @property
+    def analytic_channels(self) -> int:
+        return self.pitch_channels + int(self.balance)
+
+    def channel_names(self) -> list[str]:
+        """What each latent channel holds: warm starts map weights between codec versions by these names."""
+        names = [f"{kind}{s}" for s in range(self.slots) for kind in ("tonality", "pitch")]
+        names += ["balance"] * int(self.balance)
+        return names + [f"learned{i}" for i in range(self.latent_dim - self.analytic_channels)]
+
+    @property
     def slot_outputs(self) -> int:  # pitch correction, per-channel log amplitude, harmonic shape, tail slope, odd
         return 1 + self.audio_channels + self.harmonics + 2
 
@@ -86,6 +103,21 @@ def analysis_features(mag: Tensor) -> Tensor:
     """[B, C, K, F] magnitudes -> [B, C * K, F] scaled log magnitudes: what the learned channels are encoded from
     (pitch is analysed exactly, so the phase advances need not be learned from)."""
     return (torch.log(mag + LOG_EPS) / 5.0).flatten(1, 2)
+
+
+def balance_feature(mag: Tensor, frames_per_latent: int, floor: float) -> Tensor:
+    """[B, 2, K, F] magnitudes -> stereo balance per latent frame [B, 1, T]: half the log ratio of right to left
+    energy (so e^balance is the amplitude ratio), 0 for silence (``floor`` is the energy of a -80 dBFS tone)."""
+    energy = F.avg_pool1d(mag.square().sum(2), frames_per_latent)  # [B, 2, T]
+    ratio = (energy[:, 1:2] + floor) / (energy[:, 0:1] + floor)
+    return (0.5 * torch.log(ratio)).clamp(-BALANCE_LIMIT, BALANCE_LIMIT)
+
+
+def balance_gains(balance: Tensor) -> Tensor:
+    """Balance [B, F] -> constant-power log gains [B, 2, F] (left, right): both 0 at balance 0, their ratio e^balance,
+    g_L^2 + g_R^2 = 2 always."""
+    left = 0.5 * math.log(2.0) - 0.5 * F.softplus(2 * balance)
+    return torch.stack([left, left + balance], dim=1)
 
 
 def _sinc(x: Tensor) -> Tensor:
@@ -102,7 +134,7 @@ def hann_lobe(d: Tensor) -> Tensor:
 
 def band_matrix(bins: int, bands: int, sample_rate: int) -> Tensor:
     """[bins, bands]: each bin's log level as a linear interpolation between mel-spaced band centres."""
-    mel = lambda f: 2595.0 * math.log10(1.0 + f / 700.0)  # noqa: E731
+    mel = lambda f: 2595.0 * math.log10(1.0 + f / 700.0)
     centres_mel = torch.linspace(0.0, mel(sample_rate / 2), bands, dtype=torch.float64)
     centres_hz = 700.0 * (10 ** (centres_mel / 2595.0) - 1.0)
     hz = torch.linspace(0.0, sample_rate / 2, bins, dtype=torch.float64)
@@ -173,7 +205,9 @@ class HarmonicAutoencoder(AudioCodec):
         c = self.config = config or HarmonicAutoencoderConfig()
         self.sample_rate, self.audio_channels, self.latent_dim = c.sample_rate, c.audio_channels, c.latent_dim
         self.samples_per_latent = c.samples_per_latent
-        self.learned_dim = c.latent_dim - c.pitch_channels
+        self.learned_dim = c.latent_dim - c.analytic_channels
+        if c.balance and c.audio_channels != 2:
+            raise ValueError("the balance channel needs stereo audio (audio_channels = 2)")
         h = c.hidden
         self.analyser = PitchAnalyser(c)
 
@@ -235,9 +269,12 @@ class HarmonicAutoencoder(AudioCodec):
         h = self.enc_in(torch.cat([analysis_features(mag), pitch], dim=1))
         h = self.enc_latent(self.enc_down(self.enc_frame(h)))
         mean, logvar = self.enc_out(h).chunk(2, dim=1)
-        pitch_latent = F.avg_pool1d(pitch, c.frames_per_latent)
-        mean = torch.cat([pitch_latent, mean], dim=1)
-        logvar = torch.cat([torch.full_like(pitch_latent, -float("inf")), logvar.clamp(-12, 4)], dim=1)
+        analytic = F.avg_pool1d(pitch, c.frames_per_latent)
+        if c.balance:
+            floor = 1e-8 * (c.n_fft / 4) ** 2
+            analytic = torch.cat([analytic, balance_feature(mag, c.frames_per_latent, floor)], dim=1)
+        mean = torch.cat([analytic, mean], dim=1)
+        logvar = torch.cat([torch.full_like(analytic, -float("inf")), logvar.clamp(-12, 4)], dim=1)
         return mean, logvar
 
     def normalize(self, raw: Tensor) -> Tensor:
@@ -263,8 +300,9 @@ class HarmonicAutoencoder(AudioCodec):
         slot = out[:, : S * c.slot_outputs].view(B, S, c.slot_outputs, F_)
         noise = out[:, S * c.slot_outputs:].view(B, C, c.noise_bands, F_)
 
-        pitch = F.interpolate(raw[:, : c.pitch_channels], scale_factor=c.frames_per_latent, mode="linear",
-                              align_corners=False).view(B, S, 2, F_)
+        analytic = F.interpolate(raw[:, : c.analytic_channels], scale_factor=c.frames_per_latent, mode="linear",
+                                 align_corners=False)
+        pitch = analytic[:, : c.pitch_channels].reshape(B, S, 2, F_)
         tau = pitch[:, :, 0].clamp(min=0.05)
         logf = pitch[:, :, 1] / (c.pitch_scale * tau) + math.log(c.pitch_ref_hz) + 0.1 * slot[:, :, 0]
 
@@ -283,6 +321,10 @@ class HarmonicAutoencoder(AudioCodec):
         gate = torch.log(((pitch[:, :, 0] - 0.1) / 0.9).clamp(min=1e-8, max=1.0))  # [B, S, F]
         log_amp = level[:, :, :, None] + partials[:, :, None] + gate[:, :, None, None]  # [B, S, C, H_max, F]
         noise_log = torch.einsum("kx,bcxf->bckf", self.bands, noise)
+        if c.balance:  # stereo placement is analytic too: a constant-power pan of everything the frame holds
+            gains = balance_gains(analytic[:, c.pitch_channels])  # [B, 2, F]
+            log_amp = log_amp + gains[:, None, :, None, :]
+            noise_log = noise_log + gains[:, :, None, :]
         return {"logf": logf, "log_amp": log_amp, "noise_log": noise_log}
 
     def phase_table(self, frames: int, device) -> Tensor:
@@ -303,12 +345,17 @@ class HarmonicAutoencoder(AudioCodec):
         ``decode_real`` and the ONNX export use this). Tensors are laid out [B, C, S, H, lobe bin, F] so that the
         scatter's source is a view, not a copy."""
         c = self.config
-        B, S, C, Hm, F_ = log_amp.shape
+        B, _, C, Hm, F_ = log_amp.shape
         f = torch.exp(logf)                                                    # [B, S, F] Hz
         # phase of the fundamental at each frame centre: trapezoidal integral of the frequency track, summed in
         # float64 and wrapped to [0, 2 pi) before it is multiplied by the harmonic number (n theta mod 2 pi only
-        # needs theta mod 2 pi); a float32 running sum reaches 1e5 rad in 10 s and would smear the upper partials
-        step = math.pi * c.hop / c.sample_rate * (f[..., 1:] + f[..., :-1])
+        # needs theta mod 2 pi); a float32 running sum reaches 1e5 rad in 10 s and would smear the upper partials.
+        # The integrand is capped at Nyquist: a frame whose fundamental lies above it draws nothing, but gated-off
+        # slots of generated (or random) latents can hold 1e12 Hz, where one float32 rounding of f (ONNX Runtime vs
+        # PyTorch, or a 1e-7 nudge of the latents) moves every later phase by radians. Below the cap: bit for bit
+        # the same; above it, later frames keep their shapes and change only by a constant phase per partial
+        f_phase = f.clamp(max=c.sample_rate / 2)
+        step = math.pi * c.hop / c.sample_rate * (f_phase[..., 1:] + f_phase[..., :-1])
         theta = torch.remainder(torch.cumsum(step.double(), dim=-1), 2 * math.pi).to(f.dtype)
         theta = torch.cat([torch.zeros_like(f[..., :1]), theta], dim=-1)
         n = torch.arange(1, Hm + 1, dtype=f.dtype, device=f.device)[:, None]
@@ -354,5 +401,5 @@ class HarmonicAutoencoder(AudioCodec):
         return asdict(self.config)
 
     @classmethod
-    def from_config(cls, config: dict) -> "HarmonicAutoencoder":
-        return cls(HarmonicAutoencoderConfig(**config))
+    def from_config(cls, config: dict) -> HarmonicAutoencoder:
+        return cls(HarmonicAutoencoderConfig.from_dict(config))

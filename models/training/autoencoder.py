@@ -17,8 +17,20 @@ import torch
 from safetensors.torch import save_file
 
 from models.audio.spectral import multi_resolution_stft_distance
-from models.codec.harmonic import MAG_FLOOR, HarmonicAutoencoder, HarmonicAutoencoderConfig
-from models.training.common import EMA, RunState, lr_at, progress, seed_everything, set_threads
+from models.codec.harmonic import (
+    MAG_FLOOR,
+    HarmonicAutoencoder,
+    HarmonicAutoencoderConfig,
+)
+from models.training.common import (
+    EMA,
+    RunState,
+    lr_at,
+    progress,
+    seed_everything,
+    set_threads,
+)
+from models.training.warm_start import warm_start_codec
 
 # the decoder's own resolution (2048, 512) checks overlap-add consistency; (512, 128) checks transients
 TRAIN_RESOLUTIONS = ((2048, 512), (512, 128))
@@ -41,6 +53,8 @@ class AutoencoderTrainConfig:
     log_every: int = 25
     stats_clips: int = 256
     threads: int | None = None
+    init_from: str = ""         # warm start from this codec directory (an older latent layout is fine)
+    train_encoder: bool = True  # False keeps the encoder, so the learned latents of init_from stay valid
 
 
 class ClipPool:
@@ -75,7 +89,7 @@ def autoencoder_losses(model: HarmonicAutoencoder, wave: torch.Tensor, cfg: Auto
     target_mag = target.abs()
     tau, freq = model.analyser(target, target_mag)
     mean, logvar = model.encode_distribution(wave, target, (tau, freq))
-    learned = slice(model.config.pitch_channels, None)
+    learned = slice(model.config.analytic_channels, None)
     z = mean.clone()
     z[:, learned] = mean[:, learned] + torch.randn_like(mean[:, learned]) * torch.exp(0.5 * logvar[:, learned])
     p = model.decode_params(z)
@@ -89,7 +103,7 @@ def autoencoder_losses(model: HarmonicAutoencoder, wave: torch.Tensor, cfg: Auto
     # few low bins that carry brown noise or a rumble nearly unweighted), and the energy of many bins is not the
     # mean of their log (which sits ~0.6 nats below the log-energy for noise)
     weights = model.bands / model.bands.sum(0, keepdim=True)  # [K, bands]
-    band = lambda m: torch.log(torch.einsum("bckf,kx->bcxf", m.pow(2), weights) + MAG_FLOOR ** 2)  # noqa: E731
+    band = lambda m: torch.log(torch.einsum("bckf,kx->bcxf", m.pow(2), weights) + MAG_FLOOR ** 2)
     l_band = (band(mag) - band(target_mag)).pow(2).mean()
     l_pitch = (tau * (p["logf"] - torch.log(freq)).pow(2)).sum() / tau.sum().clamp(min=1.0)
     l_stft = multi_resolution_stft_distance(recon, wave, TRAIN_RESOLUTIONS, eps=1e-3, pooled=True)
@@ -119,8 +133,15 @@ def train_autoencoder(out_dir: str | Path, run_dir: str | Path, cfg: Autoencoder
     seed_everything(cfg.seed)
     run = RunState(run_dir)
     model = HarmonicAutoencoder(model_config)
+    if cfg.init_from:
+        added = warm_start_codec(model, cfg.init_from)
+        print(f"warm start from {cfg.init_from}; new latent channels: {', '.join(added) or 'none'}")
+    if not cfg.train_encoder:
+        for name, p in model.named_parameters():
+            p.requires_grad_(not name.startswith("enc_"))
     ema = EMA(model, cfg.ema_decay)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.8, 0.99), weight_decay=0.01)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.8, 0.99), weight_decay=0.01)
     step = 0
     if run.exists():
         step, _ = run.load({"model": model, "ema": ema.model}, {"opt": opt})
@@ -139,7 +160,7 @@ def train_autoencoder(out_dir: str | Path, run_dir: str | Path, cfg: Autoencoder
         losses = autoencoder_losses(model, wave, cfg)
         opt.zero_grad(set_to_none=True)
         losses["loss"].backward()
-        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        gnorm = torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         step += 1
         ema.update(model, step)

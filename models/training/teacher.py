@@ -26,6 +26,7 @@ from models.training.common import (
     train_loop,
 )
 from models.training.latent_cache import LatentCache, build_latent_cache
+from models.training.warm_start import warm_start_dit
 
 __all__ = ["TeacherTrainConfig", "export_teacher", "load_codec", "masked_mse", "train_teacher"]
 
@@ -48,6 +49,7 @@ class TeacherTrainConfig:
     depth: int = 6
     heads: int = 4
     number_freqs: int = 16  # the text encoder's number channels (models.text.encoders.number_features)
+    init_from: str = ""  # warm start from this teacher directory (its codec may have another latent layout)
 
     def text_encoder_config(self) -> dict:
         return {"name": "minilm", "number_freqs": self.number_freqs}
@@ -67,6 +69,9 @@ def train_teacher(out_dir: str | Path, run_dir: str | Path, codec_dir: str | Pat
     dit_config = DiTConfig(latent_dim=codec.latent_dim, width=cfg.width, depth=cfg.depth, heads=cfg.heads,
                            text_dim=text_encoder.dim, pooled_dim=text_encoder.pooled_dim)
     model = DiT(dit_config)
+    if cfg.init_from:
+        added = warm_start_dit(model, cfg.init_from, codec.config.channel_names())
+        print(f"warm start from {cfg.init_from}; new latent channels: {', '.join(added) or 'none'}")
     ema = EMA(model, cfg.ema_decay)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
     step = 0
