@@ -12,9 +12,10 @@ import torch
 
 from benchmarks.common import environment, md_table, peak_rss_mb, write_results
 from models.audio.spectral import multi_resolution_stft_distance, si_sdr
-from models.data.corpus import SAMPLE_RATE, SyntheticCorpus
-from models.eval.pitch import PitchTracker
 from models.codec import load_codec
+from models.data.corpus import SAMPLE_RATE, SyntheticCorpus
+from models.eval.adherence import channel_balance_db, placement_matches
+from models.eval.pitch import PitchTracker
 
 
 def main(argv=None) -> dict:
@@ -47,6 +48,9 @@ def main(argv=None) -> dict:
             "caption": clip.caption, "category": clip.params["category"],
             "mrstft": float(multi_resolution_stft_distance(y, x)[0].mean()),
             "si_sdr_db": float(si_sdr(y, x)[0].mean()),
+            "balance_db": channel_balance_db(clip.audio), "reconstruction_balance_db": channel_balance_db(y[0].numpy()),
+            "placement": clip.params.get("placement"),
+            "placement_kept": placement_matches(y[0].numpy(), clip.params.get("placement")),
         })
     pitch = []
     for clip in tones:
@@ -59,6 +63,7 @@ def main(argv=None) -> dict:
         pitch.append({"caption": clip.caption, "target_hz": clip.params["pitch_hz"], "original_hz": f_ref,
                       "reconstruction_hz": f_rec, "relative_error": err})
     errs = [p["relative_error"] for p in pitch if p["relative_error"] is not None]
+    placed = [c for c in per_clip if c["placement"] is not None]
     summary = {
         "clips": len(per_clip),
         "mrstft_mean": float(np.mean([c["mrstft"] for c in per_clip])),
@@ -66,6 +71,10 @@ def main(argv=None) -> dict:
         "tones": len(pitch),
         "pitch_error_median": float(np.median(errs)) if errs else None,
         "pitch_within_1pct": sum(e <= 0.01 for e in errs) / len(pitch) if pitch else None,
+        "balance_error_db_median": float(np.median([abs(c["reconstruction_balance_db"] - c["balance_db"])
+                                                    for c in per_clip])),
+        "placed_clips": len(placed),
+        "placement_kept": sum(bool(c["placement_kept"]) for c in placed) / len(placed) if placed else None,
         "peak_rss_mb": peak_rss_mb(),
     }
     by_cat = {}

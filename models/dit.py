@@ -123,6 +123,18 @@ class DiT(nn.Module):
             cond = cond + self.guidance_mlp(fourier_features(guidance * 100.0, 256))
         return cond
 
+    def features(self, z: Tensor, t: Tensor, tokens: Tensor, token_mask: Tensor, pooled: Tensor, seconds: Tensor,
+                 frame_mask: Tensor, guidance: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """The transformer trunk: hidden states [B, T, width] after every block in ``self.blocks`` (padded frames
+        carry garbage that never reaches a real frame) and the global condition [B, width]."""
+        x = self.proj_in(z.transpose(1, 2)) * frame_mask[:, :, None].to(z.dtype)
+        cond = self.condition(t.to(z.dtype), pooled, seconds.to(z.dtype), guidance)
+        context = self.context_proj(tokens)
+        rope = rope_tables(z.shape[-1], self.config.width // self.config.heads, z.device)
+        for block in self.blocks:
+            x = block(x, cond, context, token_mask, frame_mask, rope)
+        return x, cond
+
     def forward(self, z: Tensor, t: Tensor, tokens: Tensor, token_mask: Tensor, pooled: Tensor, seconds: Tensor,
                 frame_mask: Tensor | None = None, guidance: Tensor | None = None) -> Tensor:
         """z [B, C, T], t [B] in [0, 1], tokens [B, L, text_dim], token_mask [B, L] bool, pooled [B, pooled_dim],
@@ -131,13 +143,7 @@ class DiT(nn.Module):
         if frame_mask is None:
             frame_mask = torch.ones(b, length, dtype=torch.bool, device=z.device)
         keep = frame_mask[:, :, None].to(z.dtype)
-        x = self.proj_in(z.transpose(1, 2)) * keep
-        cond = self.condition(t.to(z.dtype), pooled, seconds.to(z.dtype), guidance)
-        context = self.context_proj(tokens)
-        head_dim = self.config.width // self.config.heads
-        rope = rope_tables(length, head_dim, z.device)
-        for block in self.blocks:
-            x = block(x, cond, context, token_mask, frame_mask, rope)
+        x, cond = self.features(z, t, tokens, token_mask, pooled, seconds, frame_mask, guidance)
         shift, scale = self.ada_out(F.silu(cond))[:, None].chunk(2, dim=-1)
         x = self.norm_out(x) * (1 + scale) + shift
         return (self.proj_out(x) * keep).transpose(1, 2)
@@ -146,5 +152,5 @@ class DiT(nn.Module):
         return asdict(self.config)
 
     @classmethod
-    def from_config(cls, config: dict) -> "DiT":
+    def from_config(cls, config: dict) -> DiT:
         return cls(DiTConfig(**config))

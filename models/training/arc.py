@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.bundle import ModelBundle
-from models.dit import DiT, rope_tables
+from models.dit import DiT
 from models.text import TextEmbedding
 from models.training.batches import CaptionedBatch, sample_captioned_batch
 from models.training.common import (
@@ -159,14 +159,8 @@ class Discriminator(nn.Module):
     def frame_logits(self, z: Tensor, t: Tensor, text: TextEmbedding, seconds: Tensor, frame_mask: Tensor,
                      guidance: Tensor | None = None) -> Tensor:
         """[B, T] logits (zero on padded frames)."""
-        tr = self.trunk
         keep = frame_mask[:, :, None].to(z.dtype)
-        x = tr.proj_in(z.transpose(1, 2)) * keep
-        cond = tr.condition(t.to(z.dtype), text.pooled, seconds.to(z.dtype), guidance)
-        context = tr.context_proj(text.tokens)
-        rope = rope_tables(z.shape[-1], tr.config.width // tr.config.heads, z.device)
-        for block in tr.blocks:
-            x = block(x, cond, context, text.mask, frame_mask, rope)
+        x, _ = self.trunk.features(z, t, text.tokens, text.mask, text.pooled, seconds, frame_mask, guidance)
         h = (self.norm(x) * keep).transpose(1, 2)
         h = F.silu(self.conv1(h)) * frame_mask[:, None].to(z.dtype)
         return self.conv2(h)[:, 0] * frame_mask.to(z.dtype)
