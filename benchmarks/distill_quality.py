@@ -53,7 +53,7 @@ from models.eval.adherence import evaluate_clip, summarize
 from models.eval.embeddings import frechet_distance_samples, mfcc_embedding
 from models.eval.pitch import PitchTracker
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: MR-STFT over the stereo clip as a whole (per channel it exploded on hard-panned clips)
 HELDOUT_SEED = 1234  # the held-out clip stream benchmarks/teacher_quality.py uses
 
 METHOD_NAMES = {"teacher": "teacher (DDIM)", "truncated-snr": "Salimans (truncated SNR)", "min-snr": "Min-SNR",
@@ -355,7 +355,8 @@ class Benchmark:
             zr = latents[i] if is_ref else ref_latents[i]
             r.update({"index": i, "caption": clip.caption, "noise_seed": seeds[i],
                       "latent_mse": float(((z - zr) ** 2).mean()) if z.shape == zr.shape else None,
-                      "mrstft": float(multi_resolution_stft_distance(wave.float(), ref_waves[i].float()).mean())})
+                      "mrstft": float(multi_resolution_stft_distance(wave.float(), ref_waves[i].float(),
+                                                                     item_dims=2))})
             per_clip.append(r)
             crepe, mfcc = self.embed(audio)
             crepe_emb.append(crepe)

@@ -184,3 +184,20 @@ def test_benchmark_end_to_end(tiny_models, tmp_path, text_encoder):
     after = json.loads(victim.read_text())
     assert np.allclose(after["embeddings"]["mfcc"], before["embeddings"]["mfcc"], rtol=1e-5, atol=1e-6)
     assert after["latent_mse"] == pytest.approx(before["latent_mse"], rel=1e-5)
+
+
+def test_stereo_mrstft_stays_finite_on_a_hard_panned_reference():
+    """A reference with a silent channel (a tone panned hard left) must not put a near-zero norm under the spectral
+    convergence: over the clip as a whole a faint leak into that channel costs little, per channel it explodes."""
+    import torch
+
+    from models.audio.spectral import multi_resolution_stft_distance
+
+    t = torch.arange(44100) / 44100
+    tone = 0.3 * torch.sin(2 * math.pi * 440 * t)
+    ref = torch.stack([tone, torch.zeros_like(tone)])
+    leaky = torch.stack([tone, 1e-3 * tone])
+    whole = float(multi_resolution_stft_distance(leaky, ref, item_dims=2))
+    per_channel = multi_resolution_stft_distance(leaky, ref)
+    assert whole < 1.0 < float(per_channel[1])
+    assert float(multi_resolution_stft_distance(ref, ref, item_dims=2)) == 0.0

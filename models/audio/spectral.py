@@ -41,12 +41,15 @@ RESOLUTIONS = ((4096, 1024), (2048, 512), (1024, 256), (512, 128), (256, 64))
 
 
 def multi_resolution_stft_distance(x: Tensor, y: Tensor, resolutions=RESOLUTIONS, eps: float = 1e-5,
-                                   pooled: bool = False) -> Tensor:
+                                   pooled: bool = False, item_dims: int = 1) -> Tensor:
     """Multi-resolution STFT distance of x to the reference y: spectral convergence + mean |log magnitude
-    difference|, averaged over resolutions. x, y: [..., N]. Returns a per-item tensor [...], or with
+    difference|, averaged over resolutions. x, y: [..., N]. Returns a per-item tensor, an item being the last
+    ``item_dims`` axes (1: each channel alone; 2: a [C, N] clip as a whole, so that a channel that is silent in the
+    reference, as in a hard-panned clip, does not put a near-zero norm under the spectral convergence), or with
     ``pooled`` a scalar whose spectral convergence is taken over the whole batch (a training loss that stays
     finite when one item is silent)."""
     total = 0.0
+    dims = tuple(range(-item_dims - 1, 0))  # the STFT adds a frequency axis
     for n_fft, hop in resolutions:
         mx = stft(x, n_fft, hop).abs()
         my = stft(y, n_fft, hop).abs()
@@ -54,8 +57,8 @@ def multi_resolution_stft_distance(x: Tensor, y: Tensor, resolutions=RESOLUTIONS
             sc = torch.linalg.vector_norm(my - mx) / torch.linalg.vector_norm(my).clamp(min=eps)
             lm = (torch.log(mx + eps) - torch.log(my + eps)).abs().mean()
         else:
-            sc = torch.linalg.vector_norm(my - mx, dim=(-2, -1)) / torch.linalg.vector_norm(my, dim=(-2, -1)).clamp(min=eps)
-            lm = (torch.log(mx + eps) - torch.log(my + eps)).abs().mean(dim=(-2, -1))
+            sc = torch.linalg.vector_norm(my - mx, dim=dims) / torch.linalg.vector_norm(my, dim=dims).clamp(min=eps)
+            lm = (torch.log(mx + eps) - torch.log(my + eps)).abs().mean(dim=dims)
         total = total + sc + lm
     return total / len(resolutions)
 
