@@ -336,7 +336,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--url", help="measure this running server instead of starting one per policy")
     p.add_argument("--policies", default="continuous,request,none")
     p.add_argument("--model-dir", default=str(ROOT / "models" / "zoo"))
-    p.add_argument("--model", default="tta-teacher")
+    p.add_argument("--model", default="tta-bsa-25")
     p.add_argument("--rates", default="0.5,1,2,4", help="offered loads in requests per second")
     p.add_argument("--seconds", type=float, default=60.0, help="arrival window per rate")
     p.add_argument("--audio-seconds", type=float, default=5.0)

@@ -115,6 +115,19 @@ def cmd_export(args) -> None:
         print(f"  {g['file']:<18} {g['bytes'] / 1e6:7.1f} MB  vs PyTorch: {checks}")
 
 
+def cmd_sized(args) -> None:
+    from models.checkpoints.sized import write_random_sao_small
+
+    try:
+        counts = write_random_sao_small(args.out, scale=args.scale, seed=args.seed, overwrite=args.force)
+    except FileExistsError as exc:
+        raise SystemExit(str(exc)) from None
+    print(f"{args.out}: Stable Audio Open Small ({args.scale} size) in stable-audio-tools format, random weights "
+          f"(seed {args.seed})")
+    for part, n in counts.items():
+        print(f"  {part.replace('_', ' '):<14} {n / 1e6:9.2f} M parameters")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tta", description="Text-to-audio diffusion: train, generate, serve")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -166,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="generate a WAV from a prompt, offline")
     p.add_argument("prompt")
     p.add_argument("-o", "--output", default="out.wav")
-    p.add_argument("--model", default=os.environ.get("TTA_DEFAULT_MODEL", "tta-teacher"))
+    p.add_argument("--model", default=os.environ.get("TTA_DEFAULT_MODEL", "tta-bsa-25"))
     p.add_argument("--duration", type=float, default=None)
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--guidance", type=float, default=None)
@@ -193,6 +206,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="output directory (default: <model>/onnx)")
     p.add_argument("--force", action="store_true", help="export even when a current export exists")
     p.set_defaults(func=cmd_export)
+
+    sized = sub.add_parser("sized", help="random-weight checkpoints of a published model's size, for speed "
+                                         "measurements").add_subparsers(dest="what", required=True)
+    p = sized.add_parser("sao-small", help="Stable Audio Open Small (stable-audio-tools format, T5 beside it)")
+    p.add_argument("--out", default="runs/sao-small-sized", help="the checkpoint directory to write")
+    p.add_argument("--scale", choices=["full", "tiny"], default="full", help="published size, or tiny for tests")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--force", action="store_true", help="write into a non-empty directory")
+    p.set_defaults(func=cmd_sized)
     return parser
 
 

@@ -20,20 +20,12 @@ import torch
 
 from models.checkpoints import CheckpointError, detect_format, load_checkpoint_dir
 from models.checkpoints import format_stable_audio_tools as sat_format
+from models.checkpoints.reference_configs import sao_small_config
 
 EXTRA = ("reference implementations missing: make install-test installs them (pip install -e '.[checkpoints]', then "
          "pip install --no-deps stable-audio-tools==0.0.19)")
 WORDS = ["<pad>", "</s>", "<unk>", "a", "dog", "barks", "rain", "on", "the", "roof", "warm", "arpeggios", "house",
          "beats", "120bpm", "with", "drums", "soft", "pad", "and", "birds", "sing", "loud", "engine"]
-
-
-@pytest.fixture(autouse=True)
-def _float32():
-    """Other test modules may leave a float64 default dtype; checkpoints are float32."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float32)
-    yield
-    torch.set_default_dtype(previous)
 
 
 def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
@@ -120,56 +112,6 @@ def sat_reference_classes() -> dict:
                                                        "DiTWrapper"]))
     ns.update(sat_definitions("inference/sampling.py", ["sample_rf", "sample_flow_pingpong"]))
     return ns
-
-
-def sao_small_config(scale: str) -> dict:
-    """Stable Audio Open Small's published configuration (ALGORITHMS.md); "tiny" scales widths and depths down for
-    CPU and keeps every structural option (QK LayerNorm, prepended global token, projected conditioning tokens,
-    partial rotary, T5 + seconds_total, VAE bottleneck, Oobleck with snake)."""
-    full = scale == "full"
-    ch, mults, strides = (128, [1, 2, 4, 8, 16], [2, 4, 4, 8, 8]) if full else (8, [1, 2], [2, 4])
-    latent = 64 if full else 8
-    cond = 768 if full else 32
-    return {
-        "model_type": "diffusion_cond",
-        "sample_size": 524288 if full else 128,
-        "sample_rate": 44100 if full else 8000,
-        "audio_channels": 2,
-        "model": {
-            "pretransform": {
-                "type": "autoencoder", "iterate_batch": True, "model_half": full,
-                "config": {
-                    "encoder": {"type": "oobleck", "config": {"in_channels": 2, "channels": ch, "c_mults": mults,
-                                                              "strides": strides, "latent_dim": 2 * latent,
-                                                              "use_snake": True}},
-                    "decoder": {"type": "oobleck", "config": {"out_channels": 2, "channels": ch, "c_mults": mults,
-                                                              "strides": strides, "latent_dim": latent,
-                                                              "use_snake": True, "final_tanh": False}},
-                    "bottleneck": {"type": "vae"}, "latent_dim": latent,
-                    "downsampling_ratio": math.prod(strides), "io_channels": 2,
-                },
-            },
-            "conditioning": {
-                "configs": [
-                    {"id": "prompt", "type": "t5", "config": {"t5_model_name": "t5-base" if full else "t5-small",
-                                                              "max_length": 64 if full else 12}},
-                    {"id": "seconds_total", "type": "number", "config": {"min_val": 0, "max_val": 256}},
-                ],
-                "cond_dim": cond,
-            },
-            "diffusion": {
-                "cross_attention_cond_ids": ["prompt", "seconds_total"],
-                "global_cond_ids": ["seconds_total"],
-                "diffusion_objective": "rectified_flow",
-                "type": "dit",
-                "config": {"io_channels": latent, "embed_dim": 1024 if full else 128, "depth": 16 if full else 2,
-                           "num_heads": 8 if full else 2, "cond_token_dim": cond, "global_cond_dim": cond,
-                           "project_cond_tokens": True, "transformer_type": "continuous_transformer",
-                           "attn_kwargs": {"qk_norm": "ln"}},
-            },
-            "io_channels": latent,
-        },
-    }
 
 
 def build_sat_reference(ns: dict, cfg: dict, tokenizer=None, t5=None):

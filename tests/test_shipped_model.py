@@ -27,9 +27,9 @@ def _block_network(mp) -> None:
     mp.setenv("HF_HUB_OFFLINE", "1")
 
 
-def test_zoo_lists_the_teacher():
+def test_zoo_lists_the_teacher_and_its_fast_models():
     names = [p.name for p in available_models()]
-    assert "tta-teacher" in names
+    assert {"tta-teacher", "tta-bsa-25", "tta-arc"} <= set(names)
     for p in available_models():
         for f in p.glob("*.safetensors"):
             assert f.stat().st_size < 60 * 2**20, f"{f} is over 60 MB"
@@ -77,3 +77,20 @@ def test_tta_generate_cli_writes_a_wav(tmp_path):
     audio, sr = sf.read(out)
     assert sr == 44100 and audio.shape == (round(1.5 * 44100), 2)
     assert np.isfinite(audio).all()
+
+
+@pytest.mark.parametrize("name, kind, steps", [("tta-bsa-25", "bsa", 25), ("tta-arc", "arc", 8)])
+def test_shipped_fast_models_take_one_forward_per_step(name, kind, steps):
+    from training_support import count_denoiser_rows
+
+    torch.set_num_threads(2)
+    with pytest.MonkeyPatch.context() as mp:
+        _block_network(mp)
+        bundle = ModelBundle.load(ZOO / name)
+    assert (bundle.config.kind, bundle.config.default_steps) == (kind, steps)
+    assert bundle.denoiser.config.latent_dim == bundle.codec.latent_dim == 33
+    rows = count_denoiser_rows(bundle)
+    wave = bundle.generate(["rain on a roof", "a 300 Hz square wave"], [1.0, 1.5], [1, 2])
+    assert rows == [2] * steps  # guidance folded in (BSA) or absent (ARC): one row per sample per step
+    assert [w.shape for w in wave] == [(2, 44100), (2, round(1.5 * 44100))]
+    assert all(torch.isfinite(w).all() and w.abs().max() > 1e-3 for w in wave)

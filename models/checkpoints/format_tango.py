@@ -16,7 +16,6 @@ from __future__ import annotations
 from dataclasses import asdict
 from pathlib import Path
 
-
 from models.checkpoints.bundle import CheckpointBundle, bundle_config
 from models.checkpoints.denoisers import UNetDenoiser
 from models.checkpoints.diffusers_layout import (
