@@ -310,6 +310,8 @@ class Benchmark:
         data = read_cached(self.job_path(row, seed), self.job_fingerprint(row, seed))
         if data is not None and row is self.reference and not self.ref_latents_path(seed).is_file():
             return None  # the reference's latents are needed by every other row
+        if data is not None:  # aggregates are recomputed from the cached per-clip values (cheap; may have changed)
+            data.update(distance_aggregates(data["per_clip"]))
         return data
 
     def ref_latents_path(self, seed: int) -> Path:
@@ -372,8 +374,7 @@ class Benchmark:
             "n_clips": n, "generation_seconds": gen_s, "decode_seconds": dec_s,
             "s_per_clip": (gen_s + dec_s) / n, "ms_per_step": 1000.0 * gen_s / (steps_done * n),
             "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
-            "latent_mse": _mean([r["latent_mse"] for r in per_clip]),
-            "mrstft": _mean([r["mrstft"] for r in per_clip]),
+            **distance_aggregates(per_clip),
             "pitch_error": adherence["pitch_error_median"], "placement": adherence["placement_accuracy"],
             "tempo": adherence["tempo_within_5pct"], "adherence": adherence,
             "per_clip": per_clip, "embeddings": {"crepe": crepe_emb, "mfcc": mfcc_emb},
@@ -387,6 +388,15 @@ class Benchmark:
         write_json(self.job_path(row, seed), result)
         self.computed += 1
         return result
+
+
+def distance_aggregates(per_clip: list[dict]) -> dict:
+    """Distances to the reference over the clips of one seed: mean latent MSE, and the median MR-STFT distance
+    (spectral convergence divides by the reference's norm, so one clip whose reference is nearly silent, like a
+    brief tone or an impact, where the model sounds, would dominate a mean by orders of magnitude)."""
+    mrstft = [r["mrstft"] for r in per_clip if r["mrstft"] is not None]
+    return {"latent_mse": _mean([r["latent_mse"] for r in per_clip]),
+            "mrstft": float(np.median(mrstft)) if mrstft else None}
 
 
 def _mean(values) -> float | None:
@@ -548,7 +558,9 @@ def markdown(table: list[dict], chk: dict, args, n_seeds: int, clips: list[Clip]
         (f"- **Latent MSE / MR-STFT to teacher-{ref_steps}**: per clip, against the teacher's {ref_steps}-step output "
          "from the same initial noise: mean squared difference of the latents, and the multi-resolution STFT "
          "distance (spectral convergence + mean absolute log-magnitude difference, 5 resolutions, "
-         "`models/audio/spectral.py`) of the decoded stereo audio; averaged over clips."),
+         "`models/audio/spectral.py`) of the decoded stereo clip as a whole; latent MSE averaged over clips, MR-STFT "
+         "the median over clips (spectral convergence divides by the reference's norm, so a clip whose reference is "
+         "nearly silent, a brief tone or an impact, would dominate a mean)."),
         ("- **Adherence** (`models/eval/adherence.py`): median relative pitch error of tone clips (CREPE "
          f"'{args.crepe_model}', up to {args.pitch_frames or 'all'} loud frames), fraction of placed clips whose "
          "stereo balance matches the caption, fraction of click trains whose estimated tempo is within 5 %."),

@@ -21,12 +21,11 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from models.bundle import available_models
-from models.checkpoints import is_checkpoint_dir, load_checkpoint_dir
 from service.audio import encode_audio
 from service.engine import Engine
 from service.logging_setup import setup_logging
 from service.metrics import Metrics
-from service.runtimes import Runtime, TorchRuntime, load_runtime
+from service.runtimes import Runtime, load_runtime
 from service.scheduler import Cancelled, EngineError, GenerationJob, JobResult, QueueFull
 from service.schemas import ErrorResponse, GenerateRequest, ModelInfo
 from service.settings import Settings
@@ -73,18 +72,8 @@ def discover_models(settings: Settings) -> list[Path]:
 
 
 def load_model(path: Path, s: Settings) -> Runtime:
-    """A zoo model through the configured runtime; a downloaded checkpoint (``models.checkpoints``: Stable Audio,
-    Tango) through the eager torch runtime over its bundle, the only runtime those networks have so far."""
-    if not is_checkpoint_dir(path):
-        return load_runtime(path, s.runtime, s.device, debug_faults=s.debug_faults)
-    if s.runtime not in ("auto", "torch"):
-        log.warning("%s is a checkpoint directory; serving it with the torch runtime, not %s", path.name, s.runtime)
-    rt: Runtime = TorchRuntime(load_checkpoint_dir(path, device=s.device))
-    if s.debug_faults:
-        from service.runtimes.debug import FaultInjectingRuntime
-
-        rt = FaultInjectingRuntime(rt)
-    return rt
+    """A model directory (the zoo's, or a downloaded checkpoint) under the configured runtime."""
+    return load_runtime(path, s.runtime, s.device, debug_faults=s.debug_faults)
 
 
 def load_models(state: ServiceState) -> None:

@@ -201,3 +201,13 @@ def test_stereo_mrstft_stays_finite_on_a_hard_panned_reference():
     per_channel = multi_resolution_stft_distance(leaky, ref)
     assert whole < 1.0 < float(per_channel[1])
     assert float(multi_resolution_stft_distance(ref, ref, item_dims=2)) == 0.0
+
+
+def test_one_nearly_silent_reference_does_not_dominate_the_mrstft_summary():
+    from benchmarks.distill_quality import distance_aggregates
+
+    clips = [{"latent_mse": 0.1, "mrstft": 1.0}, {"latent_mse": 0.3, "mrstft": 2.0},
+             {"latent_mse": 0.2, "mrstft": 7e4}]  # the model sounds where a brief reference tone is over
+    agg = distance_aggregates(clips)
+    assert agg["mrstft"] == 2.0 and agg["latent_mse"] == pytest.approx(0.2)
+    assert distance_aggregates([{"latent_mse": None, "mrstft": None}]) == {"latent_mse": None, "mrstft": None}

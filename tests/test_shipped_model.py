@@ -52,9 +52,6 @@ def test_shipped_teacher_loads_offline_and_generates(teacher_tone):
     assert wave.shape == (2, 3 * 44100) and torch.isfinite(wave).all()
 
 
-@pytest.mark.xfail(strict=True, reason="issue 2: the shipped codec decodes every clip centred (it drops the stereo "
-                   "balance its latents carry), and the teacher's pitch is not yet within 3 %; remove this marker "
-                   "when the retrained model passes")
 def test_shipped_teacher_makes_a_440_hz_tone_on_the_left(teacher_tone):
     from models.eval.pitch import PitchTracker
 

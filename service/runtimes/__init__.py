@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from models.checkpoints import is_checkpoint_dir, load_checkpoint_dir
 from models.export.ort import MissingPackage, onnxruntime_available
 from service.runtimes.base import Runtime
 from service.runtimes.onnx_runtime import OnnxRuntime
@@ -29,9 +30,15 @@ def load_runtime(path: Path, runtime: str = "torch", device: str = "cpu", debug_
     """Load the model at ``path`` under ``runtime`` (the service passes its ``runtime`` setting; the library default
     is the eager reference). A runtime whose package is missing never stops the service: the model is served by
     torch and the log says why. Any other failure of the runtime ``auto`` chose also falls back to torch; a runtime
-    asked for by name fails loudly instead."""
+    asked for by name fails loudly instead. A downloaded checkpoint directory (``models.checkpoints``: Stable Audio,
+    Tango) runs under eager torch over its bundle, the only runtime those networks have so far."""
     path = Path(path)
     name = resolve_runtime(runtime, device)
+    if is_checkpoint_dir(path):
+        if runtime not in ("auto", "torch"):
+            log.warning("%s is a checkpoint directory; serving it with the torch runtime, not %s", path.name, runtime)
+        rt: Runtime = TorchRuntime(load_checkpoint_dir(path, device=device))
+        return _with_faults(rt) if debug_faults else rt
     try:
         rt = RUNTIMES[name].load(path, device=device)
     except MissingPackage as exc:
@@ -43,11 +50,13 @@ def load_runtime(path: Path, runtime: str = "torch", device: str = "cpu", debug_
         log.warning("runtime %s failed for %s (%s: %s); serving it with the torch runtime instead", name, path.name,
                     type(exc).__name__, exc)
         rt = TorchRuntime.load(path, device=device)
-    if debug_faults:
-        from service.runtimes.debug import FaultInjectingRuntime
+    return _with_faults(rt) if debug_faults else rt
 
-        rt = FaultInjectingRuntime(rt)
-    return rt
+
+def _with_faults(rt: Runtime) -> Runtime:
+    from service.runtimes.debug import FaultInjectingRuntime
+
+    return FaultInjectingRuntime(rt)
 
 
 __all__ = ["RUNTIMES", "OnnxRuntime", "Runtime", "TorchRuntime", "load_runtime", "resolve_runtime"]
