@@ -53,9 +53,14 @@ def timed(fn, repeats: int, warmup: int = 2) -> dict:
         t = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t)
-    times.sort()
+    return time_summary(times)
+
+
+def time_summary(times: list[float]) -> dict:
+    """Median, p95 and minimum of wall times, with the times themselves (so that runs can be pooled)."""
+    times = sorted(times)
     return {"median_s": statistics.median(times), "p95_s": times[min(len(times) - 1, int(0.95 * len(times)))],
-            "min_s": times[0], "repeats": repeats}
+            "min_s": times[0], "repeats": len(times), "times_s": times}
 
 
 def write_results(name: str, data: dict, markdown: str, results_dir: str | Path | None = None) -> Path:

@@ -9,7 +9,9 @@ For each runtime (``torch`` = eager PyTorch, ``onnxruntime``) and batch size: me
 - end to end: B requests of ``--duration`` s at the model's default steps through the engine's ``ModelRunner``
   (encode, one denoise step per tick for all B, decode), with fresh prompts each repetition;
 plus the real-time factor (compute seconds per second of audio; below 1 is faster than real time) and the peak RSS.
-Each runtime runs in its own process, so the peak RSS is its own and no runtime warms another's caches.
+Each runtime runs in its own process, so the peak RSS is its own and no runtime warms another's caches. A shared
+machine's speed drifts by tens of percent over minutes, so ``--rounds N`` alternates the runtimes' processes N times
+(torch, onnxruntime, torch, ...) and pools each stage's timings over the rounds: both runtimes see the same drift.
 
     python -m benchmarks.latency [--model models/zoo/tta-teacher] [--batches 1,4] [--threads 2]
     python -m benchmarks.latency --smoke        # a quick check with tiny repetition counts and 2 steps
@@ -141,6 +143,24 @@ def worker(args) -> dict:
     return out
 
 
+def pool_rounds(runs: list[dict]) -> dict:
+    """One runtime's worker results from several rounds -> one result: each stage's timings pooled, the real-time
+    factor from the pooled end-to-end median, the peak RSS the highest, the load time the median."""
+    from benchmarks.common import time_summary
+
+    out = {k: v for k, v in runs[0].items() if k not in ("batches", "peak_rss_mb", "load_s")}
+    out["rounds"] = len(runs)
+    out["peak_rss_mb"] = max(r["peak_rss_mb"] for r in runs)
+    out["load_s"] = sorted(r["load_s"] for r in runs)[len(runs) // 2]
+    out["batches"] = {}
+    for b, row in runs[0]["batches"].items():
+        pooled = {stage: time_summary([t for r in runs for t in r["batches"][b][stage]["times_s"]])
+                  for stage in ("text_encoding", "denoiser_forward", "decode", "end_to_end")}
+        pooled["rtf"] = pooled["end_to_end"]["median_s"] / (int(b) * out["duration_s"])
+        out["batches"][b] = pooled
+    return out
+
+
 def markdown(results: list[dict], args, model_label: str, export_s: float | None) -> str:
     from benchmarks.common import md_table
 
@@ -159,7 +179,8 @@ def markdown(results: list[dict], args, model_label: str, export_s: float | None
     r0 = results[0]
     return (f"# Latency per runtime (CPU): `{model_label}`\n\n"
             f"{r0['duration_s']:g} s of 44.1 kHz stereo per sample ({r0['latent_frames']} latent frames), "
-            f"{r0['steps']} steps at guidance {r0['guidance']:g} end to end; {args.threads} threads. "
+            f"{r0['steps']} steps at guidance {r0['guidance']:g} end to end; {args.threads} threads; "
+            f"{args.rounds} round(s) per runtime, alternated, timings pooled. "
             "Denoiser forward = one `predict_x0` (guided samples add their unconditional row to the same batch). "
             "Text encoding bypasses the prompt cache. Speed-up = eager torch median / this runtime's median.\n\n"
             + md_table(["runtime", "batch", "stage", "median ms", "p95 ms", "runs", "speed-up vs torch"], rows)
@@ -180,6 +201,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--e2e-repeats", type=int, default=3)
     ap.add_argument("--random-weights", action="store_true")
+    ap.add_argument("--rounds", type=int, default=1, help="alternate the runtimes' processes this many times and "
+                                                           "pool the timings (a shared machine drifts)")
     ap.add_argument("--smoke", action="store_true", help="2 repeats, 1 end-to-end run of 2 steps; not for results")
     ap.add_argument("--name", default=None)
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -187,7 +210,7 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     args.batches = [int(b) for b in str(args.batches).split(",")]
     if args.smoke:
-        args.repeats, args.e2e_repeats, args.steps = 2, 1, args.steps or 2
+        args.repeats, args.e2e_repeats, args.steps, args.rounds = 2, 1, args.steps or 2, 1
     if args.worker:
         Path(args.worker_out).write_text(json.dumps(worker(args)))
         return {}
@@ -206,15 +229,16 @@ def main(argv=None) -> dict:
             t0 = time.perf_counter()
             ensure_onnx_export(model)
             export_s = time.perf_counter() - t0
-        results = []
-        for name in args.runtimes.split(","):
-            out = Path(tmp) / f"{name}.json"
+        rounds: dict[str, list[dict]] = {name: [] for name in args.runtimes.split(",")}
+        for r, name in ((r, name) for r in range(args.rounds) for name in rounds):
+            out = Path(tmp) / f"{name}-{r}.json"
             cmd = [sys.executable, "-m", "benchmarks.latency", "--worker", name, "--worker-out", str(out),
                    "--model", str(model), "--batches", ",".join(map(str, args.batches)), "--threads",
                    str(args.threads), "--duration", str(args.duration), "--repeats", str(args.repeats),
                    "--e2e-repeats", str(args.e2e_repeats)] + (["--steps", str(args.steps)] if args.steps else [])
             subprocess.run(cmd, check=True, cwd=ROOT)
-            results.append(json.loads(out.read_text()))
+            rounds[name].append(json.loads(out.read_text()))
+        results = [pool_rounds(runs) for runs in rounds.values()]
     md = markdown(results, args, label, export_s)
     data = {"model": label, "smoke": args.smoke, "onnx_export_s": export_s, "results": results,
             "environment": environment()}

@@ -32,16 +32,28 @@ class DiTConfig:
 
 
 def rope_tables(length: int, head_dim: int, device, base: float = 10000.0) -> tuple[Tensor, Tensor]:
+    """Rotary tables for ``apply_rope``: cos and sin of each channel pair's angle at each position, repeated over
+    the pair's two channels: [T, head_dim] each."""
     inv = 1.0 / base ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
-    angles = torch.arange(length, device=device, dtype=torch.float32)[:, None] * inv[None]
+    angles = torch.arange(length, device=device, dtype=torch.float32)[:, None] * inv.repeat_interleave(2)[None]
     return torch.cos(angles), torch.sin(angles)
 
 
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """x [B, H, T, D]: rotate pairs (even, odd) of channels by position-dependent angles."""
-    x1, x2 = x[..., 0::2], x[..., 1::2]
-    out = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
-    return out.flatten(-2)
+def pair_swap(head_dim: int) -> Tensor:
+    """[head_dim, head_dim] with x @ swap = (-x1, x0, -x3, x2, ...)."""
+    swap = torch.zeros(head_dim, head_dim)
+    even = torch.arange(0, head_dim, 2)
+    swap[even + 1, even] = -1.0
+    swap[even, even + 1] = 1.0
+    return swap
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor, swap: Tensor) -> Tensor:
+    """x [B, H, T, D]: rotate pairs (even, odd) of channels by position-dependent angles:
+    (x0 cos - x1 sin, x0 sin + x1 cos). The swap is a matrix product with one +-1 per column, exact in floating
+    point, so this equals the strided-slice form bit for bit and exports as MatMul / Mul / Add (ONNX Runtime runs
+    strided Slice, Stack and Flatten far slower)."""
+    return x * cos + (x @ swap) * sin
 
 
 class Attention(nn.Module):
@@ -54,7 +66,8 @@ class Attention(nn.Module):
         self.q_norm = nn.LayerNorm(width // heads)
         self.k_norm = nn.LayerNorm(width // heads)
 
-    def forward(self, x: Tensor, context: Tensor, key_mask: Tensor, rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    def forward(self, x: Tensor, context: Tensor, key_mask: Tensor,
+                rope: tuple[Tensor, Tensor, Tensor] | None = None) -> Tensor:
         b, t, w = x.shape
         h = self.heads
         q = self.q(x).view(b, t, h, -1).transpose(1, 2)
@@ -102,6 +115,7 @@ class DiT(nn.Module):
                              if c.guidance_embed else None)
         self.context_proj = nn.Sequential(nn.Linear(c.text_dim, w), nn.LayerNorm(w))
         self.blocks = nn.ModuleList(DiTBlock(w, c.heads, c.mlp_ratio) for _ in range(c.depth))
+        self.register_buffer("rope_swap", pair_swap(w // c.heads), persistent=False)
         self.norm_out = nn.LayerNorm(w, elementwise_affine=False)
         self.ada_out = nn.Linear(w, 2 * w)
         self.proj_out = nn.Linear(w, c.latent_dim)
@@ -130,7 +144,7 @@ class DiT(nn.Module):
         x = self.proj_in(z.transpose(1, 2)) * frame_mask[:, :, None].to(z.dtype)
         cond = self.condition(t.to(z.dtype), pooled, seconds.to(z.dtype), guidance)
         context = self.context_proj(tokens)
-        rope = rope_tables(z.shape[-1], self.config.width // self.config.heads, z.device)
+        rope = (*rope_tables(z.shape[-1], self.config.width // self.config.heads, z.device), self.rope_swap)
         for block in self.blocks:
             x = block(x, cond, context, token_mask, frame_mask, rope)
         return x, cond

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import save_file
 
 from models.codec import HarmonicAutoencoder, HarmonicAutoencoderConfig, load_codec
-from models.codec.harmonic import balance_gains, band_matrix, hann_lobe
+from models.codec.harmonic import balance_gains, band_matrix, hann_lobe, signed_hann_lobes
 from models.training.warm_start import (
     DIT_CHANNEL_PARAMS,
     load_remapped,
@@ -36,6 +36,16 @@ def test_hann_lobe_matches_the_window_spectrum():
     for d in (0.0, 0.3, 1.0, 1.7, 2.0):
         exact = (w * torch.exp(2j * math.pi * d * (torch.arange(n) - n / 2) / n)).sum().real / n
         assert float(hann_lobe(torch.tensor(d))) == pytest.approx(float(exact), abs=2e-4)
+
+
+def test_signed_lobes_are_the_lobe_at_each_offset_with_the_bin_phase_sign():
+    """The renderer's closed form (one sinc of the fractional bin for all five bins) equals the window spectrum at
+    d = offset - frac times (-1)^offset, also at frac = 0 where its factors cancel by hand."""
+    frac = torch.tensor([-0.5, -0.31, -1e-6, 0.0, 1e-6, 0.2, 0.4999, 0.5], dtype=torch.float64)
+    got = signed_hann_lobes(frac)  # [5, 8]
+    for row, o in enumerate(range(-2, 3)):
+        want = hann_lobe(o - frac) * (-1) ** o
+        assert torch.allclose(got[row], want, atol=1e-9), (o, got[row], want)
 
 
 @pytest.mark.parametrize("f0", [97.3, 440.0, 1234.5, 1999.0])

@@ -132,6 +132,20 @@ def hann_lobe(d: Tensor) -> Tensor:
     return 0.5 * _sinc(d) + 0.25 * (_sinc(d - 1) + _sinc(d + 1))
 
 
+def signed_hann_lobes(frac: Tensor) -> Tensor:
+    """``hann_lobe(o - frac) * (-1) ** o`` for the offsets o = -2 .. 2 (``LOBE`` = 2) from a partial's nearest bin,
+    stacked on a new axis before the last: [..., 5, F] for frac [..., F], frac = position - round(position) in
+    [-0.5, 0.5]. The window spectrum is sin(pi d) / (2 pi d (1 - d^2)) and sin(pi (o - frac)) = -(-1)^o sin(pi frac),
+    so one sinc of frac serves all five bins, with the removable zeros of d (1 - d^2) cancelled by hand. The sign
+    (-1)^o is the phase pi k that a real sinusoid's centred STFT has at bin k, taken out of the oscillator phase."""
+    f, s = frac, _sinc(frac)
+    return torch.stack([-f * s / (2 * (1 + f) * (2 + f) * (3 + f)),
+                        -s / (2 * (1 + f) * (2 + f)),
+                        s / (2 * (1 - f * f)),
+                        -s / (2 * (1 - f) * (2 - f)),
+                        f * s / (2 * (1 - f) * (2 - f) * (3 - f))], dim=-2)
+
+
 def band_matrix(bins: int, bands: int, sample_rate: int) -> Tensor:
     """[bins, bands]: each bin's log level as a linear interpolation between mel-spaced band centres."""
     mel = lambda f: 2595.0 * math.log10(1.0 + f / 700.0)
@@ -359,16 +373,20 @@ class HarmonicAutoencoder(AudioCodec):
         theta = torch.remainder(torch.cumsum(step.double(), dim=-1), 2 * math.pi).to(f.dtype)
         theta = torch.cat([torch.zeros_like(f[..., :1]), theta], dim=-1)
         n = torch.arange(1, Hm + 1, dtype=f.dtype, device=f.device)[:, None]
-        pos = (n * f[:, :, None]) * (c.n_fft / c.sample_rate)                  # [B, S, Hm, F] fractional bin
+        # fractional bin [B, S, Hm, F]; a fundamental above the sample rate only draws partials that are invalid
+        pos = (n * f.clamp(max=c.sample_rate)[:, :, None]) * (c.n_fft / c.sample_rate)
+        nearest = torch.round(pos)
         offsets = torch.arange(-LOBE, LOBE + 1, device=f.device, dtype=f.dtype)[:, None]
-        bins = torch.round(pos)[:, :, :, None] + offsets                       # [B, S, Hm, 2L+1, F]
+        bins = nearest[:, :, :, None] + offsets                                # [B, S, Hm, 2L+1, F]
         valid = (pos < c.bins - 1 - LOBE)[:, :, :, None] & (bins >= 0)
-        lobe = hann_lobe(bins - pos[:, :, :, None]) * valid * (c.n_fft / 2)   # amplitude A -> |X| = A n_fft / 4
-        # a real sinusoid's STFT bin k (centred frames) has phase theta_h + pi k
-        angle = torch.remainder(n[:, None] * theta[:, :, None, None], 2 * math.pi) + math.pi * bins
-        amp = torch.exp(log_amp).transpose(1, 2)[:, :, :, :, None]            # [B, C, S, Hm, 1, F]
-        real = (amp * (lobe * torch.cos(angle))[:, None]).reshape(B, C, -1, F_)
-        imag = (amp * (lobe * torch.sin(angle))[:, None]).reshape(B, C, -1, F_)
+        # amplitude A -> |X| = A n_fft / 4 at the centre; the signed lobes carry (-1)^offset of the bin phase
+        lobe = signed_hann_lobes(pos - nearest) * valid * (c.n_fft / 2)
+        # a real sinusoid's STFT bin k (centred frames) has phase theta_h + pi k; pi k = pi nearest + pi offset, and
+        # pi nearest is taken mod 2 pi exactly (nearest mod 2) so the angle stays small
+        angle = torch.remainder(n * theta[:, :, None], 2 * math.pi) + math.pi * torch.remainder(nearest, 2)
+        amp = torch.exp(log_amp).transpose(1, 2)                               # [B, C, S, Hm, F]
+        real = ((amp * torch.cos(angle)[:, None])[:, :, :, :, None] * lobe[:, None]).reshape(B, C, -1, F_)
+        imag = ((amp * torch.sin(angle)[:, None])[:, :, :, :, None] * lobe[:, None]).reshape(B, C, -1, F_)
         index = bins.clamp(0, c.bins - 1).long().reshape(B, 1, -1, F_).expand(B, C, -1, F_)
         noise_mag = torch.exp(noise_log)
         noise_phase = math.pi * self.phase_table(F_, f.device)

@@ -1,0 +1,24 @@
+"""benchmarks/latency.py: rounds of each runtime are pooled stage by stage."""
+from __future__ import annotations
+
+import pytest
+
+from benchmarks.common import time_summary
+from benchmarks.latency import pool_rounds
+
+
+def _run(times: dict[str, list[float]], rss: float, load: float) -> dict:
+    return {"runtime": "torch", "steps": 4, "duration_s": 10.0, "peak_rss_mb": rss, "load_s": load,
+            "batches": {"2": {stage: time_summary(ts) for stage, ts in times.items()}}}
+
+
+def test_rounds_pool_every_stage_and_keep_the_worst_memory():
+    stages = ("text_encoding", "denoiser_forward", "decode", "end_to_end")
+    fast = _run({s: [0.1, 0.2] for s in stages}, rss=900.0, load=2.0)
+    slow = _run({s: [0.4, 0.3] for s in stages}, rss=950.0, load=3.0)
+    pooled = pool_rounds([fast, slow])
+    row = pooled["batches"]["2"]
+    assert row["end_to_end"]["times_s"] == [0.1, 0.2, 0.3, 0.4] and row["end_to_end"]["repeats"] == 4
+    assert row["decode"]["median_s"] == pytest.approx(0.25)
+    assert row["rtf"] == pytest.approx(0.25 / (2 * 10.0))
+    assert (pooled["rounds"], pooled["peak_rss_mb"], pooled["runtime"]) == (2, 950.0, "torch")
