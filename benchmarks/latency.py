@@ -178,7 +178,7 @@ def markdown(results: list[dict], args, model_label: str, export_s: float | None
                for r in results for b, row in r["batches"].items()]
     r0 = results[0]
     return (f"# Latency per runtime (CPU): `{model_label}`\n\n"
-            f"{r0['duration_s']:g} s of 44.1 kHz stereo per sample ({r0['latent_frames']} latent frames), "
+            f"{r0['duration_s']:g} s of stereo per sample ({r0['latent_frames']} latent frames), "
             f"{r0['steps']} steps at guidance {r0['guidance']:g} end to end; {args.threads} threads; "
             f"{args.rounds} round(s) per runtime, alternated, timings pooled. "
             "Denoiser forward = one `predict_x0` (guided samples add their unconditional row to the same batch). "

@@ -206,21 +206,35 @@ class ModelBundle:
 
     @torch.inference_mode()
     def decode(self, latents: list[Tensor], durations: list[float]) -> list[Tensor]:
-        """Latents -> waveforms [2, round(duration * sr)]. Latents of equal length decode as one batch; lengths are
-        not padded together because the decoder's convolutions would let padding leak into a clip's last frames."""
-        out: list[Tensor | None] = [None] * len(latents)
-        groups: dict[int, list[int]] = {}
-        for i, x in enumerate(latents):
-            groups.setdefault(x.shape[-1], []).append(i)
-        for idx in groups.values():
-            wave = self.codec.decode(torch.stack([latents[i] for i in idx]).to(self.device)).cpu()
-            for j, i in enumerate(idx):
-                out[i] = wave[j, :, : round(durations[i] * self.codec.sample_rate)]
-        return out
+        """Latents -> waveforms [2, round(duration * sr)] (``decode_grouped``)."""
+        return decode_grouped(latents, durations, self.codec.sample_rate,
+                              lambda batch: self.codec.decode(batch.to(self.device)).cpu())
 
     def generate(self, prompts: list[str], durations: list[float], seeds: list[int], steps: int | None = None,
                  guidance: float | None = None) -> list[Tensor]:
         return self.decode(self.generate_latents(prompts, durations, seeds, steps, guidance), durations)
+
+
+DECODE_BATCH = 4  # clips per decoder call: the decoder's intermediates grow with the batch, its speed per clip not
+
+
+def decode_grouped(latents: list[Tensor], durations: list[float], sample_rate: int, decode_batch,
+                   max_batch: int = DECODE_BATCH) -> list[Tensor]:
+    """Waveforms [2, round(duration * sample_rate)] from latents [D, T] through ``decode_batch`` ([B, D, T] ->
+    [B, 2, N]). Latents of equal length decode together, at most ``max_batch`` per call (that bounds the peak memory
+    of a large batch; decoding is compute-bound, so clips per second do not suffer); lengths are not padded together
+    because the decoder's convolutions would let padding leak into a clip's last frames."""
+    out: list[Tensor | None] = [None] * len(latents)
+    groups: dict[int, list[int]] = {}
+    for i, x in enumerate(latents):
+        groups.setdefault(x.shape[-1], []).append(i)
+    for idx in groups.values():
+        for start in range(0, len(idx), max_batch):
+            part = idx[start: start + max_batch]
+            wave = decode_batch(torch.stack([latents[i] for i in part]))
+            for j, i in enumerate(part):
+                out[i] = wave[j, :, : round(durations[i] * sample_rate)]
+    return out
 
 
 def pad_tokens(x: Tensor, length: int) -> Tensor:

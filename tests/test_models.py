@@ -99,3 +99,20 @@ def test_text_cache_returns_the_same_embeddings(text_encoder):
     assert enc.hits == 1 and enc.misses == 2
     enc.encode(["x", "y", "z"])
     assert len(enc._cache) == 2  # LRU bound
+
+
+def test_decode_groups_equal_lengths_and_caps_the_batch():
+    from models.bundle import decode_grouped
+
+    calls = []
+
+    def upsample(batch):  # [B, D, T] -> [B, 2, 10 T]: a stand-in decoder that is exact to check against
+        calls.append(tuple(batch.shape))
+        return batch[:, :2].repeat_interleave(10, dim=-1)
+
+    latents = [torch.randn(3, 5) for _ in range(6)] + [torch.randn(3, 7)]
+    durations = [0.4] * 6 + [0.65]
+    waves = decode_grouped(latents, durations, 100, upsample, max_batch=4)
+    assert calls == [(4, 3, 5), (2, 3, 5), (1, 3, 7)]
+    for x, w, d in zip(latents, waves, durations):
+        assert w.shape == (2, round(d * 100)) and torch.equal(w, x[:2].repeat_interleave(10, dim=-1)[:, : w.shape[-1]])

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from models.bundle import BundleConfig, Conditioning, guided_forward
+from models.bundle import BundleConfig, Conditioning, decode_grouped, guided_forward
 from models.diffusion import (
     make_parameterization,
     make_sampler,
@@ -144,17 +144,11 @@ class OnnxRuntime(Runtime):
     # ------------------------------------------------------------------ decoder
     @torch.inference_mode()
     def decode(self, latents: list[Tensor], durations: list[float]) -> list[Tensor]:
-        """As ``ModelBundle.decode``: equal lengths share one session run; each waveform is cut to its duration."""
-        out: list[Tensor | None] = [None] * len(latents)
-        groups: dict[int, list[int]] = {}
-        for i, x in enumerate(latents):
-            groups.setdefault(x.shape[-1], []).append(i)
-        for frames, idx in groups.items():
-            if frames > self.max_latent_frames:
-                raise ValueError(f"{frames} latent frames is longer than the exported decoder was checked for "
-                                 f"({self.max_latent_frames}, the model's max_duration)")
-            batch = torch.stack([latents[i].float().cpu() for i in idx]).numpy()
-            wave = torch.from_numpy(self.decoder.run(DECODER_OUTPUTS, {"latents": batch})[0])
-            for j, i in enumerate(idx):
-                out[i] = wave[j, :, : round(durations[i] * self.sample_rate)]
-        return out
+        """As ``ModelBundle.decode`` (``decode_grouped``), through the decoder session."""
+        def run(batch: Tensor) -> Tensor:
+            if batch.shape[-1] > self.max_latent_frames:
+                raise ValueError(f"{batch.shape[-1]} latent frames is longer than the exported decoder was checked "
+                                 f"for ({self.max_latent_frames}, the model's max_duration)")
+            return torch.from_numpy(self.decoder.run(DECODER_OUTPUTS, {"latents": batch.float().cpu().numpy()})[0])
+
+        return decode_grouped(latents, durations, self.sample_rate, run)
