@@ -112,7 +112,39 @@ def measure_batch(rt, runner, encoder, b: int, args, steps: int, prompts) -> dic
         "end_to_end": timed(e2e, args.e2e_repeats, warmup=1),
     }
     row["rtf"] = row["end_to_end"]["median_s"] / (b * args.duration)
+    if rt.name == "torch":  # the work itself, for the floor (ONNX Runtime runs the same maths)
+        row["flops"] = {"text_encoding": count_flops(lambda: encoder.encode_unpadded(prompts(b))),
+                        "denoiser_forward": count_flops(lambda: rt.predict_x0(z, t, cond, gvec, mask)),
+                        "decode": count_flops(lambda: rt.decode(latents, [args.duration] * b))}
+        row["flops"]["end_to_end"] = (row["flops"]["text_encoding"] + steps * row["flops"]["denoiser_forward"]
+                                      + row["flops"]["decode"])
     return row
+
+
+def count_flops(fn) -> int:
+    """Matrix-product and convolution FLOPs of one call (torch's FlopCounterMode; elementwise work and FFTs are not
+    counted, so the floor below is a lower bound)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+def peak_matmul_flops(threads: int, n: int = 2048, repeats: int = 10) -> float:
+    """This machine's float32 matrix-product throughput (FLOP/s) with ``threads`` threads: the best of ``repeats``
+    n x n products, the practical peak the floor is computed against."""
+    import torch
+
+    torch.set_num_threads(threads)
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    best = float("inf")
+    for _ in range(repeats + 2):
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best
 
 
 def worker(args) -> dict:
@@ -140,6 +172,8 @@ def worker(args) -> dict:
     for b in args.batches:
         out["batches"][str(b)] = measure_batch(rt, runner, encoder, b, args, steps, prompts)
     out["peak_rss_mb"] = _peak_rss_mb()
+    if rt.name == "torch":
+        out["peak_matmul_flops"] = peak_matmul_flops(args.threads)
     return out
 
 
@@ -148,7 +182,9 @@ def pool_rounds(runs: list[dict]) -> dict:
     factor from the pooled end-to-end median, the peak RSS the highest, the load time the median."""
     from benchmarks.common import time_summary
 
-    out = {k: v for k, v in runs[0].items() if k not in ("batches", "peak_rss_mb", "load_s")}
+    out = {k: v for k, v in runs[0].items() if k not in ("batches", "peak_rss_mb", "load_s", "peak_matmul_flops")}
+    if "peak_matmul_flops" in runs[0]:
+        out["peak_matmul_flops"] = max(r["peak_matmul_flops"] for r in runs)
     out["rounds"] = len(runs)
     out["peak_rss_mb"] = max(r["peak_rss_mb"] for r in runs)
     out["load_s"] = sorted(r["load_s"] for r in runs)[len(runs) // 2]
@@ -157,6 +193,8 @@ def pool_rounds(runs: list[dict]) -> dict:
         pooled = {stage: time_summary([t for r in runs for t in r["batches"][b][stage]["times_s"]])
                   for stage in ("text_encoding", "denoiser_forward", "decode", "end_to_end")}
         pooled["rtf"] = pooled["end_to_end"]["median_s"] / (int(b) * out["duration_s"])
+        if "flops" in row:
+            pooled["flops"] = row["flops"]
         out["batches"][b] = pooled
     return out
 
@@ -186,8 +224,33 @@ def markdown(results: list[dict], args, model_label: str, export_s: float | None
             + md_table(["runtime", "batch", "stage", "median ms", "p95 ms", "runs", "speed-up vs torch"], rows)
             + "\n\n" + md_table(["runtime", "batch", "real-time factor (end to end)", "peak RSS MB", "load s"],
                                 summary)
+            + floor_section(results)
             + ("" if export_s is None else f"\n\nONNX export and its parity checks (once per model; not in load s): "
                                            f"{export_s:.1f} s."))
+
+
+def floor_section(results: list[dict]) -> str:
+    """Compute floor per stage: the counted FLOPs at this machine's measured matmul peak, beside the best runtime's
+    median (the gap is what software could still win; elementwise work and FFTs are not in the count)."""
+    from benchmarks.common import md_table
+
+    torch_run = next((r for r in results if r["runtime"] == "torch" and "peak_matmul_flops" in r), None)
+    if torch_run is None:
+        return ""
+    peak = torch_run["peak_matmul_flops"]
+    rows = []
+    for b, row in torch_run["batches"].items():
+        for stage, flops in row.get("flops", {}).items():
+            best = min(r["batches"][b][stage]["median_s"] for r in results)
+            floor = flops / peak
+            rows.append([int(b), stage.replace("_", " "), flops / 1e9, floor * 1000, best * 1000,
+                         best / floor if floor else None])
+    return (f"\n\n**Floor.** Matrix-product and convolution FLOPs of each stage (torch's FlopCounterMode) at this "
+            f"machine's measured float32 matmul peak, {peak / 1e9:.0f} GFLOP/s (best 2048 x 2048 product, same "
+            "threads); "
+            "end to end = text + steps x denoiser + decode. Elementwise work, FFTs and memory traffic are not counted, "
+            "so the floor is a lower bound.\n\n"
+            + md_table(["batch", "stage", "GFLOP", "floor ms", "best measured ms", "measured / floor"], rows))
 
 
 def main(argv=None) -> dict:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from benchmarks.common import time_summary
 from benchmarks.latency import pool_rounds
@@ -22,3 +23,19 @@ def test_rounds_pool_every_stage_and_keep_the_worst_memory():
     assert row["decode"]["median_s"] == pytest.approx(0.25)
     assert row["rtf"] == pytest.approx(0.25 / (2 * 10.0))
     assert (pooled["rounds"], pooled["peak_rss_mb"], pooled["runtime"]) == (2, 950.0, "torch")
+
+
+def test_the_floor_is_the_counted_work_at_the_measured_peak():
+    from benchmarks.latency import count_flops, floor_section
+
+    a, b = torch.randn(64, 32), torch.randn(32, 16)
+    assert count_flops(lambda: a @ b) == 2 * 64 * 32 * 16
+    stages = ("text_encoding", "denoiser_forward", "decode", "end_to_end")
+    torch_run = _run({s: [0.2] for s in stages}, rss=900.0, load=2.0)
+    torch_run["peak_matmul_flops"] = 1e11
+    torch_run["batches"]["2"]["flops"] = {"text_encoding": 1e9, "denoiser_forward": 2e9, "decode": 3e9,
+                                          "end_to_end": 1e9 + 4 * 2e9 + 3e9}
+    ort_run = _run({s: [0.1] for s in stages}, rss=950.0, load=3.0) | {"runtime": "onnxruntime"}
+    text = floor_section([torch_run, ort_run])
+    assert "100 GFLOP/s" in text
+    assert "| 2 | end to end | 12 | 120 | 100 | 0.8333 |" in text  # 12 GFLOP -> 120 ms floor; best run 100 ms
