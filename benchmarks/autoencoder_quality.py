@@ -46,7 +46,8 @@ def main(argv=None) -> dict:
             y = codec.decode(codec.encode(x))[..., : x.shape[-1]]
         per_clip.append({
             "caption": clip.caption, "category": clip.params["category"],
-            "mrstft": float(multi_resolution_stft_distance(y, x)[0].mean()),
+            # over the stereo clip as a whole: per channel, a hard-panned clip's silent side divides by ~0
+            "mrstft": float(multi_resolution_stft_distance(y[0], x[0], item_dims=2)),
             "si_sdr_db": float(si_sdr(y, x)[0].mean()),
             "balance_db": channel_balance_db(clip.audio), "reconstruction_balance_db": channel_balance_db(y[0].numpy()),
             "placement": clip.params.get("placement"),
@@ -67,6 +68,7 @@ def main(argv=None) -> dict:
     summary = {
         "clips": len(per_clip),
         "mrstft_mean": float(np.mean([c["mrstft"] for c in per_clip])),
+        "mrstft_median": float(np.median([c["mrstft"] for c in per_clip])),
         "si_sdr_db_median": float(np.median([c["si_sdr_db"] for c in per_clip])),
         "tones": len(pitch),
         "pitch_error_median": float(np.median(errs)) if errs else None,
