@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import save_file
 
 from models.codec import HarmonicAutoencoder, HarmonicAutoencoderConfig, load_codec
-from models.codec.harmonic import balance_gains, band_matrix, hann_lobe, signed_hann_lobes
+from models.codec.harmonic import balance_gains, band_matrix, signed_hann_lobes
 from models.training.warm_start import (
     DIT_CHANNEL_PARAMS,
     load_remapped,
@@ -28,6 +28,12 @@ def tone(freqs_amps, seconds=1.0, pan=(1.0, 1.0)) -> torch.Tensor:
     t = torch.arange(int(seconds * SR), dtype=torch.float64) / SR
     x = sum(a * torch.cos(2 * math.pi * f * t) for f, a in freqs_amps).float()
     return torch.stack([pan[0] * x, pan[1] * x])[None]
+
+
+def hann_lobe(d: torch.Tensor) -> torch.Tensor:
+    """The reference the renderer's closed form is checked against: the periodic Hann window's spectrum at an offset
+    of d bins, divided by n_fft, as a sum of three sincs."""
+    return 0.5 * torch.sinc(d) + 0.25 * (torch.sinc(d - 1) + torch.sinc(d + 1))
 
 
 def test_hann_lobe_matches_the_window_spectrum():

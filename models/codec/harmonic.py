@@ -127,15 +127,10 @@ def _sinc(x: Tensor) -> Tensor:
     return torch.where(small, 1 - (math.pi * x) ** 2 / 6, torch.sin(math.pi * safe) / (math.pi * safe))
 
 
-def hann_lobe(d: Tensor) -> Tensor:
-    """The periodic Hann window's spectrum at an offset of d bins, divided by n_fft (0.5 at d = 0; zero at |d| = 2)."""
-    return 0.5 * _sinc(d) + 0.25 * (_sinc(d - 1) + _sinc(d + 1))
-
-
 def signed_hann_lobes(frac: Tensor) -> Tensor:
-    """``hann_lobe(o - frac) * (-1) ** o`` for the offsets o = -2 .. 2 (``LOBE`` = 2) from a partial's nearest bin,
-    stacked on a new axis before the last: [..., 5, F] for frac [..., F], frac = position - round(position) in
-    [-0.5, 0.5]. The window spectrum is sin(pi d) / (2 pi d (1 - d^2)) and sin(pi (o - frac)) = -(-1)^o sin(pi frac),
+    """The periodic Hann window's spectrum (divided by n_fft: 0.5 at the centre, zero at +-2 bins) at the offsets
+    o = -2 .. 2 (``LOBE`` = 2) from a partial's nearest bin, times (-1) ** o, stacked on a new axis before the last:
+    [..., 5, F] for frac [..., F], frac = position - round(position) in [-0.5, 0.5]. The window spectrum is sin(pi d) / (2 pi d (1 - d^2)) and sin(pi (o - frac)) = -(-1)^o sin(pi frac),
     so one sinc of frac serves all five bins, with the removable zeros of d (1 - d^2) cancelled by hand. The sign
     (-1)^o is the phase pi k that a real sinusoid's centred STFT has at bin k, taken out of the oscillator phase."""
     f, s = frac, _sinc(frac)
