@@ -31,6 +31,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNTIMES = ("torch", "onnxruntime")
+STAGES = ("text_encoding", "denoiser_forward", "decode", "end_to_end")
 
 
 def _peak_rss_mb() -> float:
@@ -191,7 +192,7 @@ def pool_rounds(runs: list[dict]) -> dict:
     out["batches"] = {}
     for b, row in runs[0]["batches"].items():
         pooled = {stage: time_summary([t for r in runs for t in r["batches"][b][stage]["times_s"]])
-                  for stage in ("text_encoding", "denoiser_forward", "decode", "end_to_end")}
+                  for stage in STAGES}
         pooled["rtf"] = pooled["end_to_end"]["median_s"] / (int(b) * out["duration_s"])
         if "flops" in row:
             pooled["flops"] = row["flops"]
@@ -207,7 +208,7 @@ def markdown(results: list[dict], args, model_label: str, export_s: float | None
     for r in results:
         for b, row in r["batches"].items():
             base = by.get(("torch", b))
-            for stage in ("text_encoding", "denoiser_forward", "decode", "end_to_end"):
+            for stage in STAGES:
                 speedup = (base[stage]["median_s"] / row[stage]["median_s"]) if base and r["runtime"] != "torch" \
                     else None
                 rows.append([r["runtime"], int(b), stage.replace("_", " "), row[stage]["median_s"] * 1000,
