@@ -9,6 +9,7 @@ distilled student take the guidance scale as an input (guided distillation, stag
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import asdict, dataclass
 
 import torch
@@ -136,6 +137,21 @@ class DiT(nn.Module):
                 raise ValueError("this denoiser was trained with a guidance-scale input; pass guidance")
             cond = cond + self.guidance_mlp(fourier_features(guidance * 100.0, 256))
         return cond
+
+    @property
+    def depth(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def width(self) -> int:
+        return self.config.width
+
+    def trunk(self, depth: int) -> DiT:
+        """A copy with the first ``depth`` blocks and no output layers: its ``features`` (ARC's discriminator)."""
+        trunk = copy.deepcopy(self)
+        trunk.blocks = nn.ModuleList(list(trunk.blocks)[:depth])
+        del trunk.norm_out, trunk.ada_out, trunk.proj_out
+        return trunk
 
     def features(self, z: Tensor, t: Tensor, tokens: Tensor, token_mask: Tensor, pooled: Tensor, seconds: Tensor,
                  frame_mask: Tensor, guidance: Tensor | None = None) -> tuple[Tensor, Tensor]:

@@ -19,8 +19,14 @@ def _add_dataclass_args(parser: argparse.ArgumentParser, cls) -> None:
         if isinstance(default, bool):
             parser.add_argument(flag, type=lambda s: s.lower() in ("1", "true", "yes"), default=default)
         else:
-            kind = type(default) if default is not None else int
+            kind = type(default) if default is not None else _optional_type(f.type)
             parser.add_argument(flag, type=kind, default=default, help=f"(default: {default})")
+
+
+def _optional_type(annotation) -> type:
+    """The value type of an ``X | None`` field (annotations are strings here: ``from __future__ import annotations``)."""
+    text = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", str(annotation))
+    return next((t for t in (float, str) if t.__name__ in text), int)
 
 
 def _dataclass_from_args(cls, args):
@@ -157,9 +163,11 @@ def build_parser() -> argparse.ArgumentParser:
     from models.training.distill import DistillConfig
 
     p = sub.add_parser("distill", help="progressive distillation of a guided teacher: N -> N/2 -> ... steps")
-    p.add_argument("--from", dest="source", default="tta-teacher", help="teacher: a model directory or zoo name")
+    p.add_argument("--from", dest="source", default="tta-teacher", help="teacher: a model directory, a zoo name, "
+                   "or a checkpoint directory (Stable Audio, Tango: students are written as derived directories)")
     p.add_argument("--out", default=str(ZOO), help="students go to <out>/<name>-<steps>, one per halving")
-    p.add_argument("--name", default=None, help="student name prefix (default: tta-<weighting>)")
+    p.add_argument("--name", default=None, help="student name prefix (default: tta-<weighting>, or "
+                   "<teacher>-<weighting> for a checkpoint teacher)")
     p.add_argument("--run-dir", default=None, help="checkpoints and logs, resumed if present "
                                                    "(default: runs/distill-<weighting>)")
     p.add_argument("--cache-dir", default=None, help="latent cache of the teacher's codec (default: <run-dir>/latents)")
@@ -168,7 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_distill)
 
     p = sub.add_parser("arc", help="ARC post-training: a few-step ping-pong generator without guidance")
-    p.add_argument("--from", dest="source", default="tta-teacher", help="source: a model directory or zoo name")
+    p.add_argument("--from", dest="source", default="tta-teacher", help="source: a model directory, a zoo name, or a "
+                   "Stable Audio checkpoint directory")
     p.add_argument("--out", default=str(ZOO / "tta-arc"))
     p.add_argument("--run-dir", default="runs/arc", help="checkpoints and logs, resumed if present")
     p.add_argument("--cache-dir", default=None, help="latent cache of the source's codec (default: <run-dir>/latents)")

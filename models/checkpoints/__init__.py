@@ -8,6 +8,7 @@
 | ``stable-audio-tools`` | ``model_config.json`` (+ ``model.safetensors`` / ``model.ckpt``) | Stable Audio Open Small, 1.0 |
 | ``diffusers-stable-audio`` | ``model_index.json`` naming ``StableAudioPipeline`` | Stable Audio Open 1.0 |
 | ``tango`` | ``model_index.json`` with ``unet``, ``vae`` and ``vocoder`` components | Tango (AudioLDM-style) |
+| ``derived`` | ``derived.json`` + ``denoiser.safetensors`` | students / ARC models trained here from one of the above |
 
 The networks are this package's own implementations of the published architectures (no reference package is
 needed to serve); tests/test_checkpoints.py proves them equal to the reference implementations.
@@ -17,6 +18,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from models.checkpoints import (
+    format_derived,
     format_diffusers_stable_audio,
     format_stable_audio_tools,
     format_tango,
@@ -28,6 +30,7 @@ FORMATS = {
     format_stable_audio_tools.NAME: format_stable_audio_tools,
     format_diffusers_stable_audio.NAME: format_diffusers_stable_audio,
     format_tango.NAME: format_tango,
+    format_derived.NAME: format_derived,
 }
 
 
@@ -57,7 +60,7 @@ def load_checkpoint_dir(path: str | Path, device: str = "cpu", text_encoder=None
         raise CheckpointError(
             f"{path}: not a checkpoint directory of any supported format ({', '.join(FORMATS)}): expected "
             f"model_config.json (stable-audio-tools) or a diffusers model_index.json for StableAudioPipeline or with "
-            f"unet/vae/vocoder components; found {present}")
+            f"unet/vae/vocoder components, or derived.json (a model trained here from one of those); found {present}")
     return FORMATS[name].load(path, device=device, text_encoder=text_encoder)
 
 

@@ -23,11 +23,12 @@ SERVING_OVERRIDES = "serving.json"  # optional file beside a checkpoint: BundleC
 class CheckpointBundle(ModelBundle):
     """``schedule`` is the schedule object the denoiser adapter converts time with (a DDPM table is not something
     ``make_schedule`` can name). ``null_condition``: the model's unconditional branch is an all-zero cross-attention
-    input rather than the empty prompt (Stable Audio), see ``models.checkpoints.denoisers``."""
+    input rather than the empty prompt (Stable Audio), see ``models.checkpoints.denoisers``. ``base_path``: the
+    original checkpoint directory a derived model (``format_derived``) was trained from."""
 
     def __init__(self, config: BundleConfig, denoiser: nn.Module, codec: AudioCodec, text_encoder,
                  schedule: NoiseSchedule, null_condition: bool = False, device: str = "cpu",
-                 path: Path | None = None, source_format: str = ""):
+                 path: Path | None = None, source_format: str = "", base_path: Path | None = None):
         try:
             make_schedule(config.schedule)
             base = config
@@ -40,6 +41,7 @@ class CheckpointBundle(ModelBundle):
         self.sampler = make_sampler(config.sampler, schedule)
         self.null_condition = null_condition
         self.source_format = source_format
+        self.base_path = base_path or path  # the original checkpoint (a derived model's base; else the model itself)
 
     def unconditional_text(self, n: int) -> TextEmbedding:
         if not self.null_condition:
@@ -49,7 +51,8 @@ class CheckpointBundle(ModelBundle):
 
     def save(self, path, save_codec: bool = True) -> None:
         raise NotImplementedError(f"{self.name} was loaded from a {self.source_format} checkpoint and is served from "
-                                  f"that directory ({self.path}); writing it back as a zoo model is not supported")
+                                  f"that directory ({self.path}); a trained copy of its denoiser is written with "
+                                  "models.checkpoints.format_derived.save")
 
 
 def bundle_config(path: Path, **values) -> BundleConfig:

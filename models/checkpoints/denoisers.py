@@ -10,6 +10,7 @@ models (Tango) use the empty prompt's encoding, which is an ordinary embedding.
 """
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -70,6 +71,29 @@ class StableAudioDenoiser(nn.Module):
                 frame_mask: Tensor | None = None, guidance: Tensor | None = None) -> Tensor:
         context, glob = self.conditioning(tokens, token_mask, seconds)
         return self.dit(z, self.model_time(t.to(z.dtype)), context, glob, frame_mask)
+
+    # the transformer-trunk interface ARC's discriminator builds on (as models.dit.DiT has it)
+    @property
+    def depth(self) -> int:
+        return len(self.dit.layers)
+
+    @property
+    def width(self) -> int:
+        return self.dit.config.embed_dim
+
+    def features(self, z: Tensor, t: Tensor, tokens: Tensor, token_mask: Tensor, pooled: Tensor, seconds: Tensor,
+                 frame_mask: Tensor, guidance: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """(hidden states of the frames [B, T, width], of the prepended global token [B, width])."""
+        context, glob = self.conditioning(tokens, token_mask, seconds)
+        h = self.dit.hidden(z, self.model_time(t.to(z.dtype)), context, glob, frame_mask)
+        return h[:, 1:], h[:, 0]
+
+    def trunk(self, depth: int) -> StableAudioDenoiser:
+        """A copy with the first ``depth`` transformer layers and no output projection: its ``features``."""
+        trunk = copy.deepcopy(self)
+        trunk.dit.layers = nn.ModuleList(list(trunk.dit.layers)[:depth])
+        del trunk.dit.project_out, trunk.dit.postprocess_conv
+        return trunk
 
 
 class UNetDenoiser(nn.Module):

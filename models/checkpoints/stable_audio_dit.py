@@ -246,10 +246,10 @@ class StableAudioDiT(nn.Module):
         self.project_out = nn.Linear(d, c.io_channels, bias=False)
         self.postprocess_conv = nn.Conv1d(c.io_channels, c.io_channels, 1, bias=False)
 
-    def forward(self, x: Tensor, t: Tensor, context: Tensor | None = None, global_cond: Tensor | None = None,
-                frame_mask: Tensor | None = None) -> Tensor:
-        """x [B, C, T], t [B] (model time), context [B, L, cond_token_dim], global_cond [B, global_cond_dim],
-        frame_mask [B, T] bool (True = real frame) -> raw output [B, C, T]."""
+    def hidden(self, x: Tensor, t: Tensor, context: Tensor | None = None, global_cond: Tensor | None = None,
+               frame_mask: Tensor | None = None) -> Tensor:
+        """The transformer's hidden states after its layers: [B, 1 + T, embed_dim], the prepended global token
+        first."""
         c = self.config
         b, _, length = x.shape
         feats = 2 * math.pi * t.to(x.dtype)[:, None] @ self.timestep_features.T
@@ -266,6 +266,13 @@ class StableAudioDiT(nn.Module):
             key_mask = torch.cat([torch.ones(b, 1, dtype=torch.bool, device=x.device), frame_mask.bool()], dim=1)
         for layer in self.layers:
             h = layer(h, context, rope, key_mask)
+        return h
+
+    def forward(self, x: Tensor, t: Tensor, context: Tensor | None = None, global_cond: Tensor | None = None,
+                frame_mask: Tensor | None = None) -> Tensor:
+        """x [B, C, T], t [B] (model time), context [B, L, cond_token_dim], global_cond [B, global_cond_dim],
+        frame_mask [B, T] bool (True = real frame) -> raw output [B, C, T]."""
+        h = self.hidden(x, t, context, global_cond, frame_mask)
         out = self.project_out(h).transpose(1, 2)[:, :, 1:]
         out = self.postprocess_conv(out) + out
         if frame_mask is not None:

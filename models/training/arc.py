@@ -25,6 +25,10 @@ x0 (v-prediction: x0 = alpha z - sigma v; rectified flow: x0 = z - t v), and re-
 ``schedule.add_noise``. A source that takes the guidance scale as an input (a distilled student) has that input
 folded into a constant at the source's default scale (``fold_guidance``), so the generator starts from the guided
 model and exports as a plain one-forward model.
+
+Checkpoint sources (``models.checkpoints``): a Stable Audio DiT takes the place of the project's DiT (its first
+layers, conditioning included, are the discriminator's trunk; on Stable Audio Open Small's rectified flow this is
+the paper's own setting), and the generator exports as a ``derived`` directory over the original checkpoint.
 """
 from __future__ import annotations
 
@@ -52,7 +56,7 @@ from models.training.common import (
     step_rngs,
     train_loop,
 )
-from models.training.derived import export_derived, load_source, source_cache
+from models.training.derived import export_derived, load_source, source_cache, window_frames
 from models.training.latent_cache import LatentCache
 
 
@@ -133,24 +137,29 @@ def fold_guidance(dit: DiT, scale: float) -> DiT:
     return folded
 
 
-class Discriminator(nn.Module):
-    """A copy of the generator's DiT up to block ``layer`` (input projection, conditioning, text projection and the
-    first blocks, weights shared at initialisation, trained afterwards) and a small convolutional head giving one
-    logit per latent frame; the clip's score is the mean over its real frames. Padded frames are zeroed before and
-    inside the head, so a clip's score does not depend on its batch companions."""
+def check_transformer(denoiser: nn.Module) -> None:
+    """ARC's discriminator is the generator's own transformer trunk: the denoiser must offer ``depth``, ``width``,
+    ``trunk(depth)`` and ``features(...)`` (the project's DiT and the Stable Audio DiT do; Tango's UNet does not)."""
+    if not all(hasattr(denoiser, a) for a in ("depth", "width", "trunk", "features")):
+        raise ValueError(f"ARC post-training needs a transformer denoiser whose first blocks can serve as the "
+                         f"discriminator (the project's DiT, Stable Audio); {type(denoiser).__name__} is not one")
 
-    def __init__(self, dit: DiT, layer: int = 0, head_channels: int = 0):
+
+class Discriminator(nn.Module):
+    """A copy of the generator's transformer up to block ``layer`` (input projection, conditioning, text projection
+    and the first blocks, weights shared at initialisation, trained afterwards) and a small convolutional head giving
+    one logit per latent frame; the clip's score is the mean over its real frames. Padded frames are zeroed before
+    and inside the head, so a clip's score does not depend on its batch companions."""
+
+    def __init__(self, dit: nn.Module, layer: int = 0, head_channels: int = 0):
         super().__init__()
-        depth = dit.config.depth
+        check_transformer(dit)
+        depth = dit.depth
         self.layer = layer or max(1, round(2 * depth / 3))
         if not 1 <= self.layer <= depth:
             raise ValueError(f"discriminator layer {self.layer} outside 1..{depth}")
-        trunk = copy.deepcopy(dit)
-        trunk.blocks = nn.ModuleList(list(trunk.blocks)[: self.layer])
-        for unused in ("norm_out", "ada_out", "proj_out"):
-            delattr(trunk, unused)
-        self.trunk = trunk
-        width = dit.config.width
+        self.trunk = dit.trunk(self.layer)
+        width = dit.width
         hidden = head_channels or width
         self.norm = nn.LayerNorm(width)
         self.conv1 = nn.Conv1d(width, hidden, 3, padding=1)
@@ -189,7 +198,8 @@ class ARCTrainer:
         self.cfg = cfg
         self.schedule, self.param = source.schedule, source.parameterization
         dit = source.denoiser
-        if dit.config.guidance_embed:
+        check_transformer(dit)
+        if isinstance(dit, DiT) and dit.config.guidance_embed:
             dit = fold_guidance(dit, cfg.fold_guidance or source.config.default_guidance)
         self.gen = copy.deepcopy(dit).to(cfg.device).train()
         self.disc = Discriminator(self.gen, cfg.disc_layer, cfg.head_channels).to(cfg.device).train()
@@ -286,7 +296,9 @@ def train_arc(source: ModelBundle, cache: LatentCache, out_dir: str | Path, run_
 
     def train_step(step: int) -> dict:
         rng, gen = step_rngs(cfg.seed, 2, step)
-        batch = sample_captioned_batch(cache, corpus, source.text_encoder, rng, cfg.batch_size, cfg.cond_dropout)
+        batch = sample_captioned_batch(cache, corpus, source.text_encoder, rng, cfg.batch_size, cfg.cond_dropout,
+                                       null_text=source.unconditional_text,
+                                       max_frames=window_frames(source))
         batch = batch.to(cfg.device)
         return trainer.train_step(batch, trainer.draw(batch, rng, gen), step)
 

@@ -36,16 +36,37 @@ class CaptionedBatch:
 
 
 def sample_captioned_batch(cache: LatentCache, corpus, text_encoder, rng: np.random.Generator, batch_size: int,
-                           cond_dropout: float = 0.0) -> CaptionedBatch:
+                           cond_dropout: float = 0.0, null_text=None, max_frames: int | None = None) -> CaptionedBatch:
     """Clips drawn uniformly from the cache, each with a freshly drawn caption of its ground truth (the corpus
     words the same sound many ways), and the empty prompt with probability ``cond_dropout`` (what classifier-free
-    guidance's unconditional branch is trained on)."""
-    x0, mask, idx = sample_batch(cache, rng, batch_size)
+    guidance's unconditional branch is trained on). ``null_text(n) -> TextEmbedding``, when given, is the model's
+    own unconditional input for those rows (a checkpoint's null condition need not be the empty prompt's
+    encoding). ``max_frames``: the model's longest window; a longer clip is cut to a random window of it, with
+    the window's duration as the duration condition."""
+    x0, mask, idx, share = sample_batch(cache, rng, batch_size, max_frames)
     prompts = [corpus.caption(cache.params[i], rng) for i in idx]
     prompts = ["" if rng.random() < cond_dropout else p for p in prompts]
     text = text_encoder.encode(prompts)
-    seconds = torch.tensor([cache.durations[i] for i in idx], dtype=torch.float32)
+    dropped = [i for i, p in enumerate(prompts) if not p]
+    if null_text is not None and dropped:
+        text = with_rows(text, dropped, null_text(len(dropped)))
+    seconds = torch.tensor([cache.durations[i] * f for i, f in zip(idx, share)], dtype=torch.float32)
     return CaptionedBatch(x0, mask, idx, prompts, text, seconds)
+
+
+def with_rows(text: TextEmbedding, rows: list[int], other: TextEmbedding) -> TextEmbedding:
+    """``text`` with ``rows`` replaced by ``other``'s rows, both padded to the longer token length."""
+    length = max(text.tokens.shape[1], other.tokens.shape[1])
+
+    def pad(e: TextEmbedding) -> tuple[Tensor, Tensor]:
+        extra = length - e.tokens.shape[1]
+        return (torch.nn.functional.pad(e.tokens, (0, 0, 0, extra)),
+                torch.nn.functional.pad(e.mask, (0, extra), value=False))
+
+    (tokens, mask), (o_tokens, o_mask) = pad(text), pad(other)
+    tokens, mask, pooled = tokens.clone(), mask.clone(), text.pooled.clone()
+    tokens[rows], mask[rows], pooled[rows] = o_tokens.to(tokens.dtype), o_mask, other.pooled.to(pooled.dtype)
+    return TextEmbedding(tokens, mask, pooled)
 
 
 def masked_mse(pred: Tensor, target: Tensor, mask: Tensor) -> Tensor:

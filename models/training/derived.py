@@ -1,5 +1,8 @@
 """Models trained from another model (distilled students, ARC generators): load the source with its latent cache,
-and export a bundle that shares the source's codec directory."""
+and export a model that shares the source's codec. The source is a project model directory (a zoo model) or a
+checkpoint directory of a format ``models.checkpoints`` reads (Stable Audio, Tango, or a model derived from one);
+a project model exports as a bundle directory pointing at its codec, a checkpoint as a ``derived`` directory over
+its base checkpoint (``models.checkpoints.format_derived``)."""
 from __future__ import annotations
 
 import copy
@@ -7,24 +10,33 @@ import dataclasses
 import os
 from pathlib import Path
 
+from torch import nn
+
 from models.bundle import ZOO, BundleConfig, ModelBundle
-from models.dit import DiT
+from models.checkpoints import FORMATS, CheckpointBundle, format_derived, is_checkpoint_dir, load_checkpoint_dir
 from models.text import load_text_encoder
 from models.training.latent_cache import LatentCache, build_latent_cache
 
 
+def is_model_dir(path: Path) -> bool:
+    return (path / "config.json").is_file() or is_checkpoint_dir(path)
+
+
 def resolve_model(name_or_path: str | Path) -> Path:
-    """A model directory, or the name of one under models/zoo."""
+    """A model directory (project or checkpoint format), or the name of one under models/zoo."""
     path = Path(name_or_path)
-    if (path / "config.json").is_file():
+    if is_model_dir(path):
         return path
-    if (ZOO / str(name_or_path) / "config.json").is_file():
+    if is_model_dir(ZOO / str(name_or_path)):
         return ZOO / str(name_or_path)
-    raise FileNotFoundError(f"{name_or_path}: neither a model directory nor a model in {ZOO}")
+    raise FileNotFoundError(f"{name_or_path}: neither a model directory (config.json, or a checkpoint format: "
+                            f"{', '.join(FORMATS)}) nor a model in {ZOO}")
 
 
 def load_source(name_or_path: str | Path, device: str = "cpu", text_encoder=None) -> ModelBundle:
     path = resolve_model(name_or_path)
+    if is_checkpoint_dir(path):
+        return load_checkpoint_dir(path, device=device, text_encoder=text_encoder)
     if text_encoder is None:
         config = BundleConfig.load(path / "config.json")
         text_encoder = load_text_encoder(config.text_encoder, cache_size=2048)
@@ -37,6 +49,12 @@ def source_cache(source: ModelBundle, cache_dir: str | Path, clips: int, seed: i
     return LatentCache.load(build_latent_cache(source.codec, cache_dir, clips, seed=seed))
 
 
+def window_frames(source: ModelBundle) -> int:
+    """The longest window, in latent frames, ``source`` generates (its max_duration): training clips are cut to it."""
+    codec = source.codec
+    return codec.latent_frames(round(source.config.max_duration * codec.sample_rate))
+
+
 def codec_dir(bundle: ModelBundle) -> Path:
     """The directory that holds the codec weights a loaded bundle uses."""
     if bundle.path is None:
@@ -44,9 +62,11 @@ def codec_dir(bundle: ModelBundle) -> Path:
     return (bundle.path / bundle.config.codec_from).resolve() if bundle.config.codec_from else bundle.path.resolve()
 
 
-def export_derived(source: ModelBundle, denoiser: DiT, out_dir: str | Path, **overrides) -> Path:
+def export_derived(source: ModelBundle, denoiser: nn.Module, out_dir: str | Path, **overrides) -> Path:
     """Save ``denoiser`` as a model directory ``out_dir`` that takes the source's configuration with ``overrides``
     and points at the source's codec (students and ARC models share their teacher's autoencoder)."""
+    if isinstance(source, CheckpointBundle):
+        return format_derived.save(source, denoiser, out_dir, **overrides)
     out = Path(out_dir)
     config = dataclasses.replace(
         source.config, name=out.name, codec={}, codec_from=os.path.relpath(codec_dir(source), out.resolve()),

@@ -23,6 +23,14 @@ its input. The embedding's output layer is zero-initialised, so the student star
 conditional model. What this buys: a student step is one forward row whatever the guidance (half the teacher's
 cost per step on top of halving the steps), and the service keeps guidance as a per-request knob. What it costs:
 the first halving's loss starts higher (it learns two things), and scales outside the trained range extrapolate.
+
+Checkpoint teachers (Stable Audio, Tango; ``models.checkpoints``). Their networks have no guidance input, so the
+student keeps classifier-free guidance as it is sampled: it learns the teacher's conditional two-step result
+(guidance 1) and, on a ``cond_dropout`` share of rows (default 0.1 when the teacher samples with guidance), its
+unconditional one (the teacher's own null condition: for Stable Audio the zeroed cross-attention input, not the
+empty prompt), and is served with the teacher's guidance scale, two rows per guided step. This is progressive
+distillation of each branch (Salimans & Ho's setting) rather than of the guided model; the students export as
+``derived`` directories over the original checkpoint.
 """
 from __future__ import annotations
 
@@ -33,9 +41,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from models.bundle import ModelBundle
+from models.checkpoints import is_checkpoint_dir
 from models.diffusion.samplers import DDIMSampler
 from models.diffusion.weighting import WEIGHTINGS, loss_weight
 from models.dit import DiT
@@ -51,7 +60,7 @@ from models.training.common import (
     step_rngs,
     train_loop,
 )
-from models.training.derived import export_derived, load_source, source_cache
+from models.training.derived import export_derived, is_model_dir, load_source, source_cache, window_frames
 from models.training.latent_cache import LatentCache
 
 
@@ -66,7 +75,7 @@ class DistillConfig:
     ema_decay: float = 0.999
     guidance_min: float = 1.0
     guidance_max: float = 0.0  # 0: twice the teacher's default guidance
-    cond_dropout: float = 0.0
+    cond_dropout: float | None = None  # None: 0 for a guidance-input student, 0.1 for one that keeps CFG
     start_steps: int = 0  # the teacher's step count N_0; 0: its default_steps
     cache_clips: int = 3000
     seed: int = 0
@@ -85,6 +94,16 @@ def halvings(teacher_steps: int, iterations: int) -> list[int]:
         n //= 2
         steps.append(n)
     return steps
+
+
+def takes_guidance(denoiser: nn.Module) -> bool:
+    """Whether a student of ``denoiser`` gets the guidance scale as an input (the project's DiT can have one added;
+    checkpoint networks cannot)."""
+    return isinstance(denoiser, DiT)
+
+
+def make_student(denoiser: nn.Module) -> nn.Module:
+    return with_guidance_embedding(denoiser) if takes_guidance(denoiser) else copy.deepcopy(denoiser)
 
 
 def with_guidance_embedding(dit: DiT) -> DiT:
@@ -126,9 +145,10 @@ class Draw:
 
 
 class Distiller:
-    """One halving: a teacher bundle, the student (a DiT with a guidance input), its EMA and optimizer."""
+    """One halving: a teacher bundle, the student (a DiT with a guidance input, or a checkpoint network trained per
+    guidance branch), its EMA and optimizer."""
 
-    def __init__(self, teacher: ModelBundle, student: DiT, n_steps: int, cfg: DistillConfig,
+    def __init__(self, teacher: ModelBundle, student: nn.Module, n_steps: int, cfg: DistillConfig,
                  guidance_range: tuple[float, float]):
         if cfg.weighting not in WEIGHTINGS:
             raise ValueError(f"unknown weighting {cfg.weighting!r}; expected one of {', '.join(WEIGHTINGS)}")
@@ -189,11 +209,16 @@ def distill(teacher: ModelBundle, cache: LatentCache, out_root: str | Path, run_
 
     set_threads(cfg.threads)
     seed_everything(cfg.seed)
-    name = name or f"tta-{cfg.weighting}"
+    name = name or (f"{teacher.name}-{cfg.weighting}" if is_checkpoint_dir(teacher.path or "") else
+                    f"tta-{cfg.weighting}")
     corpus = SyntheticCorpus("train", seed=cfg.seed)
     text_encoder = teacher.text_encoder
     default_guidance = float(teacher.config.default_guidance)
-    g_range = (cfg.guidance_min, cfg.guidance_max or 2.0 * default_guidance)
+    folded = takes_guidance(teacher.denoiser)
+    g_range = (cfg.guidance_min, cfg.guidance_max or 2.0 * default_guidance) if folded else (1.0, 1.0)
+    dropout = cfg.cond_dropout
+    if dropout is None:
+        dropout = 0.1 if not folded and default_guidance != 1.0 else 0.0
     stages = halvings(cfg.start_steps or teacher.config.default_steps, cfg.iterations)
     exported: list[Path] = []
     current = teacher
@@ -201,14 +226,14 @@ def distill(teacher: ModelBundle, cache: LatentCache, out_root: str | Path, run_
         out = Path(out_root) / f"{name}-{n}"
         run = RunState(Path(run_dir) / f"stage-{n}")
         done = run.dir / "done.json"
-        if done.is_file() and (out / "config.json").is_file():
+        if done.is_file() and is_model_dir(out):
             exported.append(out)
-            current = ModelBundle.load(out, device=cfg.device, text_encoder=text_encoder)
+            current = load_source(out, device=cfg.device, text_encoder=text_encoder)
             continue
         budget = None if stop_at is None else stop_at - k * cfg.steps_per_halving
         if budget is not None and budget <= 0:
             break
-        student = with_guidance_embedding(current.denoiser).to(cfg.device)
+        student = make_student(current.denoiser).to(cfg.device)
         distiller = Distiller(current, student, n, cfg, g_range)
         step = 0
         if run.exists():
@@ -217,9 +242,10 @@ def distill(teacher: ModelBundle, cache: LatentCache, out_root: str | Path, run_
         (run.dir / "distill_config.json").write_text(json.dumps({**asdict(cfg), "student_steps": n}, indent=2))
         steps_before = k * cfg.steps_per_halving
 
-        def train_step(step: int, distiller=distiller, n=n) -> dict:
+        def train_step(step: int, distiller=distiller, n=n, teacher=current) -> dict:
             rng, gen = step_rngs(cfg.seed, 1000 + n, step)
-            batch = sample_captioned_batch(cache, corpus, text_encoder, rng, cfg.batch_size, cfg.cond_dropout)
+            batch = sample_captioned_batch(cache, corpus, text_encoder, rng, cfg.batch_size, dropout,
+                                           null_text=teacher.unconditional_text, max_frames=window_frames(teacher))
             batch = batch.to(cfg.device)
             lr = lr_at(step, cfg.steps_per_halving, cfg.lr, 0, schedule="linear", final=0.0)
             return distiller.train_step(batch, distiller.draw(batch, rng, gen), lr, step)
@@ -231,16 +257,18 @@ def distill(teacher: ModelBundle, cache: LatentCache, out_root: str | Path, run_
                           checkpoint, cfg.log_every, cfg.checkpoint_every, stop_at=budget)
         if step < cfg.steps_per_halving:
             break
+        guidance_note = ("guidance scale as a model input (one forward per step)" if folded else
+                         f"classifier-free guidance {default_guidance:g} as sampled by the teacher")
         export_derived(
             current, distiller.ema.model, out, kind="bsa" if cfg.weighting == "bsa" else "distilled",
-            sampler="ddim", default_steps=n, default_guidance=default_guidance, guidance_in_model=True,
-            description=(f"progressive-distillation student ({cfg.weighting} weighting), {n}-step DDIM, guidance "
-                         f"scale as a model input (one forward per step), distilled from {current.name}"),
-            training={**asdict(cfg), "student_steps": n, "teacher": current.name, "guidance_range": list(g_range),
-                      "steps_done": steps_before + step})
+            sampler="ddim", default_steps=n, default_guidance=default_guidance, guidance_in_model=folded,
+            description=(f"progressive-distillation student ({cfg.weighting} weighting), {n}-step DDIM, "
+                         f"{guidance_note}, distilled from {current.name}"),
+            training={**asdict(cfg), "cond_dropout": dropout, "student_steps": n, "teacher": current.name,
+                      "guidance_range": list(g_range), "steps_done": steps_before + step})
         done.write_text(json.dumps({"out": str(out), "steps": step}) + "\n")
         exported.append(out)
-        current = ModelBundle.load(out, device=cfg.device, text_encoder=text_encoder)
+        current = load_source(out, device=cfg.device, text_encoder=text_encoder)
     return exported
 
 

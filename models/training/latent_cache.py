@@ -78,13 +78,21 @@ def build_latent_cache(codec, directory: str | Path, n_clips: int, seed: int = 0
     return directory
 
 
-def sample_batch(cache: LatentCache, rng: np.random.Generator, batch: int) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-    """A padded batch of latents [B, C, T], frame mask [B, T] and the chosen indices."""
+def sample_batch(cache: LatentCache, rng: np.random.Generator, batch: int,
+                 max_frames: int | None = None) -> tuple[torch.Tensor, torch.Tensor, list[int], list[float]]:
+    """A padded batch of latents [B, C, T], frame mask [B, T], the chosen indices and the share of each clip
+    used: a clip longer than ``max_frames`` (a model's longest window) is cut to a random window of that length
+    (no random draw is made when no clip is cut)."""
     idx = [int(i) for i in rng.integers(0, len(cache), batch)]
-    frames = [cache.latents[i].shape[-1] for i in idx]
+    clips = [cache.latents[i] for i in idx]
+    if max_frames is not None:
+        clips = [x if x.shape[-1] <= max_frames else
+                 x[:, (o := int(rng.integers(0, x.shape[-1] - max_frames + 1))): o + max_frames] for x in clips]
+    frames = [x.shape[-1] for x in clips]
+    share = [f / cache.latents[i].shape[-1] for f, i in zip(frames, idx)]
     length = max(frames)
     z = torch.zeros(batch, cache.latents[0].shape[0], length)
-    for b, i in enumerate(idx):
-        z[b, :, : frames[b]] = cache.latents[i]
+    for b, x in enumerate(clips):
+        z[b, :, : frames[b]] = x
     mask = torch.arange(length)[None] < torch.tensor(frames)[:, None]
-    return z, mask, idx
+    return z, mask, idx, share
