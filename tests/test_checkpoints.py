@@ -587,6 +587,27 @@ def test_tango_ddim_run_matches_the_reference_loop(tango):
     assert rel_err(other[0], audio_ref) > 1e-2
 
 
+def test_a_tango_checkpoint_distils_into_a_derived_student_that_keeps_guidance(tango, tmp_path):
+    """A UNet teacher (no guidance input): the student keeps classifier-free guidance, learning both branches
+    (tests/test_checkpoints_training.py covers Stable Audio, ARC and the derived format itself)."""
+    from models.training.arc import ARCConfig, run_arc
+    from models.training.distill import DistillConfig, run_distill
+
+    cfg = DistillConfig(iterations=1, steps_per_halving=2, batch_size=2, cache_clips=2, start_steps=8,
+                        checkpoint_every=2, log_every=1, threads=1)
+    (out,) = run_distill(tango["root"], tmp_path / "students", tmp_path / "run", cfg)
+    assert (out.name, detect_format(out)) == ("tango-bsa-4", "derived")
+    student = load_checkpoint_dir(out)
+    c = student.config
+    assert (c.default_steps, c.default_guidance, c.guidance_in_model) == (4, 3.0, False)
+    assert c.training["cond_dropout"] == 0.1 and c.training["guidance_range"] == [1.0, 1.0]
+    wave = student.generate(["a dog barks"], [0.5], [0])[0]
+    assert wave.shape[0] == 2 and bool(torch.isfinite(wave).all())
+    with pytest.raises(ValueError, match="transformer denoiser.*UNetDenoiser"):
+        run_arc(out, tmp_path / "arc", tmp_path / "arc-run", ARCConfig(train_steps=2, batch_size=2, cache_clips=2),
+                cache_dir=tmp_path / "run" / "latents")
+
+
 def test_tango_analysis_front_end_matches_a_reference_mel(tango):
     """encode's log-mel: AudioLDM's reflect-padded STFT magnitude, Slaney mel filters, log(max(x, 1e-5)),
     checked against transformers' numpy spectrogram."""
