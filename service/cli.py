@@ -96,9 +96,12 @@ def cmd_serve(args) -> None:
 
 
 def cmd_export(args) -> None:
-    model_path = Path(args.model) if Path(args.model).is_dir() else ZOO / args.model
-    if not (model_path / "config.json").is_file():
-        raise SystemExit(f"{args.model}: neither a model directory nor a model in {ZOO}")
+    from models.training.derived import resolve_model
+
+    try:
+        model_path = resolve_model(args.model)
+    except FileNotFoundError as exc:
+        raise SystemExit(str(exc)) from None
     if args.format == "tensorrt":
         try:
             import tensorrt  # noqa: F401
@@ -188,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="generate a WAV from a prompt, offline")
     p.add_argument("prompt")
     p.add_argument("-o", "--output", default="out.wav")
-    p.add_argument("--model", default=os.environ.get("TTA_DEFAULT_MODEL", "tta-bsa-25"))
+    p.add_argument("--model", default=os.environ.get("TTA_DEFAULT_MODEL", "tta-arc"))
     p.add_argument("--duration", type=float, default=None)
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--guidance", type=float, default=None)

@@ -603,6 +603,11 @@ def test_a_tango_checkpoint_distils_into_a_derived_student_that_keeps_guidance(t
     assert c.training["cond_dropout"] == 0.1 and c.training["guidance_range"] == [1.0, 1.0]
     wave = student.generate(["a dog barks"], [0.5], [0])[0]
     assert wave.shape[0] == 2 and bool(torch.isfinite(wave).all())
+    pytest.importorskip("onnx")
+    from models.export import ExportError, export_onnx
+
+    with pytest.raises(ExportError, match=r"\(derived \(tango.*not exported to ONNX yet"):
+        export_onnx(out)
     with pytest.raises(ValueError, match="transformer denoiser.*UNetDenoiser"):
         run_arc(out, tmp_path / "arc", tmp_path / "arc-run", ARCConfig(train_steps=2, batch_size=2, cache_clips=2),
                 cache_dir=tmp_path / "run" / "latents")

@@ -376,3 +376,66 @@ def test_service_serves_with_onnxruntime(zoo, base_settings, text_encoder):
     ref = bundle(zoo, TINY, text_encoder).generate(["a dog barks"], [1.1], [5], steps=3)[0]
     expected = (ref.clamp(-1, 1).numpy() * 32767).round()
     assert rms_rel_error(data.T.astype(np.float64), expected) <= PARITY["onnxruntime"]["audio_rms_rel"]
+
+
+# ------------------------------------------------------------------------------------------ checkpoint directories
+@pytest.fixture(scope="module")
+def sao_tiny(tmp_path_factory):
+    from models.checkpoints.sized import write_random_sao_small
+
+    root = tmp_path_factory.mktemp("sao-export") / "sao-tiny"
+    with float32_default():
+        write_random_sao_small(root, scale="tiny", seed=7)
+    return root
+
+
+CHECKPOINT_JOBS = [{"prompt": "a dog barks twice", "duration": 0.016, "steps": 8, "guidance": 1.0, "seed": 31},
+                   {"prompt": "rain on a tin roof", "duration": 0.01, "steps": 4, "guidance": 3.0, "seed": 32}]
+
+
+def _compare_runtimes(path, jobs) -> None:
+    from service.runtimes import load_runtime
+
+    candidate, reference = load_runtime(path, "onnxruntime"), load_runtime(path, "torch")
+    assert (candidate.name, reference.name, load_runtime(path, "auto").name) == ("onnxruntime", "torch", "torch")
+    assert candidate.config == reference.bundle.config
+    tol = PARITY["onnxruntime"]
+    for spec, a, b in zip(jobs, run_jobs(reference, jobs), run_jobs(candidate, jobs)):
+        assert b.wave.shape == a.wave.shape and a.wave.abs().max() > 1e-4
+        assert max_rel_error(b.latents, a.latents) <= tol["latents_max_rel"], spec
+        assert rms_rel_error(b.wave, a.wave) <= tol["audio_rms_rel"], spec
+
+
+def test_a_stable_audio_checkpoint_exports_and_runs_under_onnxruntime(sao_tiny):
+    """The checkpoint's T5, its DiT with the conditioning adapter inside, and its Oobleck decoder as graphs; the
+    serving config and the null condition travel in the manifest (the runtime loads no torch model). Guided rows use
+    Stable Audio's zeroed condition in both runtimes."""
+    done = export_onnx(sao_tiny)
+    m = done.manifest
+    assert m["checkpoint"]["format"] == "stable-audio-tools" and m["checkpoint"]["null_condition"] is True
+    assert m["checkpoint"]["config"]["sampler"] == "pingpong" and m["text_encoder"]["number_freqs"] == 0
+    assert all(g["parity"]["passed"] for g in m["graphs"].values())
+    inputs = [i["name"] for i in m["graphs"]["denoiser"]["inputs"]]
+    assert "pooled" not in inputs and {"z", "t", "tokens", "token_mask", "seconds", "frame_mask"} <= set(inputs)
+    assert any(k.startswith("checkpoint/text_encoder/") for k in m["source"]["files"])
+    _compare_runtimes(sao_tiny, CHECKPOINT_JOBS)
+
+
+def test_a_derived_model_exports_over_its_base(sao_tiny, tmp_path):
+    from models.checkpoints import format_derived, load_checkpoint_dir
+    from models.export.manifest import fingerprint
+
+    base = load_checkpoint_dir(sao_tiny)
+    student = copy.deepcopy(base.denoiser)
+    with torch.no_grad():
+        for p in student.parameters():
+            p.mul_(1.05)
+    out = format_derived.save(base, student, tmp_path / "sao-tiny-student", default_steps=4, sampler="ddim")
+    before = fingerprint(out)
+    assert any(k.startswith("base/") for k in before["files"]) and "checkpoint/derived.json" in before["files"]
+    done = export_onnx(out)
+    assert done.manifest["checkpoint"]["config"]["default_steps"] == 4
+    _compare_runtimes(out, [{**CHECKPOINT_JOBS[1], "steps": 4}])
+    (out / "derived.json").write_text((out / "derived.json").read_text().replace('"default_steps": 4',
+                                                                                  '"default_steps": 2'))
+    assert fingerprint(out)["sha256"] != before["sha256"]  # a changed config makes the export stale

@@ -76,7 +76,7 @@ def test_tta_generate_cli_writes_a_wav(tmp_path):
     assert np.isfinite(audio).all()
 
 
-@pytest.mark.parametrize("name, kind, steps", [("tta-bsa-25", "bsa", 25), ("tta-arc", "arc", 4)])
+@pytest.mark.parametrize("name, kind, steps", [("tta-bsa-25", "bsa", 25), ("tta-arc", "arc", 8)])
 def test_shipped_fast_models_take_one_forward_per_step(name, kind, steps):
     from training_support import count_denoiser_rows
 

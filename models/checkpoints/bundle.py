@@ -7,7 +7,6 @@ import json
 from dataclasses import fields, replace
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from models.bundle import BundleConfig, ModelBundle
@@ -16,6 +15,7 @@ from models.codec.base import AudioCodec
 from models.diffusion import make_parameterization, make_sampler, make_schedule
 from models.diffusion.schedules import NoiseSchedule
 from models.text import TextEmbedding
+from models.text.encoders import null_embedding
 
 SERVING_OVERRIDES = "serving.json"  # optional file beside a checkpoint: BundleConfig fields to override
 
@@ -46,8 +46,7 @@ class CheckpointBundle(ModelBundle):
     def unconditional_text(self, n: int) -> TextEmbedding:
         if not self.null_condition:
             return super().unconditional_text(n)
-        dim, pooled = self.text_encoder.dim, getattr(self.text_encoder, "pooled_dim", self.text_encoder.dim)
-        return TextEmbedding(torch.zeros(n, 1, dim), torch.zeros(n, 1, dtype=torch.bool), torch.zeros(n, pooled))
+        return null_embedding(n, self.text_encoder.dim, getattr(self.text_encoder, "pooled_dim", self.text_encoder.dim))
 
     def save(self, path, save_codec: bool = True) -> None:
         raise NotImplementedError(f"{self.name} was loaded from a {self.source_format} checkpoint and is served from "

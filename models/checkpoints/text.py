@@ -46,6 +46,8 @@ class LocalT5Encoder(TextEncoder):
         self.dim = int(config.d_model)
         self.pooled_dim = self.dim
         self.name = self.path.name
+        self.normalize_pooled = False  # the pooled mean is unused by these models; kept plain (the export reads it)
+        self.number_freqs = 0  # no number channels appended (the embedded MiniLM encoder's feature)
 
     @torch.inference_mode()
     def encode_unpadded(self, prompts: list[str]) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -48,13 +48,17 @@ class TextEncoderGraph(nn.Module):
 
 
 class DenoiserGraph(nn.Module):
-    """``DiT.forward`` with positional inputs (``DENOISER_INPUTS``, plus ``guidance`` for a guidance-embedding
-    student) -> the raw prediction [B, C, T]."""
+    """The denoiser's call (the project's ``DiT``, or a checkpoint's adapter such as ``StableAudioDenoiser`` with its
+    conditioning inside) with positional inputs (``DENOISER_INPUTS``, plus ``guidance`` for a guidance-embedding
+    student) -> the raw prediction [B, C, T]. Inputs a network ignores (a Stable Audio DiT's pooled text) drop out of
+    the exported graph."""
 
-    def __init__(self, dit: DiT):
+    def __init__(self, dit: nn.Module, takes_guidance: bool | None = None):
         super().__init__()
         self.dit = dit
-        self.takes_guidance = bool(dit.config.guidance_embed)
+        if takes_guidance is None:
+            takes_guidance = isinstance(dit, DiT) and bool(dit.config.guidance_embed)
+        self.takes_guidance = bool(takes_guidance)
 
     @property
     def input_names(self) -> list[str]:

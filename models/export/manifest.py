@@ -2,7 +2,8 @@
 
 An export directory (``<model_dir>/onnx`` by default) holds the graphs and ``manifest.json``. The manifest records a
 fingerprint of everything the graphs were made from: the model's config and weights, its codec's, the text encoder's
-files, and the source of the code that defines the graphs. A runtime re-exports when the fingerprint differs, so a
+files (for a checkpoint directory: every file in it, and in a derived model's base), and the source of the code that
+defines the graphs. A runtime re-exports when the fingerprint differs, so a
 retrained model (or a changed architecture) never runs through stale graphs.
 """
 from __future__ import annotations
@@ -19,6 +20,7 @@ _MODELS = Path(__file__).resolve().parent.parent
 # the code that decides what the graphs compute; an edit to any of it makes existing exports stale
 GRAPH_SOURCES = ("dit.py", "layers.py", "codec", "audio/spectral.py", "text/encoders.py", "export/graphs.py",
                  "export/onnx_export.py")
+CHECKPOINT_SOURCES = ("checkpoints",)  # and, for a checkpoint directory, the networks that read it
 
 _HASHES: dict[tuple[str, int, int], str] = {}
 _HASHES_LOCK = threading.Lock()
@@ -61,9 +63,40 @@ def text_encoder_dir(config: dict) -> Path:
     raise ExportError(f"text encoder {te.get('name')!r} needs a local 'path'")
 
 
+def tokenizer_dir(config: dict) -> Path:
+    """Where the tokenizer of the model's text encoder lives (a checkpoint may keep it apart from the weights)."""
+    te = config.get("text_encoder") or {}
+    return Path(te["tokenizer"]) if te.get("tokenizer") else text_encoder_dir(config)
+
+
+def _tree(root: Path, label: str) -> dict[str, Path]:
+    """Every file under a checkpoint directory (exports and hidden files aside), labelled by its relative path."""
+    out = {}
+    for p in sorted(root.rglob("*")):
+        rel = p.relative_to(root)
+        if p.is_file() and rel.parts[0] != "onnx" and not any(part.startswith(".") for part in rel.parts):
+            out[f"{label}/{rel.as_posix()}"] = p
+    return out
+
+
+def is_checkpoint(model_dir: Path) -> bool:
+    from models.checkpoints import is_checkpoint_dir  # the registry imports the model code; only needed here
+
+    return is_checkpoint_dir(model_dir)
+
+
 def source_files(model_dir: Path) -> dict[str, Path]:
-    """Every file whose content the exported graphs depend on, by a stable label."""
+    """Every file whose content the exported graphs depend on, by a stable label. A checkpoint directory: all its
+    files (its text encoder lives inside it), and a derived model's base checkpoint's too."""
     model_dir = Path(model_dir)
+    if is_checkpoint(model_dir):
+        from models.checkpoints import format_derived
+
+        files = _tree(model_dir, "checkpoint")
+        if format_derived.detect(model_dir):
+            base = format_derived.base_dir(model_dir, json.loads((model_dir / format_derived.MANIFEST).read_text()))
+            files.update(_tree(base, "base"))
+        return files
     config = json.loads((model_dir / "config.json").read_text())
     files = {"config.json": model_dir / "config.json", "denoiser.safetensors": model_dir / "denoiser.safetensors"}
     cdir = codec_dir(model_dir, config)
@@ -80,9 +113,9 @@ def source_files(model_dir: Path) -> dict[str, Path]:
     return files
 
 
-def code_files() -> dict[str, Path]:
+def code_files(checkpoint: bool = False) -> dict[str, Path]:
     out = {}
-    for name in GRAPH_SOURCES:
+    for name in GRAPH_SOURCES + (CHECKPOINT_SOURCES if checkpoint else ()):
         p = _MODELS / name
         for f in sorted(p.glob("*.py")) if p.is_dir() else [p]:
             out[str(f.relative_to(_MODELS))] = f
@@ -92,7 +125,7 @@ def code_files() -> dict[str, Path]:
 def fingerprint(model_dir: Path) -> dict:
     """{"sha256": one digest over everything, "files": per source file, "code": per graph-defining module}."""
     files = {k: file_sha256(p) for k, p in source_files(model_dir).items()}
-    code = {k: file_sha256(p) for k, p in code_files().items()}
+    code = {k: file_sha256(p) for k, p in code_files(is_checkpoint(Path(model_dir))).items()}
     blob = json.dumps({"format": EXPORT_FORMAT, "files": files, "code": code}, sort_keys=True)
     return {"sha256": hashlib.sha256(blob.encode()).hexdigest(), "files": files, "code": code}
 

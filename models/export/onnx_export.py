@@ -17,7 +17,7 @@ import os
 import shutil
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -185,39 +185,66 @@ def export_text_encoder(encoder, path: Path, opset: int = OPSET) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------- denoiser
-def _denoiser_inputs(dit, batch: int, frames: int, length: int, generator: torch.Generator) -> tuple:
-    c = dit.config
-    z = torch.randn(batch, c.latent_dim, frames, generator=generator)
+@dataclass
+class DenoiserSpec:
+    """The shapes of the denoiser's inputs (from the bundle: the project's DiT and a checkpoint's adapter alike)."""
+
+    latent_dim: int
+    text_dim: int
+    pooled_dim: int
+    max_seconds: float
+    takes_guidance: bool
+
+    @classmethod
+    def of(cls, bundle) -> DenoiserSpec:
+        return cls(bundle.codec.latent_dim, bundle.text_encoder.dim, bundle.text_encoder.pooled_dim,
+                   float(bundle.config.max_duration), bool(bundle.config.guidance_in_model))
+
+    @classmethod
+    def of_dit(cls, dit) -> DenoiserSpec:
+        """The project's DiT carries its input shapes in its config."""
+        c = dit.config
+        return cls(c.latent_dim, c.text_dim, c.pooled_dim, float(c.max_seconds), bool(c.guidance_embed))
+
+
+def _denoiser_inputs(spec: DenoiserSpec, batch: int, frames: int, length: int, generator: torch.Generator) -> tuple:
+    """Random inputs with ragged token and frame masks: row 0 is full, the last row (of two or more) is cut short,
+    so a network that branches in Python on "any padding?" is traced on its padded path."""
+    z = torch.randn(batch, spec.latent_dim, frames, generator=generator)
     t = torch.rand(batch, generator=generator)
-    tokens = torch.randn(batch, length, c.text_dim, generator=generator)
+    tokens = torch.randn(batch, length, spec.text_dim, generator=generator)
     token_mask = torch.arange(length)[None] < torch.randint(1, length + 1, (batch,), generator=generator)[:, None]
     token_mask[0] = True
-    pooled = torch.randn(batch, c.pooled_dim, generator=generator)
-    seconds = torch.rand(batch, generator=generator) * c.max_seconds
+    pooled = torch.randn(batch, spec.pooled_dim, generator=generator)
+    seconds = torch.rand(batch, generator=generator) * spec.max_seconds
     frame_mask = torch.arange(frames)[None] < torch.randint(1, frames + 1, (batch,), generator=generator)[:, None]
     frame_mask[0] = True
+    if batch > 1 and frames > 1:
+        frame_mask[-1, -1] = False
     args = (z, t, tokens, token_mask, pooled, seconds, frame_mask)
-    if c.guidance_embed:
+    if spec.takes_guidance:
         args += (1 + 4 * torch.rand(batch, generator=generator),)
     return args
 
 
-def export_denoiser(dit, path: Path, opset: int = OPSET) -> dict:
-    """Dynamic batch, frame and text-token axes; compared with the DiT on two batches of other shapes than the
-    trace's, with ragged frame and token masks."""
-    graph = DenoiserGraph(dit).eval()
+def export_denoiser(dit, path: Path, spec: DenoiserSpec | None = None, opset: int = OPSET) -> dict:
+    """Dynamic batch, frame and text-token axes; compared with the denoiser on two batches of other shapes than the
+    trace's, with ragged frame and token masks. ``spec``: the input shapes (default: a project DiT's own)."""
+    spec = spec or DenoiserSpec.of_dit(dit)
+    graph = DenoiserGraph(dit, spec.takes_guidance).eval()
     names = graph.input_names
     g = torch.Generator().manual_seed(0)
     axes = {"z": {0: "batch", 2: "frames"}, "t": {0: "batch"}, "tokens": {0: "batch", 1: "text_length"},
             "token_mask": {0: "batch", 1: "text_length"}, "pooled": {0: "batch"}, "seconds": {0: "batch"},
             "frame_mask": {0: "batch", 1: "frames"}, "guidance": {0: "batch"}, "out": {0: "batch", 2: "frames"}}
     axes = {k: v for k, v in axes.items() if k in names or k in DENOISER_OUTPUTS}
-    _trace_to_onnx(graph, _denoiser_inputs(dit, 2, 8, 5, g), path, names, DENOISER_OUTPUTS, axes, opset)
+    _trace_to_onnx(graph, _denoiser_inputs(spec, 2, 8, 5, g), path, names, DENOISER_OUTPUTS, axes, opset)
     sess = session(path)
+    kept = {i.name for i in sess.get_inputs()}  # inputs the network never reads are not in the graph
     worst = {"max_rel": 0.0, "max_abs": 0.0}
     for batch, frames, length in ((3, 13, 9), (1, 5, 2)):
-        args = _denoiser_inputs(dit, batch, frames, length, g)
-        got = sess.run(DENOISER_OUTPUTS, {n: a.numpy() for n, a in zip(names, args)})[0]
+        args = _denoiser_inputs(spec, batch, frames, length, g)
+        got = sess.run(DENOISER_OUTPUTS, {n: a.numpy() for n, a in zip(names, args) if n in kept})[0]
         with torch.no_grad():
             want = graph(*args)
         worst["max_rel"] = max(worst["max_rel"], parity.max_rel_error(got, want))
@@ -260,6 +287,36 @@ def export_decoder(codec, path: Path, max_latent_frames: int, opset: int = OPSET
 
 
 # ---------------------------------------------------------------------------------------------------- whole model
+def load_for_export(bundle_dir: Path):
+    """The model as the torch runtime loads it: a project model directory, or a checkpoint directory (Stable Audio
+    formats and models derived from them; Tango's UNet and mel vocoder have no export yet)."""
+    from models.bundle import ModelBundle
+    from models.checkpoints import is_checkpoint_dir, load_checkpoint_dir
+    from models.diffusion import make_schedule
+
+    if not is_checkpoint_dir(bundle_dir):
+        return ModelBundle.load(bundle_dir)
+    bundle = load_checkpoint_dir(bundle_dir)
+    try:
+        make_schedule(bundle.config.schedule)
+    except ValueError:
+        raise ExportError(f"{bundle_dir} ({bundle.source_format}): models on a {bundle.config.schedule.get('name')} "
+                          "table (Tango's UNet and mel vocoder) are not exported to ONNX yet; they run on the torch "
+                          "runtime") from None
+    return bundle
+
+
+def checkpoint_entry(bundle) -> dict:
+    """What a runtime without the torch model needs to serve a checkpoint: its serving configuration (computed from
+    the checkpoint's own files by its format's loader) and its unconditional input."""
+    from models.checkpoints import CheckpointBundle
+
+    if not isinstance(bundle, CheckpointBundle):
+        return {}
+    return {"checkpoint": {"format": bundle.source_format, "config": asdict(bundle.config),
+                           "null_condition": bool(bundle.null_condition)}}
+
+
 def text_encoder_fingerprint(source: dict, max_length: int, opset: int) -> str:
     """What the text-encoder graph depends on: its weights and tokenizer files, the code that defines it, opset."""
     parts = {k: v for k, v in source["files"].items() if k.startswith("text_encoder/")}
@@ -299,8 +356,6 @@ def export_onnx(bundle_dir: str | Path, out_dir: str | Path | None = None, opset
     """Export the model in ``bundle_dir`` to ``out_dir`` (default ``<bundle_dir>/onnx``, or a user cache directory
     when that is not writable) and write ``manifest.json`` beside the graphs. Raises ``ExportError`` when a graph
     fails its checks; nothing is replaced then."""
-    from models.bundle import ModelBundle
-
     bundle_dir = Path(bundle_dir)
     if opset < 17:
         raise ExportError("opset 17 or later is required")
@@ -318,14 +373,15 @@ def export_onnx(bundle_dir: str | Path, out_dir: str | Path | None = None, opset
     t0 = time.perf_counter()
     try:
         with _float32():
-            bundle = ModelBundle.load(bundle_dir)
-            encoder = bundle.text_encoder.encoder  # CachedTextEncoder -> HFTextEncoder
+            bundle = load_for_export(bundle_dir)
+            encoder = bundle.text_encoder.encoder  # CachedTextEncoder -> HFTextEncoder (or a checkpoint's T5)
             max_frames = bundle.latent_frames(bundle.config.max_duration)
             te_digest = text_encoder_fingerprint(source, encoder.max_length, opset)
             graphs = {
                 "text_encoder": (_reuse_text_encoder(bundle_dir, te_digest, partial / "text_encoder.onnx")
                                  or export_text_encoder(encoder, partial / "text_encoder.onnx", opset)),
-                "denoiser": export_denoiser(bundle.denoiser, partial / "denoiser.onnx", opset),
+                "denoiser": export_denoiser(bundle.denoiser, partial / "denoiser.onnx", DenoiserSpec.of(bundle),
+                                            opset),
                 "decoder": export_decoder(bundle.codec, partial / "decoder.onnx", max_frames, opset),
             }
         codec = bundle.codec
@@ -344,6 +400,7 @@ def export_onnx(bundle_dir: str | Path, out_dir: str | Path | None = None, opset
             "codec": {"sample_rate": codec.sample_rate, "audio_channels": codec.audio_channels,
                       "latent_dim": codec.latent_dim, "samples_per_latent": codec.samples_per_latent},
             "limits": {"max_latent_frames": max_frames},
+            **checkpoint_entry(bundle),
             "parity_metrics": {"max_rel": "max|onnx - torch| / max|torch|",
                                "rms_rel": "||onnx - torch|| / ||torch|| per clip (rms_rel_short: short clips only)",
                                "spectral_rel": "the same on STFT magnitudes (n_fft 2048, hop 512) per clip",

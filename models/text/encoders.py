@@ -34,6 +34,12 @@ class TextEmbedding:
         return TextEmbedding(self.tokens[index], self.mask[index], self.pooled[index])
 
 
+def null_embedding(n: int, dim: int, pooled_dim: int) -> TextEmbedding:
+    """n rows with no real token (an all-False mask over one zero token, zero pooled): the null condition of models
+    trained with their whole text input zeroed for classifier-free guidance (Stable Audio)."""
+    return TextEmbedding(torch.zeros(n, 1, dim), torch.zeros(n, 1, dtype=torch.bool), torch.zeros(n, pooled_dim))
+
+
 class TextEncoder:
     """Interface: ``encode(prompts) -> TextEmbedding``; ``dim`` (token width) and ``pooled_dim``."""
 

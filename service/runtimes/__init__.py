@@ -31,12 +31,12 @@ def load_runtime(path: Path, runtime: str = "torch", device: str = "cpu", debug_
     is the eager reference). A runtime whose package is missing never stops the service: the model is served by
     torch and the log says why. Any other failure of the runtime ``auto`` chose also falls back to torch; a runtime
     asked for by name fails loudly instead. A downloaded checkpoint directory (``models.checkpoints``: Stable Audio,
-    Tango) runs under eager torch over its bundle, the only runtime those networks have so far."""
+    Tango, derived models) runs under eager torch unless ``onnxruntime`` is asked for by name: ``auto`` does not
+    export a checkpoint of hundreds of millions of parameters behind the user's back (``tta export`` does it ahead
+    of time; Stable Audio formats export, Tango does not yet)."""
     path = Path(path)
     name = resolve_runtime(runtime, device)
-    if is_checkpoint_dir(path):
-        if runtime not in ("auto", "torch"):
-            log.warning("%s is a checkpoint directory; serving it with the torch runtime, not %s", path.name, runtime)
+    if is_checkpoint_dir(path) and runtime != "onnxruntime":
         rt: Runtime = TorchRuntime(load_checkpoint_dir(path, device=device))
         return _with_faults(rt) if debug_faults else rt
     try:

@@ -29,10 +29,10 @@ from models.export.graphs import (
     TEXT_INPUTS,
     TEXT_OUTPUTS,
 )
-from models.export.manifest import text_encoder_dir
+from models.export.manifest import tokenizer_dir
 from models.export.ort import import_onnxruntime, session
 from models.text import CachedTextEncoder, TextEmbedding
-from models.text.encoders import unpad_with_numbers
+from models.text.encoders import null_embedding, unpad_with_numbers
 from service.runtimes.base import Runtime
 
 log = logging.getLogger("tta.runtimes")
@@ -69,7 +69,7 @@ def shared_onnx_text_encoder(export: OnnxExport, config: dict, device: str) -> C
     key = export.manifest["graphs"]["text_encoder"]["sha256"] + "@" + device
     with _ENCODERS_LOCK:
         if key not in _ENCODERS:
-            enc = OnnxTextEncoder(export.path("text_encoder"), text_encoder_dir(config),
+            enc = OnnxTextEncoder(export.path("text_encoder"), tokenizer_dir(config),
                                   export.manifest["text_encoder"], device)
             _ENCODERS[key] = CachedTextEncoder(enc)
         return _ENCODERS[key]
@@ -81,7 +81,10 @@ class OnnxRuntime(Runtime):
     def __init__(self, path: Path, export: OnnxExport, device: str = "cpu"):
         self.path = Path(path)
         self.export = export
-        self.config = BundleConfig.load(self.path / "config.json")
+        checkpoint = export.manifest.get("checkpoint")  # a checkpoint's config comes from its loader, at export
+        self.config = (BundleConfig(**checkpoint["config"]) if checkpoint else
+                       BundleConfig.load(self.path / "config.json"))
+        self.null_condition = bool(checkpoint and checkpoint.get("null_condition"))
         self.schedule = make_schedule(self.config.schedule)
         self.parameterization = make_parameterization(self.config.parameterization, self.schedule)
         self.sampler = make_sampler(self.config.sampler, self.schedule)
@@ -113,7 +116,10 @@ class OnnxRuntime(Runtime):
         return Conditioning(self.text_encoder.encode(prompts), torch.tensor(durations, dtype=torch.float32))
 
     def unconditional_text(self, n: int) -> TextEmbedding:
-        """The empty prompt's embedding, as ``ModelBundle.unconditional_text``."""
+        """The empty prompt's embedding, as ``ModelBundle.unconditional_text``; for a checkpoint trained with a null
+        condition (Stable Audio) no real token at all, as ``CheckpointBundle.unconditional_text``."""
+        if self.null_condition:
+            return null_embedding(n, self.text_encoder.dim, self.text_encoder.pooled_dim)
         if self._uncond is None:
             self._uncond = self.text_encoder.encode([""])
         u = self._uncond
