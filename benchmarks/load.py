@@ -162,14 +162,32 @@ def percentile(values: list[float], q: float) -> float | None:
     return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
 
 
-async def run_rate(url: str, rate: float, seconds: float, body: dict, seed: int, timeout: float) -> dict:
+def parse_seconds(text: str) -> tuple[float, float]:
+    """``"5"`` -> (5, 5); ``"1-10"`` -> (1, 10): each request's duration uniform in that range."""
+    lo, _, hi = str(text).partition("-")
+    lo, hi = float(lo), float(hi or lo)
+    if not 0 < lo <= hi:
+        raise ValueError(f"audio seconds {text!r}: expected a positive number or a range lo-hi")
+    return lo, hi
+
+
+def request_duration(seconds: tuple[float, float], seed: int, i: int) -> float:
+    """Request ``i``'s duration: the same for every policy and rate with the same seed (a mixed workload replays
+    identically)."""
+    lo, hi = seconds
+    return lo if lo == hi else round(random.Random(f"{seed}/{i}").uniform(lo, hi), 2)
+
+
+async def run_rate(url: str, rate: float, seconds: float, body: dict, seed: int, timeout: float,
+                   audio_seconds: tuple[float, float] = (5.0, 5.0)) -> dict:
     rng = random.Random(seed)
     results: list[tuple[int, float]] = []
 
     async with httpx.AsyncClient(base_url=url, timeout=timeout,
                                  limits=httpx.Limits(max_connections=1000, max_keepalive_connections=100)) as client:
         async def one(i: int) -> None:
-            payload = dict(body, prompt=PROMPTS[i % len(PROMPTS)], seed=i)
+            payload = dict(body, prompt=PROMPTS[i % len(PROMPTS)], seed=i,
+                           duration=request_duration(audio_seconds, seed, i))
             t0 = time.perf_counter()
             try:
                 r = await client.post("/generate", json=payload)
@@ -336,10 +354,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--url", help="measure this running server instead of starting one per policy")
     p.add_argument("--policies", default="continuous,request,none")
     p.add_argument("--model-dir", default=str(ROOT / "models" / "zoo"))
-    p.add_argument("--model", default="tta-bsa-25")
+    p.add_argument("--model", default="tta-arc")
     p.add_argument("--rates", default="0.5,1,2,4", help="offered loads in requests per second")
     p.add_argument("--seconds", type=float, default=60.0, help="arrival window per rate")
-    p.add_argument("--audio-seconds", type=float, default=5.0)
+    p.add_argument("--audio-seconds", default="5", help="seconds of audio per request, or a range lo-hi (each "
+                   "request uniform in it, the same requests for every policy)")
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--slo", type=float, default=2.0, help="latency objective for goodput, seconds")
     p.add_argument("--max-batch", type=int, default=16)
@@ -357,7 +376,8 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
 
     rates = [float(r) for r in args.rates.split(",")]
-    body = {"duration": args.audio_seconds, "model": args.model}
+    audio_seconds = parse_seconds(args.audio_seconds)
+    body = {"model": args.model}
     if args.steps:
         body["steps"] = args.steps
     policies = [x.strip() for x in args.policies.split(",") if x.strip()]
@@ -384,10 +404,12 @@ def main(argv: list[str] | None = None) -> None:
                 mem = None
                 if memory is not None:
                     with RssMonitor(memory, args.rss_interval) as monitor:
-                        raw = asyncio.run(run_rate(url, rate, args.seconds, body, args.seed + i, args.timeout))
+                        raw = asyncio.run(run_rate(url, rate, args.seconds, body, args.seed + i, args.timeout,
+                                                  audio_seconds))
                     mem = monitor.summary()
                 else:
-                    raw = asyncio.run(run_rate(url, rate, args.seconds, body, args.seed + i, args.timeout))
+                    raw = asyncio.run(run_rate(url, rate, args.seconds, body, args.seed + i, args.timeout,
+                                                  audio_seconds))
                 rows.append(summarise(raw, args.slo, mem))
                 r = rows[-1]
                 print(f"{policy:>10} {rate:6.2f} req/s: ok {r['ok']}/{r['sent']}, throughput "

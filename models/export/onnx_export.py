@@ -50,6 +50,7 @@ from models.export.ort import import_onnx, import_onnxruntime, session
 log = logging.getLogger("tta.export")
 
 OPSET = 17
+PROTOBUF_LIMIT = 2**31  # bytes: one ONNX file (weights inside) cannot be larger
 VERIFY_PROMPTS = ["", "a dog barks", "rain on a tin roof, then thunder far away", "a 440 Hz sine tone on the left",
                   " ".join(["a long prompt that the tokenizer truncates"] * 12)]
 
@@ -303,6 +304,12 @@ def load_for_export(bundle_dir: Path):
         raise ExportError(f"{bundle_dir} ({bundle.source_format}): models on a {bundle.config.schedule.get('name')} "
                           "table (Tango's UNet and mel vocoder) are not exported to ONNX yet; they run on the torch "
                           "runtime") from None
+    for part, module in (("denoiser", bundle.denoiser), ("codec", bundle.codec)):
+        size = sum(p.numel() for p in module.parameters()) * 4
+        if size >= PROTOBUF_LIMIT:
+            raise ExportError(f"{bundle_dir}: the {part} holds {size / 2**30:.1f} GiB of float32 weights, over ONNX's "
+                              "2 GiB single-file limit; graphs with external weight files are not written yet (Stable "
+                              "Audio Open 1.0 needs them; Stable Audio Open Small fits)")
     return bundle
 
 
