@@ -92,7 +92,7 @@ def load_models(state: ServiceState) -> None:
             raise RuntimeError(f"default model {s.default_model!r} not found in {s.model_dir} "
                                f"(found: {sorted(runtimes) or 'none'})")
         engine = Engine(runtimes, m, policy=s.policy, max_batch=s.max_batch, queue_size=s.queue_size,
-                        max_queue_delay_ms=s.max_queue_delay_ms)
+                        max_queue_delay_ms=s.max_queue_delay_ms, max_padding=s.max_padding)
         engine.start()
         state.runtimes, state.engine = runtimes, engine
         if s.warmup:

@@ -8,11 +8,14 @@ Stages per tick, for each model with work (one model at a time, round-robin, eac
    seed, duration), then ``sampler.step`` with per-sample t / t_next and per-sample noise;
 4. decode: samples that took their last step are decoded together (equal lengths share a codec call).
 
-Different durations share the forward by padding latents to the longest sample with a frame mask: the DiT masks
+Different durations share a forward by padding latents to the longest sample with a frame mask: the DiT masks
 padded frames out of self-attention and zeroes them, and the sampler output is re-masked, so padded frames
 contribute nothing and a sample's result equals its solo result up to float rounding (bit-identical under the
-same batch composition). We pad rather than bucket by length because buckets would split the denoise set and cut
-the batch size, which is what buys throughput here; the cost is attention over the padded length.
+same batch composition). Padding costs the padded frames' compute, so a tick splits the denoise set into forwards
+of similar length (``length_groups``: padded work within ``max_padding`` of the real work, 25 % by default). On a
+CPU, where a forward's cost grows almost linearly with batch x length, one forward over 1-10 s clips padded to
+10 s cost about twice the real work and made batching slower than no batching at all (benchmarks/results/
+load-tta-arc-mixed*.md); a GPU, where batching is nearly free, wants a large ``max_padding`` (one forward).
 
 An exception inside a stage fails only the samples of that stage's batch (500); the loop carries on.
 Metrics are recorded here, at the engine boundary, never inside the runner.
@@ -42,6 +45,7 @@ from service.scheduler import (
     QueueFull,
     Sample,
     ShuttingDown,
+    length_groups,
     make_policy,
 )
 
@@ -87,7 +91,7 @@ class ModelRunner:
     def __init__(self, runtime: Runtime):
         self.rt = runtime
         self._grids: dict[int, Tensor] = {}
-        self._batch: DenoiseBatch | None = None
+        self._batches: list[DenoiseBatch] = []  # one per length group of the last tick
 
     def grid(self, steps: int) -> Tensor:
         if steps not in self._grids:
@@ -110,19 +114,25 @@ class ModelRunner:
         return samples
 
     def batch(self, samples: list[Sample]) -> DenoiseBatch:
-        """The batch tensors for this denoise set: the previous tick's when nobody joined or left, else rebuilt."""
-        if self._batch is None or not self._batch.holds(samples):
-            self._batch = None  # free the old batch before building the new one
-            self._batch = DenoiseBatch(samples)
-        return self._batch
+        """The batch tensors for this group of samples: the previous tick's when nobody joined or left, else
+        rebuilt."""
+        for b in self._batches:
+            if b.holds(samples):
+                return b
+        return DenoiseBatch(samples)
+
+    def keep(self, batches: list[DenoiseBatch]) -> None:
+        """The batches of this tick, for the next one (the others are freed)."""
+        self._batches = batches
 
     def release(self) -> None:
-        """Drop the cached batch (after a failed tick, or when the denoise set empties)."""
-        self._batch = None
+        """Drop the cached batches (after a failed tick, or when the denoise set empties)."""
+        self._batches = []
 
     @torch.inference_mode()
-    def denoise_step(self, samples: list[Sample]) -> None:
-        """One denoiser forward over every sample, then one sampler step each (in place on the samples)."""
+    def denoise_step(self, samples: list[Sample]) -> DenoiseBatch:
+        """One denoiser forward over these samples, then one sampler step each (in place on the samples); returns
+        the batch, for ``keep``."""
         b = self.batch(samples)
         t, t_next = b.times()
         x0 = self.rt.predict_x0(b.z, t, b.cond, b.guidance, b.frame_mask).to("cpu", torch.float32)
@@ -139,6 +149,7 @@ class ModelRunner:
             if s.finished:
                 s.z = s.z.clone()  # the result must not keep the whole batch tensor alive
                 s.denoise_end = time.perf_counter()
+        return b
 
     @torch.inference_mode()
     def decode(self, samples: list[Sample]) -> list[Tensor]:
@@ -149,10 +160,12 @@ class Engine:
     """Owns the worker thread, the bounded queue and the per-model schedulers of one device."""
 
     def __init__(self, runtimes: dict[str, Runtime], metrics: Metrics, policy: str = "continuous",
-                 max_batch: int = 16, queue_size: int = 64, max_queue_delay_ms: float = 20.0):
+                 max_batch: int = 16, queue_size: int = 64, max_queue_delay_ms: float = 20.0,
+                 max_padding: float = 0.25):
         self.runtimes = runtimes
         self.metrics = metrics
         self.max_batch = max_batch
+        self.max_padding = max_padding
         self.queue_size = queue_size
         self.policy_name = policy
         self.runners = {name: ModelRunner(rt) for name, rt in runtimes.items()}
@@ -298,21 +311,30 @@ class Engine:
             runner.release()
         else:
             worked = True
-            batch = list(sched.running)
+            running = list(sched.running)
             t0 = time.perf_counter()
-            try:
-                runner.denoise_step(batch)
-            except Exception as exc:  # noqa: BLE001 - fault isolation: this tick's batch fails, the loop goes on
-                sched.running = []
-                runner.release()
-                self._fail(name, "denoise", [s.job for s in batch], exc)
-                m.inflight.labels(name).set(0)
-                return True
+            kept, failed = [], set()
+            for group in length_groups([s.frames for s in running], self.max_padding):
+                batch = [running[i] for i in group]
+                try:
+                    kept.append(runner.denoise_step(batch))
+                except Exception as exc:  # noqa: BLE001 - fault isolation: this forward's samples fail, the rest go on
+                    failed.update(id(s) for s in batch)
+                    self._fail(name, "denoise", [s.job for s in batch], exc)
+                    continue
+                m.batch_size.labels(name).observe(len(batch))
+                m.denoise_steps.labels(name).inc(len(batch))
+            runner.keep(kept)
             self.ticks += 1
             m.stage_duration.labels(name, "denoise").observe(time.perf_counter() - t0)
-            m.batch_size.labels(name).observe(len(batch))
-            m.denoise_steps.labels(name).inc(len(batch))
-            finished = [s for s in batch if s.finished]
+            if failed:
+                sched.running = [s for s in sched.running if id(s) not in failed]
+                running = [s for s in running if id(s) not in failed]
+                m.inflight.labels(name).set(len(sched.running))
+                if not sched.running:
+                    runner.release()
+                    return True
+            finished = [s for s in running if s.finished]
             if finished:
                 sched.running = [s for s in sched.running if not s.finished]
                 m.inflight.labels(name).set(len(sched.running))

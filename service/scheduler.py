@@ -181,6 +181,26 @@ def make_policy(name: str, max_batch: int, max_queue_delay_ms: float = 0.0) -> P
     return POLICIES[name](max_batch, max_queue_delay_ms / 1000.0)
 
 
+def length_groups(frames: list[int], max_padding: float) -> list[list[int]]:
+    """Split a denoise set into forwards of similar length: indices of ``frames``, longest first, grouped greedily so
+    that each group's padded work (its longest length x its size) stays within ``1 + max_padding`` of its real work
+    (the sum of its lengths). Samples of different lengths share a forward by padding to the longest; where a batch
+    is cheaper per sample only by a little (a CPU: cost grows almost linearly with batch x length) that padding is
+    pure waste, where it is much cheaper (a GPU) a large ``max_padding`` keeps one forward per tick."""
+    order = sorted(range(len(frames)), key=lambda i: -frames[i])
+    groups: list[list[int]] = []
+    longest = real = 0
+    for i in order:
+        f = frames[i]
+        if groups and longest * (len(groups[-1]) + 1) <= (1 + max_padding) * (real + f):
+            groups[-1].append(i)
+            real += f
+        else:
+            groups.append([i])
+            longest = real = f
+    return groups
+
+
 # ---------------------------------------------------------------------------------------------------- scheduler
 @dataclass
 class SchedulerOutput:

@@ -23,6 +23,8 @@ class Settings(BaseSettings):
     runtime: Literal["auto", "torch", "onnxruntime"] = Field(
         "auto", description="auto = onnxruntime on the CPU when it is installed, else torch")
     max_batch: int = Field(16, ge=1, le=256, description="samples per denoiser forward")
+    max_padding: float = Field(0.25, ge=0, description="a tick splits its samples into forwards of similar length "
+                               "whose padded frames stay within this share of the real ones (large: one forward)")
     queue_size: int = Field(64, ge=0, description="requests waiting for admission before 429")
     request_timeout: float = Field(60.0, gt=0, description="seconds from arrival to answer, else 504")
     api_keys: str = Field("", description="comma-separated; empty = authentication off")

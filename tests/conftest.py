@@ -42,9 +42,12 @@ def model_dir(tmp_path_factory, text_encoder):
 def base_settings(model_dir):
     from service.settings import Settings
 
-    # the eager torch runtime: these tests pin its behaviour (test_export.py covers runtime=onnxruntime / auto)
+    # the eager torch runtime: these tests pin its behaviour (test_export.py covers runtime=onnxruntime / auto);
+    # every length in one padded forward, so companions of other durations share the target's forwards (the
+    # length grouping of the default max_padding is tested at engine level, test_service_scheduler.py)
     return Settings(_env_file=None, model_dir=model_dir, default_model="tiny", threads=1, debug_faults=True,
-                    max_batch=16, queue_size=64, request_timeout=30, log_level="warning", runtime="torch")
+                    max_batch=16, queue_size=64, request_timeout=30, log_level="warning", runtime="torch",
+                    max_padding=1e9)
 
 
 @pytest.fixture(scope="session")

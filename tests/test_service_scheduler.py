@@ -26,13 +26,19 @@ def runtimes(model_dir):
         return {name: load_runtime(model_dir / name) for name in (TINY, TINY_ARC)}
 
 
-def run_engine(runtimes, jobs: list[dict], policy="continuous", max_batch=16):
-    """Submit every job before the worker starts, so the first tick admits them all together."""
+ONE_FORWARD = float("inf")  # max_padding that keeps every sample of a model in one padded forward
+
+
+def run_engine(runtimes, jobs: list[dict], policy="continuous", max_batch=16, max_padding=ONE_FORWARD, metrics=None):
+    """Submit every job before the worker starts, so the first tick admits them all together. By default all
+    lengths share one padded forward (what the padding tests need); ``max_padding`` as the service sets it splits
+    them by length."""
     from service.engine import Engine
     from service.metrics import Metrics
     from service.scheduler import GenerationJob
 
-    engine = Engine(runtimes, Metrics(), policy=policy, max_batch=max_batch, queue_size=64)
+    engine = Engine(runtimes, metrics or Metrics(), policy=policy, max_batch=max_batch, queue_size=64,
+                    max_padding=max_padding)
     results, done = {}, threading.Event()
     lock = threading.Lock()
 
@@ -109,6 +115,40 @@ def test_engine_denoise_fault_fails_its_batch(runtimes):
     results, _ = run_engine(rts, [spec(TINY, "fine", 1.0, 3, 3.0, 1), spec(TINY, "[[fail]] bad", 1.0, 3, 3.0, 2)])
     # both were in the failing batch: both fail with a 500-class error, the engine survives
     assert all(err is not None and err.status == 500 for _, err in results.values())
+
+
+def test_length_groups_bound_the_padding():
+    from service.scheduler import length_groups
+
+    assert length_groups([], 0.25) == []
+    assert length_groups([40, 40, 40], 0.25) == [[0, 1, 2]]  # equal lengths: one forward
+    groups = length_groups([10, 430, 100, 400, 90, 215], 0.25)
+    assert sorted(i for g in groups for i in g) == list(range(6))
+    frames = [10, 430, 100, 400, 90, 215]
+    for g in groups:
+        longest = max(frames[i] for i in g)
+        assert longest * len(g) <= 1.25 * sum(frames[i] for i in g)
+    assert groups == [[1, 3, 5], [2, 4], [0]]  # longest first; 430 x 3 <= 1.25 x 1045, but not 430 x 4
+    assert length_groups(frames, float("inf")) == [[1, 3, 5, 2, 4, 0]]
+
+
+def test_mixed_lengths_run_as_separate_forwards_and_a_fault_stays_in_its_own(runtimes):
+    """With the service's max_padding a 0.5 s and a 4 s sample never share a forward: each equals its solo run,
+    tta_batch_size sees forwards of one, and a fault injected into the long one's forward spares the short one."""
+    from service.metrics import Metrics
+    from service.runtimes.debug import FaultInjectingRuntime
+
+    jobs = [spec(TINY, "short", 0.5, 3, 3.0, 1), spec(TINY, "long", 4.0, 3, 3.0, 2)]
+    m = Metrics()
+    split, _ = run_engine(runtimes, jobs, max_padding=0.25, metrics=m)
+    assert m.batch_size.labels(TINY)._sum.get() == 2 * 3  # six forwards of one sample each
+    for i, j in enumerate(jobs):
+        solo, _ = run_engine(runtimes, [j])
+        assert torch.equal(split[f"job{i}"][0].latents, solo["job0"][0].latents)
+
+    rts = {TINY: FaultInjectingRuntime(runtimes[TINY])}
+    results, _ = run_engine(rts, [jobs[0], spec(TINY, "[[fail]] long", 4.0, 3, 3.0, 2)], max_padding=0.25)
+    assert results["job0"][1] is None and results["job1"][1].status == 500
 
 
 # ------------------------------------------------------------------------------------------ HTTP level
