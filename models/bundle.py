@@ -49,12 +49,16 @@ class BundleConfig:
     training: dict = field(default_factory=dict)
 
     @classmethod
+    def unknown_keys(cls, keys) -> list[str]:
+        """The names among ``keys`` that are not fields of this config, sorted."""
+        return sorted(set(keys) - set(cls.__dataclass_fields__))
+
+    @classmethod
     def load(cls, path: Path) -> "BundleConfig":
         data = json.loads(Path(path).read_text())
-        known = set(cls.__dataclass_fields__)
-        unknown = set(data) - known
+        unknown = cls.unknown_keys(data)
         if unknown:
-            raise ValueError(f"{path}: unknown config keys {sorted(unknown)}")
+            raise ValueError(f"{path}: unknown config keys {unknown}")
         return cls(**data)
 
 

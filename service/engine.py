@@ -4,8 +4,9 @@ Stages per tick, for each model with work (one model at a time, round-robin, eac
 1. schedule: drop cancelled / expired samples (a disconnected client's sample leaves here and stops consuming
    steps), admit waiting jobs as the policy allows;
 2. encode: ONE batched text-encoder call for the newly admitted jobs (the encoder caches prompt embeddings);
-3. denoise: ONE ``predict_x0`` over every active sample, each at its own grid position (own steps, guidance,
-   seed, duration), then ``sampler.step`` with per-sample t / t_next and per-sample noise;
+3. denoise: one ``predict_x0`` per length group (see below) over every active sample, each at its own grid
+   position (own steps, guidance, seed, duration), then ``sampler.step`` with per-sample t / t_next and per-sample
+   noise;
 4. decode: samples that took their last step are decoded together (equal lengths share a codec call).
 
 Different durations share a forward by padding latents to the longest sample with a frame mask: the DiT masks

@@ -4,7 +4,7 @@ benchmarks and distillation drive it exactly like an embedded model (same ``pred
 from __future__ import annotations
 
 import json
-from dataclasses import fields, replace
+from dataclasses import replace
 from pathlib import Path
 
 from torch import nn
@@ -63,10 +63,9 @@ def bundle_config(path: Path, **values) -> BundleConfig:
             overrides = json.loads(overrides_file.read_text())
         except json.JSONDecodeError as exc:
             raise CheckpointError(f"{overrides_file}: not valid JSON ({exc})") from exc
-        known = {f.name for f in fields(BundleConfig)}
-        unknown = set(overrides) - known
+        unknown = BundleConfig.unknown_keys(overrides)
         if unknown:
-            raise CheckpointError(f"{overrides_file}: unknown keys {sorted(unknown)}; expected BundleConfig fields")
+            raise CheckpointError(f"{overrides_file}: unknown keys {unknown}; expected BundleConfig fields")
         values.update(overrides)
     return BundleConfig(**values)
 

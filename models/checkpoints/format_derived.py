@@ -22,7 +22,8 @@ from pathlib import Path
 
 from torch import nn
 
-from models.checkpoints.bundle import SERVING_OVERRIDES, CheckpointBundle, read_json
+from models.bundle import BundleConfig
+from models.checkpoints.bundle import CheckpointBundle, bundle_config, read_json
 from models.checkpoints.weights import CheckpointError, check_fit, expected_shapes, read_state_dict, tensor_shapes
 
 NAME = "derived"
@@ -58,17 +59,14 @@ def load(path: str | Path, device: str = "cpu", text_encoder=None) -> Checkpoint
     check_fit(expected_shapes(source.denoiser), tensor_shapes(state), str(weights), "denoiser")
     source.denoiser.load_state_dict(state, strict=True)
     overrides = dict(manifest.get("config", {}))
-    serving = path / SERVING_OVERRIDES
-    if serving.is_file():
-        overrides.update(read_json(serving))
-    known = {f.name for f in dataclasses.fields(source.config)}
-    bad = sorted(set(overrides) - known)
-    if bad:
-        raise CheckpointError(f"{path}: unknown config keys {bad}; expected BundleConfig fields")
-    fixed = sorted(k for k in set(overrides) & set(FIXED) if overrides[k] != getattr(source.config, k))
+    unknown = BundleConfig.unknown_keys(overrides)
+    if unknown:
+        raise CheckpointError(f"{path / MANIFEST}: unknown config keys {unknown}; expected BundleConfig fields")
+    inherited = {k: v for k, v in dataclasses.asdict(source.config).items() if k != "name"}
+    config = bundle_config(path, **{**inherited, **overrides})  # then serving.json, as for any checkpoint
+    fixed = [k for k in FIXED if getattr(config, k) != getattr(source.config, k)]
     if fixed:
         raise CheckpointError(f"{path}: {fixed} come from the base checkpoint {base.name} and cannot be changed")
-    config = dataclasses.replace(source.config, **{**overrides, "name": overrides.get("name", path.name)})
     return CheckpointBundle(config, source.denoiser, source.codec, source.text_encoder, source.schedule,
                             null_condition=source.null_condition, device=device, path=path,
                             source_format=f"{NAME} ({source.source_format}, base {base.name})", base_path=base)
@@ -84,10 +82,9 @@ def save(source: CheckpointBundle, denoiser: nn.Module, out_dir: str | Path, **o
     expected = expected_shapes(source.denoiser)
     state = {k: v.detach().float().cpu().contiguous() for k, v in denoiser.state_dict().items()}
     check_fit(expected, tensor_shapes(state), f"{type(denoiser).__name__}", "denoiser")
-    known = {f.name for f in dataclasses.fields(source.config)}
-    bad = sorted(set(overrides) - known)
-    if bad:
-        raise ValueError(f"unknown config keys {bad}")
+    unknown = BundleConfig.unknown_keys(overrides)
+    if unknown:
+        raise ValueError(f"unknown config keys {unknown}")
     if set(overrides) & set(FIXED):
         raise ValueError(f"{sorted(set(overrides) & set(FIXED))} come from the base checkpoint")
     tmp = out / (WEIGHTS + ".tmp")

@@ -10,8 +10,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.dit import DiT
-
 TEXT_INPUTS = ["input_ids", "attention_mask"]
 TEXT_OUTPUTS = ["tokens", "pooled"]
 DENOISER_INPUTS = ["z", "t", "tokens", "token_mask", "pooled", "seconds", "frame_mask"]
@@ -53,11 +51,9 @@ class DenoiserGraph(nn.Module):
     student) -> the raw prediction [B, C, T]. Inputs a network ignores (a Stable Audio DiT's pooled text) drop out of
     the exported graph."""
 
-    def __init__(self, dit: nn.Module, takes_guidance: bool | None = None):
+    def __init__(self, dit: nn.Module, takes_guidance: bool):
         super().__init__()
         self.dit = dit
-        if takes_guidance is None:
-            takes_guidance = isinstance(dit, DiT) and bool(dit.config.guidance_embed)
         self.takes_guidance = bool(takes_guidance)
 
     @property
