@@ -6,6 +6,7 @@ SAME level; a discriminator (a copy of the generator's transformer up to a hidde
 head giving one logit per frame, averaged over real frames) scores both; relativistic losses
     generator:      softplus(D(real, c) - D(fake, c))
     discriminator:  softplus(-(D(real, c) - D(fake, c))) + lambda * softplus(-(D(real, c) - D(real, c_shuffled)))
+    (+ gamma / 2 * (|grad_z D(real)|^2 + |grad_z D(fake)|^2) with ``gradient_penalty`` gamma > 0: R3GAN's R1 and R2)
 where the contrastive term, on noisy REAL clips only, teaches the discriminator to tell a clip with its own prompt
 from the same clip with another clip's prompt (``shuffled_prompts``: a derangement by index AND by text, correct
 at batch size 2, that never touches the caller's conditioning), which is what pushes the generator towards prompt
@@ -35,6 +36,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -42,6 +44,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from models.bundle import ModelBundle
 from models.dit import DiT
@@ -70,6 +73,7 @@ class ARCConfig:
     weight_decay: float = 0.01
     ema_decay: float = 0.999
     contrastive_weight: float = 1.0
+    gradient_penalty: float = 0.0  # gamma of R3GAN's R1 + R2 penalties, gamma / 2 * E|grad D|^2 on real and fake
     disc_layer: int = 0  # trunk depth of the discriminator; 0: two thirds of the generator's depth
     head_channels: int = 0  # 0: the transformer's width
     half_logsnr_min: float = -6.0
@@ -180,6 +184,13 @@ class Discriminator(nn.Module):
         return (self.frame_logits(z, t, text, seconds, frame_mask) * m).sum(1) / m.sum(1).clamp(min=1)
 
 
+def gradient_penalty(score: Tensor, z: Tensor) -> Tensor:
+    """E_b |d score_b / d z_b|^2 (R1 on real inputs, R2 on generated ones; R3GAN, Huang et al. 2024): the
+    regulariser that keeps the relativistic game from diverging. Differentiable (create_graph) so that it trains D."""
+    (grad,) = torch.autograd.grad(score.sum(), z, create_graph=True)
+    return grad.pow(2).flatten(1).sum(1).mean()
+
+
 # ---------------------------------------------------------------------------------------------- training
 @dataclass
 class ARCDraw:
@@ -235,9 +246,14 @@ class ARCTrainer:
         out = self.gen(z, d.t, text.tokens, text.mask, text.pooled, batch.seconds, batch.mask)
         return self.param.to_x0(out, z, d.t) * batch.mask[:, None].to(z.dtype)
 
-    def score(self, x0: Tensor, batch: CaptionedBatch, d: ARCDraw, text: TextEmbedding | None = None) -> Tensor:
-        """D of x0 re-noised with the draw's shared (eps_gan, t_gan)."""
-        z = self.schedule.add_noise(x0, d.eps_gan, d.t_gan)
+    def renoise(self, x0: Tensor, d: ARCDraw) -> Tensor:
+        """x0 re-noised with the draw's shared (eps_gan, t_gan): what the discriminator sees."""
+        return self.schedule.add_noise(x0, d.eps_gan, d.t_gan)
+
+    def score(self, x0: Tensor, batch: CaptionedBatch, d: ARCDraw, text: TextEmbedding | None = None,
+              z: Tensor | None = None) -> Tensor:
+        """D of x0 re-noised (or of ``z``, the re-noised input already made)."""
+        z = self.renoise(x0, d) if z is None else z
         return self.disc(z, d.t_gan, batch.text if text is None else text, batch.seconds, batch.mask)
 
     def generator_loss(self, batch: CaptionedBatch, d: ARCDraw) -> tuple[Tensor, dict]:
@@ -249,11 +265,20 @@ class ARCTrainer:
     def discriminator_loss(self, batch: CaptionedBatch, d: ARCDraw) -> tuple[Tensor, dict]:
         with torch.no_grad():
             fake = self.fake_x0(batch, d)
-        real_score, fake_score = self.score(batch.x0, batch, d), self.score(fake, batch, d)
+        penalise = self.cfg.gradient_penalty > 0
+        z_real = self.renoise(batch.x0, d).requires_grad_(penalise)
+        z_fake = self.renoise(fake, d).requires_grad_(penalise)
+        # the penalty differentiates through the attention's backward, which only the math kernel implements
+        with sdpa_kernel([SDPBackend.MATH]) if penalise else nullcontext():
+            real_score, fake_score = self.score(batch.x0, batch, d, z=z_real), self.score(fake, batch, d, z=z_fake)
         adversarial = F.softplus(-(real_score - fake_score)).mean()
         loss, metrics = adversarial, {}
+        if penalise:
+            r1, r2 = gradient_penalty(real_score, z_real), gradient_penalty(fake_score, z_fake)
+            loss = loss + self.cfg.gradient_penalty / 2 * (r1 + r2)
+            metrics.update({"r1": r1.item(), "r2": r2.item()})
         if self.cfg.contrastive_weight and bool(d.valid.any()):
-            wrong = self.score(batch.x0, batch, d, text=batch.text.select(d.perm))
+            wrong = self.score(batch.x0, batch, d, text=batch.text.select(d.perm), z=z_real.detach())
             contrastive = F.softplus(-(real_score - wrong))[d.valid].mean()
             loss = loss + self.cfg.contrastive_weight * contrastive
             metrics["contrastive"] = contrastive.item()
