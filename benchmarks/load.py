@@ -1,9 +1,9 @@
 """Load benchmark: Poisson arrivals at rising rates against the service, per scheduling policy.
 
-For each policy (continuous, request, none) a server is started (``python -m service`` with ``TTA_POLICY``), or an
-already running one is used with ``--url`` (then only its own policy is measured). At each rate, requests arrive as
-a Poisson process for ``--seconds``; we record every latency and status, then report throughput (successful
-requests per second of wall time), p50 / p95 / p99 latency of successful requests, and goodput (requests per second
+For each policy (``--policies``: continuous, adaptive, request, none) a server is started (``python -m service``
+with ``TTA_POLICY``), or an already running one is used with ``--url`` (then only its own policy is measured). At
+each rate, requests arrive as a Poisson process for ``--seconds``; we record every latency and status, then report
+throughput (successful requests per second of wall time), p50 / p95 / p99 latency of successful requests, and goodput (requests per second
 that succeeded within the latency objective ``--slo``). Beside every rate we record the server process's resident
 memory: its peak (the kernel's high-water mark VmHWM, reset before each rate through /proc/<pid>/clear_refs so the
 peak belongs to that rate), mean and a time series sampled every ``--rss-interval`` seconds, plus its RSS once
@@ -352,7 +352,7 @@ def write_report(report: dict, out: Path, name: str) -> list[Path]:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--url", help="measure this running server instead of starting one per policy")
-    p.add_argument("--policies", default="continuous,request,none")
+    p.add_argument("--policies", default="continuous,adaptive,request,none")
     p.add_argument("--model-dir", default=str(ROOT / "models" / "zoo"))
     p.add_argument("--model", default="tta-arc")
     p.add_argument("--rates", default="0.5,1,2,4", help="offered loads in requests per second")

@@ -93,6 +93,8 @@ def load_models(state: ServiceState) -> None:
                                f"(found: {sorted(runtimes) or 'none'})")
         engine = Engine(runtimes, m, policy=s.policy, max_batch=s.max_batch, queue_size=s.queue_size,
                         max_queue_delay_ms=s.max_queue_delay_ms, max_padding=s.max_padding)
+        if s.warmup:
+            engine.calibrate()
         engine.start()
         state.runtimes, state.engine = runtimes, engine
         if s.warmup:

@@ -206,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--default-model", default=None)
     p.add_argument("--device", choices=["cpu", "cuda"], default=None)
     p.add_argument("--runtime", default=None)
-    p.add_argument("--policy", choices=["continuous", "request", "none"], default=None)
+    p.add_argument("--policy", choices=["continuous", "adaptive", "request", "none"], default=None)
     p.add_argument("--max-batch", type=int, default=None)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--log-level", default=None)

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from models.bundle import concat_conditioning
+from service.costmodel import ForwardCost
 from service.metrics import Metrics
 from service.runtimes import Runtime
 from service.scheduler import (
@@ -170,8 +171,12 @@ class Engine:
         self.queue_size = queue_size
         self.policy_name = policy
         self.runners = {name: ModelRunner(rt) for name, rt in runtimes.items()}
-        self.schedulers = {name: ModelScheduler(name, make_policy(policy, max_batch, max_queue_delay_ms))
-                           for name in runtimes}
+        # every forward's time, per model: tta_forward_cost_seconds for any policy, the price of batching for one
+        # that decides with it (adaptive)
+        self.costs = {name: ForwardCost() for name in runtimes}
+        self.schedulers = {name: ModelScheduler(name, make_policy(policy, max_batch, max_queue_delay_ms,
+                                                                   rt.latent_frames, max_padding, self.costs[name]))
+                           for name, rt in runtimes.items()}
         self._inbox: queue.SimpleQueue[GenerationJob | None] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._waiting = {name: 0 for name in runtimes}  # submitted, not yet admitted (admission control)
@@ -181,6 +186,35 @@ class Engine:
         self.ticks = 0
 
     # ------------------------------------------------------------------ public, any thread
+    CALIBRATION = ((1, 1.0), (1, 0.25), (4, 0.25))  # (batch, share of the model's longest duration)
+
+    def calibrate(self, repeats: int = 2) -> None:
+        """Before ``start``, for policies that price batching: time denoiser forwards of a few sizes per model
+        (``CALIBRATION``; one untimed forward of each size first), so that the cost model knows this device from
+        the first request instead of learning it from live traffic."""
+        for name, runner in self.runners.items():
+            if not self.schedulers[name].policy.prices_batching:
+                continue
+            cfg = runner.rt.config
+            for batch, share in self.CALIBRATION:
+                jobs = [GenerationJob(id=f"calibrate-{i}", model=name, prompt="calibration",
+                                      duration=max(0.5, share * cfg.max_duration), steps=repeats + 1,
+                                      guidance=cfg.default_guidance, seed=i, deadline=math.inf,
+                                      on_done=lambda result, error: None) for i in range(batch)]
+                samples = runner.encode(jobs, time.monotonic())
+                runner.denoise_step(samples)
+                for _ in range(repeats):
+                    t0 = time.perf_counter()
+                    runner.denoise_step(samples)
+                    self.costs[name].observe(batch * samples[0].frames, time.perf_counter() - t0)
+                runner.release()
+            self._report_cost(name)
+
+    def _report_cost(self, name: str) -> None:
+        overhead, per_frame = self.costs[name].fit()
+        self.metrics.forward_cost.labels(name, "overhead").set(overhead)
+        self.metrics.forward_cost.labels(name, "per_frame").set(per_frame)
+
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="tta-engine", daemon=True)
         self._thread.start()
@@ -317,8 +351,11 @@ class Engine:
             kept, failed = [], set()
             for group in length_groups([s.frames for s in running], self.max_padding):
                 batch = [running[i] for i in group]
+                t_forward = time.perf_counter()
                 try:
                     kept.append(runner.denoise_step(batch))
+                    self.costs[name].observe(len(batch) * max(s.frames for s in batch),
+                                             time.perf_counter() - t_forward)
                 except Exception as exc:  # noqa: BLE001 - fault isolation: this forward's samples fail, the rest go on
                     failed.update(id(s) for s in batch)
                     self._fail(name, "denoise", [s.job for s in batch], exc)
@@ -327,6 +364,7 @@ class Engine:
                 m.denoise_steps.labels(name).inc(len(batch))
             runner.keep(kept)
             self.ticks += 1
+            self._report_cost(name)
             m.stage_duration.labels(name, "denoise").observe(time.perf_counter() - t0)
             if failed:
                 sched.running = [s for s in sched.running if id(s) not in failed]

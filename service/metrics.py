@@ -34,5 +34,9 @@ class Metrics:
         self.ready = Gauge("tta_ready", "1 when every model is loaded and warmed up", registry=r)
         self.denoise_steps = Counter("tta_denoise_steps", "Sample-steps executed by the denoiser", ["model"],
                                      registry=r)
+        self.forward_cost = Gauge("tta_forward_cost_seconds", "Fitted cost of one denoiser forward (what the "
+                                  "adaptive policy decides with): term=overhead (per forward) or per_frame (per "
+                                  "batch x padded frame)",
+                                  ["model", "term"], registry=r)
         self.failed_batches = Counter("tta_failed_batches", "Batches whose stage raised", ["model", "stage"],
                                       registry=r)

@@ -8,6 +8,9 @@ Policies (``TTA_POLICY``):
 - ``continuous`` (default): step-level continuous batching. Every tick admits waiting jobs while the denoise set
   holds fewer than ``max_batch`` samples; finished samples leave after their last step, so a short request never
   waits for a long one and new requests join at the next tick.
+- ``adaptive``: the same, but a waiting job joins only when a cost model of the device's forwards (learnt as they
+  run, ``service/costmodel.py``) says that lowers the summed completion time of the jobs concerned; behaves like
+  ``continuous`` where batching is cheap and like ``none`` where it is not, until a queue builds.
 - ``request``: request-level dynamic batching, like Triton's dynamic batcher. When the denoise set is empty, wait
   until ``max_batch`` jobs are queued or the oldest has waited ``max_queue_delay_ms``, admit up to ``max_batch``,
   then run that batch to completion; newcomers wait for the whole batch to drain.
@@ -18,13 +21,15 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from models.bundle import Conditioning
+from service.costmodel import ForwardCost
 
 
 # ---------------------------------------------------------------------------------------------------- errors
@@ -128,25 +133,106 @@ class Sample:
 # ---------------------------------------------------------------------------------------------------- policies
 class Policy:
     name = "base"
+    prices_batching = False  # reads the engine's ForwardCost (which the engine then calibrates before starting)
 
     def __init__(self, max_batch: int, max_queue_delay_s: float = 0.0):
         self.max_batch = max_batch
         self.max_queue_delay_s = max_queue_delay_s
 
-    def admit(self, waiting: deque[GenerationJob], running: int, now: float) -> int:
+    def admit(self, waiting: deque[GenerationJob], running: list[Sample], now: float) -> int:
         """How many jobs from the head of ``waiting`` join the denoise set now."""
         raise NotImplementedError
 
-    def wakeup(self, waiting: deque[GenerationJob], running: int, now: float) -> float | None:
+    def select(self, waiting: deque[GenerationJob], running: list[Sample], now: float) -> list[int]:
+        """Positions in ``waiting`` (ascending) of the jobs that join now: the head's ``admit`` jobs, unless the
+        policy backfills."""
+        return list(range(self.admit(waiting, running, now)))
+
+    def wakeup(self, waiting: deque[GenerationJob], running: list[Sample], now: float) -> float | None:
         """When nothing was admitted: the monotonic time at which ``admit`` may say otherwise (None = on arrival)."""
         return None
+
 
 
 class ContinuousPolicy(Policy):
     name = "continuous"
 
     def admit(self, waiting, running, now):
-        return max(0, min(len(waiting), self.max_batch - running))
+        return max(0, min(len(waiting), self.max_batch - len(running)))
+
+
+class AdaptivePolicy(Policy):
+    """Step-level continuous batching that admits a waiting job only when that is worth it on this device.
+
+    Joining the denoise set now, job j (n_j steps) delays every running sample by what it adds to each shared tick,
+    and runs at the shared tick's pace itself; waiting, j starts when the running set has drained (R ticks) and then
+    runs at its own pace, but the device loses what batching would have saved (T_set + T_j - T_with per shared tick),
+    which every job queued behind j pays too. With tick times from the learnt ``ForwardCost`` (one forward per length
+    group, as the engine runs them), j is admitted when the summed completion time of the jobs concerned is lower:
+
+        admit:  shared * T_with + (n_j - shared) * T_j + (sum_i min(n_j, r_i) + ahead * shared) * (T_with - T_set)
+        wait:   R * T_set + n_j * T_j + behind * shared * (T_set + T_j - T_with),    shared = min(n_j, R)
+
+    Jobs are considered in arrival order. A job refused stays at the head; later jobs may still join when they
+    finish before the set drains (n_k <= R, backfilling: they never push back the refused jobs' start, only slow
+    their wait by T_with - T_set per tick, the ``ahead`` term), which is how same-length jobs deep in a queue batch
+    under overload. Where batching is nearly free (a GPU) this admits everything, like ``continuous``; where a
+    forward's cost grows with its batch (a CPU) it runs the first jobs alone at full speed, like ``none``, until the
+    queue behind makes batching's throughput worth it. Until the cost model has seen two forward sizes it admits
+    like ``continuous``."""
+
+    name = "adaptive"
+    prices_batching = True
+    WINDOW = 64  # queued jobs considered per tick
+
+    def __init__(self, max_batch: int, max_queue_delay_s: float = 0.0,
+                 frames_of: Callable[[float], int] | None = None, max_padding: float = 0.25,
+                 cost: ForwardCost | None = None):
+        super().__init__(max_batch, max_queue_delay_s)
+        self.frames_of = frames_of
+        self.max_padding = max_padding
+        self.cost = cost if cost is not None else ForwardCost()  # the engine's, which it feeds every forward
+
+    def tick_seconds(self, frames: list[int]) -> float:
+        """Predicted seconds of one tick over samples of these lengths (one forward per length group)."""
+        return sum(self.cost.seconds(len(g), max(frames[i] for i in g)) for g in length_groups(frames, self.max_padding))
+
+    def worth_admitting(self, active: list[tuple[int, int]], frames: int, steps: int, behind: int,
+                        ahead: int = 0) -> bool:
+        """``active``: (frames, remaining steps) of the samples in the set; the candidate has ``frames`` and
+        ``steps``, with ``behind`` jobs queued after it and ``ahead`` refused jobs queued before it."""
+        if not active:
+            return True
+        lengths = [f for f, _ in active]
+        t_set, t_with, t_alone = (self.tick_seconds(lengths), self.tick_seconds(lengths + [frames]),
+                                  self.tick_seconds([frames]))
+        drain = max(r for _, r in active)
+        shared = min(steps, drain)
+        admit = (shared * t_with + (steps - shared) * t_alone
+                 + (sum(min(steps, r) for _, r in active) + ahead * shared) * (t_with - t_set))
+        wait = drain * t_set + steps * t_alone + behind * shared * max(0.0, t_set + t_alone - t_with)
+        return admit < wait
+
+    def select(self, waiting, running, now):
+        room = max(0, min(len(waiting), self.max_batch - len(running)))
+        if not self.cost.known or self.frames_of is None:
+            return list(range(room))
+        active = [(s.frames, s.job.steps - s.index) for s in running]
+        chosen: list[int] = []
+        refused = 0
+        for k in range(min(len(waiting), self.WINDOW)):
+            if len(chosen) == room:
+                break
+            job = waiting[k]
+            if refused and job.steps > max(r for _, r in active):
+                continue  # would outlast the set and push back the refused jobs' start
+            frames = self.frames_of(job.duration)
+            if self.worth_admitting(active, frames, job.steps, len(waiting) - k - 1, refused):
+                chosen.append(k)
+                active.append((frames, job.steps))
+            else:
+                refused += 1
+        return chosen
 
 
 class RequestLevelPolicy(Policy):
@@ -172,12 +258,16 @@ class NoBatchingPolicy(Policy):
         return 1 if waiting and not running else 0
 
 
-POLICIES = {p.name: p for p in (ContinuousPolicy, RequestLevelPolicy, NoBatchingPolicy)}
+POLICIES = {p.name: p for p in (ContinuousPolicy, AdaptivePolicy, RequestLevelPolicy, NoBatchingPolicy)}
 
 
-def make_policy(name: str, max_batch: int, max_queue_delay_ms: float = 0.0) -> Policy:
+def make_policy(name: str, max_batch: int, max_queue_delay_ms: float = 0.0,
+                frames_of: Callable[[float], int] | None = None, max_padding: float = 0.25,
+                cost: ForwardCost | None = None) -> Policy:
     if name not in POLICIES:
         raise ValueError(f"unknown policy {name!r}; expected one of {sorted(POLICIES)}")
+    if name == "adaptive":
+        return AdaptivePolicy(max_batch, max_queue_delay_ms / 1000.0, frames_of, max_padding, cost)
     return POLICIES[name](max_batch, max_queue_delay_ms / 1000.0)
 
 
@@ -245,9 +335,10 @@ class ModelScheduler:
             else:
                 keep_running.append(s)
         self.running = keep_running
-        n = self.policy.admit(self.waiting, len(self.running), now)
-        admitted = [self.waiting.popleft() for _ in range(n)]
+        picked = set(self.policy.select(self.waiting, self.running, now))
+        admitted = [job for i, job in enumerate(self.waiting) if i in picked]
+        self.waiting = deque(job for i, job in enumerate(self.waiting) if i not in picked)
         return SchedulerOutput(admitted, dropped)
 
     def wakeup(self, now: float) -> float | None:
-        return self.policy.wakeup(self.waiting, len(self.running), now)
+        return self.policy.wakeup(self.waiting, self.running, now)

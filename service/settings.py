@@ -28,7 +28,7 @@ class Settings(BaseSettings):
     queue_size: int = Field(64, ge=0, description="requests waiting for admission before 429")
     request_timeout: float = Field(60.0, gt=0, description="seconds from arrival to answer, else 504")
     api_keys: str = Field("", description="comma-separated; empty = authentication off")
-    policy: Literal["continuous", "request", "none"] = "continuous"
+    policy: Literal["continuous", "adaptive", "request", "none"] = "continuous"
     max_queue_delay_ms: float = Field(20.0, ge=0, description="request-level policy: wait this long to fill a batch")
     threads: int | None = Field(None, ge=1, description="torch intra-op threads (default: torch's choice)")
     log_level: str = "info"

@@ -49,6 +49,8 @@ CONTRACT: dict[str, tuple[str, frozenset[str]]] = {
     "tta_real_time_factor": ("histogram", frozenset({"model"})),
     "tta_model_loaded": ("gauge", frozenset({"model", "runtime"})),
     "tta_ready": ("gauge", frozenset()),
+    # beyond DESIGN.md: the adaptive policy's fitted forward cost (term = overhead | per_frame)
+    "tta_forward_cost_seconds": ("gauge", frozenset({"model", "term"})),
 }
 # Series Prometheus itself makes, and labels it attaches to every scraped series.
 BUILTIN_SERIES = {"up", "scrape_duration_seconds", "scrape_samples_scraped", "ALERTS", "ALERTS_FOR_STATE"}

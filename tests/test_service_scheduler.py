@@ -1,5 +1,5 @@
 """Scheduler and engine behaviour: determinism across batch companions, batching, cancellation, back-pressure,
-deadlines, fault isolation and the three policies."""
+deadlines, fault isolation and the policies."""
 from __future__ import annotations
 
 import asyncio
@@ -29,7 +29,8 @@ def runtimes(model_dir):
 ONE_FORWARD = float("inf")  # max_padding that keeps every sample of a model in one padded forward
 
 
-def run_engine(runtimes, jobs: list[dict], policy="continuous", max_batch=16, max_padding=ONE_FORWARD, metrics=None):
+def run_engine(runtimes, jobs: list[dict], policy="continuous", max_batch=16, max_padding=ONE_FORWARD, metrics=None,
+               calibrate=False):
     """Submit every job before the worker starts, so the first tick admits them all together. By default all
     lengths share one padded forward (what the padding tests need); ``max_padding`` as the service sets it splits
     them by length."""
@@ -54,6 +55,8 @@ def run_engine(runtimes, jobs: list[dict], policy="continuous", max_batch=16, ma
         jid = spec.get("id", f"job{i}")
         engine.submit(GenerationJob(id=jid, on_done=make_cb(jid), deadline=time.monotonic() + 60,
                                     **{k: v for k, v in spec.items() if k != "id"}))
+    if calibrate:
+        engine.calibrate()
     engine.start()
     try:
         assert done.wait(60)
@@ -106,6 +109,29 @@ def test_engine_companions_match_their_solo_runs(runtimes):
         assert (a.latents - b.latents).abs().max() <= 1e-5 * (1 + b.latents.abs().max())
         assert (a.wave - b.wave).abs().max() <= 1e-4 * (1 + b.wave.abs().max())
         assert a.wave.shape == (2, round(j["duration"] * 44100))
+
+
+def test_adaptive_policy_calibrates_and_serves_the_same_audio(runtimes):
+    """Calibration leaves each model's cost model fitted from real forwards (two sizes or more, no negative term),
+    reported as tta_forward_cost_seconds; the adaptive policy then serves every job with the same latents as
+    continuous batching."""
+    from service.metrics import Metrics
+
+    jobs = [spec(TINY, f"adaptive {i}", d, s, g, 300 + i)
+            for i, (d, s, g) in enumerate([(0.5, 2, 1.0), (2.0, 4, 3.0), (1.0, 3, 0.0), (2.0, 5, 2.0)])]
+    reference, _ = run_engine(runtimes, jobs, max_padding=0.25)
+    metrics = Metrics()
+    results, engine = run_engine(runtimes, jobs, policy="adaptive", max_padding=0.25, calibrate=True, metrics=metrics)
+    for name, sched in engine.schedulers.items():
+        cost = sched.policy.cost
+        overhead, per_frame = cost.fit()
+        assert cost.known and overhead >= 0 and per_frame >= 0 and cost.seconds(1, 100) > 0
+        assert metrics.forward_cost.labels(name, "overhead")._value.get() == overhead
+        assert metrics.forward_cost.labels(name, "per_frame")._value.get() == per_frame
+    for jid, (result, error) in results.items():
+        assert error is None
+        ref = reference[jid][0].latents
+        assert (result.latents - ref).abs().max() <= 1e-5 * (1 + ref.abs().max())
 
 
 def test_engine_denoise_fault_fails_its_batch(runtimes):
@@ -277,7 +303,7 @@ def test_full_queue_is_429_with_retry_after(base_settings):
         srv.stop()
 
 
-@pytest.mark.parametrize("policy", ["request", "none"])
+@pytest.mark.parametrize("policy", ["request", "none", "adaptive"])
 def test_other_policies_serve_the_same_audio(server, base_settings, policy):
     bodies = [{"prompt": f"policy {i}", "duration": 0.5 + i * 0.4, "steps": 2 + i, "seed": 50 + i,
                "guidance": 1.0 + i} for i in range(4)]
@@ -295,7 +321,7 @@ def test_other_policies_serve_the_same_audio(server, base_settings, policy):
         if policy == "request":  # the four waited for each other and ran as one batch
             assert srv.metric("tta_batch_size_bucket", model="tiny", le="2.0") < forwards
             assert forwards == max(b["steps"] for b in bodies)
-        else:
+        elif policy == "none":
             assert srv.metric("tta_batch_size_bucket", model="tiny", le="1.0") == forwards
             assert forwards == sum(b["steps"] for b in bodies)
     finally:
