@@ -18,6 +18,8 @@ Policies (``TTA_POLICY``):
 """
 from __future__ import annotations
 
+import itertools
+import math
 import threading
 import time
 from collections import deque
@@ -173,7 +175,10 @@ class AdaptivePolicy(Policy):
         admit:  shared * T_with + (n_j - shared) * T_j + (sum_i min(n_j, r_i) + ahead * shared) * (T_with - T_set)
         wait:   R * T_set + n_j * T_j + behind * shared * (T_set + T_j - T_with),    shared = min(n_j, R)
 
-    Jobs are considered in arrival order. A job refused stays at the head; later jobs may still join when they
+    ``behind`` counts the jobs queued after j now and those expected to arrive while the device stays busy (every
+    one of them starts earlier by what batching saves): lambda * B / (1 - rho), with lambda the arrival rate of the
+    last ``HORIZON_S`` seconds, B the predicted seconds of work in the set and the queue, rho = lambda x the mean
+    job's seconds alone (at most 0.9). Jobs are considered in arrival order. A job refused stays at the head; later jobs may still join when they
     finish before the set drains (n_k <= R, backfilling: they never push back the refused jobs' start, only slow
     their wait by T_with - T_set per tick, the ``ahead`` term), which is how same-length jobs deep in a queue batch
     under overload. Where batching is nearly free (a GPU) this admits everything, like ``continuous``; where a
@@ -184,6 +189,8 @@ class AdaptivePolicy(Policy):
     name = "adaptive"
     prices_batching = True
     WINDOW = 64  # queued jobs considered per tick
+    HORIZON_S = 10.0  # arrival-rate window
+    MAX_LOAD = 0.9  # cap on the utilisation estimate in the busy-period factor 1 / (1 - rho)
 
     def __init__(self, max_batch: int, max_queue_delay_s: float = 0.0,
                  frames_of: Callable[[float], int] | None = None, max_padding: float = 0.25,
@@ -192,12 +199,38 @@ class AdaptivePolicy(Policy):
         self.frames_of = frames_of
         self.max_padding = max_padding
         self.cost = cost if cost is not None else ForwardCost()  # the engine's, which it feeds every forward
+        self._arrivals: deque[float] = deque()
+        self._last_arrival = -math.inf
+
+    def arrival_rate(self, waiting: deque[GenerationJob], now: float) -> float:
+        """Jobs per second over the last ``HORIZON_S`` seconds (every job passes through ``waiting``)."""
+        for job in waiting:
+            if job.arrival > self._last_arrival:
+                self._arrivals.append(job.arrival)
+                self._last_arrival = job.arrival
+        while self._arrivals and self._arrivals[0] < now - self.HORIZON_S:
+            self._arrivals.popleft()
+        if len(self._arrivals) < 2:
+            return 0.0
+        return len(self._arrivals) / max(now - self._arrivals[0], 1e-3)
+
+    def busy_arrivals(self, waiting: deque[GenerationJob], active: list[tuple[int, int]], now: float) -> float:
+        """Jobs expected to arrive before the device next goes idle: lambda * B / (1 - rho)."""
+        rate = self.arrival_rate(waiting, now)
+        if rate == 0.0:
+            return 0.0
+        alone = [job.steps * self.tick_seconds([self.frames_of(job.duration)])
+                 for job in itertools.islice(waiting, self.WINDOW)]
+        backlog = sum(alone) + (max(r for _, r in active) * self.tick_seconds([f for f, _ in active]) if active else 0)
+        typical = sum(alone) / len(alone) if alone else backlog
+        load = min(rate * typical, self.MAX_LOAD)
+        return rate * backlog / (1 - load)
 
     def tick_seconds(self, frames: list[int]) -> float:
         """Predicted seconds of one tick over samples of these lengths (one forward per length group)."""
         return sum(self.cost.seconds(len(g), max(frames[i] for i in g)) for g in length_groups(frames, self.max_padding))
 
-    def worth_admitting(self, active: list[tuple[int, int]], frames: int, steps: int, behind: int,
+    def worth_admitting(self, active: list[tuple[int, int]], frames: int, steps: int, behind: float,
                         ahead: int = 0) -> bool:
         """``active``: (frames, remaining steps) of the samples in the set; the candidate has ``frames`` and
         ``steps``, with ``behind`` jobs queued after it and ``ahead`` refused jobs queued before it."""
@@ -218,6 +251,7 @@ class AdaptivePolicy(Policy):
         if not self.cost.known or self.frames_of is None:
             return list(range(room))
         active = [(s.frames, s.job.steps - s.index) for s in running]
+        expected = self.busy_arrivals(waiting, active, now)
         chosen: list[int] = []
         refused = 0
         for k in range(min(len(waiting), self.WINDOW)):
@@ -227,7 +261,7 @@ class AdaptivePolicy(Policy):
             if refused and job.steps > max(r for _, r in active):
                 continue  # would outlast the set and push back the refused jobs' start
             frames = self.frames_of(job.duration)
-            if self.worth_admitting(active, frames, job.steps, len(waiting) - k - 1, refused):
+            if self.worth_admitting(active, frames, job.steps, len(waiting) - k - 1 + expected, refused):
                 chosen.append(k)
                 active.append((frames, job.steps))
             else:

@@ -56,10 +56,13 @@ def _policy(overhead, per_frame, max_batch=16, frames_of=lambda duration: 100):
     return policy
 
 
-def _jobs(n, steps=8, durations=None):
+def _jobs(n, steps=8, durations=None, arrivals=None):
+    """Queued jobs; by default they arrived long ago (outside the arrival-rate window: no arrivals expected)."""
     durations = durations or [5.0] * n
+    arrivals = arrivals or [-1e6] * n
     return deque(GenerationJob(id=f"j{i}", model="m", prompt="p", duration=durations[i], steps=steps, guidance=1.0,
-                               seed=i, deadline=math.inf, on_done=lambda r, e: None) for i in range(n))
+                               seed=i, deadline=math.inf, on_done=lambda r, e: None, arrival=arrivals[i])
+                 for i in range(n))
 
 
 def _running(n, remaining, frames=100, steps=8):
@@ -98,6 +101,30 @@ def test_backfilling_never_delays_a_refused_head():
     picked = policy.select(queue, _running(1, remaining=8), now)
     assert 0 not in picked and picked[0] == 1
     assert policy.select(queue, _running(1, remaining=4), now) == []
+
+
+def test_arrivals_expected_while_busy_count_as_jobs_behind():
+    """Two jobs queued, but arriving at 1 per second with 1.76 s of work queued or running: the device stays busy for
+    lambda B / (1 - rho) more arrivals, and each of them gains what batching saves, so the head joins the running
+    sample's forward although only one job is queued behind it."""
+    policy = _policy(overhead=1.0, per_frame=0.1)  # ticks in units: alone 11, two of one length 21
+    policy.cost = ForwardCost()
+    for work in (100, 200, 400):  # the same shape in seconds / 100: a forward of one 100-frame sample takes 0.11 s
+        policy.cost.observe(work, (1.0 + 0.1 * work) / 100)
+    now = 1000.0
+    queue = _jobs(2, arrivals=[now - 0.5, now - 0.1])
+    history = _jobs(9, arrivals=[now - 9.5 + i for i in range(9)])  # one per second before them
+    policy.arrival_rate(history, now)
+    rate = policy.arrival_rate(queue, now)
+    assert rate == pytest.approx(11 / 9.5)
+    running = _running(1, remaining=8)
+    backlog, typical = 2 * 8 * 0.11 + 8 * 0.11, 8 * 0.11
+    expected = policy.busy_arrivals(queue, [(100, 8)], now)
+    assert expected == pytest.approx(rate * backlog / (1 - min(rate * typical, 0.9)))
+    assert expected > 9
+    assert policy.select(queue, running, now)[:1] == [0]
+    quiet = _policy(overhead=1.0, per_frame=0.1)
+    assert quiet.select(_jobs(2), running, now) == []  # the same queue with no recent arrivals waits
 
 
 def test_admission_explores_before_it_knows():
