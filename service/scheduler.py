@@ -155,7 +155,6 @@ class Policy:
         return None
 
 
-
 class ContinuousPolicy(Policy):
     name = "continuous"
 
@@ -178,13 +177,13 @@ class AdaptivePolicy(Policy):
     ``behind`` counts the jobs queued after j now and those expected to arrive while the device stays busy (every
     one of them starts earlier by what batching saves): lambda * B / (1 - rho), with lambda the arrival rate of the
     last ``HORIZON_S`` seconds, B the predicted seconds of work in the set and the queue, rho = lambda x the mean
-    job's seconds alone (at most 0.9). Jobs are considered in arrival order. A job refused stays at the head; later jobs may still join when they
-    finish before the set drains (n_k <= R, backfilling: they never push back the refused jobs' start, only slow
-    their wait by T_with - T_set per tick, the ``ahead`` term), which is how same-length jobs deep in a queue batch
-    under overload. Where batching is nearly free (a GPU) this admits everything, like ``continuous``; where a
-    forward's cost grows with its batch (a CPU) it runs the first jobs alone at full speed, like ``none``, until the
-    queue behind makes batching's throughput worth it. Until the cost model has seen two forward sizes it admits
-    like ``continuous``."""
+    job's seconds alone (at most 0.9). Jobs are considered in arrival order. A job refused stays at the head; later
+    jobs may still join when they finish before the set drains (n_k <= R, backfilling: they never push back the
+    refused jobs' start, only slow their wait by T_with - T_set per tick, the ``ahead`` term), which is how
+    same-length jobs deep in a queue batch under overload. Where batching is nearly free (a GPU) this admits
+    everything, like ``continuous``; where a forward's cost grows with its batch (a CPU) it runs the first jobs alone
+    at full speed, like ``none``, until the queue behind makes batching's throughput worth it. Until the cost model
+    has seen two forward sizes it admits like ``continuous``."""
 
     name = "adaptive"
     prices_batching = True
@@ -228,7 +227,8 @@ class AdaptivePolicy(Policy):
 
     def tick_seconds(self, frames: list[int]) -> float:
         """Predicted seconds of one tick over samples of these lengths (one forward per length group)."""
-        return sum(self.cost.seconds(len(g), max(frames[i] for i in g)) for g in length_groups(frames, self.max_padding))
+        return sum(self.cost.seconds(len(g), max(frames[i] for i in g))
+                   for g in length_groups(frames, self.max_padding))
 
     def worth_admitting(self, active: list[tuple[int, int]], frames: int, steps: int, behind: float,
                         ahead: int = 0) -> bool:
@@ -250,6 +250,9 @@ class AdaptivePolicy(Policy):
         room = max(0, min(len(waiting), self.max_batch - len(running)))
         if not self.cost.known or self.frames_of is None:
             return list(range(room))
+        if room == 0:  # a full set: nothing to price, only arrivals to count
+            self.arrival_rate(waiting, now)
+            return []
         active = [(s.frames, s.job.steps - s.index) for s in running]
         expected = self.busy_arrivals(waiting, active, now)
         chosen: list[int] = []
@@ -371,7 +374,8 @@ class ModelScheduler:
         self.running = keep_running
         picked = set(self.policy.select(self.waiting, self.running, now))
         admitted = [job for i, job in enumerate(self.waiting) if i in picked]
-        self.waiting = deque(job for i, job in enumerate(self.waiting) if i not in picked)
+        if picked:
+            self.waiting = deque(job for i, job in enumerate(self.waiting) if i not in picked)
         return SchedulerOutput(admitted, dropped)
 
     def wakeup(self, now: float) -> float | None:
