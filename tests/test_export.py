@@ -17,7 +17,16 @@ import pytest
 import soundfile as sf
 import torch
 from conftest import float32_default
-from service_support import TINY, TINY_ARC, LiveServer, build_tiny_bundle
+from service_support import (
+    PARITY,
+    TINY,
+    TINY_ARC,
+    LiveServer,
+    build_tiny_bundle,
+    compare_runtimes,
+    derived_student,
+    run_jobs,
+)
 
 onnx = pytest.importorskip("onnx", reason="the 'onnx' extra is not installed")
 ort = pytest.importorskip("onnxruntime", reason="the 'onnx' extra is not installed")
@@ -271,32 +280,6 @@ def test_registry_resolves_runtimes(zoo, monkeypatch, caplog):
 
 
 # ------------------------------------------------------------------------------------------ one parity test for all
-def run_jobs(runtime, jobs: list[dict]) -> list:
-    """The jobs through the real engine (all admitted in one tick, so they share every forward)."""
-    from service.engine import Engine
-    from service.metrics import Metrics
-    from service.scheduler import GenerationJob
-
-    engine = Engine({runtime.model_name: runtime}, Metrics(), max_batch=16)
-    results: dict[int, tuple] = {}
-    done = threading.Event()
-    for i, spec in enumerate(jobs):
-        def on_done(result, error, i=i):
-            results[i] = (result, error)
-            if len(results) == len(jobs):
-                done.set()
-        engine.submit(GenerationJob(id=f"job{i}", model=runtime.model_name, on_done=on_done,
-                                    deadline=time.monotonic() + 60, **spec))
-    engine.start()
-    try:
-        assert done.wait(60)
-    finally:
-        engine.stop()
-    for _, error in results.values():
-        assert error is None, error
-    return [results[i][0] for i in range(len(jobs))]
-
-
 PARITY_JOBS = {
     TINY: [{"prompt": "a dog barks twice", "duration": 1.0, "steps": 4, "guidance": 3.0, "seed": 11},
            {"prompt": "rain on a tin roof", "duration": 0.6, "steps": 3, "guidance": 1.0, "seed": 12},
@@ -304,12 +287,6 @@ PARITY_JOBS = {
     TINY_ARC: [{"prompt": "a dog barks twice", "duration": 1.2, "steps": 4, "guidance": 1.0, "seed": 21},
                {"prompt": "thunder", "duration": 0.7, "steps": 2, "guidance": 1.0, "seed": 22}],
 }
-
-
-# Per runtime (a TensorRT fp16 runtime will need its own): the latents (text encoder + denoiser + guidance batching
-# + sampler) to max_rel, and the audio sample by sample (rms_rel) and on STFT magnitudes (spectral_rel). Measured
-# for onnxruntime: latents <= 1.2e-6, audio <= 6e-4 rms; the decoder's own tolerance (1 %) bounds the audio.
-PARITY = {"onnxruntime": {"latents_max_rel": 1e-4, "audio_rms_rel": 1e-2, "audio_spectral_rel": 1e-2}}
 
 
 def _other_runtimes() -> list[str]:
@@ -393,19 +370,6 @@ CHECKPOINT_JOBS = [{"prompt": "a dog barks twice", "duration": 0.016, "steps": 8
                    {"prompt": "rain on a tin roof", "duration": 0.01, "steps": 4, "guidance": 3.0, "seed": 32}]
 
 
-def _compare_runtimes(path, jobs) -> None:
-    from service.runtimes import load_runtime
-
-    candidate, reference = load_runtime(path, "onnxruntime"), load_runtime(path, "torch")
-    assert (candidate.name, reference.name, load_runtime(path, "auto").name) == ("onnxruntime", "torch", "torch")
-    assert candidate.config == reference.bundle.config
-    tol = PARITY["onnxruntime"]
-    for spec, a, b in zip(jobs, run_jobs(reference, jobs), run_jobs(candidate, jobs)):
-        assert b.wave.shape == a.wave.shape and a.wave.abs().max() > 1e-4
-        assert max_rel_error(b.latents, a.latents) <= tol["latents_max_rel"], spec
-        assert rms_rel_error(b.wave, a.wave) <= tol["audio_rms_rel"], spec
-
-
 def test_a_stable_audio_checkpoint_exports_and_runs_under_onnxruntime(sao_tiny):
     """The checkpoint's T5, its DiT with the conditioning adapter inside, and its Oobleck decoder as graphs; the
     serving config and the null condition travel in the manifest (the runtime loads no torch model). Guided rows use
@@ -418,24 +382,18 @@ def test_a_stable_audio_checkpoint_exports_and_runs_under_onnxruntime(sao_tiny):
     inputs = [i["name"] for i in m["graphs"]["denoiser"]["inputs"]]
     assert "pooled" not in inputs and {"z", "t", "tokens", "token_mask", "seconds", "frame_mask"} <= set(inputs)
     assert any(k.startswith("checkpoint/text_encoder/") for k in m["source"]["files"])
-    _compare_runtimes(sao_tiny, CHECKPOINT_JOBS)
+    compare_runtimes(sao_tiny, CHECKPOINT_JOBS)
 
 
 def test_a_derived_model_exports_over_its_base(sao_tiny, tmp_path):
-    from models.checkpoints import format_derived, load_checkpoint_dir
     from models.export.manifest import fingerprint
 
-    base = load_checkpoint_dir(sao_tiny)
-    student = copy.deepcopy(base.denoiser)
-    with torch.no_grad():
-        for p in student.parameters():
-            p.mul_(1.05)
-    out = format_derived.save(base, student, tmp_path / "sao-tiny-student", default_steps=4, sampler="ddim")
+    out = derived_student(sao_tiny, tmp_path / "sao-tiny-student", 1.05, default_steps=4, sampler="ddim")
     before = fingerprint(out)
     assert any(k.startswith("base/") for k in before["files"]) and "checkpoint/derived.json" in before["files"]
     done = export_onnx(out)
     assert done.manifest["checkpoint"]["config"]["default_steps"] == 4
-    _compare_runtimes(out, [{**CHECKPOINT_JOBS[1], "steps": 4}])
+    compare_runtimes(out, [{**CHECKPOINT_JOBS[1], "steps": 4}])
     (out / "derived.json").write_text((out / "derived.json").read_text().replace('"default_steps": 4',
                                                                                   '"default_steps": 2'))
     assert fingerprint(out)["sha256"] != before["sha256"]  # a changed config makes the export stale

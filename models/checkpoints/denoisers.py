@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
 
-from models.checkpoints.discrete_schedule import DiscreteVPSchedule
 from models.checkpoints.stable_audio_dit import NumberEmbedder, StableAudioDiT
 from models.checkpoints.unet import UNet2DCondition
+from models.diffusion.discrete import DiscreteVPSchedule
 from models.diffusion.schedules import NoiseSchedule
 
 NUMBER_INPUTS = ("seconds_start", "seconds_total")
@@ -96,10 +97,27 @@ class StableAudioDenoiser(nn.Module):
         return trunk
 
 
+def per_length(fixed_length: Callable[..., Tensor], z: Tensor, model_t: Tensor, tokens: Tensor, token_mask: Tensor,
+               frame_mask: Tensor | None) -> Tensor:
+    """A batch of different lengths as one ``fixed_length(z, model_t, tokens, token_mask)`` call per distinct length
+    (each on its rows, cut to that length); padded frames of the output are zero. For networks whose convolutions
+    mix neighbouring frames, so that padding would leak into a sample's real frames. Every runtime's UNet path."""
+    b, _, n = z.shape
+    lengths = frame_mask.sum(dim=1) if frame_mask is not None else torch.full((b,), n, device=z.device)
+    out = torch.zeros_like(z)
+    for length in lengths.unique().tolist():
+        rows = torch.nonzero(lengths == length).flatten()
+        out[rows, :, :length] = fixed_length(z[rows, :, :length], model_t[rows], tokens[rows], token_mask[rows])
+    return out
+
+
 class UNetDenoiser(nn.Module):
     """A Stable-Diffusion-style 2D UNet over mel latents. The project's latents are [B, C*F, T] (channel-major);
     the UNet sees [B, C, T, F]. Its 2D convolutions would let a sample's padded frames leak into its real ones, so a
-    batch of different lengths runs as one forward per length (each sample exactly as it would run alone)."""
+    batch of different lengths runs as one forward per length (``per_length``: each sample exactly as it would run
+    alone). ``fixed_length`` is the network on one length, the graph an ONNX export holds (``runs_per_length``)."""
+
+    runs_per_length = True
 
     def __init__(self, unet: UNet2DCondition, schedule: DiscreteVPSchedule, bins: int):
         super().__init__()
@@ -107,14 +125,17 @@ class UNetDenoiser(nn.Module):
         self.schedule = schedule
         self.bins = bins
 
-    def forward(self, z: Tensor, t: Tensor, tokens: Tensor, token_mask: Tensor, pooled: Tensor, seconds: Tensor,
-                frame_mask: Tensor | None = None, guidance: Tensor | None = None) -> Tensor:
+    def model_time(self, t: Tensor) -> Tensor:
+        """The (fractional) training step the UNet is conditioned on."""
+        return self.schedule.model_timestep(t)
+
+    def fixed_length(self, z: Tensor, model_t: Tensor, tokens: Tensor, token_mask: Tensor) -> Tensor:
+        """z [B, C*F, T] of one length, model_t [B] (``model_time``) -> the raw prediction [B, C*F, T]."""
         b, cf, n = z.shape
         x = z.reshape(b, cf // self.bins, self.bins, n).transpose(2, 3)
-        steps = self.schedule.model_timestep(t).to(z.device)
-        lengths = frame_mask.sum(dim=1) if frame_mask is not None else torch.full((b,), n, device=z.device)
-        out = torch.zeros_like(x)
-        for length in lengths.unique().tolist():
-            rows = torch.nonzero(lengths == length).flatten()
-            out[rows, :, :length] = self.unet(x[rows, :, :length], steps[rows], tokens[rows], token_mask[rows].bool())
+        out = self.unet(x, model_t.to(z.device), tokens, token_mask.bool())
         return out.transpose(2, 3).reshape(b, cf, n)
+
+    def forward(self, z: Tensor, t: Tensor, tokens: Tensor, token_mask: Tensor, pooled: Tensor, seconds: Tensor,
+                frame_mask: Tensor | None = None, guidance: Tensor | None = None) -> Tensor:
+        return per_length(self.fixed_length, z, self.model_time(t), tokens, token_mask, frame_mask)

@@ -23,7 +23,6 @@ from models.checkpoints.diffusers_layout import (
     component_weights,
     components,
 )
-from models.checkpoints.discrete_schedule import DiscreteVPSchedule
 from models.checkpoints.mel_vae import (
     HifiGan,
     MelLatentCodec,
@@ -40,6 +39,7 @@ from models.checkpoints.weights import (
     fold_weight_norm,
     load_checked,
 )
+from models.diffusion.discrete import DiscreteVPSchedule
 
 NAME = "tango"
 PARAMETERIZATIONS = {"v_prediction": "v", "epsilon": "eps", "sample": "x0"}
@@ -89,7 +89,10 @@ def load(path: str | Path, device: str = "cpu", text_encoder=None) -> Checkpoint
     codec = MelLatentCodec(vae, vocoder, n_mels=vocoder.config.model_in_dim)
 
     scfg = component_config(path, "scheduler", "scheduler_config.json")
-    schedule = DiscreteVPSchedule.from_scheduler_config(scfg, str(path / "scheduler/scheduler_config.json"))
+    try:
+        schedule = DiscreteVPSchedule.from_scheduler_config(scfg, str(path / "scheduler/scheduler_config.json"))
+    except ValueError as exc:
+        raise CheckpointError(str(exc)) from None
     prediction = scfg.get("prediction_type", "epsilon")
     if prediction not in PARAMETERIZATIONS:
         raise CheckpointError(f"{path}/scheduler: prediction_type {prediction!r} is not supported")

@@ -266,6 +266,12 @@ def resample(wave: Tensor, sr_in: int, sr_out: int) -> Tensor:
     return torch.from_numpy(np.ascontiguousarray(out)).to(wave.device, wave.dtype)
 
 
+def native_to_output(wave: Tensor, native_rate: int, sample_rate: int) -> Tensor:
+    """The vocoder's mono [B, N] at its own rate -> the service's stereo [B, 2, M] at ``sample_rate`` (resampled,
+    duplicated): the end of ``MelLatentCodec.decode``, and of an exported decoder graph's output."""
+    return resample(wave, native_rate, sample_rate)[:, None].expand(-1, 2, -1)
+
+
 class LogMel(nn.Module):
     """AudioLDM's analysis: reflect-padded STFT magnitude (periodic Hann), Slaney mel filters, log(max(x, 1e-5))."""
 
@@ -326,8 +332,7 @@ class MelLatentCodec(AudioCodec):
         return F.pad(wave, (0, max(0, need - wave.shape[-1])))[:, :need]
 
     def decode(self, latents: Tensor) -> Tensor:
-        wave = resample(self.decode_native(latents), self.native_rate, self.sample_rate)
-        return wave[:, None].expand(-1, 2, -1)
+        return native_to_output(self.decode_native(latents), self.native_rate, self.sample_rate)
 
     def encode(self, wave: Tensor) -> Tensor:
         frames = self.latent_frames(wave.shape[-1])

@@ -3,7 +3,8 @@
 Pure tensor functions and small objects without nn.Module state, so that training, distillation,
 ARC post-training and the serving scheduler all share one implementation of every formula.
 """
-from models.diffusion.schedules import NoiseSchedule, RectifiedFlowSchedule, VPCosineSchedule, make_schedule
+from models.diffusion.discrete import DiscreteVPSchedule
+from models.diffusion.guidance import apply_guidance
 from models.diffusion.parameterization import (
     EpsPrediction,
     Parameterization,
@@ -13,10 +14,23 @@ from models.diffusion.parameterization import (
     make_parameterization,
 )
 from models.diffusion.samplers import DDIMSampler, PingPongSampler, Sampler, make_sampler
-from models.diffusion.guidance import apply_guidance
+from models.diffusion.schedules import NoiseSchedule, RectifiedFlowSchedule, VPCosineSchedule, make_schedule
 
 __all__ = [
-    "NoiseSchedule", "VPCosineSchedule", "RectifiedFlowSchedule", "make_schedule",
-    "Parameterization", "VPrediction", "RFVelocity", "EpsPrediction", "X0Prediction", "make_parameterization",
-    "Sampler", "DDIMSampler", "PingPongSampler", "make_sampler", "apply_guidance",
+    "DDIMSampler",
+    "DiscreteVPSchedule",
+    "EpsPrediction",
+    "NoiseSchedule",
+    "Parameterization",
+    "PingPongSampler",
+    "RFVelocity",
+    "RectifiedFlowSchedule",
+    "Sampler",
+    "VPCosineSchedule",
+    "VPrediction",
+    "X0Prediction",
+    "apply_guidance",
+    "make_parameterization",
+    "make_sampler",
+    "make_schedule",
 ]

@@ -99,4 +99,9 @@ def make_schedule(config: dict | str) -> NoiseSchedule:
         return VPCosineSchedule(**kwargs)
     if config["name"] == RectifiedFlowSchedule.name:
         return RectifiedFlowSchedule()
-    raise ValueError(f"unknown noise schedule {config['name']!r}; expected 'vp-cosine' or 'rectified-flow'")
+    from models.diffusion.discrete import DiscreteVPSchedule  # it builds on this module
+
+    if config["name"] == DiscreteVPSchedule.name:
+        return DiscreteVPSchedule.from_scheduler_config(kwargs, "the schedule config")
+    raise ValueError(f"unknown noise schedule {config['name']!r}; expected 'vp-cosine', 'rectified-flow' or "
+                     f"{DiscreteVPSchedule.name!r}")

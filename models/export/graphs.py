@@ -14,6 +14,7 @@ TEXT_INPUTS = ["input_ids", "attention_mask"]
 TEXT_OUTPUTS = ["tokens", "pooled"]
 DENOISER_INPUTS = ["z", "t", "tokens", "token_mask", "pooled", "seconds", "frame_mask"]
 DENOISER_OUTPUTS = ["out"]
+PER_LENGTH_INPUTS = ["z", "timestep", "tokens", "token_mask"]
 DECODER_INPUTS = ["latents"]
 DECODER_OUTPUTS = ["wave"]
 
@@ -66,16 +67,34 @@ class DenoiserGraph(nn.Module):
                         guidance=guidance[0] if guidance else None)
 
 
+class PerLengthDenoiserGraph(nn.Module):
+    """A denoiser that runs one forward per distinct length (``runs_per_length``: a UNet, whose convolutions would
+    let padding leak into real frames): its ``fixed_length`` network on a batch of one length, with the network's
+    own time input (``PER_LENGTH_INPUTS``: timestep = the denoiser's ``model_time(t)``) -> the raw prediction
+    [B, C, T]. The runtime converts t and calls the graph once per length (``models.checkpoints.denoisers.per_length``),
+    so the Python loop over lengths stays out of the graph. Manifest layout: "per-length"."""
+
+    def __init__(self, denoiser: nn.Module):
+        super().__init__()
+        self.denoiser = denoiser
+
+    def forward(self, z: Tensor, timestep: Tensor, tokens: Tensor, token_mask: Tensor) -> Tensor:
+        return self.denoiser.fixed_length(z, timestep, tokens, token_mask)
+
+
 class DecoderGraph(nn.Module):
     """Normalised latents [B, C, T] -> waveform [B, channels, T * samples_per_latent], clamped to [-1, 1].
 
     Codecs whose ``decode`` uses complex tensors (an iSTFT) provide ``decode_real``, the same computation with real
-    tensors only (ONNX has no complex type); others are traced through ``decode``."""
+    tensors only (ONNX has no complex type); others are traced through ``decode``. A codec that ends in a step no
+    graph can hold (the mel codec's polyphase resampler) provides ``decode_native``, the part before it, and the
+    runtime applies the rest (manifest codec "native_rate"): the graph then outputs [B, native samples]."""
 
     def __init__(self, codec: nn.Module):
         super().__init__()
         self.codec = codec
 
     def forward(self, latents: Tensor) -> Tensor:
-        decode = getattr(self.codec, "decode_real", None) or self.codec.decode
+        decode = (getattr(self.codec, "decode_native", None) or getattr(self.codec, "decode_real", None)
+                  or self.codec.decode)
         return decode(latents)

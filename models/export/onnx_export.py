@@ -27,10 +27,12 @@ from models.export.graphs import (
     DECODER_INPUTS,
     DECODER_OUTPUTS,
     DENOISER_OUTPUTS,
+    PER_LENGTH_INPUTS,
     TEXT_INPUTS,
     TEXT_OUTPUTS,
     DecoderGraph,
     DenoiserGraph,
+    PerLengthDenoiserGraph,
     TextEncoderGraph,
 )
 from models.export.manifest import (
@@ -45,7 +47,7 @@ from models.export.manifest import (
     stale_reason,
     writable,
 )
-from models.export.ort import import_onnx, import_onnxruntime, session
+from models.export.ort import import_onnx, import_onnxruntime, run_session, session
 
 log = logging.getLogger("tta.export")
 
@@ -232,6 +234,8 @@ def export_denoiser(dit, path: Path, spec: DenoiserSpec | None = None, opset: in
     """Dynamic batch, frame and text-token axes; compared with the denoiser on two batches of other shapes than the
     trace's, with ragged frame and token masks. ``spec``: the input shapes (default: a project DiT's own)."""
     spec = spec or DenoiserSpec.of_dit(dit)
+    if getattr(dit, "runs_per_length", False):
+        return export_per_length_denoiser(dit, path, spec, opset)
     graph = DenoiserGraph(dit, spec.takes_guidance).eval()
     names = graph.input_names
     g = torch.Generator().manual_seed(0)
@@ -253,15 +257,52 @@ def export_denoiser(dit, path: Path, spec: DenoiserSpec | None = None, opset: in
     return _graph_entry(path, worst, "denoiser", checked_on="batch 3 x 13 frames x 9 tokens, batch 1 x 5 x 2")
 
 
+def export_per_length_denoiser(denoiser, path: Path, spec: DenoiserSpec, opset: int = OPSET) -> dict:
+    """A denoiser that runs one forward per length (``PerLengthDenoiserGraph``): its fixed-length network with
+    dynamic batch, frame and token axes; compared with the whole denoiser (loop over lengths and time conversion
+    included) on ragged batches of other shapes than the trace's, the graph driven as the runtime drives it."""
+    from models.checkpoints.denoisers import per_length
+
+    graph = PerLengthDenoiserGraph(denoiser).eval()
+    g = torch.Generator().manual_seed(0)
+    z, t, tokens, token_mask = _denoiser_inputs(spec, 2, 8, 5, g)[:4]
+    axes = {"z": {0: "batch", 2: "frames"}, "timestep": {0: "batch"}, "tokens": {0: "batch", 1: "text_length"},
+            "token_mask": {0: "batch", 1: "text_length"}, "out": {0: "batch", 2: "frames"}}
+    with torch.no_grad():
+        example = (z, denoiser.model_time(t), tokens, token_mask)
+    _trace_to_onnx(graph, example, path, PER_LENGTH_INPUTS, DENOISER_OUTPUTS, axes, opset)
+    sess = session(path)
+
+    def fixed_length(z: torch.Tensor, timestep: torch.Tensor, tokens: torch.Tensor, token_mask: torch.Tensor):
+        values = {"z": z, "timestep": timestep, "tokens": tokens, "token_mask": token_mask}
+        return run_session(sess, PER_LENGTH_INPUTS, DENOISER_OUTPUTS[0], values)
+
+    worst = {"max_rel": 0.0, "max_abs": 0.0}
+    for batch, frames, length in ((3, 13, 9), (1, 5, 2)):
+        args = _denoiser_inputs(spec, batch, frames, length, g)
+        z, t, tokens, token_mask, frame_mask = args[0], args[1], args[2], args[3], args[6]
+        with torch.no_grad():
+            got = per_length(fixed_length, z, denoiser.model_time(t), tokens, token_mask, frame_mask)
+            want = denoiser(*args)
+        worst["max_rel"] = max(worst["max_rel"], parity.max_rel_error(got, want))
+        worst["max_abs"] = max(worst["max_abs"], parity.max_abs_error(got, want))
+    entry = _graph_entry(path, worst, "denoiser", checked_on="batch 3 x 13 frames x 9 tokens, batch 1 x 5 x 2, "
+                                                            "ragged frame masks (one run per length)")
+    return {**entry, "layout": "per-length"}
+
+
 # ---------------------------------------------------------------------------------------------------- decoder
 def export_decoder(codec, path: Path, max_latent_frames: int, opset: int = OPSET) -> dict:
-    """Dynamic batch and frame axes; compared with ``codec.decode`` on a short batch of two (sample by sample and
-    on magnitudes) and at the model's maximum length (on magnitudes; see ``parity`` for why)."""
+    """Dynamic batch and frame axes; compared with ``codec.decode`` (``decode_native`` for a codec that has it, see
+    ``DecoderGraph``) on a short batch of two (sample by sample and on magnitudes) and at the model's maximum
+    length (on magnitudes; see ``parity`` for why)."""
     graph = DecoderGraph(codec).eval()
+    native = hasattr(codec, "decode_native")  # then the graph's output is mono [B, N] before the runtime's last step
+    reference = codec.decode_native if native else codec.decode
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():  # one eager call at the longest length first: lazily built tables (the codec's phase
         graph(torch.randn(1, codec.latent_dim, max_latent_frames, generator=g))  # table) become graph constants
-    axes = {"latents": {0: "batch", 2: "frames"}, "wave": {0: "batch", 2: "samples"}}
+    axes = {"latents": {0: "batch", 2: "frames"}, "wave": {0: "batch", 1 if native else 2: "samples"}}
     _trace_to_onnx(graph, (torch.randn(2, codec.latent_dim, 3, generator=g),), path, DECODER_INPUTS,
                    DECODER_OUTPUTS, axes, opset)
     sess = session(path)
@@ -272,8 +313,8 @@ def export_decoder(codec, path: Path, max_latent_frames: int, opset: int = OPSET
         z = torch.randn(batch, codec.latent_dim, frames, generator=g)
         got = sess.run(DECODER_OUTPUTS, {"latents": z.numpy()})[0]
         with torch.no_grad():
-            want = codec.decode(z)
-            nudged = codec.decode(z * (1 + 1e-7 * torch.randn(z.shape, generator=g)))
+            want = reference(z)
+            nudged = reference(z * (1 + 1e-7 * torch.randn(z.shape, generator=g)))
         for i in range(batch):
             rms = parity.rms_rel_error(got[i], want[i])
             errors["rms_rel"] = max(errors["rms_rel"], rms)
@@ -290,20 +331,13 @@ def export_decoder(codec, path: Path, max_latent_frames: int, opset: int = OPSET
 # ---------------------------------------------------------------------------------------------------- whole model
 def load_for_export(bundle_dir: Path):
     """The model as the torch runtime loads it: a project model directory, or a checkpoint directory (Stable Audio
-    formats and models derived from them; Tango's UNet and mel vocoder have no export yet)."""
+    and Tango formats, and models derived from them)."""
     from models.bundle import ModelBundle
     from models.checkpoints import is_checkpoint_dir, load_checkpoint_dir
-    from models.diffusion import make_schedule
 
     if not is_checkpoint_dir(bundle_dir):
         return ModelBundle.load(bundle_dir)
     bundle = load_checkpoint_dir(bundle_dir)
-    try:
-        make_schedule(bundle.config.schedule)
-    except ValueError:
-        raise ExportError(f"{bundle_dir} ({bundle.source_format}): models on a {bundle.config.schedule.get('name')} "
-                          "table (Tango's UNet and mel vocoder) are not exported to ONNX yet; they run on the torch "
-                          "runtime") from None
     for part, module in (("denoiser", bundle.denoiser), ("codec", bundle.codec)):
         size = sum(p.numel() for p in module.parameters()) * 4
         if size >= PROTOBUF_LIMIT:
@@ -405,7 +439,9 @@ def export_onnx(bundle_dir: str | Path, out_dir: str | Path | None = None, opset
                              "number_freqs": encoder.number_freqs,
                              "name": encoder.name, "fingerprint": te_digest},
             "codec": {"sample_rate": codec.sample_rate, "audio_channels": codec.audio_channels,
-                      "latent_dim": codec.latent_dim, "samples_per_latent": codec.samples_per_latent},
+                      "latent_dim": codec.latent_dim, "samples_per_latent": codec.samples_per_latent,
+                      # the decoder graph stops before resampling from this rate (``DecoderGraph``)
+                      **({"native_rate": codec.native_rate} if hasattr(codec, "decode_native") else {})},
             "limits": {"max_latent_frames": max_frames},
             **checkpoint_entry(bundle),
             "parity_metrics": {"max_rel": "max|onnx - torch| / max|torch|",

@@ -6,7 +6,9 @@ import logging
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
+from torch import Tensor
 
 log = logging.getLogger("tta.export")
 
@@ -68,3 +70,14 @@ def session(path: Path, device: str = "cpu", threads: int | None = None):
     opts.add_session_config_entry("session.intra_op.allow_spinning", os.environ.get("TTA_ORT_SPINNING", "0"))
     opts.log_severity_level = 3  # errors only: the optimiser's notes about unused initialisers are noise here
     return ort.InferenceSession(str(path), sess_options=opts, providers=providers(device))
+
+
+def run_session(sess, inputs: list[str], output: str, values: dict[str, Tensor]) -> Tensor:
+    """``output`` of ``sess`` fed the named ``inputs`` from ``values`` (torch tensors: bool stays bool, the rest goes
+    in as float32)."""
+    feed = {}
+    for name in inputs:
+        x = values[name]
+        dtype = np.bool_ if x.dtype == torch.bool else np.float32
+        feed[name] = np.ascontiguousarray(x.detach().cpu().numpy(), dtype=dtype)
+    return torch.from_numpy(sess.run([output], feed)[0])

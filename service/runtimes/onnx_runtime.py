@@ -17,6 +17,8 @@ import torch
 from torch import Tensor
 
 from models.bundle import BundleConfig, Conditioning, decode_grouped, guided_forward
+from models.checkpoints.denoisers import per_length
+from models.checkpoints.mel_vae import native_to_output
 from models.diffusion import (
     make_parameterization,
     make_sampler,
@@ -26,11 +28,12 @@ from models.export import OnnxExport, ensure_onnx_export
 from models.export.graphs import (
     DECODER_OUTPUTS,
     DENOISER_OUTPUTS,
+    PER_LENGTH_INPUTS,
     TEXT_INPUTS,
     TEXT_OUTPUTS,
 )
 from models.export.manifest import tokenizer_dir
-from models.export.ort import import_onnxruntime, session
+from models.export.ort import import_onnxruntime, run_session, session
 from models.text import CachedTextEncoder, TextEmbedding
 from models.text.encoders import null_embedding, unpad_with_numbers
 from service.runtimes.base import Runtime
@@ -91,11 +94,14 @@ class OnnxRuntime(Runtime):
         codec = export.manifest["codec"]
         self.sample_rate, self.latent_dim = int(codec["sample_rate"]), int(codec["latent_dim"])
         self.samples_per_latent = int(codec["samples_per_latent"])
+        self.native_rate = codec.get("native_rate")  # the decoder graph stops before resampling (mel codecs)
         self.max_latent_frames = int(export.manifest["limits"]["max_latent_frames"])
         self.text_encoder = shared_onnx_text_encoder(export, {"text_encoder": self.config.text_encoder}, device)
         self.denoiser = session(export.path("denoiser"), device)
         self.decoder = session(export.path("decoder"), device)
         self.denoiser_inputs = [i.name for i in self.denoiser.get_inputs()]
+        # a UNet's graph holds one length's forward; the runtime loops over lengths (``PerLengthDenoiserGraph``)
+        self.per_length = export.manifest["graphs"]["denoiser"].get("layout") == "per-length"
         self.providers = self.denoiser.get_providers()
         self._uncond: TextEmbedding | None = None
 
@@ -128,14 +134,15 @@ class OnnxRuntime(Runtime):
     # ------------------------------------------------------------------ denoiser
     def _denoise(self, z: Tensor, t: Tensor, tokens: Tensor, mask: Tensor, pooled: Tensor, seconds: Tensor,
                  frame_mask: Tensor, guidance: Tensor | None = None) -> Tensor:
+        if self.per_length:
+            return per_length(self._fixed_length, z, self.schedule.model_timestep(t), tokens, mask, frame_mask)
         values = {"z": z, "t": t, "tokens": tokens, "token_mask": mask, "pooled": pooled, "seconds": seconds,
                   "frame_mask": frame_mask, "guidance": guidance}
-        feed = {}
-        for name in self.denoiser_inputs:
-            x = values[name]
-            dtype = np.bool_ if x.dtype == torch.bool else np.float32
-            feed[name] = np.ascontiguousarray(x.detach().cpu().numpy(), dtype=dtype)
-        return torch.from_numpy(self.denoiser.run(DENOISER_OUTPUTS, feed)[0])
+        return run_session(self.denoiser, self.denoiser_inputs, DENOISER_OUTPUTS[0], values)
+
+    def _fixed_length(self, z: Tensor, timestep: Tensor, tokens: Tensor, token_mask: Tensor) -> Tensor:
+        values = {"z": z, "timestep": timestep, "tokens": tokens, "token_mask": token_mask}
+        return run_session(self.denoiser, PER_LENGTH_INPUTS, DENOISER_OUTPUTS[0], values)
 
     @torch.inference_mode()
     def predict_x0(self, z: Tensor, t: Tensor, cond: Conditioning, guidance: Tensor, frame_mask: Tensor) -> Tensor:
@@ -155,6 +162,7 @@ class OnnxRuntime(Runtime):
             if batch.shape[-1] > self.max_latent_frames:
                 raise ValueError(f"{batch.shape[-1]} latent frames is longer than the exported decoder was checked "
                                  f"for ({self.max_latent_frames}, the model's max_duration)")
-            return torch.from_numpy(self.decoder.run(DECODER_OUTPUTS, {"latents": batch.float().cpu().numpy()})[0])
+            wave = torch.from_numpy(self.decoder.run(DECODER_OUTPUTS, {"latents": batch.float().cpu().numpy()})[0])
+            return wave if self.native_rate is None else native_to_output(wave, int(self.native_rate), self.sample_rate)
 
         return decode_grouped(latents, durations, self.sample_rate, run)

@@ -1,5 +1,6 @@
 """The discrete DDPM noise table of UNet checkpoints (Tango, AudioLDM, Stable Diffusion) as a continuous-time
-``NoiseSchedule``, so the project's samplers drive these models unchanged.
+``NoiseSchedule``, so the project's samplers drive these models unchanged. Its config (``to_config``) is the
+scheduler config's own keys, so ``make_schedule`` rebuilds the same table (an exported model's runtime does).
 
 Time t in [0, 1] maps to the fractional training step tau = T t - 1 (T training steps): t = 1 is the last step
 (tau = T - 1), t = 0 is clean data (tau = -1, alpha_bar = 1). alpha_bar is the reference's float32 table,
@@ -14,7 +15,6 @@ import math
 import torch
 from torch import Tensor
 
-from models.checkpoints.weights import CheckpointError
 from models.diffusion.schedules import NoiseSchedule
 
 
@@ -35,7 +35,7 @@ def betas_from_config(cfg: dict, source: str) -> Tensor:
 
         betas = torch.tensor([min(1 - abar((i + 1) / n) / abar(i / n), 0.999) for i in range(n)], dtype=torch.float32)
     else:
-        raise CheckpointError(f"{source}: beta_schedule {kind!r} is not supported "
+        raise ValueError(f"{source}: beta_schedule {kind!r} is not supported "
                               "(linear, scaled_linear, squaredcos_cap_v2 or trained_betas)")
     if cfg.get("rescale_betas_zero_snr"):
         betas = _rescale_zero_terminal_snr(betas)
@@ -65,7 +65,8 @@ class DiscreteVPSchedule(NoiseSchedule):
     def from_scheduler_config(cls, cfg: dict, source: str) -> DiscreteVPSchedule:
         betas = betas_from_config(cfg, source)
         return cls(torch.cumprod(1.0 - betas, dim=0), {k: cfg[k] for k in (
-            "num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "rescale_betas_zero_snr") if k in cfg})
+            "num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "rescale_betas_zero_snr", "trained_betas")
+            if cfg.get(k) is not None})
 
     def _position(self, t: Tensor) -> Tensor:
         """tau + 1 in [0, T]; grid points within float32 rounding of an integer step are that step exactly."""
