@@ -121,7 +121,8 @@ def cmd_export(args) -> None:
     for g in m["graphs"].values():
         checks = ", ".join(f"{metric} {g['parity'][metric]:.2e} <= {limit:g}"
                            for metric, limit in g["parity"]["tolerance"].items())
-        print(f"  {g['file']:<18} {g['bytes'] / 1e6:7.1f} MB  vs PyTorch: {checks}")
+        size = g["bytes"] + (g.get("external_data") or {}).get("bytes", 0)  # the graph and its external weights
+        print(f"  {g['file']:<18} {size / 1e6:7.1f} MB  vs PyTorch: {checks}")
 
 
 def cmd_sized(args) -> None:

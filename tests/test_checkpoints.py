@@ -603,9 +603,52 @@ def test_a_tango_checkpoint_distils_into_a_derived_student_that_keeps_guidance(t
     assert c.training["cond_dropout"] == 0.1 and c.training["guidance_range"] == [1.0, 1.0]
     wave = student.generate(["a dog barks"], [0.5], [0])[0]
     assert wave.shape[0] == 2 and bool(torch.isfinite(wave).all())
-    with pytest.raises(ValueError, match="transformer denoiser.*UNetDenoiser"):
-        run_arc(out, tmp_path / "arc", tmp_path / "arc-run", ARCConfig(train_steps=2, batch_size=2, cache_clips=2),
-                cache_dir=tmp_path / "run" / "latents")
+    # ARC on the UNet student: the discriminator is the UNet's encoder half, the result a ping-pong model
+    arc_cfg = ARCConfig(train_steps=2, steps=2, batch_size=2, cache_clips=2, checkpoint_every=2, log_every=1,
+                        threads=1)
+    arc_dir = run_arc(out, tmp_path / "tango-arc", tmp_path / "arc-run", arc_cfg,
+                      cache_dir=tmp_path / "run" / "latents")
+    arc = load_checkpoint_dir(arc_dir)
+    c = arc.config
+    assert (c.kind, c.sampler, c.default_steps, c.default_guidance) == ("arc", "pingpong", 2, 1.0)
+    assert c.training["steps_done"] == 2 and json.loads((arc_dir / "derived.json").read_text())["base"]
+    moved = [not torch.equal(a, b) for a, b in zip(arc.denoiser.parameters(), student.denoiser.parameters())]
+    assert any(moved)  # the generator trained
+    wave = arc.generate(["a dog barks"], [0.1], [0])[0]
+    assert wave.shape == (2, 4410) and bool(torch.isfinite(wave).all())
+
+
+@torch.no_grad()
+def test_the_unet_discriminator_trunk_is_the_encoder_half_run_per_length(tango):
+    """The trunk is the UNet's first stages (down blocks, then the mid block), the generator is untouched, and a
+    clip's per-frame features do not depend on the padded clips it is batched with."""
+    from models.training.arc import Discriminator
+
+    bundle = tango["bundle"]
+    dn = bundle.denoiser
+    assert dn.depth == 3 and dn.width == 64  # two down blocks + the mid block; the last stage's channels
+    disc = Discriminator(dn, layer=1)
+    assert (disc.trunk.depth, disc.trunk.width, disc.trunk.unet.mid_block) == (1, 32, None)
+    assert not hasattr(disc.trunk.unet, "up_blocks") and hasattr(dn.unet, "up_blocks")
+    z, t = torch.randn(2, TANGO_CHANNELS * TANGO_BINS, 8), torch.tensor([0.3, 0.8])
+    text = bundle.encode_text(["wind", "a bird sings"])
+    seconds, mask = torch.tensor([0.16, 0.1]), torch.ones(2, 8, dtype=torch.bool)
+    mask[1, 5:] = False
+    frames, glob = disc.trunk.features(z, t, text.tokens, text.mask, text.pooled, seconds, mask)
+    assert frames.shape == (2, 8, 32) and glob.shape[0] == 2
+    alone, _ = disc.trunk.features(z[1:, :, :5], t[1:], text.tokens[1:], text.mask[1:], text.pooled[1:],
+                                   seconds[1:], mask[1:, :5])
+    torch.testing.assert_close(frames[1:, :5], alone)
+    assert frames[1, 5:].abs().max() == 0
+    # one stage = conv_in + the first down block (its downsampler halves the frames), averaged over mel bins
+    x = z.reshape(2, TANGO_CHANNELS, TANGO_BINS, 8).transpose(2, 3)
+    steps = bundle.schedule.model_timestep(t)
+    h, emb, bias = dn.unet._start(x[:1], steps[:1], text.mask[:1])
+    h, _ = dn.unet.down_blocks[0](h, emb, text.tokens[:1], bias)
+    torch.testing.assert_close(frames[:1], h.mean(dim=3).repeat_interleave(2, dim=2).transpose(1, 2))
+    for layer in (2, 3):
+        logits = Discriminator(dn, layer=layer)(z, t, text, seconds, mask)
+        assert logits.shape == (2,) and bool(torch.isfinite(logits).all())
 
 
 TANGO_JOBS = [{"prompt": "a dog barks twice", "duration": 0.15, "steps": 6, "guidance": 3.0, "seed": 41},

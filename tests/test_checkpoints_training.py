@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from models.checkpoints import CheckpointError, detect_format, load_checkpoint_dir
 from models.checkpoints.sized import write_random_sao_small
 from models.data.corpus import SyntheticCorpus
-from models.training.arc import ARCConfig, Discriminator, check_transformer, run_arc
+from models.training.arc import ARCConfig, Discriminator, check_trunk, run_arc
 from models.training.batches import sample_captioned_batch
 from models.training.derived import load_source, source_cache, window_frames
 from models.training.distill import DistillConfig, make_student, run_distill
@@ -161,9 +161,9 @@ def test_the_stable_audio_discriminator_trunk_is_the_transformer_cut_at_its_laye
     assert not hasattr(disc.trunk.dit, "project_out") and len(dn.dit.layers) == 2  # the generator is untouched
 
 
-def test_arc_refuses_a_denoiser_without_a_transformer_trunk():
-    with pytest.raises(ValueError, match="transformer denoiser.*Linear"):
-        check_transformer(torch.nn.Linear(2, 2))
+def test_arc_refuses_a_denoiser_without_a_trunk():
+    with pytest.raises(ValueError, match="first blocks can serve as the discriminator.*Linear"):
+        check_trunk(torch.nn.Linear(2, 2))
 
 
 def test_derived_directories_that_do_not_fit_are_clear_errors(sao, distilled, tmp_path):

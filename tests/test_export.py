@@ -9,8 +9,6 @@ import json
 import logging
 import math
 import sys
-import threading
-import time
 
 import numpy as np
 import pytest
@@ -229,6 +227,39 @@ def test_guidance_input_is_exported(tmp_path):
     low = sess.run(["out"], {**feed, "guidance": np.array([1.0], np.float32)})[0]
     high = sess.run(["out"], {**feed, "guidance": np.array([4.0], np.float32)})[0]
     assert np.abs(low - high).max() > 1e-4  # guidance is a live input, not a constant folded in by the trace
+
+
+def test_graphs_over_the_size_limit_keep_their_weights_in_one_external_file(zoo, tmp_path, monkeypatch):
+    """Past ONNX's 2 GiB single-file limit (Stable Audio Open 1.0's DiT) a graph's weights go to one ``.data`` file
+    beside it; the limit is lowered to zero here so that a tiny model takes that path. The manifest names and hashes
+    both files, a missing weight file makes the export stale, and the runtime serves the same latents as torch."""
+    from models.export import onnx_export
+    from models.export.manifest import is_current, load_manifest
+    from service.runtimes import load_runtime
+    from service.runtimes.onnx_runtime import OnnxRuntime
+
+    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_BYTES", 0)
+    root = zoo[0]
+    out = tmp_path / "onnx"
+    done = export_onnx(root / TINY, out)
+    graphs = done.manifest["graphs"]
+    external = {name: entry for name, entry in graphs.items() if not entry.get("reused_from")}
+    assert {"denoiser", "decoder"} <= set(external)
+    for entry in external.values():
+        data = out / entry["external_data"]["file"]
+        assert data.name == entry["file"] + ".data" and data.stat().st_size == entry["external_data"]["bytes"]
+        graph = onnx.load(str(out / entry["file"]), load_external_data=False).graph
+        inline = [len(i.raw_data) for i in graph.initializer]
+        inline += [a.t.ByteSize() for n in graph.node for a in n.attribute if a.type == onnx.AttributeProto.TENSOR]
+        assert max(inline) < 1024 < entry["external_data"]["bytes"]  # every tensor of size lives outside the graph
+        assert entry["parity"]["passed"]
+    assert not list(out.glob(".*"))  # no scratch directories left behind
+    jobs = PARITY_JOBS[TINY][:2]
+    want, got = run_jobs(load_runtime(root / TINY, "torch"), jobs), run_jobs(OnnxRuntime(root / TINY, done), jobs)
+    for a, b in zip(want, got):
+        assert max_rel_error(b.latents, a.latents) <= PARITY["onnxruntime"]["latents_max_rel"]
+    (out / external["decoder"]["external_data"]["file"]).unlink()
+    assert not is_current(out, load_manifest(out), done.manifest["source"]["sha256"])
 
 
 def test_changed_weights_make_the_export_stale(zoo):

@@ -104,10 +104,13 @@ def per_length(fixed_length: Callable[..., Tensor], z: Tensor, model_t: Tensor, 
     mix neighbouring frames, so that padding would leak into a sample's real frames. Every runtime's UNet path."""
     b, _, n = z.shape
     lengths = frame_mask.sum(dim=1) if frame_mask is not None else torch.full((b,), n, device=z.device)
-    out = torch.zeros_like(z)
+    out = None
     for length in lengths.unique().tolist():
         rows = torch.nonzero(lengths == length).flatten()
-        out[rows, :, :length] = fixed_length(z[rows, :, :length], model_t[rows], tokens[rows], token_mask[rows])
+        part = fixed_length(z[rows, :, :length], model_t[rows], tokens[rows], token_mask[rows])
+        if out is None:  # [B, channels of the output, T]: the latents' or a trunk's features'
+            out = z.new_zeros(b, part.shape[1], n)
+        out[rows, :, :length] = part
     return out
 
 
@@ -139,3 +142,33 @@ class UNetDenoiser(nn.Module):
     def forward(self, z: Tensor, t: Tensor, tokens: Tensor, token_mask: Tensor, pooled: Tensor, seconds: Tensor,
                 frame_mask: Tensor | None = None, guidance: Tensor | None = None) -> Tensor:
         return per_length(self.fixed_length, z, self.model_time(t), tokens, token_mask, frame_mask)
+
+    # the trunk interface ARC's discriminator builds on (as models.dit.DiT has it): the UNet's encoder half, its
+    # stages being the down blocks and then the mid block
+    @property
+    def depth(self) -> int:
+        return self.unet.stages
+
+    @property
+    def width(self) -> int:
+        return self.unet.stage_channels(self.depth)
+
+    def trunk(self, depth: int) -> UNetDenoiser:
+        """A copy with the UNet's first ``depth`` stages and no decoder half: its ``features``."""
+        return UNetDenoiser(self.unet.truncated(depth), self.schedule, self.bins)
+
+    def _frame_features(self, z: Tensor, model_t: Tensor, tokens: Tensor, token_mask: Tensor) -> Tensor:
+        """One length: the trunk's last hidden state averaged over mel bins and repeated back to the latent frame
+        rate (each stage halves it) [B, width, T]."""
+        b, cf, n = z.shape
+        x = z.reshape(b, cf // self.bins, self.bins, n).transpose(2, 3)
+        h = self.unet.encode(x, model_t.to(z.device), tokens, token_mask.bool()).mean(dim=3)
+        return nn.functional.interpolate(h, size=n, mode="nearest")
+
+    def features(self, z: Tensor, t: Tensor, tokens: Tensor, token_mask: Tensor, pooled: Tensor, seconds: Tensor,
+                 frame_mask: Tensor, guidance: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """(per-frame hidden states [B, T, width], computed per length so that padding never leaks into a clip,
+        the time embedding [B, D] as the global condition)."""
+        model_t = self.model_time(t)
+        x = per_length(self._frame_features, z, model_t, tokens, token_mask, frame_mask)
+        return x.transpose(1, 2), self.unet.embed_time(model_t.to(z.device), z.dtype)

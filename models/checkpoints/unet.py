@@ -9,6 +9,7 @@ of heads (a historical naming slip the published configs rely on).
 """
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, field
 
@@ -331,18 +332,25 @@ class UNet2DCondition(nn.Module):
         self.conv_norm_out = nn.GroupNorm(c.norm_num_groups, ch[0], eps=c.norm_eps)
         self.conv_out = nn.Conv2d(ch[0], c.out_channels, 3, padding=1)
 
-    def forward(self, x: Tensor, timestep: Tensor, context: Tensor, context_mask: Tensor | None = None) -> Tensor:
-        """x [B, C, H, W], timestep [B] (fractional training step), context [B, L, D], context_mask [B, L] bool."""
+    def _start(self, x: Tensor, timestep: Tensor, context_mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
+        """conv_in's output, the time embedding and the cross-attention bias: how every pass begins."""
         c = self.config
         bias = None
         if context_mask is not None:
             bias = ((1 - context_mask.to(x.dtype)) * -10000.0)[:, None, None, :]
         if c.center_input_sample:
             x = 2 * x - 1.0
-        t = timestep.to(x.device).expand(x.shape[0])
-        emb = self.time_embedding(timestep_embedding(t, c.block_out_channels[0], c.flip_sin_to_cos,
-                                                     c.freq_shift).to(x.dtype))
-        h = self.conv_in(x)
+        return self.conv_in(x), self.embed_time(timestep.to(x.device).expand(x.shape[0]), x.dtype), bias
+
+    def embed_time(self, timestep: Tensor, dtype: torch.dtype) -> Tensor:
+        """[B] training steps -> the time embedding [B, D] every resnet block is conditioned on."""
+        c = self.config
+        return self.time_embedding(timestep_embedding(timestep, c.block_out_channels[0], c.flip_sin_to_cos,
+                                                      c.freq_shift).to(dtype))
+
+    def forward(self, x: Tensor, timestep: Tensor, context: Tensor, context_mask: Tensor | None = None) -> Tensor:
+        """x [B, C, H, W], timestep [B] (fractional training step), context [B, L, D], context_mask [B, L] bool."""
+        h, emb, bias = self._start(x, timestep, context_mask)
         skips = [h]
         for block in self.down_blocks:
             h, states = block(h, emb, context, bias)
@@ -354,3 +362,31 @@ class UNet2DCondition(nn.Module):
             size = tuple(skips[-1].shape[2:]) if skips else None
             h = block(h, mine, emb, context, bias, size)
         return self.conv_out(F.silu(self.conv_norm_out(h)))
+
+    # the encoder half as a trunk (ARC's discriminator): stages = the down blocks, then the mid block
+    @property
+    def stages(self) -> int:
+        return len(self.down_blocks) + (1 if getattr(self, "mid_block", None) is not None else 0)
+
+    def stage_channels(self, depth: int) -> int:
+        ch = self.config.block_out_channels
+        return ch[min(depth, len(ch)) - 1]
+
+    def truncated(self, depth: int) -> UNet2DCondition:
+        """A copy with the first ``depth`` stages and nothing after them (no decoder half, no output layers)."""
+        trunk = copy.deepcopy(self)
+        n = len(trunk.down_blocks)
+        trunk.down_blocks = nn.ModuleList(list(trunk.down_blocks)[:depth])
+        if depth <= n:
+            trunk.mid_block = None
+        del trunk.up_blocks, trunk.conv_norm_out, trunk.conv_out
+        return trunk
+
+    def encode(self, x: Tensor, timestep: Tensor, context: Tensor, context_mask: Tensor | None = None) -> Tensor:
+        """The hidden state [B, ch, H', W'] after every stage this network has (see ``truncated``)."""
+        h, emb, bias = self._start(x, timestep, context_mask)
+        for block in self.down_blocks:
+            h, _ = block(h, emb, context, bias)
+        if getattr(self, "mid_block", None) is not None:
+            h = self.mid_block(h, emb, context, bias)
+        return h

@@ -137,11 +137,16 @@ def load_manifest(out_dir: Path) -> dict | None:
         return None
 
 
+def graph_files(entry: dict) -> list[str]:
+    """The files of one graph's manifest entry: the graph, and its external weight file when it has one."""
+    return [entry["file"]] + ([entry["external_data"]["file"]] if entry.get("external_data") else [])
+
+
 def is_current(out_dir: Path, manifest: dict | None, digest: str) -> bool:
     """The manifest exists, was made from exactly these sources, and every graph file it names is there."""
     if not manifest or manifest.get("format") != EXPORT_FORMAT or manifest.get("source", {}).get("sha256") != digest:
         return False
-    return all((Path(out_dir) / g["file"]).is_file() for g in manifest.get("graphs", {}).values())
+    return all((Path(out_dir) / f).is_file() for g in manifest.get("graphs", {}).values() for f in graph_files(g))
 
 
 def stale_reason(out_dir: Path, manifest: dict | None, current: dict) -> str:

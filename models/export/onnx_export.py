@@ -42,6 +42,7 @@ from models.export.manifest import (
     export_dirs,
     file_sha256,
     fingerprint,
+    graph_files,
     is_current,
     load_manifest,
     stale_reason,
@@ -53,6 +54,9 @@ log = logging.getLogger("tta.export")
 
 OPSET = 17
 PROTOBUF_LIMIT = 2**31  # bytes: one ONNX file (weights inside) cannot be larger
+# graphs with more weight bytes than this keep them in one external file beside the graph (``<graph>.onnx.data``);
+# the margin leaves room for the graph itself under the protobuf limit
+EXTERNAL_DATA_BYTES = PROTOBUF_LIMIT - 2**27
 VERIFY_PROMPTS = ["", "a dog barks", "rain on a tin roof, then thunder far away", "a 440 Hz sine tone on the left",
                   " ".join(["a long prompt that the tokenizer truncates"] * 12)]
 
@@ -118,21 +122,60 @@ def _custom_symbolics(opset: int):
             unregister_custom_op_symbolic(name, opset)
 
 
+def _weight_bytes(module: torch.nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
+
+
+def _constants_to_initializers(model, min_bytes: int = 1024):
+    """Move the top-level graph's large Constant tensors (constant folding makes them from weights, and the codec's
+    tables are constants) into initializers, which are what external data holds."""
+    graph = model.graph
+    keep = []
+    for node in graph.node:
+        value = next((a.t for a in node.attribute if a.name == "value" and a.t.ByteSize() >= min_bytes), None)
+        if node.op_type != "Constant" or value is None:
+            keep.append(node)
+            continue
+        value.name = node.output[0]
+        graph.initializer.append(value)
+    del graph.node[:]
+    graph.node.extend(keep)
+    return model
+
+
 def _trace_to_onnx(module: torch.nn.Module, args: tuple, path: Path, input_names: list[str],
                    output_names: list[str], dynamic_axes: dict, opset: int) -> None:
+    """Trace ``module`` to ``path``. Weights over ``EXTERNAL_DATA_BYTES`` (Stable Audio Open 1.0's DiT: ~4 GiB of
+    float32) go to one external file beside it, ``<path>.data``, which ONNX Runtime reads from the graph's
+    directory: the exporter writes such a model as one file per tensor into a scratch directory, and the graph is
+    re-saved from there with every tensor in one file."""
     module.eval()
-    with torch.no_grad(), warnings.catch_warnings(), _custom_symbolics(opset):
-        # the tracer warns about every Python-level branch on a shape; the parity checks on other shapes are what
-        # tells whether a branch mattered
-        warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        # deliberate: the TorchScript exporter needs no onnxscript, and its graphs are checked below
-        warnings.filterwarnings("ignore", message="You are using the legacy TorchScript-based ONNX export")
-        # strided slices (the DiT's rotary embedding) are computed at run time instead of folded: harmless
-        warnings.filterwarnings("ignore", message="Constant folding - Only steps=1 can be constant folded")
-        warnings.filterwarnings("ignore", message="The feature will be removed", category=DeprecationWarning)
-        torch.onnx.export(module, args, str(path), dynamo=False, opset_version=opset, input_names=input_names,
-                          output_names=output_names, dynamic_axes=dynamic_axes, do_constant_folding=True)
-    module.eval()  # the exporter restores the wrapper's training flag, which for a fresh wrapper is True
+    scratch = path.parent / f".trace-{path.stem}"
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir()
+    try:
+        traced = scratch / path.name
+        with torch.no_grad(), warnings.catch_warnings(), _custom_symbolics(opset):
+            # the tracer warns about every Python-level branch on a shape; the parity checks on other shapes are
+            # what tells whether a branch mattered
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            # deliberate: the TorchScript exporter needs no onnxscript, and its graphs are checked below
+            warnings.filterwarnings("ignore", message="You are using the legacy TorchScript-based ONNX export")
+            # strided slices (the DiT's rotary embedding) are computed at run time instead of folded: harmless
+            warnings.filterwarnings("ignore", message="Constant folding - Only steps=1 can be constant folded")
+            warnings.filterwarnings("ignore", message="The feature will be removed", category=DeprecationWarning)
+            torch.onnx.export(module, args, str(traced), dynamo=False, opset_version=opset, input_names=input_names,
+                              output_names=output_names, dynamic_axes=dynamic_axes, do_constant_folding=True)
+        module.eval()  # the exporter restores the wrapper's training flag, which for a fresh wrapper is True
+        onnx = import_onnx()
+        # the exporter went external by itself when the serialised model would pass the protobuf limit
+        if _weight_bytes(module) > EXTERNAL_DATA_BYTES or len(list(scratch.iterdir())) > 1:
+            onnx.save_model(_constants_to_initializers(onnx.load(str(traced))), str(path), save_as_external_data=True,
+                            all_tensors_to_one_file=True, location=path.name + ".data", size_threshold=1024)
+        else:
+            os.replace(traced, path)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     import_onnx().checker.check_model(str(path), full_check=True)
 
 
@@ -157,6 +200,9 @@ def _graph_entry(path: Path, errors: dict, graph: str, **extra) -> dict:
     ok = parity.within(graph, errors)
     entry = {"file": path.name, "sha256": file_sha256(path), "bytes": path.stat().st_size, **_io_signature(path),
              "parity": {**errors, "tolerance": parity.TOLERANCES[graph], "passed": ok, **extra}}
+    data = path.with_name(path.name + ".data")
+    if data.is_file():
+        entry["external_data"] = {"file": data.name, "sha256": file_sha256(data), "bytes": data.stat().st_size}
     if not ok:
         raise ExportError(f"{graph}: ONNX Runtime differs from PyTorch: {'; '.join(parity.failures(graph, errors))} "
                           f"(all measurements: {errors})")
@@ -337,14 +383,7 @@ def load_for_export(bundle_dir: Path):
 
     if not is_checkpoint_dir(bundle_dir):
         return ModelBundle.load(bundle_dir)
-    bundle = load_checkpoint_dir(bundle_dir)
-    for part, module in (("denoiser", bundle.denoiser), ("codec", bundle.codec)):
-        size = sum(p.numel() for p in module.parameters()) * 4
-        if size >= PROTOBUF_LIMIT:
-            raise ExportError(f"{bundle_dir}: the {part} holds {size / 2**30:.1f} GiB of float32 weights, over ONNX's "
-                              "2 GiB single-file limit; graphs with external weight files are not written yet (Stable "
-                              "Audio Open 1.0 needs them; Stable Audio Open Small fits)")
-    return bundle
+    return load_checkpoint_dir(bundle_dir)
 
 
 def checkpoint_entry(bundle) -> dict:
@@ -375,6 +414,8 @@ def _reuse_text_encoder(bundle_dir: Path, digest: str, target: Path) -> dict | N
         if not manifest or manifest.get("text_encoder", {}).get("fingerprint") != digest:
             continue
         entry = manifest["graphs"]["text_encoder"]
+        if entry.get("external_data"):  # an encoder of over 2 GiB is exported again rather than linked
+            continue
         source = manifest_path.parent / entry["file"]
         if not source.is_file() or file_sha256(source) != entry["sha256"]:
             continue
@@ -453,7 +494,9 @@ def export_onnx(bundle_dir: str | Path, out_dir: str | Path | None = None, opset
         }
         (out_dir / MANIFEST).unlink(missing_ok=True)  # no manifest names a mix of old and new graphs
         for entry in graphs.values():
-            os.replace(partial / entry["file"], out_dir / entry["file"])
+            (out_dir / (entry["file"] + ".data")).unlink(missing_ok=True)  # an earlier export's external weights
+            for name in graph_files(entry):
+                os.replace(partial / name, out_dir / name)
         (partial / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         os.replace(partial / MANIFEST, out_dir / MANIFEST)  # last: a manifest only ever names complete graphs
     finally:

@@ -29,7 +29,9 @@ model and exports as a plain one-forward model.
 
 Checkpoint sources (``models.checkpoints``): a Stable Audio DiT takes the place of the project's DiT (its first
 layers, conditioning included, are the discriminator's trunk; on Stable Audio Open Small's rectified flow this is
-the paper's own setting), and the generator exports as a ``derived`` directory over the original checkpoint.
+the paper's own setting); a Tango UNet offers its encoder half (the first down blocks, their hidden state averaged
+over mel bins and repeated back to the latent frame rate). The generator exports as a ``derived`` directory over
+the original checkpoint.
 """
 from __future__ import annotations
 
@@ -75,7 +77,7 @@ class ARCConfig:
     contrastive_weight: float = 1.0
     gradient_penalty: float = 0.0  # gamma of R3GAN's R1 + R2 penalties, gamma / 2 * E|grad D|^2 on real and fake
     disc_layer: int = 0  # trunk depth of the discriminator; 0: two thirds of the generator's depth
-    head_channels: int = 0  # 0: the transformer's width
+    head_channels: int = 0  # 0: the trunk's width
     half_logsnr_min: float = -6.0
     half_logsnr_max: float = 2.0
     gan_half_logsnr_mean: float = 0.0
@@ -141,29 +143,30 @@ def fold_guidance(dit: DiT, scale: float) -> DiT:
     return folded
 
 
-def check_transformer(denoiser: nn.Module) -> None:
-    """ARC's discriminator is the generator's own transformer trunk: the denoiser must offer ``depth``, ``width``,
-    ``trunk(depth)`` and ``features(...)`` (the project's DiT and the Stable Audio DiT do; Tango's UNet does not)."""
+def check_trunk(denoiser: nn.Module) -> None:
+    """ARC's discriminator is the generator's own trunk: the denoiser must offer ``depth``, ``width``,
+    ``trunk(depth)`` and ``features(...)`` (the project's DiT and the Stable Audio DiT do with their first transformer
+    blocks, Tango's UNet with its first encoder stages)."""
     if not all(hasattr(denoiser, a) for a in ("depth", "width", "trunk", "features")):
-        raise ValueError(f"ARC post-training needs a transformer denoiser whose first blocks can serve as the "
-                         f"discriminator (the project's DiT, Stable Audio); {type(denoiser).__name__} is not one")
+        raise ValueError(f"ARC post-training needs a denoiser whose first blocks can serve as the discriminator "
+                         f"(the project's DiT, Stable Audio's DiT, a UNet); {type(denoiser).__name__} is not one")
 
 
 class Discriminator(nn.Module):
-    """A copy of the generator's transformer up to block ``layer`` (input projection, conditioning, text projection
-    and the first blocks, weights shared at initialisation, trained afterwards) and a small convolutional head giving
-    one logit per latent frame; the clip's score is the mean over its real frames. Padded frames are zeroed before
-    and inside the head, so a clip's score does not depend on its batch companions."""
+    """A copy of the generator's trunk up to block ``layer`` (for a transformer: input projection, conditioning, text
+    projection and the first blocks; weights shared at initialisation, trained afterwards) and a small convolutional
+    head giving one logit per latent frame; the clip's score is the mean over its real frames. Padded frames are
+    zeroed before and inside the head, so a clip's score does not depend on its batch companions."""
 
     def __init__(self, dit: nn.Module, layer: int = 0, head_channels: int = 0):
         super().__init__()
-        check_transformer(dit)
+        check_trunk(dit)
         depth = dit.depth
         self.layer = layer or max(1, round(2 * depth / 3))
         if not 1 <= self.layer <= depth:
             raise ValueError(f"discriminator layer {self.layer} outside 1..{depth}")
         self.trunk = dit.trunk(self.layer)
-        width = dit.width
+        width = self.trunk.width
         hidden = head_channels or width
         self.norm = nn.LayerNorm(width)
         self.conv1 = nn.Conv1d(width, hidden, 3, padding=1)
@@ -209,7 +212,7 @@ class ARCTrainer:
         self.cfg = cfg
         self.schedule, self.param = source.schedule, source.parameterization
         dit = source.denoiser
-        check_transformer(dit)
+        check_trunk(dit)
         if isinstance(dit, DiT) and dit.config.guidance_embed:
             dit = fold_guidance(dit, cfg.fold_guidance or source.config.default_guidance)
         self.gen = copy.deepcopy(dit).to(cfg.device).train()
