@@ -3,8 +3,10 @@
 For each policy (``--policies``: continuous, adaptive, request, none) a server is started (``python -m service``
 with ``TTA_POLICY``), or an already running one is used with ``--url`` (then only its own policy is measured). At
 each rate, requests arrive as a Poisson process for ``--seconds``; we record every latency and status, then report
-throughput (successful requests per second of wall time), p50 / p95 / p99 latency of successful requests, and goodput (requests per second
-that succeeded within the latency objective ``--slo``). Beside every rate we record the server process's resident
+throughput (successful requests per second of wall time), p50 / p95 / p99 latency of successful requests, and
+goodput (requests per second that succeeded within the latency objective ``--slo``). With ``--repeats N`` every
+policy's server stays up and each rate runs N times per policy, the policies taking turns on the same arrivals
+(medians reported, each run kept, and paired wins against the first policy). Beside every rate we record the server process's resident
 memory: its peak (the kernel's high-water mark VmHWM, reset before each rate through /proc/<pid>/clear_refs so the
 peak belongs to that rate), mean and a time series sampled every ``--rss-interval`` seconds, plus its RSS once
 ready and its peak while loading. The target on this machine: under 1.5 GiB with the embedded models on the CPU.
@@ -223,6 +225,39 @@ def summarise(raw: dict, slo: float, memory: dict | None = None) -> dict:
             **(memory or {"rss_peak_mib": None, "rss_mean_mib": None})}
 
 
+POOLED = ("throughput_rps", "goodput_rps", "p50_s", "p95_s", "p99_s")
+
+
+def pool(rows: list[dict]) -> dict:
+    """One (policy, rate) over its repeats: the median of each latency and rate figure, the highest memory, request
+    counts summed, and every run's own figures under ``runs`` (a single run is returned as it is)."""
+    if len(rows) == 1:
+        return rows[0]
+    out = dict(rows[0], sent=sum(r["sent"] for r in rows), ok=sum(r["ok"] for r in rows), statuses={})
+    for r in rows:
+        for status, n in r["statuses"].items():
+            out["statuses"][status] = out["statuses"].get(status, 0) + n
+    for key in POOLED:
+        values = [r[key] for r in rows if r[key] is not None]
+        out[key] = percentile(values, 50)
+    peaks = [r.get("rss_peak_mib") for r in rows if r.get("rss_peak_mib") is not None]
+    out["rss_peak_mib"] = max(peaks) if peaks else None
+    out.pop("rss_series_mib", None)
+    out["runs"] = [{k: r[k] for k in ("sent", "ok", *POOLED, "rss_peak_mib") if k in r} for r in rows]
+    return out
+
+
+def run_one_rate(url: str, memory: ProcessMemory | None, rate: float, args, body: dict, seed: int,
+                 audio_seconds: tuple[float, float]) -> dict:
+    """One rate against one server, with its memory sampled when it can be read."""
+    if memory is None:
+        raw = asyncio.run(run_rate(url, rate, args.seconds, body, seed, args.timeout, audio_seconds))
+        return summarise(raw, args.slo)
+    with RssMonitor(memory, args.rss_interval) as monitor:
+        raw = asyncio.run(run_rate(url, rate, args.seconds, body, seed, args.timeout, audio_seconds))
+    return summarise(raw, args.slo, monitor.summary())
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -313,6 +348,28 @@ def write_report(report: dict, out: Path, name: str) -> list[Path]:
             lines.append(f"| {policy} | {r['offered_rps']:g} | {r['sent']} | {r['ok']} | {fmt(r['throughput_rps'])} | "
                          f"{fmt(r['goodput_rps'])} | {fmt(r['p50_s'])} | {fmt(r['p95_s'])} | {fmt(r['p99_s'])} | "
                          f"{fmt(peak, 0)}{flag} | {fmt(r.get('rss_mean_mib'), 0)} | {r['statuses']} |")
+    repeats = cfg.get("repeats", 1)
+    if repeats > 1:
+        lines += ["", (f"Each figure above is the median of {repeats} runs (sent / ok: summed). Within a run every "
+                       "policy gets the same arrivals, one policy after the other at each rate (the order rotates), "
+                       "so drift of the shared machine falls on all of them; each run's own figures:"), "",
+                  "| policy | offered req/s | goodput per run | p99 s per run |", "|---|---|---|---|"]
+        for policy, rows in report["policies"].items():
+            for r in rows:
+                runs = r.get("runs", [r])
+                lines.append(f"| {policy} | {r['offered_rps']:g} | {', '.join(fmt(x['goodput_rps'], 2) for x in runs)} "
+                             f"| {', '.join(fmt(x['p99_s'], 2) for x in runs)} |")
+        names = list(report["policies"])
+        ref = names[0]
+        lines += ["", (f"Paired with `{ref}` (same arrivals): in how many runs each policy had the higher goodput "
+                       "and the lower p99."), "", "| policy | offered req/s | higher goodput | lower p99 |",
+                  "|---|---|---|---|"]
+        for policy in names[1:]:
+            for mine, theirs in zip(report["policies"][policy], report["policies"][ref]):
+                pairs = list(zip(mine.get("runs", [mine]), theirs.get("runs", [theirs])))
+                good = sum(a["goodput_rps"] > b["goodput_rps"] for a, b in pairs)
+                low = sum(a["p99_s"] is not None and (b["p99_s"] is None or a["p99_s"] < b["p99_s"]) for a, b in pairs)
+                lines.append(f"| {policy} | {mine['offered_rps']:g} | {good}/{len(pairs)} | {low}/{len(pairs)} |")
     servers = report.get("servers", {})
     if servers:
         lines += ["", "| policy | runtime | RSS once ready MiB | peak RSS while loading MiB |", "|---|---|---|---|"]
@@ -371,6 +428,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rss-target-mib", type=float, default=1536.0, help="memory target marked in the report")
     p.add_argument("--timeout", type=float, default=120.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--repeats", type=int, default=1, help="run every rate this many times per policy, alternating "
+                   "policies (medians reported, each run kept)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     p.add_argument("--name", default=None, help="output file stem (default load-<model>)")
     args = p.parse_args(argv)
@@ -387,42 +446,44 @@ def main(argv: list[str] | None = None) -> None:
                          "runtime": args.runtime, "rss_interval_s": args.rss_interval,
                          "rss_target_mib": args.rss_target_mib},
               "environment": environment(), "policies": {}, "servers": {}}
-    for policy in (["external"] if args.url else policies):
-        proc = None
-        url, pid = args.url, args.server_pid
-        if not url:
-            proc, url = start_server(policy, args)
-            pid = proc.pid
-        memory = ProcessMemory(pid) if pid else None
-        if memory is not None and not memory.available:
-            print(f"cannot read the memory of process {pid}; RSS is not recorded", file=sys.stderr)
-            memory = None
-        try:
-            report["servers"][policy] = {"runtime": served_runtime(url, args.model), **server_memory(memory)}
-            rows = []
+    names = ["external"] if args.url else policies
+    servers: dict[str, tuple[subprocess.Popen | None, str, ProcessMemory | None]] = {}
+    runs: dict[str, list[list[dict]]] = {name: [[] for _ in rates] for name in names}
+    try:
+        for name in names:  # every policy's server up before any load, so that repeats can alternate between them
+            proc, url, pid = None, args.url, args.server_pid
+            if not url:
+                proc, url = start_server(name, args)
+                pid = proc.pid
+            memory = ProcessMemory(pid) if pid else None
+            if memory is not None and not memory.available:
+                print(f"cannot read the memory of process {pid}; RSS is not recorded", file=sys.stderr)
+                memory = None
+            servers[name] = (proc, url, memory)
+            report["servers"][name] = {"runtime": served_runtime(url, args.model), **server_memory(memory)}
+        for rep in range(args.repeats):
             for i, rate in enumerate(rates):
-                mem = None
-                if memory is not None:
-                    with RssMonitor(memory, args.rss_interval) as monitor:
-                        raw = asyncio.run(run_rate(url, rate, args.seconds, body, args.seed + i, args.timeout,
-                                                  audio_seconds))
-                    mem = monitor.summary()
-                else:
-                    raw = asyncio.run(run_rate(url, rate, args.seconds, body, args.seed + i, args.timeout,
-                                                  audio_seconds))
-                rows.append(summarise(raw, args.slo, mem))
-                r = rows[-1]
-                print(f"{policy:>10} {rate:6.2f} req/s: ok {r['ok']}/{r['sent']}, throughput "
-                      f"{r['throughput_rps']:.2f}, goodput {r['goodput_rps']:.2f}, p50 {r['p50_s']}, p99 {r['p99_s']}, "
-                      f"peak RSS {r['rss_peak_mib']} MiB", flush=True)
-            report["policies"][policy] = rows
-        finally:
+                # the same arrivals for every policy within a repeat, new ones for each repeat; the policies' order
+                # rotates so that none always runs first (or right after the heaviest)
+                seed = args.seed + i + 1000 * rep
+                turn = (rep + i) % len(names)
+                for name in names[turn:] + names[:turn]:
+                    _, url, memory = servers[name]
+                    row = run_one_rate(url, memory, rate, args, body, seed, audio_seconds)
+                    runs[name][i].append(row)
+                    print(f"{name:>10} {rate:6.2f} req/s (run {rep + 1}/{args.repeats}): ok {row['ok']}/{row['sent']}, "
+                          f"throughput {row['throughput_rps']:.2f}, goodput {row['goodput_rps']:.2f}, p50 "
+                          f"{row['p50_s']}, p99 {row['p99_s']}, peak RSS {row['rss_peak_mib']} MiB", flush=True)
+    finally:
+        for proc, _, _ in servers.values():
             if proc is not None:
                 proc.terminate()
                 try:
                     proc.wait(15)
                 except subprocess.TimeoutExpired:
                     proc.kill()
+    report["config"]["repeats"] = args.repeats
+    report["policies"] = {name: [pool(rows) for rows in per_rate] for name, per_rate in runs.items() if per_rate[0]}
     for path in write_report(report, Path(args.out), args.name or f"load-{args.model}"):
         print("wrote", path)
 

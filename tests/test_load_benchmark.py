@@ -1,7 +1,8 @@
-"""The load generator's mixed-duration workload: parsed strictly, and replayed identically for every policy."""
+"""The load generator's mixed-duration workload: parsed strictly, and replayed identically for every policy; repeated
+runs pooled into medians and paired wins."""
 import pytest
 
-from benchmarks.load import parse_seconds, request_duration
+from benchmarks.load import parse_seconds, pool, request_duration, write_report
 
 
 def test_audio_seconds_is_a_number_or_a_range():
@@ -19,3 +20,29 @@ def test_request_durations_replay_and_cover_the_range():
     assert first == [request_duration((1.0, 10.0), 3, i) for i in range(200)]  # every policy sees the same requests
     assert first != [request_duration((1.0, 10.0), 4, i) for i in range(200)]
     assert all(1.0 <= d <= 10.0 for d in first) and min(first) < 2.0 and max(first) > 9.0
+
+
+def _row(goodput: float, p99: float | None, ok: int = 10, peak: float = 900.0) -> dict:
+    return {"offered_rps": 4.0, "sent": 10, "ok": ok, "statuses": {"200": ok, "429": 10 - ok},
+            "throughput_rps": goodput + 0.5, "goodput_rps": goodput, "p50_s": 0.5, "p95_s": 0.9, "p99_s": p99,
+            "rss_peak_mib": peak, "rss_mean_mib": 800.0, "rss_series_mib": [(0.0, 800.0)]}
+
+
+def test_repeated_runs_pool_into_medians_and_paired_wins(tmp_path):
+    runs = [_row(3.0, 1.0, peak=900), _row(1.0, 4.0, ok=7, peak=1000), _row(2.0, 2.0, peak=950)]
+    pooled = pool(runs)
+    assert (pooled["goodput_rps"], pooled["p99_s"], pooled["throughput_rps"]) == (2.0, 2.0, 2.5)
+    assert (pooled["sent"], pooled["ok"], pooled["statuses"]) == (30, 27, {"200": 27, "429": 3})
+    assert pooled["rss_peak_mib"] == 1000 and "rss_series_mib" not in pooled
+    assert [r["goodput_rps"] for r in pooled["runs"]] == [3.0, 1.0, 2.0]
+    assert pool(runs[:1]) is runs[0]
+    other = pool([_row(3.5, 0.8), _row(0.5, None, ok=0), _row(2.5, 1.9)])
+    report = {"config": {"model": "m", "audio_seconds": "5", "steps": None, "seconds": 30, "slo": 1.0,
+                         "max_batch": 16, "rss_interval_s": 0.5, "rss_target_mib": 1536, "repeats": 3},
+              "environment": {"platform": "p", "cpu_count": 2, "cuda": None, "torch": "t", "python": "3",
+                              "date": "d", "command": "c"},
+              "policies": {"continuous": [pooled], "adaptive": [other]}, "servers": {}}
+    md = write_report(report, tmp_path, "load-test")[1].read_text()
+    assert "| continuous | 4 | 3.00, 1.00, 2.00 | 1.00, 4.00, 2.00 |" in md
+    # adaptive against continuous, run by run: goodput 3.5 > 3, 0.5 < 1, 2.5 > 2; p99 0.8 < 1, none, 1.9 < 2
+    assert "| adaptive | 4 | 2/3 | 2/3 |" in md
