@@ -31,6 +31,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNTIMES = ("torch", "onnxruntime")
+# variants of the torch runtime that --runtimes may also name: the runtime and its options
+VARIANTS = {"torch-compile": ("torch", {"compile": True}), "torch-bf16": ("torch", {"precision": "bfloat16"}),
+            "torch-compile-bf16": ("torch", {"compile": True, "precision": "bfloat16"})}
 STAGES = ("text_encoding", "denoiser_forward", "decode", "end_to_end")
 
 
@@ -113,7 +116,7 @@ def measure_batch(rt, runner, encoder, b: int, args, steps: int, prompts) -> dic
         "end_to_end": timed(e2e, args.e2e_repeats, warmup=1),
     }
     row["rtf"] = row["end_to_end"]["median_s"] / (b * args.duration)
-    if rt.name == "torch":  # the work itself, for the floor (ONNX Runtime runs the same maths)
+    if args.worker == "torch":  # the work itself, for the floor (the other runtimes run the same maths)
         row["flops"] = {"text_encoding": count_flops(lambda: encoder.encode_unpadded(prompts(b))),
                         "denoiser_forward": count_flops(lambda: rt.predict_x0(z, t, cond, gvec, mask)),
                         "decode": count_flops(lambda: rt.decode(latents, [args.duration] * b))}
@@ -157,23 +160,25 @@ def worker(args) -> dict:
 
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    rt = load_runtime(Path(args.model), args.worker)
+    runtime, options = VARIANTS.get(args.worker, (args.worker, {}))
+    rt = load_runtime(Path(args.model), runtime, **options)
+    rt.prepare()  # what the service does before it is ready (torch.compile compiles here)
     load_s = time.perf_counter() - t0
-    if rt.name != args.worker:
-        raise SystemExit(f"runtime {args.worker} did not load (got {rt.name}); see the log above")
+    if rt.name != runtime:
+        raise SystemExit(f"runtime {runtime} did not load (got {rt.name}); see the log above")
     steps = args.steps or rt.config.default_steps
     counter = iter(range(10**9))
 
     def prompts(n):
         return [f"a {200 + next(counter)} Hz tone, then rain on a tin roof" for _ in range(n)]
 
-    out = {"runtime": rt.name, "load_s": load_s, "steps": steps, "guidance": rt.config.default_guidance,
+    out = {"runtime": args.worker, "load_s": load_s, "steps": steps, "guidance": rt.config.default_guidance,
            "duration_s": args.duration, "latent_frames": rt.latent_frames(args.duration), "batches": {}}
     runner, encoder = ModelRunner(rt), _uncached_encoder(rt)
     for b in args.batches:
         out["batches"][str(b)] = measure_batch(rt, runner, encoder, b, args, steps, prompts)
     out["peak_rss_mb"] = _peak_rss_mb()
-    if rt.name == "torch":
+    if args.worker == "torch":
         out["peak_matmul_flops"] = peak_matmul_flops(args.threads)
     return out
 
@@ -257,7 +262,8 @@ def floor_section(results: list[dict]) -> str:
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=str(ROOT / "models" / "zoo" / "tta-teacher"))
-    ap.add_argument("--runtimes", default=",".join(RUNTIMES))
+    ap.add_argument("--runtimes", default=",".join(RUNTIMES),
+                    help=f"comma-separated: {', '.join(RUNTIMES + tuple(VARIANTS))}")
     ap.add_argument("--batches", default="1,4")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--duration", type=float, default=10.0)

@@ -24,6 +24,7 @@ import json
 import os
 import platform
 import random
+import signal
 import socket
 import subprocess
 import sys
@@ -433,6 +434,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     p.add_argument("--name", default=None, help="output file stem (default load-<model>)")
     args = p.parse_args(argv)
+    # a terminated benchmark still stops the servers it started (the finally below), instead of orphaning them
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
     rates = [float(r) for r in args.rates.split(",")]
     audio_seconds = parse_seconds(args.audio_seconds)

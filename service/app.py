@@ -73,7 +73,8 @@ def discover_models(settings: Settings) -> list[Path]:
 
 def load_model(path: Path, s: Settings) -> Runtime:
     """A model directory (the zoo's, or a downloaded checkpoint) under the configured runtime."""
-    return load_runtime(path, s.runtime, s.device, debug_faults=s.debug_faults)
+    return load_runtime(path, s.runtime, s.device, debug_faults=s.debug_faults, compile=s.torch_compile,
+                        precision=s.precision)
 
 
 def load_models(state: ServiceState) -> None:
@@ -94,6 +95,8 @@ def load_models(state: ServiceState) -> None:
         engine = Engine(runtimes, m, policy=s.policy, max_batch=s.max_batch, queue_size=s.queue_size,
                         max_queue_delay_ms=s.max_queue_delay_ms, max_padding=s.max_padding)
         if s.warmup:
+            for rt in runtimes.values():
+                rt.prepare()
             engine.calibrate()
         engine.start()
         state.runtimes, state.engine = runtimes, engine

@@ -92,7 +92,7 @@ def cmd_serve(args) -> None:
 
     serve(host=args.host, port=args.port, model_dir=args.model_dir, default_model=args.default_model,
           device=args.device, runtime=args.runtime, policy=args.policy, max_batch=args.max_batch,
-          threads=args.threads, log_level=args.log_level)
+          threads=args.threads, log_level=args.log_level, torch_compile=args.compile, precision=args.precision)
 
 
 def cmd_export(args) -> None:
@@ -211,6 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch", type=int, default=None)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--log-level", default=None)
+    p.add_argument("--compile", action="store_true", default=None, help="torch runtime: torch.compile the denoiser")
+    p.add_argument("--precision", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="torch runtime: autocast the denoiser to this type")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("export", help="export a model's graphs for another runtime (checked against PyTorch)")

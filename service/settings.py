@@ -22,6 +22,11 @@ class Settings(BaseSettings):
     device: Literal["cpu", "cuda"] = "cpu"
     runtime: Literal["auto", "torch", "onnxruntime"] = Field(
         "auto", description="auto = onnxruntime on the CPU when it is installed, else torch")
+    torch_compile: bool = Field(False, description="torch runtime: torch.compile the denoiser (dynamic shapes; the "
+                                "warm-up pays for the first compilation)")
+    precision: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="torch runtime: autocast the denoiser's matrix products to this type (bfloat16 / "
+        "float16 on GPUs; the sampler and decoder stay float32)")
     max_batch: int = Field(16, ge=1, le=256, description="samples per denoiser forward")
     max_padding: float = Field(0.25, ge=0, description="a tick splits its samples into forwards of similar length "
                                "whose padded frames stay within this share of the real ones (large: one forward)")

@@ -26,30 +26,31 @@ def resolve_runtime(runtime: str, device: str = "cpu") -> str:
     return runtime
 
 
-def load_runtime(path: Path, runtime: str = "torch", device: str = "cpu", debug_faults: bool = False) -> Runtime:
+def load_runtime(path: Path, runtime: str = "torch", device: str = "cpu", debug_faults: bool = False,
+                 **torch_options) -> Runtime:
     """Load the model at ``path`` under ``runtime`` (the service passes its ``runtime`` setting; the library default
     is the eager reference). A runtime whose package is missing never stops the service: the model is served by
     torch and the log says why. Any other failure of the runtime ``auto`` chose also falls back to torch; a runtime
     asked for by name fails loudly instead. A downloaded checkpoint directory (``models.checkpoints``: Stable Audio,
     Tango, derived models) runs under eager torch unless ``onnxruntime`` is asked for by name: ``auto`` does not
     export a checkpoint of hundreds of millions of parameters behind the user's back (``tta export`` does it ahead
-    of time; Stable Audio formats export, Tango does not yet)."""
+    of time, for every format). ``torch_options`` (``compile``, ``precision``) apply wherever torch serves."""
     path = Path(path)
     name = resolve_runtime(runtime, device)
     if is_checkpoint_dir(path) and runtime != "onnxruntime":
-        rt: Runtime = TorchRuntime(load_checkpoint_dir(path, device=device))
+        rt: Runtime = TorchRuntime(load_checkpoint_dir(path, device=device), **torch_options)
         return _with_faults(rt) if debug_faults else rt
     try:
-        rt = RUNTIMES[name].load(path, device=device)
+        rt = RUNTIMES[name].load(path, device=device, **(torch_options if name == "torch" else {}))
     except MissingPackage as exc:
         log.warning("%s; serving %s with the torch runtime instead", exc, path.name)
-        rt = TorchRuntime.load(path, device=device)
+        rt = TorchRuntime.load(path, device=device, **torch_options)
     except Exception as exc:
         if runtime != "auto" or name == "torch":
             raise
         log.warning("runtime %s failed for %s (%s: %s); serving it with the torch runtime instead", name, path.name,
                     type(exc).__name__, exc)
-        rt = TorchRuntime.load(path, device=device)
+        rt = TorchRuntime.load(path, device=device, **torch_options)
     return _with_faults(rt) if debug_faults else rt
 
 

@@ -41,6 +41,9 @@ class Runtime(ABC):
     def decode(self, latents: list[Tensor], durations: list[float]) -> list[Tensor]:
         """Latents [C, T_i] -> float waveforms [2, round(duration * sample_rate)] on the CPU."""
 
+    def prepare(self) -> None:
+        """Work to do once before serving (the service's warm-up calls it): nothing, unless a runtime has some."""
+
     def initial_noise(self, seed: int, frames: int) -> tuple[Tensor, torch.Generator]:
         """Per-request noise: the SAME recipe as ``ModelBundle.initial_noise`` (CPU generator seeded with the seed);
         per-step noise of stochastic samplers is drawn from the returned generator, one [C, frames] tensor a step."""

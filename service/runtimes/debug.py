@@ -37,6 +37,9 @@ class FaultInjectingRuntime(Runtime):
     def latent_frames(self, duration: float) -> int:
         return self.inner.latent_frames(duration)
 
+    def prepare(self) -> None:
+        self.inner.prepare()
+
     def encode_text(self, prompts: list[str], durations: list[float]) -> Conditioning:
         if any("[[fail:encode]]" in p for p in prompts):
             raise InjectedFault("injected fault in the encode stage")

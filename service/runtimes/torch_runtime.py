@@ -1,16 +1,26 @@
-"""The eager PyTorch runtime: a thin adapter over ``models.bundle.ModelBundle``."""
+"""The PyTorch runtime: a thin adapter over ``models.bundle.ModelBundle``, eager by default. Two options apply to
+the denoiser, the part that runs once per step: ``compile`` (``torch.compile`` with dynamic shapes, so that batch
+size and length changes do not recompile; ``prepare``, called before the service is ready, compiles the two graphs
+that serving needs) and ``precision`` (autocast to bfloat16 or float16 for its matrix products; the sampler's maths,
+the noise and the decoder stay float32)."""
 from __future__ import annotations
 
 import json
+import logging
 import threading
+import time
 from pathlib import Path
 
+import torch
 from torch import Tensor
 
 from models.bundle import Conditioning, ModelBundle
 from models.text import load_text_encoder
 from service.runtimes.base import Runtime
 
+log = logging.getLogger("tta.runtimes")
+
+PRECISIONS = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _ENCODERS: dict[str, object] = {}
 _ENCODERS_LOCK = threading.Lock()
 
@@ -28,18 +38,40 @@ def shared_text_encoder(config: dict, device: str):
 class TorchRuntime(Runtime):
     name = "torch"
 
-    def __init__(self, bundle: ModelBundle):
+    def __init__(self, bundle: ModelBundle, compile: bool = False, precision: str = "float32"):
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision {precision!r}: expected one of {sorted(PRECISIONS)}")
         self.bundle = bundle
         self.config = bundle.config
         self.sampler = bundle.sampler
         self.sample_rate = bundle.codec.sample_rate
         self.latent_dim = bundle.codec.latent_dim
+        self.precision, self.compiled = precision, bool(compile)
+        if compile:
+            compile_denoiser(bundle)
 
     @classmethod
-    def load(cls, path: Path, device: str = "cpu") -> "TorchRuntime":
+    def load(cls, path: Path, device: str = "cpu", **options) -> TorchRuntime:
         config = json.loads((Path(path) / "config.json").read_text())
         encoder = shared_text_encoder(config.get("text_encoder") or {"name": "minilm"}, device)
-        return cls(ModelBundle.load(path, device=device, text_encoder=encoder))
+        return cls(ModelBundle.load(path, device=device, text_encoder=encoder), **options)
+
+    def prepare(self) -> None:
+        """With ``compile``: compile before serving. torch.compile specialises a batch of one apart from larger
+        ones, so both are run once here (a short clip; lengths are dynamic), instead of the first batched tick
+        compiling under load (a minute or more on a small CPU). Under inference mode, as the engine runs: the
+        compiled graphs are guarded on it."""
+        if not self.compiled:
+            return
+        t0 = time.perf_counter()
+        frames = self.latent_frames(min(1.0, self.config.max_duration))
+        with torch.inference_mode():
+            for batch in (1, 2):
+                cond = self.encode_text(["warm-up"] * batch, [1.0] * batch)
+                self.predict_x0(torch.randn(batch, self.latent_dim, frames), torch.full((batch,), 0.5), cond,
+                                torch.ones(batch), torch.ones(batch, frames, dtype=torch.bool))
+        log.info("compiled denoiser ready", extra={"model": self.model_name,
+                                                   "seconds": round(time.perf_counter() - t0, 1)})
 
     def latent_frames(self, duration: float) -> int:
         return self.bundle.latent_frames(duration)
@@ -48,10 +80,26 @@ class TorchRuntime(Runtime):
         return self.bundle.conditioning(prompts, durations)
 
     def predict_x0(self, z: Tensor, t: Tensor, cond: Conditioning, guidance: Tensor, frame_mask: Tensor) -> Tensor:
-        return self.bundle.predict_x0(z, t, cond, guidance, frame_mask)
+        dtype = PRECISIONS[self.precision]
+        if dtype is None:
+            return self.bundle.predict_x0(z, t, cond, guidance, frame_mask)
+        with torch.autocast(self.bundle.device.type, dtype=dtype):
+            x0 = self.bundle.predict_x0(z, t, cond, guidance, frame_mask)
+        return x0.float()
 
     def decode(self, latents: list[Tensor], durations: list[float]) -> list[Tensor]:
         return self.bundle.decode(latents, durations)
 
     def initial_noise(self, seed: int, frames: int):
         return self.bundle.initial_noise(seed, frames)
+
+
+def compile_denoiser(bundle) -> None:
+    """``torch.compile`` the bundle's denoiser in place (dynamic shapes). A denoiser that loops over lengths in
+    Python (``runs_per_length``: a UNet) has its network compiled instead, so the loop stays eager."""
+    denoiser = bundle.denoiser
+    if getattr(denoiser, "runs_per_length", False):
+        denoiser.unet = torch.compile(denoiser.unet, dynamic=True)
+    else:
+        bundle.denoiser = torch.compile(denoiser, dynamic=True)
+    log.info("denoiser compiled with torch.compile", extra={"model": bundle.config.name})

@@ -1,0 +1,60 @@
+"""The torch runtime's options: ``compile`` (torch.compile of the denoiser, dynamic shapes) serves the same latents as
+eager PyTorch for batches of mixed lengths and guidance, and ``precision`` autocasts the denoiser (bfloat16 stays
+close to float32 without being float32); both reach the runtime from the service settings."""
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import float32_default
+from service_support import TINY, run_jobs
+
+from models.export.parity import max_rel_error
+from service.runtimes import load_runtime
+
+JOBS = [{"prompt": "a dog barks twice", "duration": 1.0, "steps": 3, "guidance": 3.0, "seed": 5},
+        {"prompt": "rain on a tin roof", "duration": 0.6, "steps": 2, "guidance": 1.0, "seed": 6},
+        {"prompt": "a bell", "duration": 1.3, "steps": 3, "guidance": 1.0, "seed": 7}]
+
+
+@pytest.fixture(autouse=True)
+def _float32():
+    with float32_default():
+        yield
+
+
+def test_a_compiled_denoiser_serves_the_eager_latents(model_dir):
+    eager, compiled = load_runtime(model_dir / TINY, "torch"), load_runtime(model_dir / TINY, "torch", compile=True)
+    assert (eager.compiled, compiled.compiled) == (False, True)
+    assert compiled.bundle.denoiser is not eager.bundle.denoiser and hasattr(compiled.bundle.denoiser, "_orig_mod")
+    from torch._dynamo.utils import counters
+
+    compiled.prepare()  # batch 1 and batch 2 compiled before serving, under inference mode as the engine runs
+    graphs = counters["stats"]["unique_graphs"]
+    want = run_jobs(eager, JOBS)
+    for _ in range(2):
+        got = run_jobs(compiled, JOBS)
+        for a, b in zip(want, got):
+            assert max_rel_error(b.latents, a.latents) <= 1e-4
+            assert b.wave.shape == a.wave.shape
+    assert counters["stats"]["unique_graphs"] == graphs  # other lengths, batch sizes and guidance: no recompilation
+
+
+def test_bfloat16_autocast_stays_near_float32(model_dir):
+    full = load_runtime(model_dir / TINY, "torch")
+    half = load_runtime(model_dir / TINY, "torch", precision="bfloat16")
+    for a, b in zip(run_jobs(full, JOBS), run_jobs(half, JOBS)):
+        assert b.latents.dtype == torch.float32
+        err = max_rel_error(b.latents, a.latents)
+        assert 1e-6 < err < 0.1, err  # bfloat16's 8-bit mantissa shows, and stays small
+    with pytest.raises(ValueError, match="precision 'float64'"):
+        load_runtime(model_dir / TINY, "torch", precision="float64")
+
+
+def test_the_settings_reach_the_torch_runtime_and_not_the_others(model_dir):
+    pytest.importorskip("onnxruntime")
+    from service.app import load_model
+    from service.settings import Settings
+
+    rt = load_model(model_dir / TINY, Settings(runtime="torch", torch_compile=True, precision="bfloat16"))
+    assert (rt.name, rt.compiled, rt.precision) == ("torch", True, "bfloat16")
+    assert load_model(model_dir / TINY, Settings(runtime="onnxruntime", torch_compile=True)).name == "onnxruntime"
