@@ -59,6 +59,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--e2e-repeats", type=int, default=4)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--name", default=None)
+    ap.add_argument("--out", default=None, help="results directory (default benchmarks/results)")
     args = ap.parse_args(argv)
 
     import torch
@@ -122,7 +123,7 @@ def main(argv: list[str] | None = None) -> dict:
                   for n in names])])
     data = {"model": label, "runtimes": names, "load_s": load_s, "peak_rss_mb": peak_rss_mb(), "results": results,
             "environment": environment()}
-    write_results(args.name or f"interleaved-{label}", data, md)
+    write_results(args.name or f"interleaved-{label}", data, md, args.out)
     print(md)
     return data
 

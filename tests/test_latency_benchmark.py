@@ -1,4 +1,5 @@
-"""benchmarks/latency.py: rounds of each runtime are pooled stage by stage."""
+"""benchmarks/latency.py: rounds of each runtime are pooled stage by stage; benchmarks/interleaved.py runs runtimes side
+by side on a tiny model."""
 from __future__ import annotations
 
 import pytest
@@ -39,3 +40,26 @@ def test_the_floor_is_the_counted_work_at_the_measured_peak():
     text = floor_section([torch_run, ort_run])
     assert "100 GFLOP/s" in text
     assert "| 2 | end to end | 12 | 120 | 100 | 0.8333 |" in text  # 12 GFLOP -> 120 ms floor; best run 100 ms
+
+
+def test_interleaved_runtimes_are_timed_stage_by_stage_in_one_process(model_dir, tmp_path):
+    pytest.importorskip("onnxruntime")
+    import json
+
+    from benchmarks.interleaved import main
+    from conftest import float32_default
+    from service_support import TINY
+
+    with float32_default():
+        data = main(["--model", str(model_dir / TINY), "--runtimes", "torch,onnxruntime", "--batches", "1,2",
+                     "--repeats", "2", "--e2e-repeats", "1", "--duration", "0.5", "--out", str(tmp_path)])
+    ort = data["results"]["onnxruntime"]
+    for b in ("1", "2"):
+        for stage in ("denoiser_forward", "decode", "end_to_end"):
+            row = ort[b][stage]
+            assert len(row["times_s"]) == (1 if stage == "end_to_end" else 2) and row["speedup"] > 0
+            assert 0 <= row["faster_runs"] <= len(row["times_s"])
+        assert ort[b]["denoiser_max_rel_error"] < 1e-4  # the same model under both runtimes
+    assert json.loads((tmp_path / f"interleaved-{TINY}.json").read_text())["runtimes"] == ["torch", "onnxruntime"]
+    md = (tmp_path / f"interleaved-{TINY}.md").read_text()
+    assert "| onnxruntime | 2 | end to end |" in md and "| torch | 1 | decode |" in md
