@@ -46,9 +46,10 @@ def test_interleaved_runtimes_are_timed_stage_by_stage_in_one_process(model_dir,
     pytest.importorskip("onnxruntime")
     import json
 
-    from benchmarks.interleaved import main
     from conftest import float32_default
     from service_support import TINY
+
+    from benchmarks.interleaved import main
 
     with float32_default():
         data = main(["--model", str(model_dir / TINY), "--runtimes", "torch,onnxruntime", "--batches", "1,2",
