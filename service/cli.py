@@ -126,13 +126,13 @@ def cmd_export(args) -> None:
 
 
 def cmd_sized(args) -> None:
-    from models.checkpoints.sized import write_random_sao_small
+    from models.checkpoints.sized import MODELS, write_random_checkpoint
 
     try:
-        counts = write_random_sao_small(args.out, scale=args.scale, seed=args.seed, overwrite=args.force)
+        counts = write_random_checkpoint(args.out, args.what, scale=args.scale, seed=args.seed, overwrite=args.force)
     except FileExistsError as exc:
         raise SystemExit(str(exc)) from None
-    print(f"{args.out}: Stable Audio Open Small ({args.scale} size) in stable-audio-tools format, random weights "
+    print(f"{args.out}: {MODELS[args.what][1]} ({args.scale} size) in stable-audio-tools format, random weights "
           f"(seed {args.seed})")
     for part, n in counts.items():
         print(f"  {part.replace('_', ' '):<14} {n / 1e6:9.2f} M parameters")
@@ -225,12 +225,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     sized = sub.add_parser("sized", help="random-weight checkpoints of a published model's size, for speed "
                                          "measurements").add_subparsers(dest="what", required=True)
-    p = sized.add_parser("sao-small", help="Stable Audio Open Small (stable-audio-tools format, T5 beside it)")
-    p.add_argument("--out", default="runs/sao-small-sized", help="the checkpoint directory to write")
-    p.add_argument("--scale", choices=["full", "tiny"], default="full", help="published size, or tiny for tests")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--force", action="store_true", help="write into a non-empty directory")
-    p.set_defaults(func=cmd_sized)
+    for what, scales, about in (
+            ("sao-small", ["full", "tiny"], "Stable Audio Open Small (stable-audio-tools format, T5 beside it)"),
+            ("sao-1.0", ["full"], ("Stable Audio Open 1.0 (stable-audio-tools format, T5 beside it; ~4 GiB DiT, "
+                                   "its ONNX export keeps the weights in an external file)"))):
+        p = sized.add_parser(what, help=about)
+        p.add_argument("--out", default=f"runs/{what}-sized", help="the checkpoint directory to write")
+        p.add_argument("--scale", choices=scales, default="full", help="published size" + (
+            ", or tiny for tests" if "tiny" in scales else ""))
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--force", action="store_true", help="write into a non-empty directory")
+        p.set_defaults(func=cmd_sized)
     return parser
 
 

@@ -1,6 +1,7 @@
 """Random-weight checkpoints of a published size (models.checkpoints.sized): the tiny scale is written, found by
-the registry, loaded through the service's loader and generates; the full Stable Audio Open Small size is checked
-on the meta device (parameter counts, and every written name and shape fits the loader) without allocating it."""
+the registry, loaded through the service's loader and generates; the full Stable Audio Open Small and 1.0 sizes are
+checked on the meta device (parameter counts, and every written name and shape fits the loader) without allocating
+them."""
 from __future__ import annotations
 
 import pytest
@@ -10,10 +11,12 @@ from conftest import float32_default
 from models.bundle import available_models
 from models.checkpoints import detect_format, load_checkpoint_dir
 from models.checkpoints import format_stable_audio_tools as sat_format
-from models.checkpoints.reference_configs import sao_small_config
+from models.checkpoints.reference_configs import sao_1_config, sao_small_config
 from models.checkpoints.sized import (
     build_sao_small,
+    build_sized,
     sao_small_parameter_counts,
+    sized_parameter_counts,
     to_stable_audio_tools,
     write_random_sao_small,
 )
@@ -100,3 +103,18 @@ def test_full_size_counts_and_names_without_allocating():
     assert state["model.model.transformer.layers.0.pre_norm.gamma"].is_meta
     assert "pretransform.model.decoder.layers.1.layers.1.weight_g" in state
     sat_format.validate_shapes(sao_small_config("full"), {k: tuple(v.shape) for k, v in state.items()})
+
+
+def test_stable_audio_open_1_at_full_size_without_allocating():
+    """Stable Audio Open 1.0: DiT about 1.06 B parameters (1536 wide, 24 layers, 24 heads, v objective), over 2 GiB
+    of float32 (its ONNX export keeps the weights beside the graph); seconds_start and seconds_total condition it
+    twice; every name and shape the writer would save fits the loader."""
+    counts = sized_parameter_counts("sao-1.0")
+    assert 1.05e9 < counts["dit"] < 1.07e9 and counts["dit"] * 4 > 2**31, counts
+    plan, parts, _ = build_sized("sao-1.0", device="meta")
+    assert (plan.dit.embed_dim, plan.dit.depth, plan.dit.num_heads, plan.objective) == (1536, 24, 24, "v")
+    assert (plan.text_len, plan.sample_size // plan.codec.hop) == (128, 1024)
+    state = to_stable_audio_tools(parts.state_dict(), plan)
+    sat_format.validate_shapes(sao_1_config("full"), {k: tuple(v.shape) for k, v in state.items()})
+    with pytest.raises(ValueError, match="published size only"):
+        sao_1_config("tiny")

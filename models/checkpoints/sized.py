@@ -3,6 +3,7 @@ and memory are measured at the paper's scale through the code path a real downlo
 registry, ``load_checkpoint_dir``, the service and the benchmarks). The weights are random: the audio is noise.
 
     write_random_sao_small("runs/sao-small-sized")      # or: tta sized sao-small --out runs/sao-small-sized
+    write_random_checkpoint("runs/sao-1.0-sized", "sao-1.0")  # or: tta sized sao-1.0 (1.06 B-parameter DiT)
 
 writes a directory laid out like a Stable Audio Open Small download in stable-audio-tools format:
 
@@ -32,7 +33,7 @@ from models.checkpoints.format_stable_audio_tools import (
     read_plan,
     translate,
 )
-from models.checkpoints.reference_configs import sao_small_config
+from models.checkpoints.reference_configs import sao_1_config, sao_small_config
 from models.checkpoints.weights import check_fit, expected_shapes, tensor_shapes
 
 # T5 encoders standing in for the one the config names: t5-base at full size, a 32-wide one for the tiny scale
@@ -56,12 +57,19 @@ def t5_config(scale: str):
     return T5Config(**T5_SIZES[scale], pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
 
 
-def build_sao_small(scale: str = "full", seed: int = 0, device: str = "cpu") -> tuple[Plan, Parts, nn.Module]:
-    """The plan, the loader's modules and the T5 encoder at this scale, default-initialised from ``seed`` (the
-    global RNG is left as it was); ``device="meta"`` allocates nothing."""
+# the published models this module writes: their stable-audio-tools configs and names
+MODELS = {"sao-small": (sao_small_config, "Stable Audio Open Small"),
+          "sao-1.0": (sao_1_config, "Stable Audio Open 1.0")}
+
+
+def build_sized(model: str = "sao-small", scale: str = "full", seed: int = 0,
+                device: str = "cpu") -> tuple[Plan, Parts, nn.Module]:
+    """The plan, the loader's modules and the T5 encoder of ``model`` (``MODELS``) at this scale,
+    default-initialised from ``seed`` (the global RNG is left as it was); ``device="meta"`` allocates nothing."""
     from transformers import T5EncoderModel
 
-    plan = read_plan(sao_small_config(scale), f"Stable Audio Open Small ({scale})", t5_dim=T5_SIZES[scale]["d_model"])
+    config, title = MODELS[model]
+    plan = read_plan(config(scale), f"{title} ({scale})", t5_dim=T5_SIZES[scale]["d_model"])
     with torch.random.fork_rng(devices=[]), torch.device(device):
         torch.manual_seed(seed)
         parts = Parts(plan)
@@ -79,10 +87,18 @@ def parameter_counts(parts: Parts, t5: nn.Module) -> dict[str, int]:
             "text_encoder": count(t5)}
 
 
-def sao_small_parameter_counts(scale: str = "full") -> dict[str, int]:
+def build_sao_small(scale: str = "full", seed: int = 0, device: str = "cpu") -> tuple[Plan, Parts, nn.Module]:
+    return build_sized("sao-small", scale, seed, device)
+
+
+def sized_parameter_counts(model: str = "sao-small", scale: str = "full") -> dict[str, int]:
     """Parameter counts at this scale, from modules on the meta device (no weights allocated)."""
-    _, parts, t5 = build_sao_small(scale, device="meta")
+    _, parts, t5 = build_sized(model, scale, device="meta")
     return parameter_counts(parts, t5)
+
+
+def sao_small_parameter_counts(scale: str = "full") -> dict[str, int]:
+    return sized_parameter_counts("sao-small", scale)
 
 
 def word_tokenizer(max_length: int):
@@ -160,29 +176,38 @@ def _oobleck_key(key: str, n_blocks: int) -> str:
 def write_random_sao_small(out_dir: str | Path, scale: str = "full", seed: int = 0,
                            overwrite: bool = False) -> dict[str, int]:
     """Write Stable Audio Open Small ("full", or the "tiny" test scale) with random weights as a stable-audio-tools
-    checkpoint directory (see the module docstring). Returns the parameter counts of its parts. An existing
+    checkpoint directory (see the module docstring)."""
+    return write_random_checkpoint(out_dir, "sao-small", scale, seed, overwrite)
+
+
+def write_random_checkpoint(out_dir: str | Path, model: str = "sao-small", scale: str = "full", seed: int = 0,
+                            overwrite: bool = False) -> dict[str, int]:
+    """Write ``model`` (``MODELS``: Stable Audio Open Small, or Stable Audio Open 1.0 at full size only) with random
+    weights as a stable-audio-tools checkpoint directory. Returns the parameter counts of its parts. An existing
     non-empty directory is refused unless ``overwrite`` (which replaces the files written here, nothing else)."""
     from safetensors.torch import save_file
 
     out = Path(out_dir)
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"{out} exists and is not empty (overwrite=True / --force replaces its checkpoint)")
-    plan, parts, t5 = build_sao_small(scale, seed)
+    config, title = MODELS[model]
+    plan, parts, t5 = build_sized(model, scale, seed)
     state = to_stable_audio_tools(parts.state_dict(), plan)
     origin: dict[str, str] = {}
     mapped = translate(state, plan, str(out), origin)
     check_fit(expected_shapes(parts), tensor_shapes(mapped), str(out), "written", origin)
     out.mkdir(parents=True, exist_ok=True)
-    (out / CONFIG_FILE).write_text(json.dumps(sao_small_config(scale), indent=2) + "\n")
+    (out / CONFIG_FILE).write_text(json.dumps(config(scale), indent=2) + "\n")
     save_file(state, str(out / "model.safetensors"),
               metadata={"format": "pt", "weights": f"random (seed {seed}); models.checkpoints.sized"})
     t5.save_pretrained(out / "text_encoder")
     word_tokenizer(plan.text_len).save_pretrained(out / "text_encoder")
-    description = (f"Stable Audio Open Small architecture ({scale} size) with RANDOM weights, for speed and memory "
+    description = (f"{title} architecture ({scale} size) with RANDOM weights, for speed and memory "
                    f"measurements only: the audio is noise")
     (out / SERVING_OVERRIDES).write_text(json.dumps({"description": description}, indent=2) + "\n")
     return parameter_counts(parts, t5)
 
 
-__all__ = ["build_sao_small", "parameter_counts", "sao_small_parameter_counts",
-           "to_stable_audio_tools", "word_tokenizer", "write_random_sao_small"]
+__all__ = ["MODELS", "build_sao_small", "build_sized", "parameter_counts", "sao_small_parameter_counts",
+           "sized_parameter_counts", "to_stable_audio_tools", "word_tokenizer", "write_random_checkpoint",
+           "write_random_sao_small"]
