@@ -20,7 +20,7 @@ import torch
 
 from models.checkpoints import CheckpointError, detect_format, load_checkpoint_dir
 from models.checkpoints import format_stable_audio_tools as sat_format
-from models.checkpoints.reference_configs import sao_small_config
+from models.checkpoints.reference_configs import sao_1_config, sao_small_config
 
 EXTRA = ("reference implementations missing: make install-test installs them (pip install -e '.[checkpoints]', then "
          "pip install --no-deps stable-audio-tools==0.0.19)")
@@ -273,18 +273,7 @@ def sao_1_sat_config() -> dict:
     """Stable Audio Open 1.0's structure in stable-audio-tools' own format, scaled down: v objective, seconds_start
     and seconds_total in both the cross-attention input and the global condition, unprojected conditioning tokens
     narrower than the model (grouped-query cross-attention), a T5 wider than cond_dim (projected), no QK norm."""
-    cfg = sao_small_config("tiny")
-    cond = cfg["model"]["conditioning"]
-    cond["cond_dim"] = 64
-    cond["configs"] = [{"id": "prompt", "type": "t5", "config": {"t5_model_name": "t5-base", "max_length": 12}},
-                       {"id": "seconds_start", "type": "number", "config": {"min_val": 0, "max_val": 512}},
-                       {"id": "seconds_total", "type": "number", "config": {"min_val": 0, "max_val": 512}}]
-    d = cfg["model"]["diffusion"]
-    d.update(diffusion_objective="v", cross_attention_cond_ids=["prompt", "seconds_start", "seconds_total"],
-             global_cond_ids=["seconds_start", "seconds_total"])
-    d["config"].update(embed_dim=128, num_heads=2, cond_token_dim=64, global_cond_dim=128, project_cond_tokens=False)
-    d["config"].pop("attn_kwargs")
-    return cfg
+    return sao_1_config("tiny")
 
 
 @torch.no_grad()

@@ -64,22 +64,28 @@ def sao_1_config(scale: str = "full") -> dict:
     """Stable Audio Open 1.0's ``model_config.json`` in stable-audio-tools format (the parts that define the
     networks): DiT 1536 wide, 24 layers, 24 heads over 64 latent channels with the v objective, 2097152 samples
     (1024 latent frames, about 47.6 s), T5-base prompts of at most 128 tokens plus seconds_start and seconds_total in
-    the cross-attention input and the global condition, conditioning tokens used unprojected (768 wide; the model
-    attends to them at its own width through its key/value projections), no QK norm; the same Oobleck VAE as
-    Stable Audio Open Small. Only the published size ("full")."""
-    if scale != "full":
-        raise ValueError(f"Stable Audio Open 1.0 is written at its published size only ('full'), not {scale!r}")
-    cfg = sao_small_config("full")
-    cfg["sample_size"] = 2097152
+    the cross-attention input and the global condition, conditioning tokens used unprojected (the model attends to
+    them at its own width through its key/value projections), no QK norm; the same Oobleck VAE as Stable Audio Open
+    Small. "tiny" keeps that structure at test size, with conditioning tokens narrower than the model and a T5 wider
+    than cond_dim (projected)."""
+    if scale not in ("full", "tiny"):
+        raise ValueError(f"scale must be 'full' or 'tiny', not {scale!r}")
+    full = scale == "full"
+    cfg = sao_small_config(scale)
+    if full:
+        cfg["sample_size"] = 2097152
+        cfg["model"]["pretransform"]["model_half"] = False
     cond = cfg["model"]["conditioning"]
-    cond["configs"] = [{"id": "prompt", "type": "t5", "config": {"t5_model_name": "t5-base", "max_length": 128}},
+    cond["cond_dim"] = 768 if full else 64
+    cond["configs"] = [{"id": "prompt", "type": "t5", "config": {"t5_model_name": "t5-base",
+                                                                  "max_length": 128 if full else 12}},
                        {"id": "seconds_start", "type": "number", "config": {"min_val": 0, "max_val": 512}},
                        {"id": "seconds_total", "type": "number", "config": {"min_val": 0, "max_val": 512}}]
     d = cfg["model"]["diffusion"]
     d.update(diffusion_objective="v", cross_attention_cond_ids=["prompt", "seconds_start", "seconds_total"],
              global_cond_ids=["seconds_start", "seconds_total"])
-    d["config"].update(embed_dim=1536, depth=24, num_heads=24, cond_token_dim=768, global_cond_dim=1536,
+    d["config"].update(embed_dim=1536 if full else 128, depth=24 if full else 2, num_heads=24 if full else 2,
+                       cond_token_dim=cond["cond_dim"], global_cond_dim=1536 if full else 128,
                        project_cond_tokens=False)
     d["config"].pop("attn_kwargs")
-    cfg["model"]["pretransform"]["model_half"] = False
     return cfg

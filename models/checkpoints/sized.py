@@ -182,8 +182,8 @@ def write_random_sao_small(out_dir: str | Path, scale: str = "full", seed: int =
 
 def write_random_checkpoint(out_dir: str | Path, model: str = "sao-small", scale: str = "full", seed: int = 0,
                             overwrite: bool = False) -> dict[str, int]:
-    """Write ``model`` (``MODELS``: Stable Audio Open Small, or Stable Audio Open 1.0 at full size only) with random
-    weights as a stable-audio-tools checkpoint directory. Returns the parameter counts of its parts. An existing
+    """Write ``model`` (``MODELS``: Stable Audio Open Small or 1.0) with random weights as a stable-audio-tools
+    checkpoint directory. Returns the parameter counts of its parts. An existing
     non-empty directory is refused unless ``overwrite`` (which replaces the files written here, nothing else)."""
     from safetensors.torch import save_file
 
