@@ -51,7 +51,7 @@ def _peak_rss_mb() -> float:
     return peak_rss_mb()
 
 
-def _uncached_encoder(rt):
+def uncached_encoder(rt):
     """The encoder behind the runtime's prompt cache (``encode_unpadded``), so that every call does the work."""
     cached = rt.bundle.text_encoder if hasattr(rt, "bundle") else rt.text_encoder
     return cached.encoder
@@ -83,25 +83,26 @@ def _random_copy(model: Path, out: Path) -> Path:
     return out / config.name
 
 
-def measure_batch(rt, runner, encoder, b: int, args, steps: int, prompts) -> dict:
-    """Every stage at batch size ``b``."""
+def stage_calls(rt, runner, encoder, b: int, duration: float, steps: int, prompts) -> dict:
+    """Zero-argument callables for each stage (``STAGES``) at batch size ``b``: text encoding (``encoder``, the
+    uncached one), one denoiser forward, one decode, and end to end (text, every step and the decode through the
+    engine's ``ModelRunner``). ``prompts(n)``: n prompts for one call."""
     import torch
 
-    from benchmarks.common import timed
     from service.scheduler import GenerationJob
 
     guidance = rt.config.default_guidance
-    frames = rt.latent_frames(args.duration)
+    frames = rt.latent_frames(duration)
     g = torch.Generator().manual_seed(b)
     z = torch.randn(b, rt.latent_dim, frames, generator=g)
     t = torch.full((b,), 0.5)
-    cond = rt.encode_text(prompts(b), [args.duration] * b)
+    cond = rt.encode_text(prompts(b), [duration] * b)
     gvec = torch.full((b,), float(guidance))
     mask = torch.ones(b, frames, dtype=torch.bool)
     latents = [z[i] for i in range(b)]
 
-    def e2e():
-        jobs = [GenerationJob(id=f"bench-{i}", model=rt.model_name, prompt=p, duration=args.duration, steps=steps,
+    def end_to_end():
+        jobs = [GenerationJob(id=f"bench-{i}", model=rt.model_name, prompt=p, duration=duration, steps=steps,
                               guidance=guidance, seed=i, deadline=float("inf"), on_done=lambda r, e: None)
                 for i, p in enumerate(prompts(b))]
         samples = runner.encode(jobs, time.monotonic())
@@ -109,17 +110,21 @@ def measure_batch(rt, runner, encoder, b: int, args, steps: int, prompts) -> dic
             runner.denoise_step(samples)
         runner.decode(samples)
 
-    row = {
-        "text_encoding": timed(lambda: encoder.encode_unpadded(prompts(b)), args.repeats),
-        "denoiser_forward": timed(lambda: rt.predict_x0(z, t, cond, gvec, mask), args.repeats),
-        "decode": timed(lambda: rt.decode(latents, [args.duration] * b), args.repeats),
-        "end_to_end": timed(e2e, args.e2e_repeats, warmup=1),
-    }
+    return {"text_encoding": lambda: encoder.encode_unpadded(prompts(b)),
+            "denoiser_forward": lambda: rt.predict_x0(z, t, cond, gvec, mask),
+            "decode": lambda: rt.decode(latents, [duration] * b), "end_to_end": end_to_end}
+
+
+def measure_batch(rt, runner, encoder, b: int, args, steps: int, prompts) -> dict:
+    """Every stage at batch size ``b``."""
+    from benchmarks.common import timed
+
+    calls = stage_calls(rt, runner, encoder, b, args.duration, steps, prompts)
+    row = {stage: timed(calls[stage], args.repeats) for stage in ("text_encoding", "denoiser_forward", "decode")}
+    row["end_to_end"] = timed(calls["end_to_end"], args.e2e_repeats, warmup=1)
     row["rtf"] = row["end_to_end"]["median_s"] / (b * args.duration)
     if args.worker == "torch":  # the work itself, for the floor (the other runtimes run the same maths)
-        row["flops"] = {"text_encoding": count_flops(lambda: encoder.encode_unpadded(prompts(b))),
-                        "denoiser_forward": count_flops(lambda: rt.predict_x0(z, t, cond, gvec, mask)),
-                        "decode": count_flops(lambda: rt.decode(latents, [args.duration] * b))}
+        row["flops"] = {stage: count_flops(calls[stage]) for stage in ("text_encoding", "denoiser_forward", "decode")}
         row["flops"]["end_to_end"] = (row["flops"]["text_encoding"] + steps * row["flops"]["denoiser_forward"]
                                       + row["flops"]["decode"])
     return row
@@ -174,7 +179,7 @@ def worker(args) -> dict:
 
     out = {"runtime": args.worker, "load_s": load_s, "steps": steps, "guidance": rt.config.default_guidance,
            "duration_s": args.duration, "latent_frames": rt.latent_frames(args.duration), "batches": {}}
-    runner, encoder = ModelRunner(rt), _uncached_encoder(rt)
+    runner, encoder = ModelRunner(rt), uncached_encoder(rt)
     for b in args.batches:
         out["batches"][str(b)] = measure_batch(rt, runner, encoder, b, args, steps, prompts)
     out["peak_rss_mb"] = _peak_rss_mb()

@@ -6,10 +6,11 @@ each rate, requests arrive as a Poisson process for ``--seconds``; we record eve
 throughput (successful requests per second of wall time), p50 / p95 / p99 latency of successful requests, and
 goodput (requests per second that succeeded within the latency objective ``--slo``). With ``--repeats N`` every
 policy's server stays up and each rate runs N times per policy, the policies taking turns on the same arrivals
-(medians reported, each run kept, and paired wins against the first policy). Beside every rate we record the server process's resident
-memory: its peak (the kernel's high-water mark VmHWM, reset before each rate through /proc/<pid>/clear_refs so the
-peak belongs to that rate), mean and a time series sampled every ``--rss-interval`` seconds, plus its RSS once
-ready and its peak while loading. The target on this machine: under 1.5 GiB with the embedded models on the CPU.
+(medians reported, each run kept, and paired wins against the first policy). Beside every rate we record the
+server process's resident memory: its peak (the kernel's high-water mark VmHWM, reset before each rate through
+/proc/<pid>/clear_refs so the peak belongs to that rate), mean and a time series sampled every ``--rss-interval``
+seconds, plus its RSS once ready and its peak while loading. The target on this machine: under 1.5 GiB with the
+embedded models on the CPU.
 With ``--url`` the server's memory is measured only when ``--server-pid`` names its process on this machine.
 Results go to ``benchmarks/results/`` as JSON + Markdown (+ a PNG plot when matplotlib is installed), with the
 machine, versions and command line.

@@ -162,7 +162,7 @@ class ContinuousPolicy(Policy):
         return max(0, min(len(waiting), self.max_batch - len(running)))
 
 
-class AdaptivePolicy(Policy):
+class AdaptivePolicy(ContinuousPolicy):
     """Step-level continuous batching that admits a waiting job only when that is worth it on this device.
 
     Joining the denoise set now, job j (n_j steps) delays every running sample by what it adds to each shared tick,
@@ -247,7 +247,7 @@ class AdaptivePolicy(Policy):
         return admit < wait
 
     def select(self, waiting, running, now):
-        room = max(0, min(len(waiting), self.max_batch - len(running)))
+        room = self.admit(waiting, running, now)  # continuous batching's room: the most that may join
         if not self.cost.known or self.frames_of is None:
             return list(range(room))
         if room == 0:  # a full set: nothing to price, only arrivals to count

@@ -17,6 +17,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from models.checkpoints.mel_vae import from_mel_layout, to_mel_layout
 from models.checkpoints.stable_audio_dit import NumberEmbedder, StableAudioDiT
 from models.checkpoints.unet import UNet2DCondition
 from models.diffusion.discrete import DiscreteVPSchedule
@@ -134,10 +135,8 @@ class UNetDenoiser(nn.Module):
 
     def fixed_length(self, z: Tensor, model_t: Tensor, tokens: Tensor, token_mask: Tensor) -> Tensor:
         """z [B, C*F, T] of one length, model_t [B] (``model_time``) -> the raw prediction [B, C*F, T]."""
-        b, cf, n = z.shape
-        x = z.reshape(b, cf // self.bins, self.bins, n).transpose(2, 3)
-        out = self.unet(x, model_t.to(z.device), tokens, token_mask.bool())
-        return out.transpose(2, 3).reshape(b, cf, n)
+        out = self.unet(to_mel_layout(z, self.bins), model_t.to(z.device), tokens, token_mask.bool())
+        return from_mel_layout(out)
 
     def forward(self, z: Tensor, t: Tensor, tokens: Tensor, token_mask: Tensor, pooled: Tensor, seconds: Tensor,
                 frame_mask: Tensor | None = None, guidance: Tensor | None = None) -> Tensor:
@@ -160,10 +159,8 @@ class UNetDenoiser(nn.Module):
     def _frame_features(self, z: Tensor, model_t: Tensor, tokens: Tensor, token_mask: Tensor) -> Tensor:
         """One length: the trunk's last hidden state averaged over mel bins and repeated back to the latent frame
         rate (each stage halves it) [B, width, T]."""
-        b, cf, n = z.shape
-        x = z.reshape(b, cf // self.bins, self.bins, n).transpose(2, 3)
-        h = self.unet.encode(x, model_t.to(z.device), tokens, token_mask.bool()).mean(dim=3)
-        return nn.functional.interpolate(h, size=n, mode="nearest")
+        h = self.unet.encode(to_mel_layout(z, self.bins), model_t.to(z.device), tokens, token_mask.bool()).mean(dim=3)
+        return nn.functional.interpolate(h, size=z.shape[-1], mode="nearest")
 
     def features(self, z: Tensor, t: Tensor, tokens: Tensor, token_mask: Tensor, pooled: Tensor, seconds: Tensor,
                  frame_mask: Tensor, guidance: Tensor | None = None) -> tuple[Tensor, Tensor]:

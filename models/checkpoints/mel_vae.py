@@ -266,6 +266,18 @@ def resample(wave: Tensor, sr_in: int, sr_out: int) -> Tensor:
     return torch.from_numpy(np.ascontiguousarray(out)).to(wave.device, wave.dtype)
 
 
+def to_mel_layout(latents: Tensor, bins: int) -> Tensor:
+    """The project's channel-major latents [B, C*F, T] -> the mel VAE's and UNet's [B, C, T, F] (F = ``bins``)."""
+    b, cf, t = latents.shape
+    return latents.reshape(b, cf // bins, bins, t).transpose(2, 3)
+
+
+def from_mel_layout(z: Tensor) -> Tensor:
+    """[B, C, T, F] -> [B, C*F, T] (the inverse of ``to_mel_layout``)."""
+    b, c, t, f = z.shape
+    return z.transpose(2, 3).reshape(b, c * f, t)
+
+
 def native_to_output(wave: Tensor, native_rate: int, sample_rate: int) -> Tensor:
     """The vocoder's mono [B, N] at its own rate -> the service's stereo [B, 2, M] at ``sample_rate`` (resampled,
     duplicated): the end of ``MelLatentCodec.decode``, and of an exported decoder graph's output."""
@@ -314,13 +326,10 @@ class MelLatentCodec(AudioCodec):
         self.analysis = LogMel(self.native_rate, n_fft, vocoder.config.hop, n_mels, fmin, fmax)
 
     def to_mel_latents(self, latents: Tensor) -> Tensor:
-        """[B, C*F, T] -> the VAE's [B, C, T, F]."""
-        b, _, t = latents.shape
-        return latents.reshape(b, self.channels, self.bins, t).transpose(2, 3)
+        return to_mel_layout(latents, self.bins)
 
     def from_mel_latents(self, z: Tensor) -> Tensor:
-        b, c, t, f = z.shape
-        return z.transpose(2, 3).reshape(b, c * f, t)
+        return from_mel_layout(z)
 
     def decode_native(self, latents: Tensor) -> Tensor:
         """Latents -> mono waveform at the vocoder's rate [B, mel frames x hop]. HiFi-GAN's transposed convolutions

@@ -48,7 +48,7 @@ from models.export.manifest import (
     stale_reason,
     writable,
 )
-from models.export.ort import import_onnx, import_onnxruntime, run_session, session
+from models.export.ort import import_onnx, import_onnxruntime, per_length_call, session
 
 log = logging.getLogger("tta.export")
 
@@ -292,15 +292,28 @@ def export_denoiser(dit, path: Path, spec: DenoiserSpec | None = None, opset: in
     _trace_to_onnx(graph, _denoiser_inputs(spec, 2, 8, 5, g), path, names, DENOISER_OUTPUTS, axes, opset)
     sess = session(path)
     kept = {i.name for i in sess.get_inputs()}  # inputs the network never reads are not in the graph
+
+    def run_graph(args: tuple):
+        return sess.run(DENOISER_OUTPUTS, {n: a.numpy() for n, a in zip(names, args) if n in kept})[0]
+
+    worst = _denoiser_errors(spec, g, run_graph, graph)
+    return _graph_entry(path, worst, "denoiser", checked_on=DENOISER_CHECKS)
+
+
+DENOISER_CHECKS = "batch 3 x 13 frames x 9 tokens, batch 1 x 5 x 2, ragged frame and token masks"
+
+
+def _denoiser_errors(spec: DenoiserSpec, g: torch.Generator, run_graph, reference) -> dict:
+    """Worst errors of ``run_graph(args)`` against ``reference(*args)`` on the inputs ``DENOISER_CHECKS`` names
+    (other shapes than the trace's)."""
     worst = {"max_rel": 0.0, "max_abs": 0.0}
     for batch, frames, length in ((3, 13, 9), (1, 5, 2)):
         args = _denoiser_inputs(spec, batch, frames, length, g)
-        got = sess.run(DENOISER_OUTPUTS, {n: a.numpy() for n, a in zip(names, args) if n in kept})[0]
         with torch.no_grad():
-            want = graph(*args)
+            got, want = run_graph(args), reference(*args)
         worst["max_rel"] = max(worst["max_rel"], parity.max_rel_error(got, want))
         worst["max_abs"] = max(worst["max_abs"], parity.max_abs_error(got, want))
-    return _graph_entry(path, worst, "denoiser", checked_on="batch 3 x 13 frames x 9 tokens, batch 1 x 5 x 2")
+    return worst
 
 
 def export_per_length_denoiser(denoiser, path: Path, spec: DenoiserSpec, opset: int = OPSET) -> dict:
@@ -317,23 +330,14 @@ def export_per_length_denoiser(denoiser, path: Path, spec: DenoiserSpec, opset: 
     with torch.no_grad():
         example = (z, denoiser.model_time(t), tokens, token_mask)
     _trace_to_onnx(graph, example, path, PER_LENGTH_INPUTS, DENOISER_OUTPUTS, axes, opset)
-    sess = session(path)
+    fixed_length = per_length_call(session(path))
 
-    def fixed_length(z: torch.Tensor, timestep: torch.Tensor, tokens: torch.Tensor, token_mask: torch.Tensor):
-        values = {"z": z, "timestep": timestep, "tokens": tokens, "token_mask": token_mask}
-        return run_session(sess, PER_LENGTH_INPUTS, DENOISER_OUTPUTS[0], values)
-
-    worst = {"max_rel": 0.0, "max_abs": 0.0}
-    for batch, frames, length in ((3, 13, 9), (1, 5, 2)):
-        args = _denoiser_inputs(spec, batch, frames, length, g)
+    def run_graph(args: tuple):
         z, t, tokens, token_mask, frame_mask = args[0], args[1], args[2], args[3], args[6]
-        with torch.no_grad():
-            got = per_length(fixed_length, z, denoiser.model_time(t), tokens, token_mask, frame_mask)
-            want = denoiser(*args)
-        worst["max_rel"] = max(worst["max_rel"], parity.max_rel_error(got, want))
-        worst["max_abs"] = max(worst["max_abs"], parity.max_abs_error(got, want))
-    entry = _graph_entry(path, worst, "denoiser", checked_on="batch 3 x 13 frames x 9 tokens, batch 1 x 5 x 2, "
-                                                            "ragged frame masks (one run per length)")
+        return per_length(fixed_length, z, denoiser.model_time(t), tokens, token_mask, frame_mask)
+
+    worst = _denoiser_errors(spec, g, run_graph, denoiser)
+    entry = _graph_entry(path, worst, "denoiser", checked_on=DENOISER_CHECKS + " (one run per length)")
     return {**entry, "layout": "per-length"}
 
 

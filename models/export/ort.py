@@ -10,6 +10,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from models.export.graphs import DENOISER_OUTPUTS, PER_LENGTH_INPUTS
+
 log = logging.getLogger("tta.export")
 
 INSTALL_HINT = "pip install 'tta-serve[onnx]' (or: pip install onnx onnxruntime; onnxruntime-gpu for CUDA)"
@@ -81,3 +83,14 @@ def run_session(sess, inputs: list[str], output: str, values: dict[str, Tensor])
         dtype = np.bool_ if x.dtype == torch.bool else np.float32
         feed[name] = np.ascontiguousarray(x.detach().cpu().numpy(), dtype=dtype)
     return torch.from_numpy(sess.run([output], feed)[0])
+
+
+def per_length_call(sess):
+    """A per-length denoiser graph (``PerLengthDenoiserGraph``) as the ``fixed_length`` callable that
+    ``models.checkpoints.denoisers.per_length`` drives: (z, timestep, tokens, token_mask) -> out."""
+
+    def fixed_length(z: Tensor, timestep: Tensor, tokens: Tensor, token_mask: Tensor) -> Tensor:
+        values = {"z": z, "timestep": timestep, "tokens": tokens, "token_mask": token_mask}
+        return run_session(sess, PER_LENGTH_INPUTS, DENOISER_OUTPUTS[0], values)
+
+    return fixed_length

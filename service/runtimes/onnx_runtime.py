@@ -28,12 +28,11 @@ from models.export import OnnxExport, ensure_onnx_export
 from models.export.graphs import (
     DECODER_OUTPUTS,
     DENOISER_OUTPUTS,
-    PER_LENGTH_INPUTS,
     TEXT_INPUTS,
     TEXT_OUTPUTS,
 )
 from models.export.manifest import tokenizer_dir
-from models.export.ort import import_onnxruntime, run_session, session
+from models.export.ort import import_onnxruntime, per_length_call, run_session, session
 from models.text import CachedTextEncoder, TextEmbedding
 from models.text.encoders import null_embedding, unpad_with_numbers
 from service.runtimes.base import Runtime
@@ -101,7 +100,8 @@ class OnnxRuntime(Runtime):
         self.decoder = session(export.path("decoder"), device)
         self.denoiser_inputs = [i.name for i in self.denoiser.get_inputs()]
         # a UNet's graph holds one length's forward; the runtime loops over lengths (``PerLengthDenoiserGraph``)
-        self.per_length = export.manifest["graphs"]["denoiser"].get("layout") == "per-length"
+        per_length_graph = export.manifest["graphs"]["denoiser"].get("layout") == "per-length"
+        self._fixed_length = per_length_call(self.denoiser) if per_length_graph else None
         self.providers = self.denoiser.get_providers()
         self._uncond: TextEmbedding | None = None
 
@@ -134,15 +134,11 @@ class OnnxRuntime(Runtime):
     # ------------------------------------------------------------------ denoiser
     def _denoise(self, z: Tensor, t: Tensor, tokens: Tensor, mask: Tensor, pooled: Tensor, seconds: Tensor,
                  frame_mask: Tensor, guidance: Tensor | None = None) -> Tensor:
-        if self.per_length:
+        if self._fixed_length is not None:
             return per_length(self._fixed_length, z, self.schedule.model_timestep(t), tokens, mask, frame_mask)
         values = {"z": z, "t": t, "tokens": tokens, "token_mask": mask, "pooled": pooled, "seconds": seconds,
                   "frame_mask": frame_mask, "guidance": guidance}
         return run_session(self.denoiser, self.denoiser_inputs, DENOISER_OUTPUTS[0], values)
-
-    def _fixed_length(self, z: Tensor, timestep: Tensor, tokens: Tensor, token_mask: Tensor) -> Tensor:
-        values = {"z": z, "timestep": timestep, "tokens": tokens, "token_mask": token_mask}
-        return run_session(self.denoiser, PER_LENGTH_INPUTS, DENOISER_OUTPUTS[0], values)
 
     @torch.inference_mode()
     def predict_x0(self, z: Tensor, t: Tensor, cond: Conditioning, guidance: Tensor, frame_mask: Tensor) -> Tensor:

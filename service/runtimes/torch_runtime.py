@@ -64,10 +64,11 @@ class TorchRuntime(Runtime):
         if not self.compiled:
             return
         t0 = time.perf_counter()
-        frames = self.latent_frames(min(1.0, self.config.max_duration))
+        duration = min(1.0, self.config.max_duration)
+        frames = self.latent_frames(duration)
         with torch.inference_mode():
             for batch in (1, 2):
-                cond = self.encode_text(["warm-up"] * batch, [1.0] * batch)
+                cond = self.encode_text(["warm-up"] * batch, [duration] * batch)
                 self.predict_x0(torch.randn(batch, self.latent_dim, frames), torch.full((batch,), 0.5), cond,
                                 torch.ones(batch), torch.ones(batch, frames, dtype=torch.bool))
         log.info("compiled denoiser ready", extra={"model": self.model_name,
