@@ -7,6 +7,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from models.audio.spectral import istft, stft
 from models.codec import HarmonicAutoencoder, HarmonicAutoencoderConfig, load_codec
 from models.codec.harmonic import balance_gains, band_matrix, signed_hann_lobes
 from models.training.warm_start import (
@@ -34,6 +35,30 @@ def hann_lobe(d: torch.Tensor) -> torch.Tensor:
     """The reference the renderer's closed form is checked against: the periodic Hann window's spectrum at an offset
     of d bins, divided by n_fft, as a sum of three sincs."""
     return 0.5 * torch.sinc(d) + 0.25 * (torch.sinc(d - 1) + torch.sinc(d + 1))
+
+
+@pytest.mark.parametrize("n_fft,hop,frames,length", [(2048, 512, 40, 39 * 512), (16, 4, 9, 32), (16, 4, 9, 45),
+                                                     (16, 5, 9, 40)])
+def test_istft_equals_torch_istft(n_fft, hop, frames, length):
+    """The codec's inverse STFT (shifted-block overlap-add when the hop divides n_fft) is torch.istft's least-squares
+    inverse, also when ``length`` asks for more samples than the frames hold (zeros, as torch pads)."""
+    g = torch.Generator().manual_seed(n_fft + hop + length)
+    spec = torch.complex(torch.randn(2, 3, n_fft // 2 + 1, frames, generator=g),
+                         torch.randn(2, 3, n_fft // 2 + 1, frames, generator=g))
+    want = torch.istft(spec.reshape(6, n_fft // 2 + 1, frames), n_fft, hop, window=torch.hann_window(n_fft),
+                       center=True, length=length).reshape(2, 3, length)
+    got = istft(spec, n_fft, hop, length)
+    assert got.shape == want.shape
+    assert float((got - want).abs().max()) < 1e-5 * float(want.abs().max())
+
+
+def test_istft_inverts_stft_and_passes_gradients():
+    wave = torch.randn(2, 2, 4096, generator=torch.Generator().manual_seed(1))
+    spec = stft(wave, 512, 128).requires_grad_()
+    back = istft(spec, 512, 128, 4096)
+    assert torch.allclose(back, wave, atol=1e-5)
+    back.pow(2).sum().backward()
+    assert spec.grad is not None and float(spec.grad.abs().sum()) > 0
 
 
 def test_hann_lobe_matches_the_window_spectrum():
@@ -82,9 +107,11 @@ def test_rendered_partial_is_the_stft_of_a_real_sinusoid():
     wave = tone([(f0, 0.3)], pan=(1.0, 0.5))
     spec = codec.analyse(wave)
     frames = spec.shape[-1]
-    log_amp = torch.full((1, c.slots, 2, c.max_harmonics, frames), -40.0)
-    log_amp[0, 0, 0, 0], log_amp[0, 0, 1, 0] = math.log(0.3), math.log(0.15)
-    rendered = codec.render(torch.full((1, c.slots, frames), math.log(f0)), log_amp,
+    channel_log_amp = torch.full((1, c.slots, 2, frames), -40.0)  # slot 1: 0.3 on the left, 0.15 on the right
+    channel_log_amp[0, 0, 0], channel_log_amp[0, 0, 1] = math.log(0.3), math.log(0.15)
+    partial_log_amp = torch.full((1, c.slots, c.max_harmonics, frames), -40.0)
+    partial_log_amp[0, :, 0] = 0.0  # the fundamental only
+    rendered = codec.render(torch.full((1, c.slots, frames), math.log(f0)), channel_log_amp, partial_log_amp,
                             torch.full((1, 2, c.bins, frames), -40.0))
     inner = (..., slice(2, 82))
     assert float((rendered - spec)[inner].abs().max() / spec.abs().max()) < 0.05  # main lobe only: side lobes cut
@@ -107,7 +134,8 @@ def test_pitch_channels_of_the_latent_are_explicit():
         codec.dec_out.bias.zero_()
         logf = codec.decode_params(mean)["logf"]
     assert torch.allclose(logf[0, 0, 8:-8].exp(), torch.tensor(440.0), rtol=1e-3)
-    assert params["log_amp"].shape[:2] == (1, c.slots)
+    assert params["channel_log_amp"].shape[:3] == (1, c.slots, 2)
+    assert params["partial_log_amp"].shape[:3] == (1, c.slots, c.max_harmonics)
 
 
 def test_band_matrix_interpolates():

@@ -26,10 +26,36 @@ def stft(x: Tensor, n_fft: int, hop: int) -> Tensor:
 
 
 def istft(spec: Tensor, n_fft: int, hop: int, length: int) -> Tensor:
-    shape = spec.shape
-    out = torch.istft(spec.reshape((-1,) + shape[-2:]), n_fft, hop, window=hann(n_fft, spec.device, torch.float32),
-                      center=True, length=length)
-    return out.reshape(shape[:-2] + (length,))
+    """Inverse of ``stft`` [..., n_fft // 2 + 1, frames] -> [..., length]: the least-squares inverse (windowed
+    overlap-add divided by the overlap-added squared window), as torch.istft computes it. With hop dividing n_fft
+    (every STFT here) the frames are inverse-transformed as rows and overlap-added in place as n_fft / hop shifted
+    blocks, about twice as fast on a CPU as torch.istft; other hops go to torch.istft."""
+    window = hann(n_fft, spec.device, spec.real.dtype)
+    if n_fft % hop:
+        shape = spec.shape
+        out = torch.istft(spec.reshape((-1,) + shape[-2:]), n_fft, hop, window=window, center=True, length=length)
+        return out.reshape(shape[:-2] + (length,))
+    count, r = spec.shape[-1], n_fft // hop
+    blocks = (torch.fft.irfft(spec.transpose(-1, -2), n=n_fft, dim=-1) * window).unflatten(-1, (r, hop))
+    wave = blocks.new_zeros(blocks.shape[:-3] + (count + r - 1, hop))  # [..., F, r, hop] -> [..., F + r - 1, hop]
+    envelope = blocks.new_zeros(count + r - 1, hop)
+    squared = (window * window).view(r, hop)
+    for j in range(r):
+        wave[..., j: j + count, :] += blocks[..., j, :]
+        envelope[j: j + count] += squared[j]
+    return _centred(wave.flatten(-2), envelope.flatten(), n_fft, length)
+
+
+def _centred(wave: Tensor, envelope: Tensor, n_fft: int, length: int) -> Tensor:
+    """The overlap-added frames of a centred STFT, divided by the overlap-added squared window and cut to ``length``
+    samples from n_fft / 2 on; missing samples at the end are zeros (as torch.istft)."""
+    start = n_fft // 2
+    wave = wave[..., start: start + length]
+    envelope = envelope[start: start + length]
+    if wave.shape[-1] < length:
+        wave = F.pad(wave, (0, length - wave.shape[-1]))
+        envelope = F.pad(envelope, (0, length - envelope.shape[-1]), value=1.0)
+    return wave / envelope.clamp(min=1e-11)
 
 
 def wrap_phase(x: Tensor) -> Tensor:
@@ -169,10 +195,4 @@ def istft_real(real: Tensor, imag: Tensor, n_fft: int, hop: int, length: int) ->
     wave = overlap_add(frames, hop)
     # expand_as (not expand(n_fft, frames)): an ONNX trace keeps the frame count dynamic only through a tensor
     envelope = overlap_add((window * window).expand_as(frames[(0,) * (frames.dim() - 2)]), hop)
-    start = n_fft // 2
-    wave = wave[..., start: start + length]
-    envelope = envelope[start: start + length]
-    if wave.shape[-1] < length:  # as torch.istft: missing samples at the end are zeros
-        wave = F.pad(wave, (0, length - wave.shape[-1]))
-        envelope = F.pad(envelope, (0, length - envelope.shape[-1]), value=1.0)
-    return wave / envelope.clamp(min=1e-11)
+    return _centred(wave, envelope, n_fft, length)

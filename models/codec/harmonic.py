@@ -130,9 +130,10 @@ def _sinc(x: Tensor) -> Tensor:
 def signed_hann_lobes(frac: Tensor) -> Tensor:
     """The periodic Hann window's spectrum (divided by n_fft: 0.5 at the centre, zero at +-2 bins) at the offsets
     o = -2 .. 2 (``LOBE`` = 2) from a partial's nearest bin, times (-1) ** o, stacked on a new axis before the last:
-    [..., 5, F] for frac [..., F], frac = position - round(position) in [-0.5, 0.5]. The window spectrum is sin(pi d) / (2 pi d (1 - d^2)) and sin(pi (o - frac)) = -(-1)^o sin(pi frac),
-    so one sinc of frac serves all five bins, with the removable zeros of d (1 - d^2) cancelled by hand. The sign
-    (-1)^o is the phase pi k that a real sinusoid's centred STFT has at bin k, taken out of the oscillator phase."""
+    [..., 5, F] for frac [..., F], frac = position - round(position) in [-0.5, 0.5]. The window spectrum is
+    sin(pi d) / (2 pi d (1 - d^2)) and sin(pi (o - frac)) = -(-1)^o sin(pi frac), so one sinc of frac serves all five
+    bins, with the removable zeros of d (1 - d^2) cancelled by hand. The sign (-1)^o is the phase pi k that a real
+    sinusoid's centred STFT has at bin k, taken out of the oscillator phase."""
     f, s = frac, _sinc(frac)
     return torch.stack([-f * s / (2 * (1 + f) * (2 + f) * (3 + f)),
                         -s / (2 * (1 + f) * (2 + f)),
@@ -252,7 +253,7 @@ class HarmonicAutoencoder(AudioCodec):
         scale = torch.tensor(c.latent_scale or [1.0] * c.latent_dim)
         self.register_buffer("latent_shift", shift.view(1, -1, 1), persistent=False)
         self.register_buffer("latent_scale", scale.view(1, -1, 1), persistent=False)
-        self._phase_table: Tensor | None = None
+        self._phasors: tuple[Tensor, Tensor] | None = None
 
     # ---------------------------------------------------------------- encoder
     def analyse(self, wave: Tensor) -> Tensor:
@@ -299,7 +300,8 @@ class HarmonicAutoencoder(AudioCodec):
     # ---------------------------------------------------------------- decoder
     def decode_params(self, raw: Tensor) -> dict[str, Tensor]:
         """Unnormalised latents [B, D, T] -> per STFT frame: log frequency per slot [B, S, F], log amplitudes of
-        each partial [B, S, C, H_max, F] and the noise level per bin [B, C, K, F] (log magnitude)."""
+        each slot per audio channel [B, S, C, F] and of each partial [B, S, H_max, F] (a partial's amplitude is the
+        product of the two), and the noise level per bin [B, C, K, F] (log magnitude)."""
         c = self.config
         S, C, H = c.slots, c.audio_channels, c.harmonics
         h = self.dec_latent(self.dec_in(raw))
@@ -328,33 +330,39 @@ class HarmonicAutoencoder(AudioCodec):
         # a slot without a prominent peak has no partials: tonality gates them by construction, so a noise or a
         # click never grows a spurious hum at whatever pitch its slot holds
         gate = torch.log(((pitch[:, :, 0] - 0.1) / 0.9).clamp(min=1e-8, max=1.0))  # [B, S, F]
-        log_amp = level[:, :, :, None] + partials[:, :, None] + gate[:, :, None, None]  # [B, S, C, H_max, F]
-        noise_log = torch.einsum("kx,bcxf->bckf", self.bands, noise)
+        noise_log = self.bands @ noise  # [K, bands] @ [B, C, bands, F] -> [B, C, K, F]
         if c.balance:  # stereo placement is analytic too: a constant-power pan of everything the frame holds
             gains = balance_gains(analytic[:, c.pitch_channels])  # [B, 2, F]
-            log_amp = log_amp + gains[:, None, :, None, :]
+            level = level + gains[:, None]
             noise_log = noise_log + gains[:, :, None, :]
-        return {"logf": logf, "log_amp": log_amp, "noise_log": noise_log}
+        # a partial's log amplitude is level[s, c] + partial[s, h]: the channel part is the same for every partial
+        # of a slot, so ``render`` draws each slot's partials once and scales them per channel
+        return {"logf": logf, "channel_log_amp": level, "partial_log_amp": partials + gate[:, :, None],
+                "noise_log": noise_log}
 
-    def phase_table(self, frames: int, device) -> Tensor:
-        """Fixed uniform(-1, 1) table [C, K, frames] from a seed: independent of batch and call order."""
+    def noise_phasors(self, frames: int, device) -> tuple[Tensor, Tensor]:
+        """cos and sin of a fixed uniform(-pi, pi) phase table [C, K, frames] from a seed: independent of batch and
+        call order; computed once (an exported graph holds them as constants)."""
         c = self.config
-        if self._phase_table is None or self._phase_table.shape[-1] < frames:
+        if self._phasors is None or self._phasors[0].shape[-1] < frames:
             n = max(frames, 4096)
             g = torch.Generator().manual_seed(c.phase_seed)
-            self._phase_table = torch.rand(c.audio_channels, c.bins, n, generator=g) * 2 - 1
-        return self._phase_table[..., :frames].to(device)
+            phase = math.pi * (torch.rand(c.audio_channels, c.bins, n, generator=g) * 2 - 1)
+            self._phasors = (torch.cos(phase), torch.sin(phase))
+        return tuple(x[..., :frames].to(device) for x in self._phasors)
 
-    def render(self, logf: Tensor, log_amp: Tensor, noise_log: Tensor) -> Tensor:
-        """Draw the partials and the noise into a complex STFT [B, C, K, F]."""
-        return torch.complex(*self.render_parts(logf, log_amp, noise_log))
+    def render(self, logf: Tensor, channel_log_amp: Tensor, partial_log_amp: Tensor, noise_log: Tensor) -> Tensor:
+        """Draw the partials and the noise into a complex STFT [B, C, K, F] (arguments as ``decode_params``)."""
+        return torch.complex(*self.render_parts(logf, channel_log_amp, partial_log_amp, noise_log))
 
-    def render_parts(self, logf: Tensor, log_amp: Tensor, noise_log: Tensor) -> tuple[Tensor, Tensor]:
+    def render_parts(self, logf: Tensor, channel_log_amp: Tensor, partial_log_amp: Tensor,
+                     noise_log: Tensor) -> tuple[Tensor, Tensor]:
         """``render`` as (real, imaginary) parts, with real-valued operations only (ONNX has no complex tensors;
-        ``decode_real`` and the ONNX export use this). Tensors are laid out [B, C, S, H, lobe bin, F] so that the
-        scatter's source is a view, not a copy."""
+        ``decode_real`` and the ONNX export use this). Each slot's partials are scattered into a spectrum of their
+        own, once for all audio channels (laid out [B, S, H, lobe bin, F], so that the scatter's source is a view),
+        then the slot spectra are summed with each channel's gains on top of the noise."""
         c = self.config
-        B, _, C, Hm, F_ = log_amp.shape
+        B, S, Hm, F_ = partial_log_amp.shape
         f = torch.exp(logf)                                                    # [B, S, F] Hz
         # phase of the fundamental at each frame centre: trapezoidal integral of the frequency track, summed in
         # float64 and wrapped to [0, 2 pi) before it is multiplied by the harmonic number (n theta mod 2 pi only
@@ -379,14 +387,21 @@ class HarmonicAutoencoder(AudioCodec):
         # a real sinusoid's STFT bin k (centred frames) has phase theta_h + pi k; pi k = pi nearest + pi offset, and
         # pi nearest is taken mod 2 pi exactly (nearest mod 2) so the angle stays small
         angle = torch.remainder(n * theta[:, :, None], 2 * math.pi) + math.pi * torch.remainder(nearest, 2)
-        amp = torch.exp(log_amp).transpose(1, 2)                               # [B, C, S, Hm, F]
-        real = ((amp * torch.cos(angle)[:, None])[:, :, :, :, None] * lobe[:, None]).reshape(B, C, -1, F_)
-        imag = ((amp * torch.sin(angle)[:, None])[:, :, :, :, None] * lobe[:, None]).reshape(B, C, -1, F_)
-        index = bins.clamp(0, c.bins - 1).long().reshape(B, 1, -1, F_).expand(B, C, -1, F_)
+        amp = torch.exp(partial_log_amp)                                       # [B, S, Hm, F]
+        real = ((amp * torch.cos(angle))[:, :, :, None] * lobe).reshape(B, S, -1, F_)
+        imag = ((amp * torch.sin(angle))[:, :, :, None] * lobe).reshape(B, S, -1, F_)
+        index = bins.clamp(0, c.bins - 1).long().reshape(B, S, -1, F_)
+        # in place where it can be: each [B, C, K, F] temporary is megabytes of fresh memory per call
+        slot_re = real.new_zeros(B, S, c.bins, F_).scatter_add_(2, index, real)  # [B, S, K, F]
+        slot_im = imag.new_zeros(B, S, c.bins, F_).scatter_add_(2, index, imag)
+        gain = torch.exp(channel_log_amp)[:, :, :, None]                       # [B, S, C, 1, F]
+        cos, sin = self.noise_phasors(F_, logf.device)
         noise_mag = torch.exp(noise_log)
-        noise_phase = math.pi * self.phase_table(F_, f.device)
-        spec_re = (noise_mag * torch.cos(noise_phase)).scatter_add(2, index, real)
-        spec_im = (noise_mag * torch.sin(noise_phase)).scatter_add(2, index, imag)
+        spec_re = noise_mag * cos
+        spec_im = noise_mag.mul_(sin)
+        for s in range(S):
+            spec_re = spec_re.addcmul_(gain[:, s], slot_re[:, s, None])
+            spec_im = spec_im.addcmul_(gain[:, s], slot_im[:, s, None])
         return spec_re, spec_im
 
     def synthesize(self, spec: Tensor) -> Tensor:
@@ -395,8 +410,7 @@ class HarmonicAutoencoder(AudioCodec):
         return istft(spec, c.n_fft, c.hop, length=spec.shape[-1] * c.hop - c.hop)
 
     def decode_raw(self, raw: Tensor) -> Tensor:
-        p = self.decode_params(raw)
-        return self.synthesize(self.render(p["logf"], p["log_amp"], p["noise_log"]))
+        return self.synthesize(self.render(**self.decode_params(raw)))
 
     @torch.no_grad()
     def decode(self, latents: Tensor) -> Tensor:
@@ -404,10 +418,10 @@ class HarmonicAutoencoder(AudioCodec):
 
     def decode_real(self, latents: Tensor) -> Tensor:
         """``decode`` with real-valued operations only (``istft_real``): the graph the ONNX export traces. Equal to
-        ``decode`` up to float rounding; frames up to the phase table's length (``phase_table``)."""
+        ``decode`` up to float rounding; frames up to the phase table's length (``noise_phasors``)."""
         c = self.config
         p = self.decode_params(self.denormalize(latents))
-        real, imag = (F.pad(x, (0, 1)) for x in self.render_parts(p["logf"], p["log_amp"], p["noise_log"]))
+        real, imag = (F.pad(x, (0, 1)) for x in self.render_parts(**p))
         return istft_real(real, imag, c.n_fft, c.hop, length=real.shape[-1] * c.hop - c.hop).clamp(-1, 1)
 
     def to_config(self) -> dict:

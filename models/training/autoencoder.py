@@ -93,7 +93,7 @@ def autoencoder_losses(model: HarmonicAutoencoder, wave: torch.Tensor, cfg: Auto
     z = mean.clone()
     z[:, learned] = mean[:, learned] + torch.randn_like(mean[:, learned]) * torch.exp(0.5 * logvar[:, learned])
     p = model.decode_params(z)
-    spec = model.render(p["logf"], p["log_amp"], p["noise_log"])
+    spec = model.render(**p)
     recon = model.synthesize(spec)[..., : wave.shape[-1]]
 
     mag = spec.abs()
