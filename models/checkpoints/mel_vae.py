@@ -343,6 +343,10 @@ class MelLatentCodec(AudioCodec):
     def decode(self, latents: Tensor) -> Tensor:
         return native_to_output(self.decode_native(latents), self.native_rate, self.sample_rate)
 
+    @property
+    def native_tail(self) -> dict:
+        return {"native_rate": self.native_rate}
+
     def encode(self, wave: Tensor) -> Tensor:
         frames = self.latent_frames(wave.shape[-1])
         mono = resample(wave.mean(dim=1), self.sample_rate, self.native_rate)

@@ -6,7 +6,11 @@ from torch import Tensor, nn
 
 class AudioCodec(nn.Module):
     """``encode(wave [B, 2, N]) -> latents [B, C, T]`` (normalised to about unit variance, ready for diffusion) and
-    ``decode(latents [B, C, T]) -> wave [B, 2, T * samples_per_latent]``."""
+    ``decode(latents [B, C, T]) -> wave [B, 2, T * samples_per_latent]``.
+
+    A codec whose decoder ends in a step that an ONNX graph cannot hold, or only slowly (an inverse FFT, a polyphase
+    resampler), also has ``decode_native`` (the part before it: what the exported decoder graph computes) and
+    ``native_tail`` (the manifest's description of the rest, which ``models.export.graphs.finish_native`` applies)."""
 
     sample_rate: int
     audio_channels: int

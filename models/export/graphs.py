@@ -16,7 +16,7 @@ DENOISER_INPUTS = ["z", "t", "tokens", "token_mask", "pooled", "seconds", "frame
 DENOISER_OUTPUTS = ["out"]
 PER_LENGTH_INPUTS = ["z", "timestep", "tokens", "token_mask"]
 DECODER_INPUTS = ["latents"]
-DECODER_OUTPUTS = ["wave"]
+DECODER_OUTPUTS = ["decoded"]
 
 
 class TextEncoderGraph(nn.Module):
@@ -83,18 +83,43 @@ class PerLengthDenoiserGraph(nn.Module):
 
 
 class DecoderGraph(nn.Module):
-    """Normalised latents [B, C, T] -> waveform [B, channels, T * samples_per_latent], clamped to [-1, 1].
-
-    Codecs whose ``decode`` uses complex tensors (an iSTFT) provide ``decode_real``, the same computation with real
-    tensors only (ONNX has no complex type); others are traced through ``decode``. A codec that ends in a step no
-    graph can hold (the mel codec's polyphase resampler) provides ``decode_native``, the part before it, and the
-    runtime applies the rest (manifest codec "native_rate"): the graph then outputs [B, native samples]."""
+    """Normalised latents [B, C, T] -> the codec's ``decode`` (waveform [B, channels, T * samples_per_latent] in
+    [-1, 1]), or its ``decode_native`` for a codec that has one: the part of decoding before a step that no graph
+    holds well (the harmonic codec's inverse STFT, the mel codec's polyphase resampler). The runtime then applies the
+    rest, ``finish_native`` with the manifest codec's ``native_tail``."""
 
     def __init__(self, codec: nn.Module):
         super().__init__()
         self.codec = codec
 
     def forward(self, latents: Tensor) -> Tensor:
-        decode = (getattr(self.codec, "decode_native", None) or getattr(self.codec, "decode_real", None)
-                  or self.codec.decode)
-        return decode(latents)
+        return (getattr(self.codec, "decode_native", None) or self.codec.decode)(latents)
+
+
+def native_tail(codec: nn.Module) -> dict:
+    """What a runtime applies to the decoder graph's output (the manifest's codec entry): {} for none,
+    {"istft": {"n_fft", "hop"}} or {"native_rate": Hz}."""
+    return dict(getattr(codec, "native_tail", {}))
+
+
+def decoder_output_axes(tail: dict) -> dict[int, str]:
+    """The decoder graph's dynamic output axes for a ``native_tail``."""
+    if "istft" in tail:
+        return {0: "batch", 3: "frames"}  # [B, C, K, F, 2]
+    if "native_rate" in tail:
+        return {0: "batch", 1: "samples"}  # mono [B, N]
+    return {0: "batch", 2: "samples"}  # [B, C, N]
+
+
+def finish_native(out: Tensor, tail: dict, sample_rate: int) -> Tensor:
+    """The decoder graph's output -> waveform [B, channels, N] at ``sample_rate``: the rest of the codec's ``decode``
+    as ``tail`` names it (a ``native_tail``, or the manifest's codec entry, which holds one)."""
+    if "istft" in tail:
+        from models.codec.harmonic import wave_from_native
+
+        return wave_from_native(out, int(tail["istft"]["n_fft"]), int(tail["istft"]["hop"]))
+    if "native_rate" in tail:
+        from models.checkpoints.mel_vae import native_to_output
+
+        return native_to_output(out, int(tail["native_rate"]), sample_rate)
+    return out

@@ -34,6 +34,9 @@ from models.export.graphs import (
     DenoiserGraph,
     PerLengthDenoiserGraph,
     TextEncoderGraph,
+    decoder_output_axes,
+    finish_native,
+    native_tail,
 )
 from models.export.manifest import (
     EXPORT_FORMAT,
@@ -343,16 +346,15 @@ def export_per_length_denoiser(denoiser, path: Path, spec: DenoiserSpec, opset: 
 
 # ---------------------------------------------------------------------------------------------------- decoder
 def export_decoder(codec, path: Path, max_latent_frames: int, opset: int = OPSET) -> dict:
-    """Dynamic batch and frame axes; compared with ``codec.decode`` (``decode_native`` for a codec that has it, see
-    ``DecoderGraph``) on a short batch of two (sample by sample and on magnitudes) and at the model's maximum
-    length (on magnitudes; see ``parity`` for why)."""
+    """Dynamic batch and frame axes; the graph's output, finished as a runtime finishes it (``finish_native``), is
+    compared with ``codec.decode`` on a short batch of two (sample by sample and on magnitudes) and at the model's
+    maximum length (on magnitudes; see ``parity`` for why)."""
     graph = DecoderGraph(codec).eval()
-    native = hasattr(codec, "decode_native")  # then the graph's output is mono [B, N] before the runtime's last step
-    reference = codec.decode_native if native else codec.decode
+    tail = native_tail(codec)
     g = torch.Generator().manual_seed(1)
-    with torch.no_grad():  # one eager call at the longest length first: lazily built tables (the codec's phase
-        graph(torch.randn(1, codec.latent_dim, max_latent_frames, generator=g))  # table) become graph constants
-    axes = {"latents": {0: "batch", 2: "frames"}, "wave": {0: "batch", 1 if native else 2: "samples"}}
+    with torch.no_grad():  # one eager call at the longest length first: lazily built tables (the codec's noise
+        graph(torch.randn(1, codec.latent_dim, max_latent_frames, generator=g))  # phases) become graph constants
+    axes = {"latents": {0: "batch", 2: "frames"}, DECODER_OUTPUTS[0]: decoder_output_axes(tail)}
     _trace_to_onnx(graph, (torch.randn(2, codec.latent_dim, 3, generator=g),), path, DECODER_INPUTS,
                    DECODER_OUTPUTS, axes, opset)
     sess = session(path)
@@ -361,10 +363,11 @@ def export_decoder(codec, path: Path, max_latent_frames: int, opset: int = OPSET
     short = min(max_latent_frames, 11)
     for batch, frames in ((2, short), (1, max_latent_frames)):
         z = torch.randn(batch, codec.latent_dim, frames, generator=g)
-        got = sess.run(DECODER_OUTPUTS, {"latents": z.numpy()})[0]
+        out = torch.from_numpy(sess.run(DECODER_OUTPUTS, {"latents": z.numpy()})[0])
+        got = finish_native(out, tail, codec.sample_rate).numpy()
         with torch.no_grad():
-            want = reference(z)
-            nudged = reference(z * (1 + 1e-7 * torch.randn(z.shape, generator=g)))
+            want = codec.decode(z)
+            nudged = codec.decode(z * (1 + 1e-7 * torch.randn(z.shape, generator=g)))
         for i in range(batch):
             rms = parity.rms_rel_error(got[i], want[i])
             errors["rms_rel"] = max(errors["rms_rel"], rms)
@@ -485,8 +488,8 @@ def export_onnx(bundle_dir: str | Path, out_dir: str | Path | None = None, opset
                              "name": encoder.name, "fingerprint": te_digest},
             "codec": {"sample_rate": codec.sample_rate, "audio_channels": codec.audio_channels,
                       "latent_dim": codec.latent_dim, "samples_per_latent": codec.samples_per_latent,
-                      # the decoder graph stops before resampling from this rate (``DecoderGraph``)
-                      **({"native_rate": codec.native_rate} if hasattr(codec, "decode_native") else {})},
+                      # what the runtime applies to the decoder graph's output (``DecoderGraph``)
+                      **native_tail(codec)},
             "limits": {"max_latent_frames": max_frames},
             **checkpoint_entry(bundle),
             "parity_metrics": {"max_rel": "max|onnx - torch| / max|torch|",

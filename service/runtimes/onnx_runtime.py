@@ -16,9 +16,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from models.bundle import BundleConfig, Conditioning, decode_grouped, guided_forward
+from models.bundle import BundleConfig, Conditioning, decode_batch_limit, decode_grouped, guided_forward
 from models.checkpoints.denoisers import per_length
-from models.checkpoints.mel_vae import native_to_output
 from models.diffusion import (
     make_parameterization,
     make_sampler,
@@ -30,6 +29,7 @@ from models.export.graphs import (
     DENOISER_OUTPUTS,
     TEXT_INPUTS,
     TEXT_OUTPUTS,
+    finish_native,
 )
 from models.export.manifest import tokenizer_dir
 from models.export.ort import import_onnxruntime, per_length_call, run_session, session
@@ -83,6 +83,7 @@ class OnnxRuntime(Runtime):
     def __init__(self, path: Path, export: OnnxExport, device: str = "cpu"):
         self.path = Path(path)
         self.export = export
+        self.device = device
         checkpoint = export.manifest.get("checkpoint")  # a checkpoint's config comes from its loader, at export
         self.config = (BundleConfig(**checkpoint["config"]) if checkpoint else
                        BundleConfig.load(self.path / "config.json"))
@@ -93,7 +94,7 @@ class OnnxRuntime(Runtime):
         codec = export.manifest["codec"]
         self.sample_rate, self.latent_dim = int(codec["sample_rate"]), int(codec["latent_dim"])
         self.samples_per_latent = int(codec["samples_per_latent"])
-        self.native_rate = codec.get("native_rate")  # the decoder graph stops before resampling (mel codecs)
+        self.codec_entry = codec  # names what follows the decoder graph (``finish_native``)
         self.max_latent_frames = int(export.manifest["limits"]["max_latent_frames"])
         self.text_encoder = shared_onnx_text_encoder(export, {"text_encoder": self.config.text_encoder}, device)
         self.denoiser = session(export.path("denoiser"), device)
@@ -158,7 +159,7 @@ class OnnxRuntime(Runtime):
             if batch.shape[-1] > self.max_latent_frames:
                 raise ValueError(f"{batch.shape[-1]} latent frames is longer than the exported decoder was checked "
                                  f"for ({self.max_latent_frames}, the model's max_duration)")
-            wave = torch.from_numpy(self.decoder.run(DECODER_OUTPUTS, {"latents": batch.float().cpu().numpy()})[0])
-            return wave if self.native_rate is None else native_to_output(wave, int(self.native_rate), self.sample_rate)
+            out = torch.from_numpy(self.decoder.run(DECODER_OUTPUTS, {"latents": batch.float().cpu().numpy()})[0])
+            return finish_native(out, self.codec_entry, self.sample_rate)
 
-        return decode_grouped(latents, durations, self.sample_rate, run)
+        return decode_grouped(latents, durations, self.sample_rate, run, decode_batch_limit(self.device))
