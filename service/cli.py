@@ -6,6 +6,9 @@ import dataclasses
 import os
 import sys
 from pathlib import Path
+from typing import get_args
+
+from service.settings import PolicyName, Precision
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -207,12 +210,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--default-model", default=None)
     p.add_argument("--device", choices=["cpu", "cuda"], default=None)
     p.add_argument("--runtime", default=None)
-    p.add_argument("--policy", choices=["continuous", "adaptive", "request", "none"], default=None)
+    p.add_argument("--policy", choices=get_args(PolicyName), default=None)
     p.add_argument("--max-batch", type=int, default=None)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--log-level", default=None)
     p.add_argument("--compile", action="store_true", default=None, help="torch runtime: torch.compile the denoiser")
-    p.add_argument("--precision", choices=["float32", "bfloat16", "float16"], default=None,
+    p.add_argument("--precision", choices=get_args(Precision), default=None,
                    help="torch runtime: autocast the denoiser to this type")
     p.set_defaults(func=cmd_serve)
 

@@ -7,6 +7,10 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+# the batching policies (``service.scheduler.POLICIES`` implements each; the CLI offers these)
+PolicyName = Literal["continuous", "adaptive", "request", "none"]
+Precision = Literal["float32", "bfloat16", "float16"]
+
 ZOO = Path(__file__).resolve().parent.parent / "models" / "zoo"
 
 
@@ -24,7 +28,7 @@ class Settings(BaseSettings):
         "auto", description="auto = onnxruntime on the CPU when it is installed, else torch")
     torch_compile: bool = Field(False, description="torch runtime: torch.compile the denoiser (dynamic shapes; the "
                                 "warm-up pays for the first compilation)")
-    precision: Literal["float32", "bfloat16", "float16"] = Field(
+    precision: Precision = Field(
         "float32", description="torch runtime: autocast the denoiser's matrix products to this type (bfloat16 / "
         "float16 on GPUs; the sampler and decoder stay float32)")
     max_batch: int = Field(16, ge=1, le=256, description="samples per denoiser forward")
@@ -33,7 +37,7 @@ class Settings(BaseSettings):
     queue_size: int = Field(64, ge=0, description="requests waiting for admission before 429")
     request_timeout: float = Field(60.0, gt=0, description="seconds from arrival to answer, else 504")
     api_keys: str = Field("", description="comma-separated; empty = authentication off")
-    policy: Literal["continuous", "adaptive", "request", "none"] = "continuous"
+    policy: PolicyName = "continuous"
     max_queue_delay_ms: float = Field(20.0, ge=0, description="request-level policy: wait this long to fill a batch")
     threads: int | None = Field(None, ge=1, description="torch intra-op threads (default: torch's choice)")
     log_level: str = "info"

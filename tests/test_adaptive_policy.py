@@ -133,3 +133,14 @@ def test_admission_explores_before_it_knows():
     assert isinstance(make_policy("adaptive", 4, 0.0, lambda d: 10, 0.5), AdaptivePolicy)
     with pytest.raises(ValueError, match="adaptive"):
         make_policy("adaptiv", 4)
+
+
+def test_every_policy_the_settings_name_exists():
+    from typing import get_args
+
+    from service.scheduler import POLICIES
+    from service.settings import PolicyName
+
+    assert set(POLICIES) == set(get_args(PolicyName))
+    for name in get_args(PolicyName):
+        assert make_policy(name, 4).name == name
