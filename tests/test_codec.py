@@ -37,6 +37,7 @@ def hann_lobe(d: torch.Tensor) -> torch.Tensor:
     return 0.5 * torch.sinc(d) + 0.25 * (torch.sinc(d - 1) + torch.sinc(d + 1))
 
 
+@pytest.mark.filterwarnings("ignore:The length of signal is shorter")  # torch.istft, when asked to pad (case 3)
 @pytest.mark.parametrize("n_fft,hop,frames,length", [(2048, 512, 40, 39 * 512), (16, 4, 9, 32), (16, 4, 9, 45),
                                                      (16, 5, 9, 40)])
 def test_istft_equals_torch_istft(n_fft, hop, frames, length):
