@@ -120,6 +120,17 @@ def test_rendered_partial_is_the_stft_of_a_real_sinusoid():
     assert float((y[..., 4096:40000] - wave[..., 4096:40000]).abs().max()) < 5e-3
 
 
+def test_training_backpropagates_through_rendering_and_synthesis():
+    """The autoencoder's losses run decode_params -> render -> synthesize with gradients (in-place tricks that
+    speed up serving must leave autograd's saved tensors alone)."""
+    codec = tiny_codec().train()
+    p = codec.decode_params(torch.randn(2, codec.config.latent_dim, 5, generator=torch.Generator().manual_seed(0)))
+    wave = codec.synthesize(codec.render(**p))
+    (wave.pow(2).sum() + codec.render(**p).abs().sum()).backward()
+    grads = [w.grad for w in (codec.dec_out.weight, codec.dec_in.weight)]
+    assert all(g is not None and torch.isfinite(g).all() and float(g.abs().sum()) > 0 for g in grads)
+
+
 def test_pitch_channels_of_the_latent_are_explicit():
     codec = tiny_codec()
     c = codec.config

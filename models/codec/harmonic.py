@@ -391,14 +391,14 @@ class HarmonicAutoencoder(AudioCodec):
         real = ((amp * torch.cos(angle))[:, :, :, None] * lobe).reshape(B, S, -1, F_)
         imag = ((amp * torch.sin(angle))[:, :, :, None] * lobe).reshape(B, S, -1, F_)
         index = bins.clamp(0, c.bins - 1).long().reshape(B, S, -1, F_)
-        # in place where it can be: each [B, C, K, F] temporary is megabytes of fresh memory per call
+        # in place where autograd allows (training backpropagates through this): each [B, C, K, F] temporary is
+        # megabytes of fresh memory per call
         slot_re = real.new_zeros(B, S, c.bins, F_).scatter_add_(2, index, real)  # [B, S, K, F]
         slot_im = imag.new_zeros(B, S, c.bins, F_).scatter_add_(2, index, imag)
         gain = torch.exp(channel_log_amp)[:, :, :, None]                       # [B, S, C, 1, F]
         cos, sin = self.noise_phasors(F_, logf.device)
         noise_mag = torch.exp(noise_log)
-        spec_re = noise_mag * cos
-        spec_im = noise_mag.mul_(sin)
+        spec_re, spec_im = noise_mag * cos, noise_mag * sin  # not exp's output in place: its backward reads it
         for s in range(S):
             spec_re = spec_re.addcmul_(gain[:, s], slot_re[:, s, None])
             spec_im = spec_im.addcmul_(gain[:, s], slot_im[:, s, None])
