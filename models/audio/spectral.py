@@ -43,15 +43,10 @@ def istft(spec: Tensor, n_fft: int, hop: int, length: int) -> Tensor:
     for j in range(r):
         wave[..., j: j + count, :] += blocks[..., j, :]
         envelope[j: j + count] += squared[j]
-    return _centred(wave.flatten(-2), envelope.flatten(), n_fft, length)
-
-
-def _centred(wave: Tensor, envelope: Tensor, n_fft: int, length: int) -> Tensor:
-    """The overlap-added frames of a centred STFT, divided by the overlap-added squared window and cut to ``length``
-    samples from n_fft / 2 on; missing samples at the end are zeros (as torch.istft)."""
+    # centred frames: the signal starts n_fft / 2 in; samples past the last frame are zeros (as torch.istft)
     start = n_fft // 2
-    wave = wave[..., start: start + length]
-    envelope = envelope[start: start + length]
+    wave = wave.flatten(-2)[..., start: start + length]
+    envelope = envelope.flatten()[start: start + length]
     if wave.shape[-1] < length:
         wave = F.pad(wave, (0, length - wave.shape[-1]))
         envelope = F.pad(envelope, (0, length - envelope.shape[-1]), value=1.0)
