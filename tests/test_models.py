@@ -116,3 +116,24 @@ def test_decode_groups_equal_lengths_and_caps_the_batch():
     assert calls == [(4, 3, 5), (2, 3, 5), (1, 3, 7)]
     for x, w, d in zip(latents, waves, durations):
         assert w.shape == (2, round(d * 100)) and torch.equal(w, x[:2].repeat_interleave(10, dim=-1)[:, : w.shape[-1]])
+
+
+def test_channel_weighted_mse_and_the_analytic_channel_weights():
+    from models.training.batches import masked_mse
+    from models.training.teacher import latent_channel_weight
+
+    pred = torch.zeros(2, 3, 4)
+    target = torch.zeros(2, 3, 4)
+    target[:, 0] = 1.0   # channel 0 wrong by 1 on every frame, channel 2 by 2, channel 1 exact
+    target[:, 2] = 2.0
+    mask = torch.tensor([[True] * 4, [True, True, False, False]])
+    target[1, :, 2:] = 9.0  # padded frames never count
+    assert torch.allclose(masked_mse(pred, target, mask), torch.full((2,), (1 + 4) / 3))
+    w = torch.tensor([3.0, 1.0, 1.0])
+    assert torch.allclose(masked_mse(pred, target, mask, w), torch.full((2,), (3 * 1 + 4) / 5))
+
+    codec = HarmonicAutoencoder(HarmonicAutoencoderConfig(latent_dim=12, hidden=32, slots=2, balance=True))
+    weight = latent_channel_weight(codec, 4.0)
+    names = codec.config.channel_names()
+    assert weight.tolist() == [1.0 if n.startswith("learned") else 4.0 for n in names]
+    assert weight[:5].tolist() == [4.0] * 5 and latent_channel_weight(codec, 1.0) is None

@@ -69,7 +69,12 @@ def with_rows(text: TextEmbedding, rows: list[int], other: TextEmbedding) -> Tex
     return TextEmbedding(tokens, mask, pooled)
 
 
-def masked_mse(pred: Tensor, target: Tensor, mask: Tensor) -> Tensor:
-    """Per-sample mean squared error over real frames only: [B]."""
+def masked_mse(pred: Tensor, target: Tensor, mask: Tensor, channel_weight: Tensor | None = None) -> Tensor:
+    """Per-sample mean squared error over real frames only: [B]. ``channel_weight`` [D] makes it a weighted mean
+    over latent channels (the weights are normalised, so all ones is the plain mean)."""
     m = mask[:, None, :].to(pred.dtype)
-    return ((pred - target) ** 2 * m).sum(dim=(1, 2)) / (m.sum(dim=(1, 2)) * pred.shape[1])
+    se = (pred - target) ** 2 * m
+    if channel_weight is None:
+        return se.sum(dim=(1, 2)) / (m.sum(dim=(1, 2)) * pred.shape[1])
+    w = channel_weight.to(pred.dtype)
+    return (se.sum(dim=2) * w).sum(dim=1) / (m.sum(dim=(1, 2)) * w.sum())

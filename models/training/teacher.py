@@ -28,7 +28,7 @@ from models.training.common import (
 from models.training.latent_cache import LatentCache, build_latent_cache
 from models.training.warm_start import warm_start_dit
 
-__all__ = ["TeacherTrainConfig", "export_teacher", "load_codec", "masked_mse", "train_teacher"]
+__all__ = ["TeacherTrainConfig", "export_teacher", "latent_channel_weight", "load_codec", "masked_mse", "train_teacher"]
 
 
 @dataclass
@@ -50,6 +50,9 @@ class TeacherTrainConfig:
     heads: int = 4
     number_freqs: int = 16  # the text encoder's number channels (models.text.encoders.number_features)
     init_from: str = ""  # warm start from this teacher directory (its codec may have another latent layout)
+    # v-MSE weight of the codec's analytic channels (tonality, pitch, balance) against 1 for the learned ones: a 1 %
+    # pitch step is 0.015 of the pitch channel's standard deviation, so its errors count for more than their share.
+    analytic_weight: float = 1.0
 
     def text_encoder_config(self) -> dict:
         return {"name": "minilm", "number_freqs": self.number_freqs}
@@ -82,6 +85,7 @@ def train_teacher(out_dir: str | Path, run_dir: str | Path, codec_dir: str | Pat
     schedule = VPCosineSchedule()
     param = VPrediction(schedule)
     corpus = SyntheticCorpus("train", seed=cfg.seed)
+    weight = latent_channel_weight(codec, cfg.analytic_weight)
     model.train()
 
     def train_step(step: int) -> dict:
@@ -93,7 +97,7 @@ def train_teacher(out_dir: str | Path, run_dir: str | Path, codec_dir: str | Pat
         lr = lr_at(step, cfg.steps, cfg.lr, cfg.warmup, final=cfg.lr * 0.05)
         set_lr(opt, lr)
         out = model(z, t, b.text.tokens, b.text.mask, b.text.pooled, b.seconds, b.mask)
-        loss = masked_mse(out, param.target(b.x0, eps, t), b.mask).mean()
+        loss = masked_mse(out, param.target(b.x0, eps, t), b.mask, weight).mean()
         gnorm = optimizer_step(model, opt, loss, clip=1.0)
         ema.update(model, step + 1)
         return {"loss": loss.item(), "grad_norm": gnorm, "lr": lr}
@@ -105,6 +109,17 @@ def train_teacher(out_dir: str | Path, run_dir: str | Path, codec_dir: str | Pat
     train_loop(run, "teacher", step, cfg.steps, train_step, checkpoint, cfg.log_every, cfg.checkpoint_every,
                stop_at=stop_at)
     return Path(out_dir)
+
+
+def latent_channel_weight(codec, analytic_weight: float) -> torch.Tensor | None:
+    """Per-channel loss weights [D]: ``analytic_weight`` on a codec's leading analytic channels (the harmonic codec's
+    tonality / pitch / balance), 1 elsewhere; None (the plain mean) when the weight is 1 or the codec has none."""
+    analytic = int(getattr(codec.config, "analytic_channels", 0))
+    if analytic_weight == 1.0 or analytic == 0:
+        return None
+    weight = torch.ones(codec.latent_dim)
+    weight[:analytic] = analytic_weight
+    return weight
 
 
 def export_teacher(model: DiT, codec, text_encoder, out_dir, codec_dir, cfg: TeacherTrainConfig, step: int) -> None:
