@@ -51,7 +51,7 @@ from models.bundle import BundleConfig, ModelBundle
 from models.data.corpus import SAMPLE_RATE, Clip, render
 from models.eval.adherence import evaluate_clip, summarize
 from models.eval.embeddings import frechet_distance_samples, mfcc_embedding
-from models.eval.pitch import PitchTracker
+from models.eval.pitch import CappedPitch, PitchTracker
 
 CACHE_VERSION = 2  # 2: MR-STFT over the stereo clip as a whole (per channel it exploded on hard-panned clips)
 HELDOUT_SEED = 1234  # the held-out clip stream benchmarks/teacher_quality.py uses
@@ -225,17 +225,6 @@ def read_cached(path: Path, fp: str) -> dict | None:
 
 
 # ------------------------------------------------------------------------------------------------------ evaluation
-class _CappedPitch:
-    """The tracker with ``median_pitch`` limited to ``max_frames`` frames (``evaluate_clip`` uses the default)."""
-
-    def __init__(self, tracker: PitchTracker, max_frames: int | None):
-        self.tracker, self.max_frames = tracker, max_frames
-
-    def median_pitch(self, audio, sample_rate, **kw):
-        kw.setdefault("max_frames", self.max_frames)
-        return self.tracker.median_pitch(audio, sample_rate, **kw)
-
-
 class Benchmark:
     def __init__(self, args, text_encoder=None):
         self.args = args
@@ -247,7 +236,7 @@ class Benchmark:
         self.captions = [c.caption for c in self.clips]
         self.durations = [c.duration for c in self.clips]
         self.tracker = PitchTracker(args.crepe_model, device=self.device)
-        self.pitch = _CappedPitch(self.tracker, args.pitch_frames or None)
+        self.pitch = CappedPitch(self.tracker, args.pitch_frames or None)
         self.work = Path(args.work_dir)
         self.eval_settings = {
             "version": CACHE_VERSION, "captions": self.captions, "durations": self.durations,

@@ -1,6 +1,7 @@
 """ARC post-training: prompt shuffling, discriminator construction, loss directions, training, export, resume."""
 import copy
 import itertools
+import json
 
 import numpy as np
 import pytest
@@ -22,6 +23,7 @@ from models.training.arc import (
     train_arc,
 )
 from models.training.batches import sample_captioned_batch
+from models.training.validation import BestCheckpoint, ValidationResult
 
 LATENT = DiTConfig.latent_dim  # the embedded codec's latent channels
 
@@ -242,3 +244,34 @@ def test_pingpong_grid_on_the_vp_schedule(teacher):
     assert grid[0] == 1 and grid[-1] == 0 and torch.all(grid[1:] < grid[:-1])
     half = teacher.schedule.logsnr(grid[1:-1]) / 2
     assert torch.allclose(half, torch.linspace(-6, 2, 9, dtype=torch.float64)[1:-1], atol=1e-6)
+
+
+def test_arc_run_validates_each_checkpoint_and_keeps_the_best(tmp_path, teacher, cache, text_encoder):
+    cfg = ARCConfig(train_steps=4, batch_size=2, lr_g=1e-3, lr_d=1e-3, checkpoint_every=2, log_every=1,
+                    val_clips=4, val_duration=0.5)
+    train_arc(teacher, cache, tmp_path / "arc", tmp_path / "run", cfg)
+    log = [json.loads(line) for line in (tmp_path / "run" / "validation.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [2, 4]
+    assert all(r["fd_mfcc"] >= 0 for r in log)
+    best = json.loads((tmp_path / "run" / "best.json").read_text())
+    assert best["value"] == min(r["fd_mfcc"] for r in log)
+    kept = ModelBundle.load(tmp_path / "run" / "best", text_encoder=text_encoder)
+    assert kept.config.kind == "arc" and kept.config.training["steps_done"] == best["step"]
+    assert kept.generate(["a dog barks"], [0.5], [1], steps=1)[0].shape == (2, 22050)
+
+
+def test_best_checkpoint_keeps_the_better_figure_and_survives_a_restart(tmp_path):
+    exports = []
+    keep = BestCheckpoint(tmp_path, "fd_mfcc")
+    assert keep.offer(ValidationResult(2, {"fd_mfcc": 50.0}), exports.append)
+    assert not keep.offer(ValidationResult(4, {"fd_mfcc": 60.0}), exports.append)
+    assert not keep.offer(ValidationResult(5, {"fd_mfcc": None}), exports.append)
+    again = BestCheckpoint(tmp_path, "fd_mfcc")  # a resumed run reads the record back
+    assert again.offer(ValidationResult(6, {"fd_mfcc": 40.0}), exports.append)
+    assert exports == [tmp_path / "best"] * 2 and again.best["step"] == 6
+    higher = BestCheckpoint(tmp_path / "p", "placement_accuracy")  # higher is better there
+    assert higher.offer(ValidationResult(2, {"placement_accuracy": 0.5}), exports.append)
+    assert higher.offer(ValidationResult(4, {"placement_accuracy": 0.7}), exports.append)
+    assert not higher.offer(ValidationResult(6, {"placement_accuracy": 0.6}), exports.append)
+    with pytest.raises(ValueError, match="unknown validation figure"):
+        BestCheckpoint(tmp_path, "loss")

@@ -211,3 +211,15 @@ class PitchTracker:
         if not np.any(good):
             return None
         return float(np.median(f0[good]))
+
+
+class CappedPitch:
+    """A tracker whose ``median_pitch`` analyses at most ``max_frames`` frames (``evaluate_clip`` calls it with the
+    default), to bound the cost of the full CREPE model on many clips."""
+
+    def __init__(self, tracker: PitchTracker, max_frames: int | None):
+        self.tracker, self.max_frames = tracker, max_frames
+
+    def median_pitch(self, audio, sample_rate, **kw):
+        kw.setdefault("max_frames", self.max_frames)
+        return self.tracker.median_pitch(audio, sample_rate, **kw)

@@ -63,6 +63,7 @@ from models.training.common import (
 )
 from models.training.derived import export_derived, load_source, source_cache, window_frames
 from models.training.latent_cache import LatentCache
+from models.training.validation import BestCheckpoint, Validator
 
 
 @dataclass
@@ -90,6 +91,11 @@ class ARCConfig:
     log_every: int = 25
     threads: int | None = None
     device: str = "cpu"
+    # validation at every checkpoint (models/training/validation.py): 0 clips = none; the best checkpoint by
+    # ``val_select`` is kept in <run-dir>/best
+    val_clips: int = 0
+    val_duration: float = 3.0
+    val_select: str = "fd_mfcc"
 
 
 # ---------------------------------------------------------------------------------------------- prompt shuffling
@@ -330,14 +336,25 @@ def train_arc(source: ModelBundle, cache: LatentCache, out_dir: str | Path, run_
         batch = batch.to(cfg.device)
         return trainer.train_step(batch, trainer.draw(batch, rng, gen), step)
 
-    def checkpoint(step: int) -> None:
-        run.save(step, trainer.modules(), trainer.optimizers())
-        export_derived(
-            source, trainer.ema.model, out_dir, kind="arc", sampler="pingpong", default_steps=cfg.steps,
+    def export(dest: Path, step: int) -> Path:
+        return export_derived(
+            source, trainer.ema.model, dest, kind="arc", sampler="pingpong", default_steps=cfg.steps,
             default_guidance=1.0, guidance_in_model=False,
             description=(f"ARC post-trained from {source.name}: ping-pong sampling, {cfg.steps} steps by default "
                          "(1 to 8 work), no classifier-free guidance (one forward per step)"),
             training={**asdict(cfg), "source": source.name, "steps_done": step})
+
+    validator = Validator(cfg.val_clips, cfg.val_duration, seed=cfg.seed) if cfg.val_clips else None
+    best = BestCheckpoint(run.dir, cfg.val_select) if validator else None
+
+    def checkpoint(step: int) -> None:
+        run.save(step, trainer.modules(), trainer.optimizers())
+        export(Path(out_dir), step)
+        if validator is not None:
+            result = validator.evaluate(load_source(out_dir, text_encoder=source.text_encoder), step)
+            kept = best.offer(result, lambda dest: export(dest, step))
+            print(f"validation at {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in result.figures.items()
+                                                           if v is not None) + (" (best so far)" if kept else ""))
 
     train_loop(run, "arc", step, cfg.train_steps, train_step, checkpoint, cfg.log_every, cfg.checkpoint_every,
                stop_at=stop_at, postfix=("d_loss", "g_loss"))
