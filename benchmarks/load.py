@@ -182,9 +182,19 @@ def request_duration(seconds: tuple[float, float], seed: int, i: int) -> float:
     return lo if lo == hi else round(random.Random(f"{seed}/{i}").uniform(lo, hi), 2)
 
 
+def arrival_times(rate: float, seconds: float, seed: int) -> list[float]:
+    """A Poisson process's arrival times in [0, seconds] (the same for every policy with the same seed)."""
+    rng = random.Random(seed)
+    times, t = [], 0.0
+    while True:
+        t += rng.expovariate(rate)
+        if t > seconds:
+            return times
+        times.append(t)
+
+
 async def run_rate(url: str, rate: float, seconds: float, body: dict, seed: int, timeout: float,
                    audio_seconds: tuple[float, float] = (5.0, 5.0)) -> dict:
-    rng = random.Random(seed)
     results: list[tuple[int, float]] = []
 
     async with httpx.AsyncClient(base_url=url, timeout=timeout,
@@ -201,14 +211,10 @@ async def run_rate(url: str, rate: float, seconds: float, body: dict, seed: int,
             results.append((status, time.perf_counter() - t0))
 
         start = time.perf_counter()
-        tasks, t, i = [], 0.0, 0
-        while True:
-            t += rng.expovariate(rate)
-            if t > seconds:
-                break
+        tasks = []
+        for i, t in enumerate(arrival_times(rate, seconds, seed)):
             await asyncio.sleep(max(0.0, start + t - time.perf_counter()))
             tasks.append(asyncio.create_task(one(i)))
-            i += 1
         await asyncio.gather(*tasks)
         wall = time.perf_counter() - start
     return {"rate": rate, "sent": len(results), "wall_s": wall, "results": results}
