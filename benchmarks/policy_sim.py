@@ -31,6 +31,7 @@ import numpy as np
 from benchmarks.common import environment, md_table, write_results
 from benchmarks.load import arrival_times, parse_seconds, percentile, request_duration
 from service.costmodel import ForwardCost
+from service.engine import Engine
 from service.scheduler import GenerationJob, ModelScheduler, Sample, length_groups, make_policy
 
 SAMPLE_RATE = 44100
@@ -65,7 +66,7 @@ def simulate(policy_name: str, cost: DeviceCost, arrivals: list[tuple[float, flo
     count. The adaptive policy's cost model is calibrated as the engine does it, then learns from every forward."""
     learnt = ForwardCost()
     longest = max((d for _, d in arrivals), default=1.0)
-    for batch, share in ((1, 1.0), (1, 0.25), (4, 0.25)):  # the engine's calibration sizes
+    for batch, share in Engine.CALIBRATION:
         f = frames_of(max(0.5, share * longest))
         learnt.observe(batch * f, cost.forward(batch, f))
     policy = make_policy(policy_name, max_batch, max_queue_delay_ms, frames_of, max_padding, learnt)

@@ -20,6 +20,7 @@ from models.bundle import ModelBundle
 from models.data.corpus import SAMPLE_RATE, SyntheticCorpus
 from models.eval.adherence import evaluate_clip, summarize
 from models.eval.embeddings import frechet_distance_samples, mfcc_embedding
+from models.eval.pitch import CappedPitch, PitchTracker
 
 # figure name -> True when lower is better; what ``select`` may name
 FIGURES = {"fd_mfcc": True, "pitch_error_median": True, "placement_accuracy": False, "tempo_within_5pct": False}
@@ -69,9 +70,7 @@ class Validator:
     def _adherence(self, audio: np.ndarray, params: dict) -> dict:
         tracker = None
         if params.get("category") == "tone":
-            if self._tracker is None:
-                from models.eval.pitch import CappedPitch, PitchTracker
-
+            if self._tracker is None:  # CREPE's weights load on the first tone
                 self._tracker = CappedPitch(PitchTracker(), self.pitch_frames)
             tracker = self._tracker
         return evaluate_clip(audio, SAMPLE_RATE, params, tracker)
