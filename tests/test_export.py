@@ -148,6 +148,25 @@ def test_each_graph_matches_pytorch_on_new_shapes(zoo, text_encoder):
             assert rms_rel_error(wave, ref64) <= 2 * rms_rel_error(ref, ref64) + 1e-5
 
 
+def test_onnx_text_encoder_appends_the_same_number_channels(zoo):
+    """The number channels are computed in Python beside the encoder graph: under ONNX Runtime they must be
+    torch's, Fourier and linear ones alike (the graph itself is the plain encoder's)."""
+    from models.text import HFTextEncoder, minilm_path
+    from service.runtimes.onnx_runtime import OnnxTextEncoder
+
+    ex = zoo[1][TINY]
+    reference = HFTextEncoder(minilm_path(), number_freqs=16, number_linear=True)
+    info = {**ex.manifest["text_encoder"], "dim": reference.dim, "pooled_dim": reference.pooled_dim,
+            "number_freqs": 16, "number_linear": True}
+    onnx_encoder = OnnxTextEncoder(ex.path("text_encoder"), minilm_path(), info, "cpu")
+    prompts = ["a 440 Hz sine tone on the left", "clicks at 127.5 BPM", "rain"]
+    for (tokens, pooled), (want_tokens, want_pooled) in zip(onnx_encoder.encode_unpadded(prompts),
+                                                            reference.encode_unpadded(prompts)):
+        assert tokens.shape == want_tokens.shape and tokens.shape[1] == 384 + 34
+        assert torch.equal(tokens[:, 384:], want_tokens[:, 384:]) and torch.equal(pooled[384:], want_pooled[384:])
+        assert max_rel_error(tokens, want_tokens) <= 1e-4
+
+
 def test_decoder_graph_matches_pytorch_with_sounding_partials(tmp_path):
     """The tiny bundles' codecs draw no partials (their tonality gate is shut), so the tests above hear only noise.
     Here partials are all that sounds: two tonal slots (220 and 660 Hz), each gated off for a few latent frames

@@ -1,4 +1,6 @@
 """Text encoders load from local directories only: the shipped MiniLM and any T5 encoder directory."""
+import math
+
 import pytest
 import torch
 
@@ -61,3 +63,23 @@ def test_number_channels_code_the_value_on_its_own_tokens():
     # the language part is the plain encoder's
     plain = load_text_encoder({"name": "minilm"}).encode(["a 508 Hz square tone"])
     assert torch.allclose(plain.tokens[0], text.tokens[0, : plain.tokens.shape[1], :384], atol=1e-5)
+
+
+def test_linear_number_channels_are_monotone_in_log_value():
+    from models.text.encoders import LOG_CENTRE, LOG_SCALE
+
+    fourier = load_text_encoder({"name": "minilm", "number_freqs": 16})
+    enc = load_text_encoder({"name": "minilm", "number_freqs": 16, "number_linear": True})
+    assert enc.dim == 384 + 32 + 2 and enc.pooled_dim == enc.dim
+    prompts = ["a 508 Hz square tone", "a 523.5 Hz square tone", "clicks at 120 BPM", "rain on a roof"]
+    text = enc.encode(prompts)
+    linear = text.tokens[..., 416:]
+    # the number's own tokens: (1, (ln v - centre) / scale); every other token zeros
+    assert torch.allclose(linear[0, 2], torch.tensor([1.0, (math.log(508) - LOG_CENTRE) / LOG_SCALE]), atol=1e-6)
+    assert torch.allclose(linear[1, 2], torch.tensor([1.0, (math.log(523.5) - LOG_CENTRE) / LOG_SCALE]), atol=1e-6)
+    assert float(linear[0, 1].abs().sum()) == 0.0 and float(linear[3].abs().sum()) == 0.0
+    assert linear[2, :, 1].max() < linear[0, 2, 1] < linear[1, 2, 1]  # 120 < 508 < 523.5, in that order
+    assert torch.allclose(text.pooled[0, 416:], linear[0, 2])
+    # the Fourier channels and the language part are the Fourier-only encoder's
+    plain = fourier.encode(prompts[:1])
+    assert torch.allclose(plain.tokens[0], text.tokens[0, : plain.tokens.shape[1], :416], atol=1e-5)

@@ -52,6 +52,7 @@ from models.export.manifest import (
     writable,
 )
 from models.export.ort import import_onnx, import_onnxruntime, per_length_call, session
+from models.text.encoders import number_width
 
 log = logging.getLogger("tta.export")
 
@@ -227,7 +228,8 @@ def export_text_encoder(encoder, path: Path, opset: int = OPSET) -> dict:
     states, pooled = sess.run(TEXT_OUTPUTS, {k: batch[k] for k in TEXT_INPUTS})
     reference = encoder.encode_unpadded(VERIFY_PROMPTS)
     lengths = batch["attention_mask"].sum(1)
-    base = encoder.dim - 2 * encoder.number_freqs  # the number channels are appended in Python by every runtime
+    # the number channels are appended in Python by every runtime
+    base = encoder.dim - number_width(encoder.number_freqs, encoder.number_linear)
     got_t = torch.cat([torch.from_numpy(states[i, :n]) for i, n in enumerate(lengths)])
     want_t = torch.cat([t[:, :base] for t, _ in reference])
     got_p, want_p = torch.from_numpy(pooled), torch.stack([p[:base] for _, p in reference])
@@ -485,6 +487,7 @@ def export_onnx(bundle_dir: str | Path, out_dir: str | Path | None = None, opset
             "text_encoder": {"kind": encoder.kind, "max_length": encoder.max_length, "dim": encoder.dim,
                              "pooled_dim": encoder.pooled_dim, "normalize_pooled": encoder.normalize_pooled,
                              "number_freqs": encoder.number_freqs,
+                             "number_linear": encoder.number_linear,
                              "name": encoder.name, "fingerprint": te_digest},
             "codec": {"sample_rate": codec.sample_rate, "audio_channels": codec.audio_channels,
                       "latent_dim": codec.latent_dim, "samples_per_latent": codec.samples_per_latent,

@@ -74,19 +74,30 @@ def pad_stack(items: list[Tensor], length: int | None = None) -> tuple[Tensor, T
 
 
 NUMBER = re.compile(r"\d+(?:\.\d+)?")
+# the linear number channel: (ln(value) - LOG_CENTRE) / LOG_SCALE, about -1 .. 1 over 20 Hz .. 3 kHz
+LOG_CENTRE, LOG_SCALE = 5.0, 2.0
 
 
-def number_features(prompt: str, offsets: list[tuple[int, int]], n_freqs: int) -> Tensor:
-    """[L, 2 * n_freqs]: for each token that is part of a number in the prompt, sin / cos of log(value) at
-    geometrically spaced frequencies (0.5 to 64 rad per natural-log unit, so 1 % apart is still 0.6 rad apart at the
-    top); zeros for every other token.
+def number_width(number_freqs: int, number_linear: bool) -> int:
+    """How many channels ``number_features`` appends to every token state (and to the pooled embedding)."""
+    return 2 * number_freqs + (2 if number_linear else 0)
+
+
+def number_features(prompt: str, offsets: list[tuple[int, int]], n_freqs: int, linear: bool = False) -> Tensor:
+    """[L, number_width(n_freqs, linear)]: for each token that is part of a number in the prompt, sin / cos of
+    log(value) at geometrically spaced frequencies (0.5 to 64 rad per natural-log unit, so 1 % apart is still
+    0.6 rad apart at the top); with ``linear``, two more channels: 1 (a number is here) and
+    (log(value) - LOG_CENTRE) / LOG_SCALE; zeros for every other token.
 
     Why: a small encoder's subword states for "508" and "523" are not ordered like the values, so a model trained on
     some pitches or tempi cannot interpolate to unseen ones. Attached to the number's own contextual token (which
     knows whether "Hz" or "BPM" follows), a smooth code of the value lets the denoiser read it like Stable Audio
-    reads seconds_total from its number conditioner."""
-    feats = torch.zeros(len(offsets), 2 * n_freqs)
-    if n_freqs == 0:
+    reads seconds_total from its number conditioner. The Fourier code resolves 1 % steps but is periodic, so a
+    value between two trained ones is a new point of it; the linear channel is monotone in log(value), which is
+    what the codec's pitch channel (10 ln(f / 400 Hz)) and a tempo's period are, so one weight reads them and
+    interpolates to values training never saw."""
+    feats = torch.zeros(len(offsets), number_width(n_freqs, linear))
+    if feats.shape[1] == 0:
         return feats
     omega = 0.5 * (128.0 ** (torch.arange(n_freqs, dtype=torch.float64) / max(1, n_freqs - 1)))
     for m in NUMBER.finditer(prompt):
@@ -94,7 +105,10 @@ def number_features(prompt: str, offsets: list[tuple[int, int]], n_freqs: int) -
         if value <= 0:
             continue
         angles = omega * math.log(value)
-        code = torch.cat([torch.sin(angles), torch.cos(angles)]).float()
+        parts = [torch.sin(angles), torch.cos(angles)]
+        if linear:
+            parts.append(torch.tensor([1.0, (math.log(value) - LOG_CENTRE) / LOG_SCALE], dtype=torch.float64))
+        code = torch.cat(parts).float()
         for i, (a, b) in enumerate(offsets):
             if b > a and a < m.end() and b > m.start():
                 feats[i] = code
@@ -102,15 +116,16 @@ def number_features(prompt: str, offsets: list[tuple[int, int]], n_freqs: int) -
 
 
 def unpad_with_numbers(prompts: list[str], states: Tensor, pooled: Tensor, lengths: list[int], offsets,
-                       number_freqs: int) -> list[tuple[Tensor, Tensor]]:
-    """Per prompt: (token states [L_i, D (+ 2 number_freqs)], pooled) without padding, the number channels of
-    ``number_features`` appended when ``number_freqs`` > 0 (``offsets``: the tokenizer's character offsets).
+                       number_freqs: int, number_linear: bool = False) -> list[tuple[Tensor, Tensor]]:
+    """Per prompt: (token states [L_i, D (+ number channels)], pooled) without padding, the number channels of
+    ``number_features`` appended when there are any (``offsets``: the tokenizer's character offsets).
     Shared by every runtime of a text encoder, so the number channels are computed in one place."""
     out = []
     for i, prompt in enumerate(prompts):
         tokens, pool = states[i, : lengths[i]], pooled[i]
-        if number_freqs:
-            numbers = number_features(prompt, [tuple(o) for o in offsets[i][: lengths[i]].tolist()], number_freqs)
+        if number_width(number_freqs, number_linear):
+            numbers = number_features(prompt, [tuple(o) for o in offsets[i][: lengths[i]].tolist()], number_freqs,
+                                      number_linear)
             is_number = numbers.abs().sum(1) > 0
             numbers_pooled = numbers[is_number].mean(0) if is_number.any() else numbers.new_zeros(numbers.shape[1])
             tokens, pool = torch.cat([tokens, numbers], 1), torch.cat([pool, numbers_pooled])
@@ -122,13 +137,13 @@ class HFTextEncoder(TextEncoder):
     """A transformers encoder (BERT-like or T5 encoder) loaded from a local directory.
 
     Pooled embedding = masked mean of the token states; for sentence-transformer models it is L2-normalised as
-    they were trained to be used. With ``number_freqs`` > 0 every token state gets ``2 * number_freqs`` more
-    channels holding the value of the number it belongs to (see ``number_features``), and the pooled embedding the
-    mean of those over the prompt's number tokens.
+    they were trained to be used. With ``number_freqs`` > 0 (and / or ``number_linear``) every token state gets
+    ``number_width(number_freqs, number_linear)`` more channels holding the value of the number it belongs to (see
+    ``number_features``), and the pooled embedding the mean of those over the prompt's number tokens.
     """
 
     def __init__(self, path: str | Path, kind: str = "auto", max_length: int = 64, normalize_pooled: bool | None = None,
-                 device: str | torch.device = "cpu", number_freqs: int = 0):
+                 device: str | torch.device = "cpu", number_freqs: int = 0, number_linear: bool = False):
         from transformers import AutoConfig, AutoModel, AutoTokenizer
 
         self.path = Path(path)
@@ -147,7 +162,9 @@ class HFTextEncoder(TextEncoder):
         self.device = torch.device(device)
         self.max_length = max_length
         self.number_freqs = number_freqs
-        self.dim = int(getattr(config, "hidden_size", getattr(config, "d_model", 0))) + 2 * number_freqs
+        self.number_linear = bool(number_linear)
+        self.dim = (int(getattr(config, "hidden_size", getattr(config, "d_model", 0)))
+                    + number_width(number_freqs, self.number_linear))
         self.pooled_dim = self.dim
         self.normalize_pooled = (self.kind == "bert") if normalize_pooled is None else normalize_pooled
         self.name = self.path.name if self.path.name != "model" else self.path.parent.name
@@ -157,7 +174,8 @@ class HFTextEncoder(TextEncoder):
         """Per prompt: (token states [L_i, D], pooled [P]) without padding, so results do not depend on
         which other prompts shared the batch."""
         batch = self.tokenizer(prompts, padding=True, truncation=True, max_length=self.max_length,
-                               return_tensors="pt", return_offsets_mapping=self.number_freqs > 0)
+                               return_tensors="pt",
+                               return_offsets_mapping=number_width(self.number_freqs, self.number_linear) > 0)
         offsets = batch.pop("offset_mapping", None)
         batch = batch.to(self.device)
         states = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
@@ -168,7 +186,7 @@ class HFTextEncoder(TextEncoder):
         if self.normalize_pooled:
             pooled = torch.nn.functional.normalize(pooled, dim=-1)
         return unpad_with_numbers(prompts, states.cpu(), pooled.cpu(), mask.sum(1).tolist(), offsets,
-                                  self.number_freqs)
+                                  self.number_freqs, self.number_linear)
 
     def encode(self, prompts: list[str]) -> TextEmbedding:
         return assemble(self.encode_unpadded(prompts))
@@ -212,8 +230,8 @@ class CachedTextEncoder(TextEncoder):
 
 def load_text_encoder(config: dict, device: str | torch.device = "cpu", cache_size: int = 4096) -> CachedTextEncoder:
     """Build the text encoder a model's config names: ``{"name": "minilm"}`` for the embedded one or
-    ``{"name": "t5", "path": "<local dir>"}`` for any local transformers encoder; ``"number_freqs": n`` adds the
-    number channels of ``number_features``."""
+    ``{"name": "t5", "path": "<local dir>"}`` for any local transformers encoder; ``"number_freqs": n`` and
+    ``"number_linear": true`` add the number channels of ``number_features``."""
     name = config.get("name", "minilm")
     path = config.get("path")
     if name == "minilm" and not path:
@@ -221,5 +239,6 @@ def load_text_encoder(config: dict, device: str | torch.device = "cpu", cache_si
     if not path:
         raise ValueError(f"text encoder {name!r} needs a local 'path'")
     enc = HFTextEncoder(path, max_length=int(config.get("max_length", 64)), device=device,
-                        number_freqs=int(config.get("number_freqs", 0)))
+                        number_freqs=int(config.get("number_freqs", 0)),
+                        number_linear=bool(config.get("number_linear", False)))
     return CachedTextEncoder(enc, maxsize=cache_size)

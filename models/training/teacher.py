@@ -49,13 +49,17 @@ class TeacherTrainConfig:
     depth: int = 6
     heads: int = 4
     number_freqs: int = 16  # the text encoder's number channels (models.text.encoders.number_features)
+    number_linear: bool = False  # and its two linear ones (a number is here, log of its value)
     init_from: str = ""  # warm start from this teacher directory (its codec may have another latent layout)
     # v-MSE weight of the codec's analytic channels (tonality, pitch, balance) against 1 for the learned ones: a 1 %
     # pitch step is 0.015 of the pitch channel's standard deviation, so its errors count for more than their share.
     analytic_weight: float = 1.0
 
     def text_encoder_config(self) -> dict:
-        return {"name": "minilm", "number_freqs": self.number_freqs}
+        config = {"name": "minilm", "number_freqs": self.number_freqs}
+        if self.number_linear:
+            config["number_linear"] = True
+        return config
 
 
 def train_teacher(out_dir: str | Path, run_dir: str | Path, codec_dir: str | Path, cfg: TeacherTrainConfig,
