@@ -5,11 +5,13 @@
 
 ``--split train`` scores captions the model was trained on (the first clips of the training stream, which the
 latent caches hold): the gap between the two splits says whether a miss is underfitting or a failure to
-interpolate to unseen values.
+generalise. ``--templates train`` keeps the held-out clips (unseen pitches and tempi) but captions them with the
+training templates, which separates unseen phrasing from unseen values.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 
 import torch
@@ -38,6 +40,12 @@ def evaluation_set(n_tones: int, n_clicks: int, n_other: int, seed: int = 1234, 
         elif cat not in got and len(other) < n_other:
             other.append(clip)
     return got["tone"] + got["clicks"] + other
+
+
+def recaption(clips: list, templates: str) -> list:
+    """The same clips captioned from their ground truth with another split's templates (one draw per clip)."""
+    corpus = SyntheticCorpus(templates, seed=0)
+    return [dataclasses.replace(c, caption=corpus.caption(c.params, corpus.rng_for(i))) for i, c in enumerate(clips)]
 
 
 def run_adherence(bundle: ModelBundle, clips: list, steps: int, guidance: float, batch: int, seed: int,
@@ -69,18 +77,24 @@ def main(argv=None) -> dict:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--split", choices=sorted(SPLIT_SEEDS), default="heldout",
                     help="heldout: unseen templates and values; train: captions of the training clips")
+    ap.add_argument("--templates", choices=sorted(SPLIT_SEEDS), default=None,
+                    help="caption the clips with this split's templates instead of their own")
     ap.add_argument("--name", default="teacher_quality")
+    ap.add_argument("--out-dir", default=None, help="results directory (default benchmarks/results)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     bundle = ModelBundle.load(args.model)
     steps = args.steps or bundle.config.default_steps
     guidance = bundle.config.default_guidance if args.guidance is None else args.guidance
     clips = evaluation_set(args.tones, args.clicks, args.other, SPLIT_SEEDS[args.split], args.split)
+    if args.templates and args.templates != args.split:
+        clips = recaption(clips, args.templates)
     tracker = PitchTracker("full")
     results, compute = run_adherence(bundle, clips, steps, guidance, args.batch, args.seed, tracker)
     summary = summarize(results)
     audio_seconds = sum(c.duration for c in clips)
     summary.update({"model": bundle.name, "steps": steps, "guidance": guidance, "split": args.split,
+                    "templates": args.templates or args.split,
                     "generation_seconds": compute, "audio_seconds": audio_seconds,
                     "seconds_per_clip": compute / len(clips), "peak_rss_mb": peak_rss_mb()})
     targets = [
@@ -91,6 +105,8 @@ def main(argv=None) -> dict:
     ]
     about = ("held-out clips (held-out templates and parameter values)" if args.split == "heldout"
              else "training clips (captions and values the model was trained on)")
+    if args.templates and args.templates != args.split:
+        about += f", captioned with the {args.templates} templates instead"
     md = (f"# Prompt adherence on {args.split} captions: {bundle.name}\n\n"
           f"{steps} {bundle.config.sampler} steps, guidance {guidance}, {len(clips)} {about}, "
           f"batch {args.batch}, seed {args.seed}. "
@@ -99,7 +115,7 @@ def main(argv=None) -> dict:
           + f"\n\nGeneration: {compute:.1f} s for {audio_seconds:.1f} s of audio "
             f"({compute / len(clips):.2f} s per clip); peak RSS {summary['peak_rss_mb']:.0f} MB.\n")
     data = {"summary": summary, "per_clip": results, "environment": environment()}
-    write_results(args.name, data, md)
+    write_results(args.name, data, md, args.out_dir)
     print(md)
     return data
 
