@@ -86,15 +86,16 @@ def main(argv=None) -> dict:
     bundle = ModelBundle.load(args.model)
     steps = args.steps or bundle.config.default_steps
     guidance = bundle.config.default_guidance if args.guidance is None else args.guidance
+    templates = args.templates or args.split
     clips = evaluation_set(args.tones, args.clicks, args.other, SPLIT_SEEDS[args.split], args.split)
-    if args.templates and args.templates != args.split:
-        clips = recaption(clips, args.templates)
+    if templates != args.split:
+        clips = recaption(clips, templates)
     tracker = PitchTracker("full")
     results, compute = run_adherence(bundle, clips, steps, guidance, args.batch, args.seed, tracker)
     summary = summarize(results)
     audio_seconds = sum(c.duration for c in clips)
     summary.update({"model": bundle.name, "steps": steps, "guidance": guidance, "split": args.split,
-                    "templates": args.templates or args.split,
+                    "templates": templates,
                     "generation_seconds": compute, "audio_seconds": audio_seconds,
                     "seconds_per_clip": compute / len(clips), "peak_rss_mb": peak_rss_mb()})
     targets = [
@@ -105,8 +106,8 @@ def main(argv=None) -> dict:
     ]
     about = ("held-out clips (held-out templates and parameter values)" if args.split == "heldout"
              else "training clips (captions and values the model was trained on)")
-    if args.templates and args.templates != args.split:
-        about += f", captioned with the {args.templates} templates instead"
+    if templates != args.split:
+        about += f", captioned with the {templates} templates instead"
     md = (f"# Prompt adherence on {args.split} captions: {bundle.name}\n\n"
           f"{steps} {bundle.config.sampler} steps, guidance {guidance}, {len(clips)} {about}, "
           f"batch {args.batch}, seed {args.seed}. "
