@@ -139,8 +139,9 @@ def plan_rows(teacher: str, teacher_steps: list[int], reference_steps: int, stud
         family = student_family(cfg)
         found.append(Row(METHOD_NAMES.get(family, family), family, int(cfg.default_steps), str(path)))
     # two directories that would make the same row (e.g. two runs of one method) keep their directory names
-    for r in found:
-        if sum(q.method == r.method and q.steps == r.steps for q in found) > 1:
+    shared = [sum(q.method == r.method and q.steps == r.steps for q in found) > 1 for r in found]
+    for r, is_shared in zip(found, shared):
+        if is_shared:  # decided for all rows before any is renamed, so every one of a pair gets its label
             r.method = f"{r.method} [{Path(r.path).name}]"
     rank = {f: i for i, f in enumerate(FAMILY_ORDER)}
     found.sort(key=lambda r: (rank.get(r.family, len(rank)), r.method, -r.steps))

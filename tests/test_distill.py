@@ -158,6 +158,33 @@ def test_training_steps_lower_the_error_against_the_two_step_teacher(teacher, ca
     assert torch.equal(d.target(batch, draw), target)
 
 
+def test_analytic_channels_can_weigh_more_in_the_distillation_loss(teacher, cache, text_encoder):
+    analytic = teacher.codec.config.analytic_channels
+    assert 0 < analytic < LATENT
+    rng = np.random.default_rng(5)
+    batch = sample_captioned_batch(cache, SyntheticCorpus("train"), text_encoder, rng, 3)
+    rises = {}
+    for aw in (1.0, 4.0):
+        d = Distiller(teacher, with_guidance_embedding(teacher.denoiser), 2, DistillConfig(analytic_weight=aw),
+                      (1.0, 6.0))
+        assert (d.channel_weight is None) == (aw == 1.0)
+        draw = d.draw(batch, np.random.default_rng(6), torch.Generator().manual_seed(1))
+        target = d.target(batch, draw)
+        base = d.loss(batch, draw, target)[1]
+        for name, channel in (("analytic", analytic - 1), ("learned", analytic)):
+            rise = 0.0
+            for delta in (0.5, -0.5):  # the pair cancels the term linear in the student's current miss
+                shifted = target.clone()
+                shifted[:, channel] += delta
+                rise += (d.loss(batch, draw, shifted)[1] - base).mean().item()
+            rises[aw, name] = rise
+    # the plain mean prices one channel like another; weight 4 makes an analytic-channel miss cost more than before
+    # and more than the same miss on a learned channel (whose share of the normalised weights shrinks)
+    assert rises[1.0, "analytic"] == pytest.approx(rises[1.0, "learned"], rel=1e-4)
+    assert rises[4.0, "analytic"] > 2 * rises[1.0, "analytic"]
+    assert rises[4.0, "learned"] < rises[1.0, "learned"]
+
+
 def _weights(path):
     return load_file(path / "denoiser.safetensors")
 

@@ -186,6 +186,18 @@ def test_benchmark_end_to_end(tiny_models, tmp_path, text_encoder):
     assert after["latent_mse"] == pytest.approx(before["latent_mse"], rel=1e-5)
 
 
+def test_two_runs_of_one_method_both_keep_their_directory_names(tiny_models, tmp_path):
+    import shutil
+
+    from benchmarks.distill_quality import plan_rows
+
+    _, teacher, students, _ = tiny_models
+    runs = [shutil.copytree(students[0], tmp_path / name) for name in ("run-a", "run-b")]
+    rows = plan_rows(str(teacher), [2], 2, runs + [students[1]], None, [])
+    assert sorted(r.method for r in rows if r.family != "teacher") == ["BSA [run-a]", "BSA [run-b]", "Min-SNR"]
+    assert len({r.key for r in rows}) == len(rows)
+
+
 def test_stereo_mrstft_stays_finite_on_a_hard_panned_reference():
     """A reference with a silent channel (a tone panned hard left) must not put a near-zero norm under the spectral
     convergence: over the clip as a whole a faint leak into that channel costs little, per channel it explodes."""

@@ -69,6 +69,17 @@ def with_rows(text: TextEmbedding, rows: list[int], other: TextEmbedding) -> Tex
     return TextEmbedding(tokens, mask, pooled)
 
 
+def latent_channel_weight(codec, analytic_weight: float) -> torch.Tensor | None:
+    """Per-channel loss weights [D]: ``analytic_weight`` on a codec's leading analytic channels (the harmonic codec's
+    tonality / pitch / balance), 1 elsewhere; None (the plain mean) when the weight is 1 or the codec has none."""
+    analytic = int(getattr(getattr(codec, "config", None), "analytic_channels", 0))
+    if analytic_weight == 1.0 or analytic == 0:
+        return None
+    weight = torch.ones(codec.latent_dim)
+    weight[:analytic] = analytic_weight
+    return weight
+
+
 def masked_mse(pred: Tensor, target: Tensor, mask: Tensor, channel_weight: Tensor | None = None) -> Tensor:
     """Per-sample mean squared error over real frames only: [B]. ``channel_weight`` [D] makes it a weighted mean
     over latent channels (the weights are normalised, so all ones is the plain mean)."""

@@ -13,7 +13,7 @@ from models.codec import load_codec
 from models.diffusion import VPCosineSchedule, VPrediction
 from models.dit import DiT, DiTConfig
 from models.text import load_text_encoder
-from models.training.batches import masked_mse, sample_captioned_batch
+from models.training.batches import latent_channel_weight, masked_mse, sample_captioned_batch
 from models.training.common import (
     EMA,
     RunState,
@@ -113,17 +113,6 @@ def train_teacher(out_dir: str | Path, run_dir: str | Path, codec_dir: str | Pat
     train_loop(run, "teacher", step, cfg.steps, train_step, checkpoint, cfg.log_every, cfg.checkpoint_every,
                stop_at=stop_at)
     return Path(out_dir)
-
-
-def latent_channel_weight(codec, analytic_weight: float) -> torch.Tensor | None:
-    """Per-channel loss weights [D]: ``analytic_weight`` on a codec's leading analytic channels (the harmonic codec's
-    tonality / pitch / balance), 1 elsewhere; None (the plain mean) when the weight is 1 or the codec has none."""
-    analytic = int(getattr(codec.config, "analytic_channels", 0))
-    if analytic_weight == 1.0 or analytic == 0:
-        return None
-    weight = torch.ones(codec.latent_dim)
-    weight[:analytic] = analytic_weight
-    return weight
 
 
 def export_teacher(model: DiT, codec, text_encoder, out_dir, codec_dir, cfg: TeacherTrainConfig, step: int) -> None:
