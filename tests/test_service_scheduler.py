@@ -15,6 +15,8 @@ import torch
 
 from service_support import TINY, TINY_ARC, LiveServer
 
+from models.audio.spectral import stft
+
 
 # ------------------------------------------------------------------------------------------ engine level
 @pytest.fixture(scope="module")
@@ -107,7 +109,12 @@ def test_engine_companions_match_their_solo_runs(runtimes):
         # float tolerance relative to the signal: the random tiny model with guidance up to 7 gives latents of
         # tens, and batch shape changes the order of float reductions
         assert (a.latents - b.latents).abs().max() <= 1e-5 * (1 + b.latents.abs().max())
-        assert (a.wave - b.wave).abs().max() <= 1e-4 * (1 + b.wave.abs().max())
+        # the waves are compared by magnitude spectrum: the codec integrates its pitch channel into oscillator
+        # phase, so a 1e-6 latent difference becomes a phase drift that grows along the clip (2 % of the peak
+        # sample by the end of a 2.5 s clip on an Intel Xeon, 0.3 % in magnitude spectrum); another job's, seed's
+        # or guidance's clip is off by tens of percent
+        mag_a, mag_b = stft(a.wave, 2048, 512).abs(), stft(b.wave, 2048, 512).abs()
+        assert (mag_a - mag_b).norm() <= 1e-2 * mag_b.norm()
         assert a.wave.shape == (2, round(j["duration"] * 44100))
 
 
