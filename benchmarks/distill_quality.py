@@ -31,6 +31,7 @@ import re
 import shlex
 import sys
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -139,9 +140,9 @@ def plan_rows(teacher: str, teacher_steps: list[int], reference_steps: int, stud
         family = student_family(cfg)
         found.append(Row(METHOD_NAMES.get(family, family), family, int(cfg.default_steps), str(path)))
     # two directories that would make the same row (e.g. two runs of one method) keep their directory names
-    shared = [sum(q.method == r.method and q.steps == r.steps for q in found) > 1 for r in found]
-    for r, is_shared in zip(found, shared):
-        if is_shared:  # decided for all rows before any is renamed, so every one of a pair gets its label
+    made = Counter((r.method, r.steps) for r in found)  # counted before any is renamed, so every one gets its label
+    for r in found:
+        if made[r.method, r.steps] > 1:
             r.method = f"{r.method} [{Path(r.path).name}]"
     rank = {f: i for i, f in enumerate(FAMILY_ORDER)}
     found.sort(key=lambda r: (rank.get(r.family, len(rank)), r.method, -r.steps))

@@ -119,8 +119,7 @@ def test_decode_groups_equal_lengths_and_caps_the_batch():
 
 
 def test_channel_weighted_mse_and_the_analytic_channel_weights():
-    from models.training.batches import masked_mse
-    from models.training.batches import latent_channel_weight
+    from models.training.batches import latent_channel_weight, masked_mse
 
     pred = torch.zeros(2, 3, 4)
     target = torch.zeros(2, 3, 4)
