@@ -184,8 +184,9 @@ def test_gradient_penalty_enters_the_loss_and_flattens_the_discriminator(teacher
 
 # ------------------------------------------------------------------------------------------------ training run
 def test_arc_run_updates_both_nets_exports_and_resumes(tmp_path, teacher, cache, text_encoder):
+    # with latent augmentation on (the cache holds tones and hard-panned clips): resuming replays it exactly
     cfg = ARCConfig(train_steps=6, batch_size=3, lr_g=1e-3, lr_d=1e-3, checkpoint_every=2, log_every=1,
-                    ema_decay=0.5)
+                    ema_decay=0.5, pitch_shift=0.5, placement_shift=0.5)
     out = train_arc(teacher, cache, tmp_path / "arc-a", tmp_path / "run-a", cfg)
     state = torch.load(tmp_path / "run-a" / "state.pt", weights_only=True)
     assert state["step"] == 6

@@ -190,8 +190,9 @@ def _weights(path):
 
 
 def test_distill_run_exports_halvings_and_resumes(tmp_path, teacher, cache, text_encoder):
+    # with latent augmentation on (the cache holds tones and hard-panned clips): resuming replays it exactly
     cfg = DistillConfig(weighting="bsa", iterations=2, steps_per_halving=4, batch_size=3, lr=1e-3,
-                        checkpoint_every=2, log_every=1, ema_decay=0.9)
+                        checkpoint_every=2, log_every=1, ema_decay=0.9, pitch_shift=0.5, placement_shift=0.5)
     full = distill(teacher, cache, tmp_path / "out-a", tmp_path / "run-a", cfg, name="s")
     assert [p.name for p in full] == ["s-4", "s-2"]
 

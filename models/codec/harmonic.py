@@ -297,6 +297,19 @@ class HarmonicAutoencoder(AudioCodec):
     def encode(self, wave: Tensor) -> Tensor:
         return self.normalize(self.encode_distribution(wave)[0])
 
+    def shift_pitch(self, latents: Tensor, ratio: float | Tensor) -> Tensor:
+        """Normalised latents [B, D, T] of the same sound transposed by ``ratio`` (a scalar or one per clip, [B]):
+        every pitch slot's frequency is multiplied by it, and nothing else changes. A slot channel holds
+        ``tau * pitch_scale * log(f / ref)``, so the shift adds ``tau * pitch_scale * log(ratio)`` to it; the
+        decoder's learned pitch correction and harmonic shapes are relative to the slot pitch and go along."""
+        c = self.config
+        ratio = torch.as_tensor(ratio, dtype=latents.dtype, device=latents.device).reshape(-1, 1, 1)
+        raw = self.denormalize(latents)
+        tau, logf = raw[:, 0: c.pitch_channels: 2], raw[:, 1: c.pitch_channels: 2]
+        raw = raw.clone()
+        raw[:, 1: c.pitch_channels: 2] = logf + tau * c.pitch_scale * torch.log(ratio)
+        return self.normalize(raw)
+
     # ---------------------------------------------------------------- decoder
     def decode_params(self, raw: Tensor) -> dict[str, Tensor]:
         """Unnormalised latents [B, D, T] -> per STFT frame: log frequency per slot [B, S, F], log amplitudes of

@@ -282,8 +282,26 @@ class SyntheticCorpus:
                 hz = int(round(float(np.exp(rng.uniform(lo, hi)))))
                 if PITCH_RANGE_HZ[0] <= hz <= PITCH_RANGE_HZ[1] and not near_heldout_pitch(hz):
                     break
-        unit = _pick(rng, (" Hz", " Hz", " Hz", "Hz", " hertz"))
-        return float(hz), f"{hz}{unit}"
+        return float(hz), self._hz_text(hz, rng)
+
+    @staticmethod
+    def _hz_text(hz: int, rng) -> str:
+        return f"{hz}{_pick(rng, (' Hz', ' Hz', ' Hz', 'Hz', ' hertz'))}"
+
+    def transposed_params(self, params: dict, rng, lo_hz: float, hi_hz: float, tries: int = 20) -> dict | None:
+        """A tone's ground truth moved to a whole-Hz pitch drawn log-uniformly from [lo_hz, hi_hz] within the pitch
+        range, stated in Hz; in the training split never near a held-out pitch. None when no such pitch was drawn
+        (the range lies outside the pitch range, or only near held-out values)."""
+        if params.get("category") != "tone":
+            raise ValueError("only a tone's pitch can be moved")
+        lo, hi = max(lo_hz, PITCH_RANGE_HZ[0]), min(hi_hz, PITCH_RANGE_HZ[1])
+        if lo > hi:
+            return None
+        for _ in range(tries):
+            hz = int(round(float(np.exp(rng.uniform(np.log(lo), np.log(hi))))))
+            if PITCH_RANGE_HZ[0] <= hz <= PITCH_RANGE_HZ[1] and (self.heldout or not near_heldout_pitch(hz)):
+                return {**params, "pitch_hz": float(hz), "pitch_text": self._hz_text(hz, rng)}
+        return None
 
     def _bpm(self, rng) -> int:
         if self.heldout:
@@ -389,25 +407,41 @@ class SyntheticCorpus:
         # --- placement modifier -----------------------------------------------------------
         placement = None
         if rng.random() < 0.5:
-            movable = (envelope != "short burst" and category != "impact"
-                       and p.get("kind") not in ("birds", "phone") and duration >= 1.5)
-            choices = ["left", "right", "centre"] + (["left-to-right", "right-to-left"] if movable else [])
-            weights = np.array([3, 3, 2, 1, 1][: len(choices)], dtype=float)
-            placement = choices[int(rng.choice(len(choices), p=weights / weights.sum()))]
+            placement = self._draw_placement(rng, p)
         p["placement"] = placement
-        if placement is None:
-            p["pan_db"] = 0.0 if rng.random() < 0.5 else float(round(rng.uniform(-3.0, 3.0), 2))
-        elif placement == "centre":
-            p["pan_db"] = 0.0
-        elif placement in ("left", "right"):
-            b = float(round(rng.uniform(12.0, 30.0), 2))
-            p["pan_db"] = b if placement == "left" else -b
-        else:
-            b = float(round(rng.uniform(15.0, 25.0), 2))
-            p["pan_start_db"], p["pan_end_db"] = (b, -b) if placement == "left-to-right" else (-b, b)
+        p.update(self._pan(placement, rng))
 
         p["gain_db"] = float(round(rng.uniform(-12.0, -3.0), 2))
         return p
+
+    @staticmethod
+    def _draw_placement(rng, p: dict) -> str:
+        """One of the stereo placements a clip with these params may have (a moving one needs a sustained sound)."""
+        movable = (p.get("envelope") != "short burst" and p["category"] != "impact"
+                   and p.get("kind") not in ("birds", "phone") and p["duration"] >= 1.5)
+        choices = ["left", "right", "centre"] + (["left-to-right", "right-to-left"] if movable else [])
+        weights = np.array([3, 3, 2, 1, 1][: len(choices)], dtype=float)
+        return choices[int(rng.choice(len(choices), p=weights / weights.sum()))]
+
+    @staticmethod
+    def _pan(placement: str | None, rng) -> dict:
+        """The pan of a placement in dB of left over right energy (``pan_db``, or ``pan_start_db`` / ``pan_end_db``
+        for a move); an unplaced clip is centred or nearly so."""
+        if placement is None:
+            return {"pan_db": 0.0 if rng.random() < 0.5 else float(round(rng.uniform(-3.0, 3.0), 2))}
+        if placement == "centre":
+            return {"pan_db": 0.0}
+        if placement in ("left", "right"):
+            b = float(round(rng.uniform(12.0, 30.0), 2))
+            return {"pan_db": b if placement == "left" else -b}
+        b = float(round(rng.uniform(15.0, 25.0), 2))
+        return dict(zip(("pan_start_db", "pan_end_db"), (b, -b) if placement == "left-to-right" else (-b, b)))
+
+    def replaced_params(self, params: dict, rng) -> dict:
+        """A clip's ground truth with a freshly drawn stated placement and its pan (what re-panning the clip gives)."""
+        placement = self._draw_placement(rng, params)
+        rest = {k: v for k, v in params.items() if k not in ("placement", "pan_db", "pan_start_db", "pan_end_db")}
+        return {**rest, "placement": placement, **self._pan(placement, rng)}
 
     # -- captions ---------------------------------------------------------------------------
     def _source_caption(self, p: dict, rng) -> str:

@@ -51,6 +51,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from models.bundle import ModelBundle
 from models.dit import DiT
 from models.text import TextEmbedding
+from models.training.augment import latent_augment
 from models.training.batches import CaptionedBatch, sample_captioned_batch
 from models.training.common import (
     EMA,
@@ -85,6 +86,10 @@ class ARCConfig:
     gan_half_logsnr_std: float = 1.0
     fold_guidance: float = 0.0  # scale baked into a source with a guidance input; 0: the source's default
     cond_dropout: float = 0.0
+    # latent augmentation as in the teacher's training (models.training.augment; harmonic codec only): the share of
+    # pure tones transposed, and of hard-panned clips re-panned, at each draw
+    pitch_shift: float = 0.0
+    placement_shift: float = 0.0
     cache_clips: int = 3000
     seed: int = 0
     checkpoint_every: int = 200
@@ -327,12 +332,13 @@ def train_arc(source: ModelBundle, cache: LatentCache, out_dir: str | Path, run_
         print(f"resumed ARC post-training at step {step}")
     (run.dir / "arc_config.json").write_text(json.dumps({**asdict(cfg), "source": source.name}, indent=2))
     corpus = SyntheticCorpus("train", seed=cfg.seed)
+    augment = latent_augment(source.codec, corpus, cfg.pitch_shift, cfg.placement_shift)
 
     def train_step(step: int) -> dict:
         rng, gen = step_rngs(cfg.seed, 2, step)
         batch = sample_captioned_batch(cache, corpus, source.text_encoder, rng, cfg.batch_size, cfg.cond_dropout,
                                        null_text=source.unconditional_text,
-                                       max_frames=window_frames(source))
+                                       max_frames=window_frames(source), augment=augment)
         batch = batch.to(cfg.device)
         return trainer.train_step(batch, trainer.draw(batch, rng, gen), step)
 

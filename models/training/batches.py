@@ -36,15 +36,20 @@ class CaptionedBatch:
 
 
 def sample_captioned_batch(cache: LatentCache, corpus, text_encoder, rng: np.random.Generator, batch_size: int,
-                           cond_dropout: float = 0.0, null_text=None, max_frames: int | None = None) -> CaptionedBatch:
+                           cond_dropout: float = 0.0, null_text=None, max_frames: int | None = None,
+                           augment=None) -> CaptionedBatch:
     """Clips drawn uniformly from the cache, each with a freshly drawn caption of its ground truth (the corpus
     words the same sound many ways), and the empty prompt with probability ``cond_dropout`` (what classifier-free
     guidance's unconditional branch is trained on). ``null_text(n) -> TextEmbedding``, when given, is the model's
     own unconditional input for those rows (a checkpoint's null condition need not be the empty prompt's
     encoding). ``max_frames``: the model's longest window; a longer clip is cut to a random window of it, with
-    the window's duration as the duration condition."""
+    the window's duration as the duration condition. ``augment(x0, mask, params, rng) -> (x0, params)``, when
+    given, changes some clips and their ground truth before they are captioned (``models.training.augment``)."""
     x0, mask, idx, share = sample_batch(cache, rng, batch_size, max_frames)
-    prompts = [corpus.caption(cache.params[i], rng) for i in idx]
+    params = [cache.params[i] for i in idx]
+    if augment is not None:
+        x0, params = augment(x0, mask, params, rng)
+    prompts = [corpus.caption(p, rng) for p in params]
     prompts = ["" if rng.random() < cond_dropout else p for p in prompts]
     text = text_encoder.encode(prompts)
     dropped = [i for i, p in enumerate(prompts) if not p]

@@ -50,6 +50,7 @@ from models.checkpoints import is_checkpoint_dir
 from models.diffusion.samplers import DDIMSampler
 from models.diffusion.weighting import WEIGHTINGS, loss_weight
 from models.dit import DiT
+from models.training.augment import latent_augment
 from models.training.batches import CaptionedBatch, latent_channel_weight, masked_mse, sample_captioned_batch
 from models.training.common import (
     EMA,
@@ -81,6 +82,10 @@ class DistillConfig:
     # x0-MSE weight of the codec's analytic channels (tonality, pitch, balance; ``latent_channel_weight``) against 1
     # for the learned ones, as in the teacher's training: with the plain mean a 1 % pitch drift is almost free.
     analytic_weight: float = 1.0
+    # latent augmentation as in the teacher's training (models.training.augment; harmonic codec only): the share of
+    # pure tones transposed, and of hard-panned clips re-panned, at each draw
+    pitch_shift: float = 0.0
+    placement_shift: float = 0.0
     start_steps: int = 0  # the teacher's step count N_0; 0: its default_steps
     cache_clips: int = 3000
     seed: int = 0
@@ -218,6 +223,7 @@ def distill(teacher: ModelBundle, cache: LatentCache, out_root: str | Path, run_
     name = name or (f"{teacher.name}-{cfg.weighting}" if is_checkpoint_dir(teacher.path or "") else
                     f"tta-{cfg.weighting}")
     corpus = SyntheticCorpus("train", seed=cfg.seed)
+    augment = latent_augment(teacher.codec, corpus, cfg.pitch_shift, cfg.placement_shift)
     text_encoder = teacher.text_encoder
     default_guidance = float(teacher.config.default_guidance)
     folded = takes_guidance(teacher.denoiser)
@@ -251,7 +257,8 @@ def distill(teacher: ModelBundle, cache: LatentCache, out_root: str | Path, run_
         def train_step(step: int, distiller=distiller, n=n, teacher=current) -> dict:
             rng, gen = step_rngs(cfg.seed, 1000 + n, step)
             batch = sample_captioned_batch(cache, corpus, text_encoder, rng, cfg.batch_size, dropout,
-                                           null_text=teacher.unconditional_text, max_frames=window_frames(teacher))
+                                           null_text=teacher.unconditional_text, max_frames=window_frames(teacher),
+                                           augment=augment)
             batch = batch.to(cfg.device)
             lr = lr_at(step, cfg.steps_per_halving, cfg.lr, 0, schedule="linear", final=0.0)
             return distiller.train_step(batch, distiller.draw(batch, rng, gen), lr, step)

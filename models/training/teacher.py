@@ -13,6 +13,7 @@ from models.codec import load_codec
 from models.diffusion import VPCosineSchedule, VPrediction
 from models.dit import DiT, DiTConfig
 from models.text import load_text_encoder
+from models.training.augment import latent_augment
 from models.training.batches import latent_channel_weight, masked_mse, sample_captioned_batch
 from models.training.common import (
     EMA,
@@ -54,6 +55,10 @@ class TeacherTrainConfig:
     # v-MSE weight of the codec's analytic channels (tonality, pitch, balance) against 1 for the learned ones: a 1 %
     # pitch step is 0.015 of the pitch channel's standard deviation, so its errors count for more than their share.
     analytic_weight: float = 1.0
+    # latent augmentation (models.training.augment): the share of pure tones transposed to another stated pitch,
+    # and of the clips panned hard left or right re-panned to another stated placement, at each draw
+    pitch_shift: float = 0.0
+    placement_shift: float = 0.0
 
     def text_encoder_config(self) -> dict:
         config = {"name": "minilm", "number_freqs": self.number_freqs}
@@ -90,11 +95,13 @@ def train_teacher(out_dir: str | Path, run_dir: str | Path, codec_dir: str | Pat
     param = VPrediction(schedule)
     corpus = SyntheticCorpus("train", seed=cfg.seed)
     weight = latent_channel_weight(codec, cfg.analytic_weight)
+    augment = latent_augment(codec, corpus, cfg.pitch_shift, cfg.placement_shift)
     model.train()
 
     def train_step(step: int) -> dict:
         rng, gen = step_rngs(cfg.seed, 1, step)
-        b = sample_captioned_batch(cache, corpus, text_encoder, rng, cfg.batch_size, cfg.cond_dropout)
+        b = sample_captioned_batch(cache, corpus, text_encoder, rng, cfg.batch_size, cfg.cond_dropout,
+                                  augment=augment)
         t = torch.from_numpy(rng.random(cfg.batch_size)).float()
         eps = torch.randn(b.x0.shape, generator=gen)
         z = schedule.add_noise(b.x0, eps, t)
