@@ -3,8 +3,8 @@ clip re-captioned from its edited ground truth.
 
 Transposition: a tone clip's cached latents are moved to another pitch with the codec's ``shift_pitch``, so every
 draw of a tone can state a pitch the corpus never rendered. A cache of a few thousand clips holds only a few hundred
-tones, and a small denoiser trained on them snaps to the pitches it has seen instead of learning the continuous map
-from the stated number to the pitch channel.
+tones (762 tones at 316 distinct pitches in the embedded teacher's 2500 clips), and the sixth-round teacher's
+held-out pitch miss was in the values between them, not in the phrasing.
 
 Re-panning: a clip panned hard left or right is given another stated placement (left, right, centre, or a move
 either way) by rewriting the stereo-balance channel, so every source is seen in every placement."""
@@ -48,7 +48,7 @@ class PitchTransposer:
             return x0, out
         with torch.no_grad():
             shifted = self.codec.shift_pitch(x0, torch.tensor(ratios, dtype=x0.dtype))
-        moved = torch.tensor([math.log(r) != 0.0 for r in ratios])
+        moved = torch.tensor([r != 1.0 for r in ratios])
         x0 = torch.where(moved[:, None, None] & mask[:, None, :], shifted, x0)
         return x0, out
 
