@@ -277,12 +277,20 @@ class SyntheticCorpus:
             cands = [h for h in _COMMON_HZ if not near_heldout_pitch(h)]
             hz = _pick(rng, cands)
         else:
-            lo, hi = np.log(PITCH_RANGE_HZ[0]), np.log(PITCH_RANGE_HZ[1])
-            while True:
-                hz = int(round(float(np.exp(rng.uniform(lo, hi)))))
-                if PITCH_RANGE_HZ[0] <= hz <= PITCH_RANGE_HZ[1] and not near_heldout_pitch(hz):
-                    break
+            hz = self._whole_hz(rng, *PITCH_RANGE_HZ)
         return float(hz), self._hz_text(hz, rng)
+
+    def _whole_hz(self, rng, lo_hz: float, hi_hz: float, tries: int | None = None) -> int | None:
+        """A whole-Hz pitch drawn log-uniformly from [lo_hz, hi_hz], drawn again while it rounds outside the pitch
+        range or, in the training split, lies near a held-out pitch; None after ``tries`` such draws (None: no limit)."""
+        lo, hi = np.log(lo_hz), np.log(hi_hz)
+        drawn = 0
+        while tries is None or drawn < tries:
+            hz = int(round(float(np.exp(rng.uniform(lo, hi)))))
+            if PITCH_RANGE_HZ[0] <= hz <= PITCH_RANGE_HZ[1] and (self.heldout or not near_heldout_pitch(hz)):
+                return hz
+            drawn += 1
+        return None
 
     @staticmethod
     def _hz_text(hz: int, rng) -> str:
@@ -297,11 +305,10 @@ class SyntheticCorpus:
         lo, hi = max(lo_hz, PITCH_RANGE_HZ[0]), min(hi_hz, PITCH_RANGE_HZ[1])
         if lo > hi:
             return None
-        for _ in range(tries):
-            hz = int(round(float(np.exp(rng.uniform(np.log(lo), np.log(hi))))))
-            if PITCH_RANGE_HZ[0] <= hz <= PITCH_RANGE_HZ[1] and (self.heldout or not near_heldout_pitch(hz)):
-                return {**params, "pitch_hz": float(hz), "pitch_text": self._hz_text(hz, rng)}
-        return None
+        hz = self._whole_hz(rng, lo, hi, tries)
+        if hz is None:
+            return None
+        return {**params, "pitch_hz": float(hz), "pitch_text": self._hz_text(hz, rng)}
 
     def _bpm(self, rng) -> int:
         if self.heldout:
