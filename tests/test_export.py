@@ -429,3 +429,34 @@ def test_a_derived_model_exports_over_its_base(sao_tiny, tmp_path):
     (out / "derived.json").write_text((out / "derived.json").read_text().replace('"default_steps": 4',
                                                                                   '"default_steps": 2'))
     assert fingerprint(out)["sha256"] != before["sha256"]  # a changed config makes the export stale
+
+
+def test_the_rhythm_conditioner_is_exported(tmp_path, text_encoder):
+    from models.dit import DiT, DiTConfig
+    from models.export.onnx_export import export_denoiser
+    from models.export.ort import session
+    from models.text import load_text_encoder
+
+    torch.manual_seed(4)
+    encoder = load_text_encoder({"name": "minilm", "number_freqs": 4, "number_linear": True})
+    dit = DiT(DiTConfig(width=32, depth=1, heads=2, text_dim=encoder.dim, pooled_dim=encoder.dim,
+                        rhythm_frame_rate=SR / 2048))
+    with torch.no_grad():
+        for p in dit.parameters():
+            if p.abs().sum() == 0:
+                p.normal_(0.0, 0.05)
+    entry = export_denoiser(dit, tmp_path / "denoiser.onnx")
+    assert entry["parity"]["passed"]
+    text = encoder.encode(["clicks at 120 BPM", "a knock"])
+    feed = {"z": np.ones((2, LATENT, 40), np.float32), "t": np.array([0.5, 0.5], np.float32),
+            "tokens": text.tokens.numpy(), "token_mask": text.mask.numpy(), "pooled": text.pooled.numpy(),
+            "seconds": np.array([2.0, 2.0], np.float32), "frame_mask": np.ones((2, 40), bool)}
+    got = session(tmp_path / "denoiser.onnx").run(["out"], feed)[0]
+    args = [torch.from_numpy(feed[k]) for k in ("z", "t", "tokens", "token_mask", "pooled", "seconds", "frame_mask")]
+    with torch.no_grad():
+        want = dit(*args)
+        dit.rhythm = None
+        without = dit(*args)
+    assert max_rel_error(got, want) <= 1e-4
+    # the stated tempo moves the frames of the rhythmic prompt apart, not those of the one without a number
+    assert (want[0] - without[0]).abs().max() > 1e-3 and torch.allclose(want[1], without[1], atol=1e-6)

@@ -1,11 +1,12 @@
-"""Model code: batch invariance, save/load, determinism, text-encoder cache, codec shapes."""
+"""Model code: batch invariance, save/load, determinism, text-encoder cache, codec shapes, the rhythm
+conditioner's beat phase."""
 
 import pytest
 import torch
 
 from models.bundle import BundleConfig, ModelBundle
 from models.codec import HarmonicAutoencoder, HarmonicAutoencoderConfig
-from models.dit import DiT, DiTConfig
+from models.dit import DiT, DiTConfig, RhythmConditioner
 from models.text import load_text_encoder
 
 LATENT = DiTConfig.latent_dim  # the embedded codec's latent channels
@@ -45,6 +46,25 @@ def test_dit_is_invariant_to_batch_padding(text_encoder):
         single = b.denoiser(z[:1, :, :17], t[:1], alone.tokens, alone.mask, alone.pooled, sec[:1])
     assert torch.allclose(batched[0, :, :17], single[0], atol=1e-5)
     assert torch.all(batched[0, :, 17:] == 0)
+
+
+def test_rhythm_conditioner_repeats_at_the_stated_tempo_and_ignores_words():
+    rate = 44100 / 2048
+    conditioner = RhythmConditioner(16, rate, (1.0, 2.0, 3.0))
+    torch.nn.init.normal_(conditioner.mix.weight, std=0.1)
+    torch.nn.init.normal_(conditioner.mix.bias, std=0.1)
+    encoder = load_text_encoder({"name": "minilm", "number_freqs": 4, "number_linear": True})
+    bpm = 60 * rate / 10  # 129.2 BPM: a beat every 10 latent frames
+    text = encoder.encode([f"clicks at {bpm:.4f} BPM", "rain on a roof"])
+    context = torch.randn(*text.tokens.shape[:2], 16)
+    out = conditioner(text.tokens, text.mask, context, 60)
+    assert out.shape == (2, 60, 16)
+    assert torch.allclose(out[0, 10:], out[0, :-10], atol=1e-3)  # the beat phase repeats every period ...
+    assert not torch.allclose(out[0, 5:], out[0, :-5], atol=1e-1)  # ... and not at half of it
+    assert torch.all(out[1] == 0)  # a prompt without numbers gets nothing, whatever its words
+    padded = text.mask.clone()
+    padded[0] = False  # nor do masked tokens
+    assert torch.all(conditioner(text.tokens, padded, context, 60)[0] == 0)
 
 
 def test_predict_x0_mixed_guidance_matches_separate_calls(text_encoder):

@@ -83,6 +83,11 @@ def number_width(number_freqs: int, number_linear: bool) -> int:
     return 2 * number_freqs + (2 if number_linear else 0)
 
 
+def number_value(linear_channel: Tensor) -> Tensor:
+    """The value a linear number channel of ``number_features`` encodes (its inverse; meaningful where a number is)."""
+    return torch.exp(linear_channel * LOG_SCALE + LOG_CENTRE)
+
+
 def number_features(prompt: str, offsets: list[tuple[int, int]], n_freqs: int, linear: bool = False) -> Tensor:
     """[L, number_width(n_freqs, linear)]: for each token that is part of a number in the prompt, sin / cos of
     log(value) at geometrically spaced frequencies (0.5 to 64 rad per natural-log unit, so 1 % apart is still

@@ -51,6 +51,8 @@ class TeacherTrainConfig:
     heads: int = 4
     number_freqs: int = 16  # the text encoder's number channels (models.text.encoders.number_features)
     number_linear: bool = False  # and its two linear ones (a number is here, log of its value)
+    # beat-phase features of the stated tempi (models.dit.RhythmConditioner); needs number_linear
+    rhythm: bool = False
     init_from: str = ""  # warm start from this teacher directory (its codec may have another latent layout)
     # v-MSE weight of the codec's analytic channels (tonality, pitch, balance) against 1 for the learned ones: a 1 %
     # pitch step is 0.015 of the pitch channel's standard deviation, so its errors count for more than their share.
@@ -78,8 +80,11 @@ def train_teacher(out_dir: str | Path, run_dir: str | Path, codec_dir: str | Pat
     cache_dir = build_latent_cache(codec, run.dir / "latents", cfg.cache_clips, seed=cfg.seed)
     cache = LatentCache.load(cache_dir)
     text_encoder = load_text_encoder(cfg.text_encoder_config(), cache_size=2048)
+    if cfg.rhythm and not cfg.number_linear:
+        raise ValueError("the rhythm conditioner reads the text encoder's linear number channels: set number_linear")
     dit_config = DiTConfig(latent_dim=codec.latent_dim, width=cfg.width, depth=cfg.depth, heads=cfg.heads,
-                           text_dim=text_encoder.dim, pooled_dim=text_encoder.pooled_dim)
+                           text_dim=text_encoder.dim, pooled_dim=text_encoder.pooled_dim,
+                           rhythm_frame_rate=codec.latent_rate if cfg.rhythm else 0.0)
     model = DiT(dit_config)
     if cfg.init_from:
         added = warm_start_dit(model, cfg.init_from, codec.config.channel_names())

@@ -16,6 +16,8 @@ DIT_CHANNEL_PARAMS = {"proj_in.weight": 1, "proj_out.weight": 0, "proj_out.bias"
 # the DiT's first layers on the text encoder's token states and pooled embedding: channels a newer encoder appends
 # (number channels) start with zero weights
 DIT_TEXT_INPUTS = ("context_proj.0.weight", "pooled_proj.0.weight")
+# modules a newer DiT may add that start from their own (zero) initialisation when the old model had none
+DIT_ADDED_MODULES = ("rhythm.",)
 
 
 def remap_channels(old: Tensor, dim: int, old_names: list[str], new_names: list[str], fill: float = 0.0) -> Tensor:
@@ -30,14 +32,19 @@ def remap_channels(old: Tensor, dim: int, old_names: list[str], new_names: list[
 
 
 def load_remapped(model: nn.Module, state: dict[str, Tensor], channel_params: dict[str, int],
-                  old_names: list[str], new_names: list[str], widened: tuple[str, ...] = ()) -> list[str]:
-    """Load ``state`` into ``model`` with the channel-indexed parameters remapped and the ``widened`` input weights
-    given zero columns for inputs appended after the old ones; returns the new channels."""
+                  old_names: list[str], new_names: list[str], widened: tuple[str, ...] = (),
+                  added: tuple[str, ...] = ()) -> list[str]:
+    """Load ``state`` into ``model`` with the channel-indexed parameters remapped, the ``widened`` input weights
+    given zero columns for inputs appended after the old ones and the parameters of ``added`` modules (prefixes)
+    the old model lacks kept as initialised; returns the new channels."""
     state = dict(state)
     for key, dim in channel_params.items():
         if key in state:
             state[key] = remap_channels(state[key], dim, old_names, new_names)
     current = model.state_dict()
+    for key in current:
+        if key not in state and key.startswith(added):
+            state[key] = current[key]
     for key in widened:
         old, want = state.get(key), current.get(key)
         if old is not None and want is not None and old.shape[1] < want.shape[1] and old.shape[0] == want.shape[0]:
@@ -73,9 +80,11 @@ def warm_start_codec(model, codec_dir: str | Path) -> list[str]:
 
 def warm_start_dit(model, bundle_dir: str | Path, new_names: list[str]) -> list[str]:
     """Initialise a DiT from a saved bundle whose codec may have another latent layout (and whose text encoder may
-    have fewer number channels: the new ones are appended, so the old columns keep their meaning)."""
+    have fewer number channels: the new ones are appended, so the old columns keep their meaning; and which may
+    lack the rhythm conditioner, which then starts at zero)."""
     bundle_dir = Path(bundle_dir)
     cfg = json.loads((bundle_dir / "config.json").read_text())
     old_names = codec_channel_names((bundle_dir / cfg["codec_from"]).resolve())
     state = load_file(str(bundle_dir / "denoiser.safetensors"))
-    return load_remapped(model, state, DIT_CHANNEL_PARAMS, old_names, new_names, widened=DIT_TEXT_INPUTS)
+    return load_remapped(model, state, DIT_CHANNEL_PARAMS, old_names, new_names, widened=DIT_TEXT_INPUTS,
+                          added=DIT_ADDED_MODULES)
