@@ -67,6 +67,14 @@ def test_rhythm_conditioner_repeats_at_the_stated_tempo_and_ignores_words():
     assert torch.all(conditioner(text.tokens, padded, context, 60)[0] == 0)
 
 
+def test_a_rhythm_denoiser_without_linear_number_channels_does_not_load(tmp_path, text_encoder):
+    b = tiny_bundle(text_encoder)
+    b.denoiser = DiT(DiTConfig(width=32, depth=2, heads=2, rhythm_frame_rate=44100 / 2048))
+    b.save(tmp_path / "m")
+    with pytest.raises(ValueError, match="number_linear"):
+        ModelBundle.load(tmp_path / "m", text_encoder=text_encoder)
+
+
 def test_predict_x0_mixed_guidance_matches_separate_calls(text_encoder):
     b = tiny_bundle(text_encoder)
     cond = b.conditioning(["a dog barks", "white noise fading in", "a kick drum"], [1.0, 2.0, 1.5])

@@ -49,4 +49,4 @@ def test_warm_start_onto_linear_number_channels_and_a_rhythm_conditioner(tmp_pat
 
 def test_the_rhythm_conditioner_needs_the_linear_number_channels(tmp_path):
     with pytest.raises(ValueError, match="number_linear"):
-        train_teacher(tmp_path / "out", tmp_path / "run", CODEC, TeacherTrainConfig(steps=1, rhythm=True, **TINY))
+        TeacherTrainConfig(steps=1, rhythm=True, **TINY)

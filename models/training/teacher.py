@@ -62,6 +62,11 @@ class TeacherTrainConfig:
     pitch_shift: float = 0.0
     placement_shift: float = 0.0
 
+    def __post_init__(self) -> None:
+        if self.rhythm and not self.number_linear:
+            raise ValueError("the rhythm conditioner reads the text encoder's linear number channels: set "
+                             "number_linear")
+
     def text_encoder_config(self) -> dict:
         config = {"name": "minilm", "number_freqs": self.number_freqs}
         if self.number_linear:
@@ -80,8 +85,6 @@ def train_teacher(out_dir: str | Path, run_dir: str | Path, codec_dir: str | Pat
     cache_dir = build_latent_cache(codec, run.dir / "latents", cfg.cache_clips, seed=cfg.seed)
     cache = LatentCache.load(cache_dir)
     text_encoder = load_text_encoder(cfg.text_encoder_config(), cache_size=2048)
-    if cfg.rhythm and not cfg.number_linear:
-        raise ValueError("the rhythm conditioner reads the text encoder's linear number channels: set number_linear")
     dit_config = DiTConfig(latent_dim=codec.latent_dim, width=cfg.width, depth=cfg.depth, heads=cfg.heads,
                            text_dim=text_encoder.dim, pooled_dim=text_encoder.pooled_dim,
                            rhythm_frame_rate=codec.latent_rate if cfg.rhythm else 0.0)
