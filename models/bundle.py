@@ -107,9 +107,10 @@ class ModelBundle:
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"{path} is not a model directory: config.json is missing")
         config = BundleConfig.load(path / "config.json")
-        if config.denoiser.get("rhythm_frame_rate", 0) > 0 and not config.text_encoder.get("number_linear"):
-            raise ValueError(f"{path}: the denoiser's rhythm conditioner reads the text encoder's linear number "
-                             "channels, but its text_encoder config does not set number_linear")
+        reads_numbers = config.denoiser.get("rhythm_frame_rate", 0) > 0 or config.denoiser.get("number_values")
+        if reads_numbers and not config.text_encoder.get("number_linear"):
+            raise ValueError(f"{path}: the denoiser's rhythm or value conditioner reads the text encoder's linear "
+                             "number channels, but its text_encoder config does not set number_linear")
         denoiser = DiT.from_config(config.denoiser)
         denoiser.load_state_dict(load_file(path / "denoiser.safetensors"))
         codec_dir = (path / config.codec_from).resolve() if config.codec_from else path

@@ -431,7 +431,7 @@ def test_a_derived_model_exports_over_its_base(sao_tiny, tmp_path):
     assert fingerprint(out)["sha256"] != before["sha256"]  # a changed config makes the export stale
 
 
-def test_the_rhythm_conditioner_is_exported(tmp_path, text_encoder):
+def test_the_number_conditioners_are_exported(tmp_path, text_encoder):
     from models.dit import DiT, DiTConfig
     from models.export.onnx_export import export_denoiser
     from models.export.ort import session
@@ -440,14 +440,14 @@ def test_the_rhythm_conditioner_is_exported(tmp_path, text_encoder):
     torch.manual_seed(4)
     encoder = load_text_encoder({"name": "minilm", "number_freqs": 4, "number_linear": True})
     dit = DiT(DiTConfig(width=32, depth=1, heads=2, text_dim=encoder.dim, pooled_dim=encoder.dim,
-                        rhythm_frame_rate=SR / 2048))
+                        rhythm_frame_rate=SR / 2048, number_values=True))
     with torch.no_grad():
         for p in dit.parameters():
             if p.abs().sum() == 0:
                 p.normal_(0.0, 0.05)
     entry = export_denoiser(dit, tmp_path / "denoiser.onnx")
     assert entry["parity"]["passed"]
-    text = encoder.encode(["clicks at 120 BPM", "a knock"])
+    text = encoder.encode(["clicks at 1141 BPM", "a knock"])
     feed = {"z": np.ones((2, LATENT, 40), np.float32), "t": np.array([0.5, 0.5], np.float32),
             "tokens": text.tokens.numpy(), "token_mask": text.mask.numpy(), "pooled": text.pooled.numpy(),
             "seconds": np.array([2.0, 2.0], np.float32), "frame_mask": np.ones((2, 40), bool)}
@@ -455,8 +455,13 @@ def test_the_rhythm_conditioner_is_exported(tmp_path, text_encoder):
     args = [torch.from_numpy(feed[k]) for k in ("z", "t", "tokens", "token_mask", "pooled", "seconds", "frame_mask")]
     with torch.no_grad():
         want = dit(*args)
+        values, dit.values = dit.values, None
+        without_values = dit(*args)
         dit.rhythm = None
         without = dit(*args)
     assert max_rel_error(got, want) <= 1e-4
-    # the stated tempo moves the frames of the rhythmic prompt apart, not those of the one without a number
-    assert (want[0] - without[0]).abs().max() > 1e-3 and torch.allclose(want[1], without[1], atol=1e-6)
+    # the stated value (split into several tokens) moves the outputs of its prompt, not those of the one without a
+    # number; so, by the beat phase, does the rhythm conditioner
+    for other in (without_values, without):
+        assert (want[0] - other[0]).abs().max() > 1e-3 and torch.allclose(want[1], other[1], atol=1e-6)
+    assert (without_values[0] - without[0]).abs().max() > 1e-3

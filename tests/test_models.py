@@ -1,12 +1,12 @@
 """Model code: batch invariance, save/load, determinism, text-encoder cache, codec shapes, the rhythm
-conditioner's beat phase."""
+conditioner's beat phase, the value conditioner's log values."""
 
 import pytest
 import torch
 
 from models.bundle import BundleConfig, ModelBundle
 from models.codec import HarmonicAutoencoder, HarmonicAutoencoderConfig
-from models.dit import DiT, DiTConfig, RhythmConditioner
+from models.dit import DiT, DiTConfig, RhythmConditioner, ValueConditioner
 from models.text import load_text_encoder
 
 LATENT = DiTConfig.latent_dim  # the embedded codec's latent channels
@@ -67,9 +67,39 @@ def test_rhythm_conditioner_repeats_at_the_stated_tempo_and_ignores_words():
     assert torch.all(conditioner(text.tokens, padded, context, 60)[0] == 0)
 
 
-def test_a_rhythm_denoiser_without_linear_number_channels_does_not_load(tmp_path, text_encoder):
+def test_value_conditioner_is_affine_in_the_log_value_and_counts_a_number_once():
+    conditioner = ValueConditioner(16)
+    torch.nn.init.normal_(conditioner.mix.weight, std=0.1)
+    torch.nn.init.normal_(conditioner.mix.bias, std=0.1)
+    encoder = load_text_encoder({"name": "minilm", "number_freqs": 4, "number_linear": True})
+    prompts = ["a tone at 100 Hz", "a tone at 400 Hz", "a tone at 1600 Hz", "a tone at 1141 Hz", "rain on a roof"]
+    text = encoder.encode(prompts)
+    number_tokens = (text.tokens[..., -2] * text.mask).sum(1)
+    assert number_tokens[3] > 1  # the tokenizer splits this number: it must still count once
+    context = torch.randn(1, text.tokens.shape[1], 16).expand(len(prompts), -1, -1).clone()
+    state = torch.randn(16)
+    for i in range(4):  # each number's tokens all read the same contextual state
+        context[i, text.tokens[i, :, -2] > 0] = state
+    out = conditioner(text.tokens, text.mask, context)
+    assert out.shape == (5, 1, 16)
+    # 400 Hz lies halfway between 100 and 1600 Hz in log: the output is affine in the log value ...
+    assert torch.allclose(out[1], (out[0] + out[2]) / 2, atol=1e-5)
+    assert not torch.allclose(out[0], out[2], atol=1e-2)
+    # ... and a number split into several tokens contributes what one token of its value would
+    a, c = conditioner.mix(state).view(2, 16)
+    log_value = text.tokens[3, text.tokens[3, :, -2] > 0, -1]
+    assert torch.allclose(out[3, 0], log_value[0] * a + c, atol=1e-5) and torch.all(log_value == log_value[0])
+    assert torch.all(out[4] == 0)  # a prompt without numbers gets nothing
+    padded = text.mask.clone()
+    padded[0] = False  # nor do masked tokens
+    assert torch.all(conditioner(text.tokens, padded, context)[0] == 0)
+
+
+@pytest.mark.parametrize("conditioner", [{"rhythm_frame_rate": 44100 / 2048}, {"number_values": True}])
+def test_a_number_reading_denoiser_without_linear_number_channels_does_not_load(tmp_path, text_encoder,
+                                                                                 conditioner):
     b = tiny_bundle(text_encoder)
-    b.denoiser = DiT(DiTConfig(width=32, depth=2, heads=2, rhythm_frame_rate=44100 / 2048))
+    b.denoiser = DiT(DiTConfig(width=32, depth=2, heads=2, **conditioner))
     b.save(tmp_path / "m")
     with pytest.raises(ValueError, match="number_linear"):
         ModelBundle.load(tmp_path / "m", text_encoder=text_encoder)

@@ -1,6 +1,6 @@
 """Teacher training end to end at toy size: the shipped codec encodes a few corpus clips, a DiT trains on them and
 is exported as a bundle that loads and generates; a warm start onto a text encoder with the linear number channels
-(and a rhythm conditioner) keeps what the old teacher computed."""
+(and the rhythm and value conditioners) keeps what the old teacher computed."""
 import json
 
 import pytest
@@ -16,18 +16,18 @@ TINY = {"width": 32, "depth": 1, "heads": 2, "batch_size": 2, "cache_clips": 3, 
         "checkpoint_every": 1000, "log_every": 1}
 
 
-def test_warm_start_onto_linear_number_channels_and_a_rhythm_conditioner(tmp_path):
+def test_warm_start_onto_linear_number_channels_and_the_number_conditioners(tmp_path):
     first = train_teacher(tmp_path / "old", tmp_path / "run-old", CODEC, TeacherTrainConfig(steps=2, **TINY))
     (tmp_path / "run-new").mkdir()
     (tmp_path / "run-new" / "latents").symlink_to(tmp_path / "run-old" / "latents")  # the same clips, encoded once
-    cfg = TeacherTrainConfig(steps=1, lr=0.0, weight_decay=0.0, number_linear=True, rhythm=True, init_from=str(first),
-                             **TINY)
+    cfg = TeacherTrainConfig(steps=1, lr=0.0, weight_decay=0.0, number_linear=True, rhythm=True, number_values=True,
+                             init_from=str(first), **TINY)
     second = train_teacher(tmp_path / "new", tmp_path / "run-new", CODEC, cfg)
 
     config = json.loads((second / "config.json").read_text())
     assert config["text_encoder"] == {"name": "minilm", "number_freqs": 16, "number_linear": True}
     assert config["denoiser"]["text_dim"] == config["denoiser"]["pooled_dim"] == 384 + 32 + 2
-    assert config["denoiser"]["rhythm_frame_rate"] == 44100 / 2048
+    assert config["denoiser"]["rhythm_frame_rate"] == 44100 / 2048 and config["denoiser"]["number_values"]
     old, new = load_file(str(first / "denoiser.safetensors")), load_file(str(second / "denoiser.safetensors"))
     for key in DIT_TEXT_INPUTS:  # the old columns kept (lr 0), the two new ones start at zero
         assert torch.equal(new[key][:, :416], old[key]) and torch.all(new[key][:, 416:] == 0)
@@ -40,13 +40,15 @@ def test_warm_start_onto_linear_number_channels_and_a_rhythm_conditioner(tmp_pat
     with torch.no_grad():  # and the comparison can tell: weights on the new channels do change the output
         reloaded.denoiser.context_proj[0].weight[:, 416:].normal_(0, 1.0)
     assert not torch.allclose(a[0], reloaded.generate_latents(prompt, seconds, [3], steps=2)[0], atol=1e-4)
-    assert torch.all(new["rhythm.mix.weight"] == 0) and torch.all(new["rhythm.mix.bias"] == 0)
-    rhythmic = ModelBundle.load(second)
-    with torch.no_grad():  # as do weights on the rhythm conditioner, which starts at zero
-        rhythmic.denoiser.rhythm.mix.weight.normal_(0, 1.0)
-    assert not torch.allclose(a[0], rhythmic.generate_latents(prompt, seconds, [3], steps=2)[0], atol=1e-4)
+    for module in ("rhythm", "values"):  # as do weights on the number conditioners, which start at zero
+        assert torch.all(new[f"{module}.mix.weight"] == 0) and torch.all(new[f"{module}.mix.bias"] == 0)
+        changed = ModelBundle.load(second)
+        with torch.no_grad():
+            getattr(changed.denoiser, module).mix.weight.normal_(0, 1.0)
+        assert not torch.allclose(a[0], changed.generate_latents(prompt, seconds, [3], steps=2)[0], atol=1e-4)
 
 
-def test_the_rhythm_conditioner_needs_the_linear_number_channels(tmp_path):
+@pytest.mark.parametrize("conditioner", ["rhythm", "number_values"])
+def test_the_number_conditioners_need_the_linear_number_channels(tmp_path, conditioner):
     with pytest.raises(ValueError, match="number_linear"):
-        TeacherTrainConfig(steps=1, rhythm=True, **TINY)
+        TeacherTrainConfig(steps=1, **{conditioner: True}, **TINY)

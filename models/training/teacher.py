@@ -53,6 +53,8 @@ class TeacherTrainConfig:
     number_linear: bool = False  # and its two linear ones (a number is here, log of its value)
     # beat-phase features of the stated tempi (models.dit.RhythmConditioner); needs number_linear
     rhythm: bool = False
+    # the log of every stated value added to the frames (models.dit.ValueConditioner); needs number_linear
+    number_values: bool = False
     init_from: str = ""  # warm start from this teacher directory (its codec may have another latent layout)
     # v-MSE weight of the codec's analytic channels (tonality, pitch, balance) against 1 for the learned ones: a 1 %
     # pitch step is 0.015 of the pitch channel's standard deviation, so its errors count for more than their share.
@@ -63,9 +65,10 @@ class TeacherTrainConfig:
     placement_shift: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.rhythm and not self.number_linear:
-            raise ValueError("the rhythm conditioner reads the text encoder's linear number channels: set "
-                             "number_linear")
+        for name in ("rhythm", "number_values"):
+            if getattr(self, name) and not self.number_linear:
+                raise ValueError(f"{name}: the conditioner reads the text encoder's linear number channels: set "
+                                 "number_linear")
 
     def text_encoder_config(self) -> dict:
         config = {"name": "minilm", "number_freqs": self.number_freqs}
@@ -87,7 +90,8 @@ def train_teacher(out_dir: str | Path, run_dir: str | Path, codec_dir: str | Pat
     text_encoder = load_text_encoder(cfg.text_encoder_config(), cache_size=2048)
     dit_config = DiTConfig(latent_dim=codec.latent_dim, width=cfg.width, depth=cfg.depth, heads=cfg.heads,
                            text_dim=text_encoder.dim, pooled_dim=text_encoder.pooled_dim,
-                           rhythm_frame_rate=codec.latent_rate if cfg.rhythm else 0.0)
+                           rhythm_frame_rate=codec.latent_rate if cfg.rhythm else 0.0,
+                           number_values=cfg.number_values)
     model = DiT(dit_config)
     if cfg.init_from:
         added = warm_start_dit(model, cfg.init_from, codec.config.channel_names())
