@@ -107,11 +107,11 @@ class ModelBundle:
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"{path} is not a model directory: config.json is missing")
         config = BundleConfig.load(path / "config.json")
-        reads_numbers = config.denoiser.get("rhythm_frame_rate", 0) > 0 or config.denoiser.get("number_values")
-        if reads_numbers and not config.text_encoder.get("number_linear"):
-            raise ValueError(f"{path}: the denoiser's rhythm or value conditioner reads the text encoder's linear "
-                             "number channels, but its text_encoder config does not set number_linear")
         denoiser = DiT.from_config(config.denoiser)
+        readers = denoiser.config.number_readers
+        if readers and not config.text_encoder.get("number_linear"):
+            raise ValueError(f"{path}: the denoiser's {' and '.join(readers)} conditioner reads the text encoder's "
+                             "linear number channels, but its text_encoder config does not set number_linear")
         denoiser.load_state_dict(load_file(path / "denoiser.safetensors"))
         codec_dir = (path / config.codec_from).resolve() if config.codec_from else path
         codec = load_codec(codec_dir, config.codec or None)

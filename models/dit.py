@@ -40,6 +40,18 @@ class DiTConfig:
     # the log of each stated number added to every frame (ValueConditioner); needs number_linear too
     number_values: bool = False
 
+    @property
+    def number_readers(self) -> list[str]:
+        """The conditioners this denoiser has that read the text encoder's linear number channels."""
+        return [name for name, on in (("rhythm", self.rhythm_frame_rate > 0), ("values", self.number_values)) if on]
+
+
+def linear_number_channels(tokens: Tensor, token_mask: Tensor) -> tuple[Tensor, Tensor]:
+    """tokens [B, L, D] whose last two channels are the text encoder's linear number channels
+    (``models.text.encoders.number_features``) -> (presence [B, L]: 1 on an unmasked token of a number, else 0;
+    the normalised log value [B, L], meaningful where present)."""
+    return tokens[..., -2] * token_mask.to(tokens.dtype), tokens[..., -1]
+
 
 def rope_tables(length: int, head_dim: int, device, base: float = 10000.0) -> tuple[Tensor, Tensor]:
     """Rotary tables for ``apply_rope``: cos and sin of each channel pair's angle at each position, repeated over
@@ -136,8 +148,8 @@ class RhythmConditioner(nn.Module):
         """tokens [B, L, D] (last two channels: a number is here, its normalised log value), token_mask [B, L],
         context [B, L, width] (the projected token states) -> [B, length, width]."""
         b, n, w = context.shape
-        present = tokens[..., -2] * token_mask.to(tokens.dtype)  # [B, L]
-        per_second = number_value(tokens[..., -1]) / 60.0
+        present, log_value = linear_number_channels(tokens, token_mask)
+        per_second = number_value(log_value) / 60.0
         seconds = torch.arange(length, device=tokens.device, dtype=torch.float32) / self.frame_rate
         angle = (2 * torch.pi) * per_second[:, :, None, None] * seconds[None, None, :, None] * self.multiples
         phase = torch.cat([torch.sin(angle), torch.cos(angle)], -1) * present[:, :, None, None]  # [B, L, T, 2K]
@@ -152,11 +164,11 @@ class ValueConditioner(nn.Module):
     pitch, and the text encoder's linear number channel holds exactly that log. Read through cross-attention, a
     token's value arrives scaled by its attention weight, which moves with the phrasing of the caption, and the
     eighth round's held-out pitch errors looked like a gain that is off (+-10 to 25 % at 100 and 1600 Hz, under 1 %
-    near 400 Hz). Here each number contributes ``log_value * a + b`` with unit weight, where (a, b) are read by a matrix from the
-    number's contextual state (which knows whether "Hz", "BPM" or "seconds" follows, so the model learns which
-    values to pass and where to); the subword tokens of one number share its weight, so "1141" counts once however
-    the tokenizer splits it. The mixing starts at zero, so a warm-started model computes what it did before.
-    Measured (the embedded teacher's ninth round, its card): tempo improved, pitch did not; the remaining misses
+    near 400 Hz). Here each number contributes ``log_value * a + b`` with unit weight, where (a, b) are read by a
+    matrix from the number's contextual state (which knows whether "Hz", "BPM" or "seconds" follows, so the model
+    learns which values to pass and where to); the subword tokens of one number share its weight, so "1141" counts
+    once however the tokenizer splits it. The mixing starts at zero, so a warm-started model computes what it did
+    before. Measured (the embedded teacher's ninth round, its card): tempo improved, pitch did not; the remaining misses
     are the spread of the learned pitch distribution over seeds, not a gain."""
 
     def __init__(self, width: int):
@@ -169,8 +181,8 @@ class ValueConditioner(nn.Module):
         """tokens [B, L, D] (last two channels: a number is here, its normalised log value), token_mask [B, L],
         context [B, L, width] -> [B, 1, width], to be added to every frame."""
         b, n, w = context.shape
-        present = tokens[..., -2] * token_mask.to(tokens.dtype)  # [B, L]
-        log_value = tokens[..., -1] * present
+        present, log_value = linear_number_channels(tokens, token_mask)
+        log_value = log_value * present
         # the tokens of one number carry the same value: each gets 1 / (tokens sharing it)
         same = ((log_value[:, :, None] - log_value[:, None, :]).abs() < 1e-6).to(tokens.dtype)
         share = (same * present[:, None, :]).sum(-1).clamp(min=1.0)
@@ -237,13 +249,14 @@ class DiT(nn.Module):
                  frame_mask: Tensor, guidance: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """The transformer trunk: hidden states [B, T, width] after every block in ``self.blocks`` (padded frames
         carry garbage that never reaches a real frame) and the global condition [B, width]."""
-        x = self.proj_in(z.transpose(1, 2)) * frame_mask[:, :, None].to(z.dtype)
+        keep = frame_mask[:, :, None].to(z.dtype)
+        x = self.proj_in(z.transpose(1, 2)) * keep
         cond = self.condition(t.to(z.dtype), pooled, seconds.to(z.dtype), guidance)
         context = self.context_proj(tokens)
         if self.rhythm is not None:
-            x = x + self.rhythm(tokens, token_mask, context, z.shape[-1]) * frame_mask[:, :, None].to(z.dtype)
+            x = x + self.rhythm(tokens, token_mask, context, z.shape[-1]) * keep
         if self.values is not None:
-            x = x + self.values(tokens, token_mask, context) * frame_mask[:, :, None].to(z.dtype)
+            x = x + self.values(tokens, token_mask, context) * keep
         rope = (*rope_tables(z.shape[-1], self.config.width // self.config.heads, z.device), self.rope_swap)
         for block in self.blocks:
             x = block(x, cond, context, token_mask, frame_mask, rope)
