@@ -148,16 +148,18 @@ def test_each_graph_matches_pytorch_on_new_shapes(zoo, text_encoder):
             assert rms_rel_error(wave, ref64) <= 2 * rms_rel_error(ref, ref64) + 1e-5
 
 
-def test_onnx_text_encoder_appends_the_same_number_channels(zoo):
+@pytest.mark.parametrize("masked", [False, True])
+def test_onnx_text_encoder_appends_the_same_number_channels(zoo, masked):
     """The number channels are computed in Python beside the encoder graph: under ONNX Runtime they must be
-    torch's, Fourier and linear ones alike (the graph itself is the plain encoder's)."""
+    torch's, Fourier and linear ones alike (the graph itself is the plain encoder's), and a masking encoder's graph
+    must read the same placeholder text."""
     from models.text import HFTextEncoder, minilm_path
     from service.runtimes.onnx_runtime import OnnxTextEncoder
 
     ex = zoo[1][TINY]
-    reference = HFTextEncoder(minilm_path(), number_freqs=16, number_linear=True)
+    reference = HFTextEncoder(minilm_path(), number_freqs=16, number_linear=True, number_masked=masked)
     info = {**ex.manifest["text_encoder"], "dim": reference.dim, "pooled_dim": reference.pooled_dim,
-            "number_freqs": 16, "number_linear": True}
+            "number_freqs": 16, "number_linear": True, "number_masked": masked}
     onnx_encoder = OnnxTextEncoder(ex.path("text_encoder"), minilm_path(), info, "cpu")
     prompts = ["a 440 Hz sine tone on the left", "clicks at 127.5 BPM", "rain"]
     for (tokens, pooled), (want_tokens, want_pooled) in zip(onnx_encoder.encode_unpadded(prompts),
@@ -165,6 +167,28 @@ def test_onnx_text_encoder_appends_the_same_number_channels(zoo):
         assert tokens.shape == want_tokens.shape and tokens.shape[1] == 384 + 34
         assert torch.equal(tokens[:, 384:], want_tokens[:, 384:]) and torch.equal(pooled[384:], want_pooled[384:])
         assert max_rel_error(tokens, want_tokens) <= 1e-4
+
+
+def test_models_share_an_onnx_text_encoder_only_with_the_same_number_channels(zoo):
+    """Two exports of one encoder graph whose models read numbers differently must not share embeddings."""
+    import types
+
+    from models.text import minilm_path
+    from service.runtimes.onnx_runtime import shared_onnx_text_encoder
+
+    ex = zoo[1][TINY]
+    config = {"name": "minilm"}
+
+    def export_with(**numbers):
+        manifest = {**ex.manifest, "text_encoder": {**ex.manifest["text_encoder"], **numbers}}
+        return types.SimpleNamespace(manifest=manifest, path=ex.path)
+
+    plain = shared_onnx_text_encoder(export_with(number_freqs=0, number_linear=False), config, "cpu")
+    assert shared_onnx_text_encoder(export_with(number_freqs=0, number_linear=False), config, "cpu") is plain
+    masked = shared_onnx_text_encoder(export_with(number_freqs=0, number_linear=True, number_masked=True,
+                                                  dim=386, pooled_dim=386), config, "cpu")
+    assert masked is not plain and masked.encoder.number_masked and not plain.encoder.number_masked
+    assert masked.encoder.tokenizer.name_or_path == plain.encoder.tokenizer.name_or_path == str(minilm_path())
 
 
 def test_decoder_graph_matches_pytorch_with_sounding_partials(tmp_path):

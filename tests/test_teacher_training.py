@@ -52,3 +52,21 @@ def test_warm_start_onto_linear_number_channels_and_the_number_conditioners(tmp_
 def test_the_number_conditioners_need_the_linear_number_channels(tmp_path, conditioner):
     with pytest.raises(ValueError, match="number_linear"):
         TeacherTrainConfig(steps=1, **{conditioner: True}, **TINY)
+
+
+def test_a_masked_number_teacher_ships_an_encoder_that_masks(tmp_path):
+    cfg = TeacherTrainConfig(steps=1, number_linear=True, number_masked=True, number_values=True, **TINY)
+    out = train_teacher(tmp_path / "out", tmp_path / "run", CODEC, cfg)
+    config = json.loads((out / "config.json").read_text())
+    assert config["text_encoder"] == {"name": "minilm", "number_freqs": 16, "number_linear": True,
+                                      "number_masked": True}
+    text = ModelBundle.load(out).encode_text(["a 408 Hz tone", "a 1141 Hz tone"])
+    assert torch.equal(text.tokens[0, :, :384], text.tokens[1, :, :384])  # the encoder saw the same words
+    assert not torch.equal(text.tokens[0, :, 384:], text.tokens[1, :, 384:])  # the channels carry the values
+
+
+def test_masking_without_number_channels_fails_before_the_latent_cache(tmp_path):
+    cfg = TeacherTrainConfig(steps=1, number_freqs=0, number_masked=True, **TINY)
+    with pytest.raises(ValueError, match="needs number channels"):
+        train_teacher(tmp_path / "out", tmp_path / "run", CODEC, cfg)
+    assert not (tmp_path / "run" / "latents").exists()

@@ -83,3 +83,38 @@ def test_linear_number_channels_are_monotone_in_log_value():
     # the Fourier channels and the language part are the Fourier-only encoder's
     plain = fourier.encode(prompts[:1])
     assert torch.allclose(plain.tokens[0], text.tokens[0, : plain.tokens.shape[1], :416], atol=1e-5)
+
+
+def test_number_spans_mask_stated_values_but_not_note_names():
+    from models.text.encoders import NUMBER_PLACEHOLDER, number_spans
+
+    prompt = "an A4 and a C#5 at 1141 Hz, clicks at 92.5 BPM"
+    assert number_spans(prompt) == (prompt, [(4, 5, 4.0), (14, 15, 5.0), (19, 23, 1141.0), (38, 42, 92.5)])
+    text, spans = number_spans(prompt, masked=True)
+    assert text == f"an A4 and a C#5 at {NUMBER_PLACEHOLDER} Hz, clicks at {NUMBER_PLACEHOLDER} BPM"
+    assert [v for _, _, v in spans] == [4.0, 5.0, 1141.0, 92.5]
+    assert [text[a:b] for a, b, _ in spans] == ["4", "5", NUMBER_PLACEHOLDER, NUMBER_PLACEHOLDER]
+    assert number_spans("rain on a roof", masked=True) == ("rain on a roof", [])
+
+
+def test_a_masking_encoder_states_no_value_but_its_number_channels_do():
+    from models.text.encoders import LOG_CENTRE, LOG_SCALE
+
+    enc = load_text_encoder({"name": "minilm", "number_freqs": 4, "number_linear": True, "number_masked": True})
+    text = enc.encode(["a 408 Hz tone", "a 1141 Hz tone", "an A4 tone", "an A5 tone"])
+    base = 384
+    # the language part is the same for both stated pitches, and so is the pooled embedding's
+    n = int(text.mask[0].sum())
+    assert int(text.mask[1].sum()) == n
+    assert torch.allclose(text.tokens[0, :n, :base], text.tokens[1, :n, :base], atol=1e-6)
+    assert torch.allclose(text.pooled[0, :base], text.pooled[1, :base], atol=1e-6)
+    # while the values reach the number channels
+    assert torch.allclose(text.tokens[:2, 2, -2:], torch.tensor([[1.0, (math.log(v) - LOG_CENTRE) / LOG_SCALE]
+                                                                 for v in (408, 1141)]), atol=1e-6)
+    # a note name keeps its octave: A4 and A5 read differently to the encoder itself
+    assert (text.tokens[2, :, :base] - text.tokens[3, :, :base]).abs().max() > 1e-2
+
+
+def test_masking_needs_number_channels():
+    with pytest.raises(ValueError, match="needs number channels"):
+        load_text_encoder({"name": "minilm", "number_masked": True})

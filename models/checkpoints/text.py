@@ -49,6 +49,7 @@ class LocalT5Encoder(TextEncoder):
         self.normalize_pooled = False  # the pooled mean is unused by these models; kept plain (the export reads it)
         self.number_freqs = 0  # no number channels appended (the embedded MiniLM encoder's feature)
         self.number_linear = False
+        self.number_masked = False
 
     @torch.inference_mode()
     def encode_unpadded(self, prompts: list[str]) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -310,6 +310,14 @@ class HarmonicAutoencoder(AudioCodec):
         raw[:, 1: c.pitch_channels: 2] = logf + tau * c.pitch_scale * torch.log(ratio)
         return self.normalize(raw)
 
+    def latent_pitch(self, latents: Tensor) -> tuple[Tensor, Tensor]:
+        """Normalised latents [B, D, T] -> (tonality, frequency in Hz) of each pitch slot per latent frame, [B, S, T]
+        each: what the analytic channels state, before the decoder's learned pitch correction."""
+        c = self.config
+        raw = self.denormalize(latents)
+        tau, scaled = raw[:, 0: c.pitch_channels: 2], raw[:, 1: c.pitch_channels: 2]
+        return tau, torch.exp(scaled / (c.pitch_scale * tau.clamp(min=0.05))) * c.pitch_ref_hz
+
     # ---------------------------------------------------------------- decoder
     def decode_params(self, raw: Tensor) -> dict[str, Tensor]:
         """Unnormalised latents [B, D, T] -> per STFT frame: log frequency per slot [B, S, F], log amplitudes of

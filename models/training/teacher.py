@@ -51,6 +51,9 @@ class TeacherTrainConfig:
     heads: int = 4
     number_freqs: int = 16  # the text encoder's number channels (models.text.encoders.number_features)
     number_linear: bool = False  # and its two linear ones (a number is here, log of its value)
+    # the encoder reads every stated number as one placeholder, the value only in the number channels
+    # (models.text.encoders.number_spans)
+    number_masked: bool = False
     # beat-phase features of the stated tempi (models.dit.RhythmConditioner); needs number_linear
     rhythm: bool = False
     # the log of every stated value added to the frames (models.dit.ValueConditioner); needs number_linear
@@ -74,6 +77,8 @@ class TeacherTrainConfig:
         config = {"name": "minilm", "number_freqs": self.number_freqs}
         if self.number_linear:
             config["number_linear"] = True
+        if self.number_masked:
+            config["number_masked"] = True
         return config
 
 
@@ -85,9 +90,9 @@ def train_teacher(out_dir: str | Path, run_dir: str | Path, codec_dir: str | Pat
     seed_everything(cfg.seed)
     run = RunState(run_dir)
     codec = load_codec(codec_dir)
+    text_encoder = load_text_encoder(cfg.text_encoder_config(), cache_size=2048)  # a config error before the cache
     cache_dir = build_latent_cache(codec, run.dir / "latents", cfg.cache_clips, seed=cfg.seed)
     cache = LatentCache.load(cache_dir)
-    text_encoder = load_text_encoder(cfg.text_encoder_config(), cache_size=2048)
     dit_config = DiTConfig(latent_dim=codec.latent_dim, width=cfg.width, depth=cfg.depth, heads=cfg.heads,
                            text_dim=text_encoder.dim, pooled_dim=text_encoder.pooled_dim,
                            rhythm_frame_rate=codec.latent_rate if cfg.rhythm else 0.0,
