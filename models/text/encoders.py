@@ -90,9 +90,11 @@ def number_value(linear_channel: Tensor) -> Tensor:
 
 # what a number stated on its own reads as to a masking encoder (``number_spans``)
 NUMBER_PLACEHOLDER = "100"
+# a number in the text the tokenizer reads: (start, end, value), characters [start, end)
+NumberSpan = tuple[int, int, float]
 
 
-def number_spans(prompt: str, masked: bool = False) -> tuple[str, list[tuple[int, int, float]]]:
+def number_spans(prompt: str, masked: bool = False) -> tuple[str, list[NumberSpan]]:
     """The text the tokenizer reads and the numbers in it, as (start, end, value) in that text.
 
     With ``masked``, every number that stands on its own ("440 Hz", "120 BPM", "2.5 seconds"; not the octave of a
@@ -102,7 +104,7 @@ def number_spans(prompt: str, masked: bool = False) -> tuple[str, list[tuple[int
     channels errs differently at every value: the embedded teacher's ninth round, given the states of one prompt
     and the channels of another, followed the channels smoothly but at 0.6 of the slope, and given the channels
     of 440 with the states of 400 .. 480 Hz it read 420 to 478 Hz in no order."""
-    spans: list[tuple[int, int, float]] = []
+    spans: list[NumberSpan] = []
     parts, cursor, shift = [], 0, 0
     for m in NUMBER.finditer(prompt):
         value = float(m.group())
@@ -127,7 +129,7 @@ def number_code(value: float, n_freqs: int, linear: bool = False) -> Tensor:
     return torch.cat(parts).float()
 
 
-def number_features(spans: list[tuple[int, int, float]], offsets: list[tuple[int, int]], n_freqs: int,
+def number_features(spans: list[NumberSpan], offsets: list[tuple[int, int]], n_freqs: int,
                     linear: bool = False) -> Tensor:
     """[L, number_width(n_freqs, linear)]: for each token that is part of a number (``spans``, from
     ``number_spans``; ``offsets``: each token's characters in the same text), sin / cos of
@@ -155,14 +157,14 @@ def number_features(spans: list[tuple[int, int, float]], offsets: list[tuple[int
     return feats
 
 
-def tokenizer_texts(prompts: list[str], number_masked: bool) -> tuple[list[str], list[list[tuple[int, int, float]]]]:
+def tokenizer_texts(prompts: list[str], number_masked: bool) -> tuple[list[str], list[list[NumberSpan]]]:
     """What the tokenizer of an encoder reads for ``prompts`` and the numbers in it (``number_spans``): every
     runtime of a text encoder tokenizes through here."""
     read = [number_spans(p, number_masked) for p in prompts]
     return [text for text, _ in read], [spans for _, spans in read]
 
 
-def unpad_with_numbers(spans: list[list[tuple[int, int, float]]], states: Tensor, pooled: Tensor, lengths: list[int],
+def unpad_with_numbers(spans: list[list[NumberSpan]], states: Tensor, pooled: Tensor, lengths: list[int],
                        offsets, number_freqs: int, number_linear: bool = False) -> list[tuple[Tensor, Tensor]]:
     """Per prompt: (token states [L_i, D (+ number channels)], pooled) without padding, the number channels of
     ``number_features`` appended when there are any (``spans``: each prompt's numbers from ``tokenizer_texts``;
