@@ -25,7 +25,7 @@ import torch
 
 from benchmarks.common import environment, md_table, peak_rss_mb, write_results
 from models.bundle import Conditioning, ModelBundle
-from models.text.encoders import TextEmbedding, number_code, number_width
+from models.text.encoders import NumberChannels, TextEmbedding
 
 DURATION = 3.0
 
@@ -41,15 +41,15 @@ def slot_pitch(bundle: ModelBundle, latents: torch.Tensor, tonal: float | None =
                      for i in range(len(logf))])
 
 
-def with_numbers(text: TextEmbedding, values: list[float], freqs: int, linear: bool) -> TextEmbedding:
+def with_numbers(text: TextEmbedding, values: list[float], numbers: NumberChannels) -> TextEmbedding:
     """``text`` with the number channels of every number token (and of the pooled embedding) set to ``values``."""
     tokens, pooled = text.tokens.clone(), text.pooled.clone()
-    width = number_width(freqs, linear)
+    width = numbers.width
     for i, v in enumerate(values):
         present = tokens[i, :, -width:].abs().sum(-1) > 0
-        tokens[i, present, -width:] = number_code(v, freqs, linear)
+        tokens[i, present, -width:] = numbers.code(v)
         if pooled[i, -width:].abs().sum() > 0:
-            pooled[i, -width:] = number_code(v, freqs, linear)
+            pooled[i, -width:] = numbers.code(v)
     return TextEmbedding(tokens, text.mask, pooled)
 
 
@@ -109,7 +109,7 @@ def main(argv=None) -> dict:
     torch.set_num_threads(args.threads)
     bundle = ModelBundle.load(args.model)
     cfg = bundle.config.text_encoder
-    freqs, linear = int(cfg.get("number_freqs", 0)), bool(cfg.get("number_linear", False))
+    numbers = NumberChannels.from_config(cfg)
     t0 = time.perf_counter()
 
     stated = np.unique(np.round(np.exp(np.linspace(math.log(80), math.log(2000), args.points)))).astype(float)
@@ -118,11 +118,11 @@ def main(argv=None) -> dict:
 
     window = np.arange(400, 484, 4, dtype=float)
     sources = {}
-    if number_width(freqs, linear):
+    if numbers.width:
         fixed = bundle.encode_text([args.template.format(440)] * len(window))
-        channels = read_at_noise(bundle, with_numbers(fixed, list(window), freqs, linear), args.t, args.draws)
+        channels = read_at_noise(bundle, with_numbers(fixed, list(window), numbers), args.t, args.draws)
         own = bundle.encode_text([args.template.format(int(v)) for v in window])
-        states = read_at_noise(bundle, with_numbers(own, [440.0] * len(window), freqs, linear), args.t, args.draws)
+        states = read_at_noise(bundle, with_numbers(own, [440.0] * len(window), numbers), args.t, args.draws)
         sources = {"channels_of_each_value": fit(window, channels),
                    "states_of_each_value_sd_ln": float(np.std(np.log(states))),
                    "states_of_each_value_hz": [float(v) for v in states]}

@@ -23,7 +23,7 @@ from models.codec.base import AudioCodec
 from models.diffusion import apply_guidance, make_parameterization, make_sampler, make_schedule
 from models.dit import DiT
 from models.text import TextEmbedding, load_text_encoder
-from models.text.encoders import pad_stack
+from models.text.encoders import NumberChannels, pad_stack
 
 ZOO = Path(__file__).parent / "zoo"
 
@@ -109,7 +109,7 @@ class ModelBundle:
         config = BundleConfig.load(path / "config.json")
         denoiser = DiT.from_config(config.denoiser)
         readers = denoiser.config.number_readers
-        if readers and not config.text_encoder.get("number_linear"):
+        if readers and not NumberChannels.from_config(config.text_encoder).linear:
             raise ValueError(f"{path}: the denoiser's {' and '.join(readers)} conditioner reads the text encoder's "
                              "linear number channels, but its text_encoder config does not set number_linear")
         denoiser.load_state_dict(load_file(path / "denoiser.safetensors"))

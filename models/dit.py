@@ -168,8 +168,9 @@ class ValueConditioner(nn.Module):
     matrix from the number's contextual state (which knows whether "Hz", "BPM" or "seconds" follows, so the model
     learns which values to pass and where to); the subword tokens of one number share its weight, so "1141" counts
     once however the tokenizer splits it. The mixing starts at zero, so a warm-started model computes what it did
-    before. Measured (the embedded teacher's ninth round, its card): tempo improved, pitch did not; the remaining misses
-    are the spread of the learned pitch distribution over seeds, not a gain."""
+    before. Measured (the embedded teacher's ninth round, its card): tempo improved, pitch did not, because the
+    model still read the value from the number's unordered subword states as well (``models.text.encoders.
+    number_spans`` masks them) and guidance moves each caption's median (``benchmarks/pitch_reading.py``)."""
 
     def __init__(self, width: int):
         super().__init__()

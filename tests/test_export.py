@@ -153,11 +153,11 @@ def test_onnx_text_encoder_appends_the_same_number_channels(zoo, masked):
     """The number channels are computed in Python beside the encoder graph: under ONNX Runtime they must be
     torch's, Fourier and linear ones alike (the graph itself is the plain encoder's), and a masking encoder's graph
     must read the same placeholder text."""
-    from models.text import HFTextEncoder, minilm_path
+    from models.text import HFTextEncoder, NumberChannels, minilm_path
     from service.runtimes.onnx_runtime import OnnxTextEncoder
 
     ex = zoo[1][TINY]
-    reference = HFTextEncoder(minilm_path(), number_freqs=16, number_linear=True, number_masked=masked)
+    reference = HFTextEncoder(minilm_path(), numbers=NumberChannels(16, True, masked))
     info = {**ex.manifest["text_encoder"], "dim": reference.dim, "pooled_dim": reference.pooled_dim,
             "number_freqs": 16, "number_linear": True, "number_masked": masked}
     onnx_encoder = OnnxTextEncoder(ex.path("text_encoder"), minilm_path(), info, "cpu")
@@ -187,7 +187,7 @@ def test_models_share_an_onnx_text_encoder_only_with_the_same_number_channels(zo
     assert shared_onnx_text_encoder(export_with(number_freqs=0, number_linear=False), config, "cpu") is plain
     masked = shared_onnx_text_encoder(export_with(number_freqs=0, number_linear=True, number_masked=True,
                                                   dim=386, pooled_dim=386), config, "cpu")
-    assert masked is not plain and masked.encoder.number_masked and not plain.encoder.number_masked
+    assert masked is not plain and masked.encoder.numbers.masked and not plain.encoder.numbers.masked
     assert masked.encoder.tokenizer.name_or_path == plain.encoder.tokenizer.name_or_path == str(minilm_path())
 
 

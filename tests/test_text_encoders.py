@@ -118,3 +118,14 @@ def test_a_masking_encoder_states_no_value_but_its_number_channels_do():
 def test_masking_needs_number_channels():
     with pytest.raises(ValueError, match="needs number channels"):
         load_text_encoder({"name": "minilm", "number_masked": True})
+
+
+@pytest.mark.parametrize("config", [{"number_freqs": 0}, {"number_freqs": 16, "number_linear": True},
+                                    {"number_freqs": 0, "number_linear": True, "number_masked": True}])
+def test_number_channels_read_back_the_config_they_write(config):
+    from models.text import NumberChannels
+
+    numbers = NumberChannels.from_config({"name": "minilm", **config})
+    assert numbers.to_config() == config
+    assert numbers.width == 2 * config["number_freqs"] + 2 * config.get("number_linear", False)
+    assert NumberChannels.from_config(numbers.to_config()) == numbers

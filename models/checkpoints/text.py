@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from models.checkpoints.weights import CheckpointError
-from models.text.encoders import CachedTextEncoder, TextEmbedding, TextEncoder, assemble
+from models.text.encoders import CachedTextEncoder, NumberChannels, TextEmbedding, TextEncoder, assemble
 
 T5_KINDS = ("t5", "mt5", "umt5")
 
@@ -47,9 +47,7 @@ class LocalT5Encoder(TextEncoder):
         self.pooled_dim = self.dim
         self.name = self.path.name
         self.normalize_pooled = False  # the pooled mean is unused by these models; kept plain (the export reads it)
-        self.number_freqs = 0  # no number channels appended (the embedded MiniLM encoder's feature)
-        self.number_linear = False
-        self.number_masked = False
+        self.numbers = NumberChannels()  # no number channels appended (the embedded MiniLM encoder's feature)
 
     @torch.inference_mode()
     def encode_unpadded(self, prompts: list[str]) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -52,7 +52,7 @@ from models.export.manifest import (
     writable,
 )
 from models.export.ort import import_onnx, import_onnxruntime, per_length_call, session
-from models.text.encoders import number_width, tokenizer_texts
+from models.text.encoders import tokenizer_texts
 
 log = logging.getLogger("tta.export")
 
@@ -223,14 +223,14 @@ def export_text_encoder(encoder, path: Path, opset: int = OPSET) -> dict:
     _trace_to_onnx(graph, (example["input_ids"], example["attention_mask"]), path, TEXT_INPUTS, TEXT_OUTPUTS, axes,
                    opset)
     sess = session(path)
-    texts, _ = tokenizer_texts(VERIFY_PROMPTS, encoder.number_masked)
+    texts, _ = tokenizer_texts(VERIFY_PROMPTS, encoder.numbers.masked)
     batch = encoder.tokenizer(texts, padding=True, truncation=True, max_length=encoder.max_length,
                               return_tensors="np")
     states, pooled = sess.run(TEXT_OUTPUTS, {k: batch[k] for k in TEXT_INPUTS})
     reference = encoder.encode_unpadded(VERIFY_PROMPTS)
     lengths = batch["attention_mask"].sum(1)
     # the number channels are appended in Python by every runtime
-    base = encoder.dim - number_width(encoder.number_freqs, encoder.number_linear)
+    base = encoder.dim - encoder.numbers.width
     got_t = torch.cat([torch.from_numpy(states[i, :n]) for i, n in enumerate(lengths)])
     want_t = torch.cat([t[:, :base] for t, _ in reference])
     got_p, want_p = torch.from_numpy(pooled), torch.stack([p[:base] for _, p in reference])
@@ -487,9 +487,7 @@ def export_onnx(bundle_dir: str | Path, out_dir: str | Path | None = None, opset
             "source": source,
             "text_encoder": {"kind": encoder.kind, "max_length": encoder.max_length, "dim": encoder.dim,
                              "pooled_dim": encoder.pooled_dim, "normalize_pooled": encoder.normalize_pooled,
-                             "number_freqs": encoder.number_freqs,
-                             "number_linear": encoder.number_linear,
-                             "number_masked": encoder.number_masked,
+                             **encoder.numbers.to_config(),
                              "name": encoder.name, "fingerprint": te_digest},
             "codec": {"sample_rate": codec.sample_rate, "audio_channels": codec.audio_channels,
                       "latent_dim": codec.latent_dim, "samples_per_latent": codec.samples_per_latent,

@@ -1,10 +1,11 @@
 from models.text.encoders import (
     CachedTextEncoder,
     HFTextEncoder,
+    NumberChannels,
     TextEmbedding,
     TextEncoder,
     load_text_encoder,
     minilm_path,
 )
 
-__all__ = ["TextEncoder", "TextEmbedding", "HFTextEncoder", "CachedTextEncoder", "load_text_encoder", "minilm_path"]
+__all__ = ["TextEncoder", "TextEmbedding", "HFTextEncoder", "NumberChannels", "CachedTextEncoder", "load_text_encoder", "minilm_path"]

@@ -83,6 +83,40 @@ def number_width(number_freqs: int, number_linear: bool) -> int:
     return 2 * number_freqs + (2 if number_linear else 0)
 
 
+@dataclass(frozen=True)
+class NumberChannels:
+    """What a text encoder does with the numbers of a prompt, as a model's ``text_encoder`` config names it
+    (``number_freqs``, ``number_linear``, ``number_masked``): ``freqs`` sine / cosine pairs and, with ``linear``,
+    the two linear channels that ``number_features`` appends to every token state; with ``masked``, the encoder
+    itself reads every stated number as NUMBER_PLACEHOLDER (``number_spans``), so the channels must carry it."""
+
+    freqs: int = 0
+    linear: bool = False
+    masked: bool = False
+
+    def __post_init__(self) -> None:
+        if self.masked and not self.width:
+            raise ValueError("number_masked hides the stated values from the encoder: it needs number channels "
+                             "(number_freqs or number_linear) to carry them")
+
+    @property
+    def width(self) -> int:
+        return number_width(self.freqs, self.linear)
+
+    @classmethod
+    def from_config(cls, config: dict) -> "NumberChannels":
+        return cls(int(config.get("number_freqs", 0)), bool(config.get("number_linear", False)),
+                   bool(config.get("number_masked", False)))
+
+    def to_config(self) -> dict:
+        """The config keys (``number_freqs`` always, the flags when set): ``from_config``'s inverse."""
+        flags = {"number_linear": self.linear, "number_masked": self.masked}
+        return {"number_freqs": self.freqs, **{k: True for k, on in flags.items() if on}}
+
+    def code(self, value: float) -> Tensor:
+        return number_code(value, self.freqs, self.linear)
+
+
 def number_value(linear_channel: Tensor) -> Tensor:
     """The value a linear number channel of ``number_features`` encodes (its inverse; meaningful where a number is)."""
     return torch.exp(linear_channel * LOG_SCALE + LOG_CENTRE)
@@ -165,7 +199,7 @@ def tokenizer_texts(prompts: list[str], number_masked: bool) -> tuple[list[str],
 
 
 def unpad_with_numbers(spans: list[list[NumberSpan]], states: Tensor, pooled: Tensor, lengths: list[int],
-                       offsets, number_freqs: int, number_linear: bool = False) -> list[tuple[Tensor, Tensor]]:
+                       offsets, numbers: NumberChannels) -> list[tuple[Tensor, Tensor]]:
     """Per prompt: (token states [L_i, D (+ number channels)], pooled) without padding, the number channels of
     ``number_features`` appended when there are any (``spans``: each prompt's numbers from ``tokenizer_texts``;
     ``offsets``: the tokenizer's character offsets). Shared by every runtime of a text encoder, so the number
@@ -173,12 +207,12 @@ def unpad_with_numbers(spans: list[list[NumberSpan]], states: Tensor, pooled: Te
     out = []
     for i, prompt_spans in enumerate(spans):
         tokens, pool = states[i, : lengths[i]], pooled[i]
-        if number_width(number_freqs, number_linear):
-            numbers = number_features(prompt_spans, [tuple(o) for o in offsets[i][: lengths[i]].tolist()],
-                                      number_freqs, number_linear)
-            is_number = numbers.abs().sum(1) > 0
-            numbers_pooled = numbers[is_number].mean(0) if is_number.any() else numbers.new_zeros(numbers.shape[1])
-            tokens, pool = torch.cat([tokens, numbers], 1), torch.cat([pool, numbers_pooled])
+        if numbers.width:
+            feats = number_features(prompt_spans, [tuple(o) for o in offsets[i][: lengths[i]].tolist()],
+                                    numbers.freqs, numbers.linear)
+            is_number = feats.abs().sum(1) > 0
+            feats_pooled = feats[is_number].mean(0) if is_number.any() else feats.new_zeros(feats.shape[1])
+            tokens, pool = torch.cat([tokens, feats], 1), torch.cat([pool, feats_pooled])
         out.append((tokens, pool))
     return out
 
@@ -187,14 +221,13 @@ class HFTextEncoder(TextEncoder):
     """A transformers encoder (BERT-like or T5 encoder) loaded from a local directory.
 
     Pooled embedding = masked mean of the token states; for sentence-transformer models it is L2-normalised as
-    they were trained to be used. With ``number_freqs`` > 0 (and / or ``number_linear``) every token state gets
-    ``number_width(number_freqs, number_linear)`` more channels holding the value of the number it belongs to (see
-    ``number_features``), and the pooled embedding the mean of those over the prompt's number tokens.
+    they were trained to be used. With ``numbers`` (``NumberChannels``) every token state gets ``numbers.width``
+    more channels holding the value of the number it belongs to (see ``number_features``), and the pooled
+    embedding the mean of those over the prompt's number tokens.
     """
 
     def __init__(self, path: str | Path, kind: str = "auto", max_length: int = 64, normalize_pooled: bool | None = None,
-                 device: str | torch.device = "cpu", number_freqs: int = 0, number_linear: bool = False,
-                 number_masked: bool = False):
+                 device: str | torch.device = "cpu", numbers: NumberChannels = NumberChannels()):
         from transformers import AutoConfig, AutoModel, AutoTokenizer
 
         self.path = Path(path)
@@ -212,14 +245,8 @@ class HFTextEncoder(TextEncoder):
         self.model.eval().to(device)
         self.device = torch.device(device)
         self.max_length = max_length
-        self.number_freqs = number_freqs
-        self.number_linear = bool(number_linear)
-        if number_masked and not number_width(number_freqs, self.number_linear):
-            raise ValueError("number_masked hides the stated values from the encoder: it needs number channels "
-                             "(number_freqs or number_linear) to carry them")
-        self.number_masked = bool(number_masked)
-        self.dim = (int(getattr(config, "hidden_size", getattr(config, "d_model", 0)))
-                    + number_width(number_freqs, self.number_linear))
+        self.numbers = numbers
+        self.dim = int(getattr(config, "hidden_size", getattr(config, "d_model", 0))) + numbers.width
         self.pooled_dim = self.dim
         self.normalize_pooled = (self.kind == "bert") if normalize_pooled is None else normalize_pooled
         self.name = self.path.name if self.path.name != "model" else self.path.parent.name
@@ -228,10 +255,9 @@ class HFTextEncoder(TextEncoder):
     def encode_unpadded(self, prompts: list[str]) -> list[tuple[Tensor, Tensor]]:
         """Per prompt: (token states [L_i, D], pooled [P]) without padding, so results do not depend on
         which other prompts shared the batch."""
-        texts, spans = tokenizer_texts(prompts, self.number_masked)
+        texts, spans = tokenizer_texts(prompts, self.numbers.masked)
         batch = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length,
-                               return_tensors="pt",
-                               return_offsets_mapping=number_width(self.number_freqs, self.number_linear) > 0)
+                               return_tensors="pt", return_offsets_mapping=self.numbers.width > 0)
         offsets = batch.pop("offset_mapping", None)
         batch = batch.to(self.device)
         states = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
@@ -241,8 +267,7 @@ class HFTextEncoder(TextEncoder):
         pooled = (states * weights).sum(1) / weights.sum(1).clamp(min=1)
         if self.normalize_pooled:
             pooled = torch.nn.functional.normalize(pooled, dim=-1)
-        return unpad_with_numbers(spans, states.cpu(), pooled.cpu(), mask.sum(1).tolist(), offsets,
-                                  self.number_freqs, self.number_linear)
+        return unpad_with_numbers(spans, states.cpu(), pooled.cpu(), mask.sum(1).tolist(), offsets, self.numbers)
 
     def encode(self, prompts: list[str]) -> TextEmbedding:
         return assemble(self.encode_unpadded(prompts))
@@ -286,9 +311,8 @@ class CachedTextEncoder(TextEncoder):
 
 def load_text_encoder(config: dict, device: str | torch.device = "cpu", cache_size: int = 4096) -> CachedTextEncoder:
     """Build the text encoder a model's config names: ``{"name": "minilm"}`` for the embedded one or
-    ``{"name": "t5", "path": "<local dir>"}`` for any local transformers encoder; ``"number_freqs": n`` and
-    ``"number_linear": true`` add the number channels of ``number_features``; ``"number_masked": true`` hides
-    the stated values from the encoder itself (``number_spans``)."""
+    ``{"name": "t5", "path": "<local dir>"}`` for any local transformers encoder; ``"number_freqs": n``,
+    ``"number_linear": true`` and ``"number_masked": true`` set its ``NumberChannels``."""
     name = config.get("name", "minilm")
     path = config.get("path")
     if name == "minilm" and not path:
@@ -296,7 +320,5 @@ def load_text_encoder(config: dict, device: str | torch.device = "cpu", cache_si
     if not path:
         raise ValueError(f"text encoder {name!r} needs a local 'path'")
     enc = HFTextEncoder(path, max_length=int(config.get("max_length", 64)), device=device,
-                        number_freqs=int(config.get("number_freqs", 0)),
-                        number_linear=bool(config.get("number_linear", False)),
-                        number_masked=bool(config.get("number_masked", False)))
+                        numbers=NumberChannels.from_config(config))
     return CachedTextEncoder(enc, maxsize=cache_size)

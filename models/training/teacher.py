@@ -12,7 +12,7 @@ from models.bundle import BundleConfig, ModelBundle
 from models.codec import load_codec
 from models.diffusion import VPCosineSchedule, VPrediction
 from models.dit import DiT, DiTConfig
-from models.text import load_text_encoder
+from models.text import NumberChannels, load_text_encoder
 from models.training.augment import latent_augment
 from models.training.batches import latent_channel_weight, masked_mse, sample_captioned_batch
 from models.training.common import (
@@ -74,12 +74,8 @@ class TeacherTrainConfig:
                                  "number_linear")
 
     def text_encoder_config(self) -> dict:
-        config = {"name": "minilm", "number_freqs": self.number_freqs}
-        if self.number_linear:
-            config["number_linear"] = True
-        if self.number_masked:
-            config["number_masked"] = True
-        return config
+        numbers = NumberChannels(self.number_freqs, self.number_linear, self.number_masked)
+        return {"name": "minilm", **numbers.to_config()}
 
 
 def train_teacher(out_dir: str | Path, run_dir: str | Path, codec_dir: str | Path, cfg: TeacherTrainConfig,

@@ -34,7 +34,7 @@ from models.export.graphs import (
 from models.export.manifest import tokenizer_dir
 from models.export.ort import import_onnxruntime, per_length_call, run_session, session
 from models.text import CachedTextEncoder, TextEmbedding
-from models.text.encoders import null_embedding, number_width, tokenizer_texts, unpad_with_numbers
+from models.text.encoders import NumberChannels, null_embedding, tokenizer_texts, unpad_with_numbers
 from service.runtimes.base import Runtime
 
 log = logging.getLogger("tta.runtimes")
@@ -54,28 +54,23 @@ class OnnxTextEncoder:
         self.session = session(path, device)
         self.max_length = int(info["max_length"])
         self.dim, self.pooled_dim, self.name = int(info["dim"]), int(info["pooled_dim"]), info.get("name", "text")
-        self.number_freqs = int(info.get("number_freqs", 0))
-        self.number_linear = bool(info.get("number_linear", False))
-        self.number_masked = bool(info.get("number_masked", False))
+        self.numbers = NumberChannels.from_config(info)
 
     def encode_unpadded(self, prompts: list[str]) -> list[tuple[Tensor, Tensor]]:
-        numbers = number_width(self.number_freqs, self.number_linear) > 0
-        texts, spans = tokenizer_texts(prompts, self.number_masked)
+        texts, spans = tokenizer_texts(prompts, self.numbers.masked)
         batch = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length,
-                               return_tensors="np", return_offsets_mapping=numbers)
+                               return_tensors="np", return_offsets_mapping=self.numbers.width > 0)
         feed = {k: np.ascontiguousarray(batch[k], dtype=np.int64) for k in TEXT_INPUTS}
         states, pooled = self.session.run(TEXT_OUTPUTS, feed)
         return unpad_with_numbers(spans, torch.from_numpy(states), torch.from_numpy(pooled),
-                                  feed["attention_mask"].sum(1).tolist(), batch.get("offset_mapping"),
-                                  self.number_freqs, self.number_linear)
+                                  feed["attention_mask"].sum(1).tolist(), batch.get("offset_mapping"), self.numbers)
 
 
 def shared_onnx_text_encoder(export: OnnxExport, config: dict, device: str) -> CachedTextEncoder:
     """One encoder session and prompt cache per distinct encoder graph and number channels (models sharing a text
     encoder share it; the same graph with other number channels, or masking, gives other embeddings)."""
     info = export.manifest["text_encoder"]
-    numbers = [info.get(k, False) for k in ("number_freqs", "number_linear", "number_masked")]
-    key = f'{export.manifest["graphs"]["text_encoder"]["sha256"]}:{numbers}@{device}'
+    key = f'{export.manifest["graphs"]["text_encoder"]["sha256"]}:{NumberChannels.from_config(info)}@{device}'
     with _ENCODERS_LOCK:
         if key not in _ENCODERS:
             enc = OnnxTextEncoder(export.path("text_encoder"), tokenizer_dir(config),
