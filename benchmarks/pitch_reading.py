@@ -4,7 +4,10 @@
 
 1. Reading: the conditional x0 prediction at t = 0.99 (pure noise in, the text is all the model has) for stated
    pitches spaced evenly in log frequency over 80 .. 2000 Hz, averaged over a few noise draws: the fit
-   ln f_read = gain * ln f + offset, the spread of the residuals around it, and the median error.
+   ln f_read = gain * ln f + offset, the spread of the residuals around it, and the median error; the same
+   fit's gain for the guided prediction at the model's default guidance, and the unconditional prediction's
+   tonality (guidance extrapolates tonality and tonality * log pitch alike, so the more surely the unconditional
+   prediction states a tone, the more the guided pitch is stretched away from 400 Hz).
 2. Where the reading comes from, for stated pitches 400 .. 480 Hz: the encoder's states of one prompt ("440 Hz")
    with the number channels of each value, and each value's states with the number channels of 440 Hz. A reader
    that takes the value from the smooth channels follows the first sweep with slope 1 and is flat in the second.
@@ -30,12 +33,10 @@ from models.text.encoders import NumberChannels, TextEmbedding
 DURATION = 3.0
 
 
-def slot_pitch(bundle: ModelBundle, latents: torch.Tensor, tonal: float | None = 0.5) -> np.ndarray:
-    """[B] pitch in Hz of slot 1: the geometric mean over frames (over tonal frames when ``tonal``)."""
+def slot_pitch(bundle: ModelBundle, latents: torch.Tensor, tonal: float = 0.5) -> np.ndarray:
+    """[B] pitch in Hz of slot 1: the geometric mean over the frames whose tonality is above ``tonal``."""
     tau, hz = bundle.codec.latent_pitch(latents)
     logf = torch.log(hz[:, 0])
-    if tonal is None:
-        return torch.exp(logf.mean(-1)).numpy()
     keep = tau[:, 0] > tonal
     return np.array([math.exp(float(logf[i][keep[i]].mean())) if keep[i].any() else float("nan")
                      for i in range(len(logf))])
@@ -54,17 +55,24 @@ def with_numbers(text: TextEmbedding, values: list[float], numbers: NumberChanne
 
 
 @torch.inference_mode()
-def read_at_noise(bundle: ModelBundle, text: TextEmbedding, t: float, draws: int) -> np.ndarray:
-    """[P] slot-1 pitch of the conditional x0 prediction at time ``t`` from pure noise, averaged in log over
-    ``draws`` noise draws (all frames: the prediction is a tone's)."""
+def predict_at_noise(bundle: ModelBundle, text: TextEmbedding, t: float, draws: int, guidance: float = 1.0):
+    """Per noise draw, (tonality, Hz) of slot 1 in the x0 prediction at time ``t`` from pure noise, [P, T] each
+    (guidance 1: the conditional prediction; 0: the unconditional one)."""
     n = text.tokens.shape[0]
     frames = bundle.latent_frames(DURATION)
     cond = Conditioning(text, torch.full((n,), DURATION))
-    logs = []
     for s in range(draws):
         z = torch.randn(n, bundle.codec.latent_dim, frames, generator=torch.Generator().manual_seed(s))
-        x0 = bundle.predict_x0(z, torch.full((n,), t), cond, torch.ones(n), torch.ones(n, frames, dtype=torch.bool))
-        logs.append(np.log(slot_pitch(bundle, x0, tonal=None)))
+        x0 = bundle.predict_x0(z, torch.full((n,), t), cond, torch.full((n,), guidance),
+                               torch.ones(n, frames, dtype=torch.bool))
+        tau, hz = bundle.codec.latent_pitch(x0)
+        yield tau[:, 0], hz[:, 0]
+
+
+def read_at_noise(bundle: ModelBundle, text: TextEmbedding, t: float, draws: int, guidance: float = 1.0) -> np.ndarray:
+    """[P] slot-1 pitch of the x0 prediction at time ``t`` from pure noise, the geometric mean over all frames (the
+    prediction is a tone's) and ``draws`` noise draws."""
+    logs = [torch.log(hz).mean(-1).numpy() for _, hz in predict_at_noise(bundle, text, t, draws, guidance)]
     return np.exp(np.mean(logs, axis=0))
 
 
@@ -115,6 +123,14 @@ def main(argv=None) -> dict:
     stated = np.unique(np.round(np.exp(np.linspace(math.log(80), math.log(2000), args.points)))).astype(float)
     text = bundle.encode_text([args.template.format(int(h)) for h in stated])
     reading = {**fit(stated, read_at_noise(bundle, text, args.t, args.draws)), "t": args.t}
+    # Guidance acts on (tonality, tonality * log pitch): with a conditional tonality of 1 and an unconditional one
+    # of tau_u, the guided ratio grows with the conditional log pitch (around 400 Hz) at g / (g - (g - 1) tau_u),
+    # 1 where the unconditional prediction states no tone and g where it is sure of one.
+    guidance = float(bundle.config.default_guidance)
+    guided = {**fit(stated, read_at_noise(bundle, text, args.t, args.draws, guidance)), "guidance": guidance}
+    first = TextEmbedding(text.tokens[:1], text.mask[:1], text.pooled[:1])  # guidance 0: the text is unused
+    unconditional_tonality = float(np.mean([tau.mean().item() for tau, _ in
+                                            predict_at_noise(bundle, first, args.t, args.draws, 0.0)]))
 
     window = np.arange(400, 484, 4, dtype=float)
     sources = {}
@@ -135,7 +151,9 @@ def main(argv=None) -> dict:
 
     rows = [["reading at t = %.2f: gain" % args.t, reading["gain"], "1"],
             ["reading: residual sd (ln)", reading["residual_sd_ln"], "0"],
-            ["reading: median error", reading["median_error"], "0"]]
+            ["reading: median error", reading["median_error"], "0"],
+            [f"reading under guidance {guidance:g}: gain", guided["gain"], "1"],
+            ["unconditional tonality at t = %.2f" % args.t, unconditional_tonality, "-"]]
     if sources:
         rows += [["channels of 400..480 Hz, states of 440: gain", sources["channels_of_each_value"]["gain"], "1"],
                  ["states of 400..480 Hz, channels of 440: sd (ln)", sources["states_of_each_value_sd_ln"], "0"]]
@@ -147,7 +165,8 @@ def main(argv=None) -> dict:
           f"pitches 80-2000 Hz, x0 prediction from pure noise at t = {args.t}, {args.draws} draws. Samples: "
           f"{', '.join(map(str, pitches))} Hz x {args.seeds} seeds. {seconds:.0f} s, peak RSS "
           f"{peak_rss_mb():.0f} MB.\n\n" + md_table(["figure", "value", "ideal"], rows) + "\n")
-    data = {"model": bundle.name, "template": args.template, "reading": reading, "sources": sources,
+    data = {"model": bundle.name, "template": args.template, "reading": reading, "guided_reading": guided,
+            "unconditional_tonality": unconditional_tonality, "sources": sources,
             "sampling": sampling, "seconds": seconds, "peak_rss_mb": peak_rss_mb(), "environment": environment()}
     write_results(args.name, data, md, args.out_dir)
     print(md)

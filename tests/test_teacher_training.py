@@ -55,9 +55,11 @@ def test_the_number_conditioners_need_the_linear_number_channels(tmp_path, condi
 
 
 def test_a_masked_number_teacher_ships_an_encoder_that_masks(tmp_path):
-    cfg = TeacherTrainConfig(steps=1, number_linear=True, number_masked=True, number_values=True, **TINY)
+    cfg = TeacherTrainConfig(steps=1, number_linear=True, number_masked=True, number_values=True, guidance=2.0,
+                             **TINY)
     out = train_teacher(tmp_path / "out", tmp_path / "run", CODEC, cfg)
     config = json.loads((out / "config.json").read_text())
+    assert config["default_guidance"] == 2.0 and "guidance 2)" in config["description"]
     assert config["text_encoder"] == {"name": "minilm", "number_freqs": 16, "number_linear": True,
                                       "number_masked": True}
     text = ModelBundle.load(out).encode_text(["a 408 Hz tone", "a 1141 Hz tone"])

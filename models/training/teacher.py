@@ -66,6 +66,8 @@ class TeacherTrainConfig:
     # and of the clips panned hard left or right re-panned to another stated placement, at each draw
     pitch_shift: float = 0.0
     placement_shift: float = 0.0
+    # the exported model's default classifier-free guidance (the tenth round's 2 was chosen on the training split)
+    guidance: float = 3.0
 
     def __post_init__(self) -> None:
         for name in ("rhythm", "number_values"):
@@ -139,9 +141,9 @@ def export_teacher(model: DiT, codec, text_encoder, out_dir, codec_dir, cfg: Tea
     out = Path(out_dir)
     config = BundleConfig(
         name=out.name, kind="teacher", schedule=VPCosineSchedule().to_config(), parameterization="v",
-        sampler="ddim", default_steps=200, default_guidance=3.0, default_duration=5.0, max_duration=10.0,
+        sampler="ddim", default_steps=200, default_guidance=cfg.guidance, default_duration=5.0, max_duration=10.0,
         text_encoder=cfg.text_encoder_config(), codec_from=_relpath(codec_dir, out),
-        description="DiT teacher (v-prediction, VP-cosine, 200-step DDIM with classifier-free guidance 3)",
+        description=f"DiT teacher (v-prediction, VP-cosine, 200-step DDIM with classifier-free guidance {cfg.guidance:g})",
         training={**asdict(cfg), "steps_done": step},
     )
     bundle = ModelBundle(config, model, codec, text_encoder)
