@@ -41,4 +41,5 @@ def test_the_benchmark_reports_the_guided_reading(tmp_path, text_encoder):
     assert data["reading"]["points"] == 4 and data["guided_reading"]["guidance"] == 3.0
     assert np.isfinite(data["guided_reading"]["gain"]) and np.isfinite(data["unconditional_tonality"])
     assert [s["guidance"] for s in data["sampling"]] == [1.0, 3.0]
-    assert (tmp_path / "out" / "pr.json").is_file() and "reading under guidance 3" in (tmp_path / "out" / "pr.md").read_text()
+    assert (tmp_path / "out" / "pr.json").is_file()
+    assert "reading under guidance 3" in (tmp_path / "out" / "pr.md").read_text()

@@ -8,4 +8,5 @@ from models.text.encoders import (
     minilm_path,
 )
 
-__all__ = ["TextEncoder", "TextEmbedding", "HFTextEncoder", "NumberChannels", "CachedTextEncoder", "load_text_encoder", "minilm_path"]
+__all__ = ["TextEncoder", "TextEmbedding", "HFTextEncoder", "NumberChannels", "CachedTextEncoder", "load_text_encoder",
+           "minilm_path"]

@@ -143,7 +143,8 @@ def export_teacher(model: DiT, codec, text_encoder, out_dir, codec_dir, cfg: Tea
         name=out.name, kind="teacher", schedule=VPCosineSchedule().to_config(), parameterization="v",
         sampler="ddim", default_steps=200, default_guidance=cfg.guidance, default_duration=5.0, max_duration=10.0,
         text_encoder=cfg.text_encoder_config(), codec_from=_relpath(codec_dir, out),
-        description=f"DiT teacher (v-prediction, VP-cosine, 200-step DDIM with classifier-free guidance {cfg.guidance:g})",
+        description=("DiT teacher (v-prediction, VP-cosine, 200-step DDIM with classifier-free guidance "
+                     f"{cfg.guidance:g})"),
         training={**asdict(cfg), "steps_done": step},
     )
     bundle = ModelBundle(config, model, codec, text_encoder)
