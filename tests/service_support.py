@@ -9,9 +9,9 @@ from pathlib import Path
 
 import httpx
 import torch
+from training_support import tiny_codec
 
 from models.bundle import BundleConfig, ModelBundle
-from models.codec import HarmonicAutoencoder, HarmonicAutoencoderConfig
 from models.dit import DiT, DiTConfig
 
 TINY = "tiny"
@@ -34,8 +34,7 @@ def build_tiny_bundle(name: str, text_encoder, seed: int, **config) -> ModelBund
     cfg = BundleConfig(name=name, default_steps=4, max_steps=50, max_duration=4.0, default_duration=1.0, **config)
     dit = DiT(DiTConfig(width=32, depth=1, heads=2, text_dim=384, pooled_dim=384))
     _randomise(dit)
-    codec = HarmonicAutoencoder(HarmonicAutoencoderConfig(hidden=32, encoder_blocks=1, decoder_latent_blocks=1,
-                                                          decoder_frame_blocks=1))
+    codec = tiny_codec()
     with torch.no_grad():  # audible, unclipped output: a noise floor of about 0.02 rms instead of near silence
         codec.dec_out.bias[-2 * codec.config.noise_bands:] = math.log(0.5)
     return ModelBundle(cfg, dit, codec, text_encoder)

@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+import training_support
 from safetensors.torch import save_file
 
 from models.audio.spectral import istft, stft
@@ -21,8 +22,7 @@ SR = 44100
 
 def tiny_codec() -> HarmonicAutoencoder:
     torch.manual_seed(0)
-    return HarmonicAutoencoder(HarmonicAutoencoderConfig(hidden=32, encoder_blocks=1, decoder_latent_blocks=1,
-                                                         decoder_frame_blocks=1)).eval()
+    return training_support.tiny_codec().eval()
 
 
 def tone(freqs_amps, seconds=1.0, pan=(1.0, 1.0)) -> torch.Tensor:

@@ -198,13 +198,13 @@ def test_decoder_graph_matches_pytorch_with_sounding_partials(tmp_path):
     nothing, but its frequency was integrated into the phase of every later frame, where one float32 rounding of it
     (ONNX Runtime vs PyTorch) moved the later partials by radians: rms_rel 0.3-0.8 before ``render_parts`` capped
     the integrated frequency at Nyquist."""
-    from models.codec import HarmonicAutoencoder, HarmonicAutoencoderConfig
+    from training_support import tiny_codec
+
     from models.export.onnx_export import export_decoder
     from models.export.ort import session
 
     torch.manual_seed(0)
-    codec = HarmonicAutoencoder(HarmonicAutoencoderConfig(hidden=32, encoder_blocks=1, decoder_latent_blocks=1,
-                                                          decoder_frame_blocks=1)).eval()
+    codec = tiny_codec().eval()
     c = codec.config
     with torch.no_grad():  # partials at 0.05 per channel (times the 1/n shape), the noise 60 dB below that
         slots = codec.dec_out.bias[: c.slots * c.slot_outputs].view(c.slots, c.slot_outputs)

@@ -3,6 +3,7 @@ conditioner's beat phase, the value conditioner's log values."""
 
 import pytest
 import torch
+from training_support import tiny_codec
 
 from models.bundle import BundleConfig, ModelBundle
 from models.codec import HarmonicAutoencoder, HarmonicAutoencoderConfig
@@ -27,8 +28,7 @@ def tiny_bundle(text_encoder, sampler="ddim", guidance_in_model=False):
     dit = DiT(DiTConfig(width=32, depth=2, heads=2, guidance_embed=guidance_in_model))
     for p in dit.parameters():  # zero-initialised output layers would hide bugs: randomise everything
         torch.nn.init.normal_(p, std=0.05)
-    codec = HarmonicAutoencoder(HarmonicAutoencoderConfig(hidden=32, encoder_blocks=1, decoder_latent_blocks=1,
-                                                          decoder_frame_blocks=1))
+    codec = tiny_codec()
     return ModelBundle(cfg, dit, codec, text_encoder)
 
 

@@ -3,9 +3,8 @@ import math
 
 import numpy as np
 import torch
-from training_support import tiny_teacher
+from training_support import tiny_codec, tiny_teacher
 
-from models.codec import HarmonicAutoencoder, HarmonicAutoencoderConfig
 from models.diffusion.guidance import apply_guidance
 
 
@@ -13,8 +12,7 @@ def test_guidance_stretches_the_read_pitch_by_the_unconditional_tonality():
     """The codec states pitch as (tonality, tonality * scaled log pitch), so guidance g against an unconditional
     prediction of tonality tau_u stretches the read log pitch by g / (g - (g - 1) tau_u): not at all when that
     prediction states no tone, by g when it is sure of one (the figure the benchmark's comment gives)."""
-    codec = HarmonicAutoencoder(HarmonicAutoencoderConfig(hidden=32, encoder_blocks=1, decoder_latent_blocks=1,
-                                                          decoder_frame_blocks=1))
+    codec = tiny_codec()
     c = codec.config
     stated = np.array([90.0, 200.0, 440.0, 1000.0, 1614.0])
     logs = np.log(stated / c.pitch_ref_hz)

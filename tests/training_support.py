@@ -20,6 +20,12 @@ def randomise(module: torch.nn.Module, seed: int, scale: float = 0.05) -> None:
                 p.copy_(torch.randn(p.shape, generator=g) * scale)
 
 
+def tiny_codec() -> HarmonicAutoencoder:
+    """The tests' harmonic codec: the real architecture at its smallest (weights from the current torch seed)."""
+    return HarmonicAutoencoder(HarmonicAutoencoderConfig(hidden=32, encoder_blocks=1, decoder_latent_blocks=1,
+                                                         decoder_frame_blocks=1))
+
+
 def tiny_teacher(root: Path, text_encoder, depth: int = 3, default_steps: int = 8, seed: int = 0) -> ModelBundle:
     """A guided (CFG) VP-cosine v-prediction teacher with its own codec, saved and loaded back like a real one."""
     torch.manual_seed(seed)
@@ -27,8 +33,7 @@ def tiny_teacher(root: Path, text_encoder, depth: int = 3, default_steps: int = 
                        default_duration=1.0, max_duration=10.0)
     dit = DiT(DiTConfig(width=32, depth=depth, heads=2, text_dim=text_encoder.dim, pooled_dim=text_encoder.pooled_dim))
     randomise(dit, seed)
-    codec = HarmonicAutoencoder(HarmonicAutoencoderConfig(hidden=32, encoder_blocks=1, decoder_latent_blocks=1,
-                                                          decoder_frame_blocks=1))
+    codec = tiny_codec()
     ModelBundle(cfg, dit, codec, text_encoder).save(root / "tiny-teacher", save_codec=True)
     return ModelBundle.load(root / "tiny-teacher", text_encoder=text_encoder)
 

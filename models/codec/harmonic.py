@@ -316,7 +316,13 @@ class HarmonicAutoencoder(AudioCodec):
         c = self.config
         raw = self.denormalize(latents)
         tau, scaled = raw[:, 0: c.pitch_channels: 2], raw[:, 1: c.pitch_channels: 2]
-        return tau, torch.exp(scaled / (c.pitch_scale * tau.clamp(min=0.05))) * c.pitch_ref_hz
+        return tau, torch.exp(self.stated_log_pitch(tau, scaled))
+
+    def stated_log_pitch(self, tau: Tensor, scaled: Tensor) -> Tensor:
+        """ln f (f in Hz) that a slot's unnormalised (tonality, tonality * scaled log pitch) states; the tonality is
+        floored at 0.05 so that an unpitched slot gives a finite value."""
+        c = self.config
+        return scaled / (c.pitch_scale * tau.clamp(min=0.05)) + math.log(c.pitch_ref_hz)
 
     # ---------------------------------------------------------------- decoder
     def decode_params(self, raw: Tensor) -> dict[str, Tensor]:
@@ -335,8 +341,7 @@ class HarmonicAutoencoder(AudioCodec):
         analytic = F.interpolate(raw[:, : c.analytic_channels], scale_factor=c.frames_per_latent, mode="linear",
                                  align_corners=False)
         pitch = analytic[:, : c.pitch_channels].reshape(B, S, 2, F_)
-        tau = pitch[:, :, 0].clamp(min=0.05)
-        logf = pitch[:, :, 1] / (c.pitch_scale * tau) + math.log(c.pitch_ref_hz) + 0.1 * slot[:, :, 0]
+        logf = self.stated_log_pitch(pitch[:, :, 0], pitch[:, :, 1]) + 0.1 * slot[:, :, 0]
 
         level = slot[:, :, 1: 1 + C]                           # [B, S, C, F]
         shape = slot[:, :, 1 + C: 1 + C + H]                   # [B, S, H, F]

@@ -52,7 +52,7 @@ from models.export.manifest import (
     writable,
 )
 from models.export.ort import import_onnx, import_onnxruntime, per_length_call, session
-from models.text.encoders import tokenizer_texts
+from models.text.encoders import tokenize
 
 log = logging.getLogger("tta.export")
 
@@ -223,9 +223,7 @@ def export_text_encoder(encoder, path: Path, opset: int = OPSET) -> dict:
     _trace_to_onnx(graph, (example["input_ids"], example["attention_mask"]), path, TEXT_INPUTS, TEXT_OUTPUTS, axes,
                    opset)
     sess = session(path)
-    texts, _ = tokenizer_texts(VERIFY_PROMPTS, encoder.numbers.masked)
-    batch = encoder.tokenizer(texts, padding=True, truncation=True, max_length=encoder.max_length,
-                              return_tensors="np")
+    batch, _ = tokenize(encoder.tokenizer, VERIFY_PROMPTS, encoder.numbers, encoder.max_length, "np")
     states, pooled = sess.run(TEXT_OUTPUTS, {k: batch[k] for k in TEXT_INPUTS})
     reference = encoder.encode_unpadded(VERIFY_PROMPTS)
     lengths = batch["attention_mask"].sum(1)

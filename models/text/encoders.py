@@ -191,17 +191,21 @@ def number_features(spans: list[NumberSpan], offsets: list[tuple[int, int]], n_f
     return feats
 
 
-def tokenizer_texts(prompts: list[str], number_masked: bool) -> tuple[list[str], list[list[NumberSpan]]]:
-    """What the tokenizer of an encoder reads for ``prompts`` and the numbers in it (``number_spans``): every
-    runtime of a text encoder tokenizes through here."""
-    read = [number_spans(p, number_masked) for p in prompts]
-    return [text for text, _ in read], [spans for _, spans in read]
+def tokenize(tokenizer, prompts: list[str], numbers: NumberChannels, max_length: int, return_tensors: str):
+    """(the tokenizer's padded batch of ``prompts``, each prompt's numbers as ``number_spans`` reads them): the
+    text it reads is ``number_spans``' (numbers masked with ``numbers.masked``), with the character offsets
+    ``unpad_with_numbers`` needs when there are number channels. Every runtime of a text encoder tokenizes here."""
+    read = [number_spans(p, numbers.masked) for p in prompts]
+    texts, spans = [text for text, _ in read], [spans for _, spans in read]
+    batch = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors=return_tensors,
+                      return_offsets_mapping=numbers.width > 0)
+    return batch, spans
 
 
 def unpad_with_numbers(spans: list[list[NumberSpan]], states: Tensor, pooled: Tensor, lengths: list[int],
                        offsets, numbers: NumberChannels) -> list[tuple[Tensor, Tensor]]:
     """Per prompt: (token states [L_i, D (+ number channels)], pooled) without padding, the number channels of
-    ``number_features`` appended when there are any (``spans``: each prompt's numbers from ``tokenizer_texts``;
+    ``number_features`` appended when there are any (``spans``: each prompt's numbers from ``tokenize``;
     ``offsets``: the tokenizer's character offsets). Shared by every runtime of a text encoder, so the number
     channels are computed in one place."""
     out = []
@@ -255,9 +259,7 @@ class HFTextEncoder(TextEncoder):
     def encode_unpadded(self, prompts: list[str]) -> list[tuple[Tensor, Tensor]]:
         """Per prompt: (token states [L_i, D], pooled [P]) without padding, so results do not depend on
         which other prompts shared the batch."""
-        texts, spans = tokenizer_texts(prompts, self.numbers.masked)
-        batch = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length,
-                               return_tensors="pt", return_offsets_mapping=self.numbers.width > 0)
+        batch, spans = tokenize(self.tokenizer, prompts, self.numbers, self.max_length, "pt")
         offsets = batch.pop("offset_mapping", None)
         batch = batch.to(self.device)
         states = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state

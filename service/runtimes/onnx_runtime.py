@@ -34,7 +34,7 @@ from models.export.graphs import (
 from models.export.manifest import tokenizer_dir
 from models.export.ort import import_onnxruntime, per_length_call, run_session, session
 from models.text import CachedTextEncoder, TextEmbedding
-from models.text.encoders import NumberChannels, null_embedding, tokenizer_texts, unpad_with_numbers
+from models.text.encoders import NumberChannels, null_embedding, tokenize, unpad_with_numbers
 from service.runtimes.base import Runtime
 
 log = logging.getLogger("tta.runtimes")
@@ -57,9 +57,7 @@ class OnnxTextEncoder:
         self.numbers = NumberChannels.from_config(info)
 
     def encode_unpadded(self, prompts: list[str]) -> list[tuple[Tensor, Tensor]]:
-        texts, spans = tokenizer_texts(prompts, self.numbers.masked)
-        batch = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length,
-                               return_tensors="np", return_offsets_mapping=self.numbers.width > 0)
+        batch, spans = tokenize(self.tokenizer, prompts, self.numbers, self.max_length, "np")
         feed = {k: np.ascontiguousarray(batch[k], dtype=np.int64) for k in TEXT_INPUTS}
         states, pooled = self.session.run(TEXT_OUTPUTS, feed)
         return unpad_with_numbers(spans, torch.from_numpy(states), torch.from_numpy(pooled),
