@@ -11,7 +11,12 @@
 2. Where the reading comes from, for stated pitches 400 .. 480 Hz: the encoder's states of one prompt ("440 Hz")
    with the number channels of each value, and each value's states with the number channels of 440 Hz. A reader
    that takes the value from the smooth channels follows the first sweep with slope 1 and is flat in the second.
-3. Sampling: full DDIM runs for a few stated pitches and seeds at guidance 1 and at the model's default: the median
+3. Phrasing: one stated pitch in several training captions (the corpus' first tones restated at that pitch): the
+   reading's spread over the captions (sd of ln f). The numbers reach the denoiser as the same placeholder token
+   with the same number channels, so this spread is the phrasing's alone. Repeated with the value conditioner's
+   term zeroed (a model that has one): if the reading does not move, the model takes the value from cross-attention,
+   where the number's share of attention, and so the value's gain, moves with the words around it.
+4. Sampling: full DDIM runs for a few stated pitches and seeds at guidance 1 and at the model's default: the median
    error and the spread over seeds (sd of ln f), which is what decides whether many seeds land within 3 %.
 
 Pitch here is the codec's analytic slot-1 pitch (``latent_pitch``) over frames with tonality above 0.5;
@@ -20,6 +25,7 @@ Pitch here is the codec's analytic slot-1 pitch (``latent_pitch``) over frames w
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import time
 
@@ -28,6 +34,7 @@ import torch
 
 from benchmarks.common import environment, md_table, peak_rss_mb, write_results
 from models.bundle import Conditioning, ModelBundle
+from models.data.corpus import SyntheticCorpus
 from models.text.encoders import NumberChannels, TextEmbedding
 
 DURATION = 3.0
@@ -57,7 +64,7 @@ def with_numbers(text: TextEmbedding, values: list[float], numbers: NumberChanne
 @torch.inference_mode()
 def predict_at_noise(bundle: ModelBundle, text: TextEmbedding, t: float, draws: int, guidance: float = 1.0):
     """Per noise draw, (tonality, Hz) of slot 1 in the x0 prediction at time ``t`` from pure noise, [P, T] each
-    (guidance 1: the conditional prediction; 0: the unconditional one)."""
+    (guidance 1: the conditional prediction)."""
     n = text.tokens.shape[0]
     frames = bundle.latent_frames(DURATION)
     cond = Conditioning(text, torch.full((n,), DURATION))
@@ -84,6 +91,43 @@ def fit(stated: np.ndarray, read: np.ndarray) -> dict:
             "median_error": float(np.median(err)), "points": len(stated)}
 
 
+@contextlib.contextmanager
+def value_conditioner_off(bundle: ModelBundle):
+    """Within the block, the denoiser's value conditioner (``models.dit.ValueConditioner``) adds nothing; yields
+    whether the model has one."""
+    values = getattr(bundle.denoiser, "values", None)
+    if values is None:
+        yield False
+        return
+    handle = values.register_forward_hook(lambda module, inputs, out: torch.zeros_like(out))
+    try:
+        yield True
+    finally:
+        handle.remove()
+
+
+def phrasing_spread(bundle: ModelBundle, pitches: list[int], phrasings: int, t: float, draws: int) -> dict:
+    """The reading at ``t`` of each pitch in ``phrasings`` captions: the corpus' (training split) first tones, their
+    pitch restated in Hz; per pitch the sd of ln f over the captions and the median error."""
+    corpus = SyntheticCorpus("train", seed=0)
+    tones, i = [], 0
+    while len(tones) < phrasings:
+        p = corpus.sample_params(corpus.rng_for(i))
+        i += 1
+        if p["category"] == "tone":
+            tones.append(p)
+    per = []
+    for hz in pitches:
+        rng = np.random.default_rng(hz)
+        captions = [corpus.caption({**p, "pitch_hz": float(hz), "pitch_text": f"{hz} Hz"}, rng) for p in tones]
+        read = read_at_noise(bundle, bundle.encode_text(captions), t, draws)
+        per.append({"stated_hz": hz, "sd_ln": float(np.std(np.log(read))),
+                    "median_error": float(np.median(np.abs(read / hz - 1))), "captions": captions,
+                    "read_hz": [float(r) for r in read]})
+    return {"phrasings": phrasings, "sd_ln_median": float(np.median([q["sd_ln"] for q in per])),
+            "median_error": float(np.median([q["median_error"] for q in per])), "per_pitch": per}
+
+
 @torch.inference_mode()
 def sample_spread(bundle: ModelBundle, template: str, pitches: list[int], seeds: int, guidance: float,
                   steps: int) -> dict:
@@ -107,6 +151,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--points", type=int, default=40)
     ap.add_argument("--draws", type=int, default=4)
     ap.add_argument("--t", type=float, default=0.99)
+    ap.add_argument("--phrasing-pitches", default="150,300,600,1200")
+    ap.add_argument("--phrasings", type=int, default=12)
     ap.add_argument("--sample-pitches", default="90,200,440,679,1000,1614")
     ap.add_argument("--seeds", type=int, default=8)
     ap.add_argument("--steps", type=int, default=None)
@@ -128,9 +174,10 @@ def main(argv=None) -> dict:
     # 1 where the unconditional prediction states no tone and g where it is sure of one.
     guidance = float(bundle.config.default_guidance)
     guided = {**fit(stated, read_at_noise(bundle, text, args.t, args.draws, guidance)), "guidance": guidance}
-    first = TextEmbedding(text.tokens[:1], text.mask[:1], text.pooled[:1])  # guidance 0: the text is unused
+    # the prediction for the empty prompt: guidance's unconditional row
+    empty = bundle.unconditional_text(1)
     unconditional_tonality = float(np.mean([tau.mean().item() for tau, _ in
-                                            predict_at_noise(bundle, first, args.t, args.draws, 0.0)]))
+                                            predict_at_noise(bundle, empty, args.t, args.draws)]))
 
     window = np.arange(400, 484, 4, dtype=float)
     sources = {}
@@ -142,6 +189,15 @@ def main(argv=None) -> dict:
         sources = {"channels_of_each_value": fit(window, channels),
                    "states_of_each_value_sd_ln": float(np.std(np.log(states))),
                    "states_of_each_value_hz": [float(v) for v in states]}
+
+    phrased = [int(p) for p in args.phrasing_pitches.split(",") if p]
+    phrasing = phrasing_spread(bundle, phrased, args.phrasings, args.t, args.draws) if phrased else {}
+    without_values = {}
+    with value_conditioner_off(bundle) as has_values:
+        if has_values:
+            without_values = {"reading": fit(stated, read_at_noise(bundle, text, args.t, args.draws)),
+                              "phrasing": phrasing_spread(bundle, phrased, args.phrasings, args.t, args.draws)
+                              if phrased else {}}
 
     steps = args.steps or bundle.config.default_steps
     pitches = [int(p) for p in args.sample_pitches.split(",") if p]
@@ -157,6 +213,15 @@ def main(argv=None) -> dict:
     if sources:
         rows += [["channels of 400..480 Hz, states of 440: gain", sources["channels_of_each_value"]["gain"], "1"],
                  ["states of 400..480 Hz, channels of 440: sd (ln)", sources["states_of_each_value_sd_ln"], "0"]]
+    if phrasing:
+        rows += [[f"{phrasing['phrasings']} phrasings of one pitch: reading sd (ln), median over "
+                  f"{', '.join(map(str, phrased))} Hz", phrasing["sd_ln_median"], "0"]]
+    if without_values:
+        rows += [["value conditioner off: reading gain", without_values["reading"]["gain"], "1"],
+                 ["value conditioner off: reading residual sd (ln)", without_values["reading"]["residual_sd_ln"], "0"]]
+        if without_values["phrasing"]:
+            rows += [["value conditioner off: phrasings' reading sd (ln)", without_values["phrasing"]["sd_ln_median"],
+                      "0"]]
     for s in sampling:
         rows += [[f"{steps}-step samples, guidance {s['guidance']:g}: median error", s["median_error"], "<= 0.03"],
                  [f"{steps}-step samples, guidance {s['guidance']:g}: seed spread sd (ln)", s["sd_ln_median"], "0"]]
@@ -166,7 +231,8 @@ def main(argv=None) -> dict:
           f"{', '.join(map(str, pitches))} Hz x {args.seeds} seeds. {seconds:.0f} s, peak RSS "
           f"{peak_rss_mb():.0f} MB.\n\n" + md_table(["figure", "value", "ideal"], rows) + "\n")
     data = {"model": bundle.name, "template": args.template, "reading": reading, "guided_reading": guided,
-            "unconditional_tonality": unconditional_tonality, "sources": sources,
+            "unconditional_tonality": unconditional_tonality, "sources": sources, "phrasing": phrasing,
+            "value_conditioner_off": without_values,
             "sampling": sampling, "seconds": seconds, "peak_rss_mb": peak_rss_mb(), "environment": environment()}
     write_results(args.name, data, md, args.out_dir)
     print(md)

@@ -108,10 +108,7 @@ class ModelBundle:
             raise FileNotFoundError(f"{path} is not a model directory: config.json is missing")
         config = BundleConfig.load(path / "config.json")
         denoiser = DiT.from_config(config.denoiser)
-        readers = denoiser.config.number_readers
-        if readers and not NumberChannels.from_config(config.text_encoder).linear:
-            raise ValueError(f"{path}: the denoiser's {' and '.join(readers)} conditioner reads the text encoder's "
-                             "linear number channels, but its text_encoder config does not set number_linear")
+        denoiser.config.check_numbers(NumberChannels.from_config(config.text_encoder), f"{path}: ")
         denoiser.load_state_dict(load_file(path / "denoiser.safetensors"))
         codec_dir = (path / config.codec_from).resolve() if config.codec_from else path
         codec = load_codec(codec_dir, config.codec or None)
@@ -296,5 +293,6 @@ def available_models(model_dir: str | Path = ZOO) -> list[Path]:
         return []
     if is_checkpoint_dir(root):
         return [root]
-    return sorted(p for p in root.iterdir() if ((p / "config.json").is_file() and (p / "denoiser.safetensors").is_file())
+    return sorted(p for p in root.iterdir()
+                  if ((p / "config.json").is_file() and (p / "denoiser.safetensors").is_file())
                   or is_checkpoint_dir(p))

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.layers import fourier_features
-from models.text.encoders import number_value
+from models.text.encoders import NumberChannels, number_value
 
 
 @dataclass
@@ -44,6 +44,13 @@ class DiTConfig:
     def number_readers(self) -> list[str]:
         """The conditioners this denoiser has that read the text encoder's linear number channels."""
         return [name for name, on in (("rhythm", self.rhythm_frame_rate > 0), ("values", self.number_values)) if on]
+
+    def check_numbers(self, numbers: NumberChannels, where: str = "") -> None:
+        """Raise unless the text encoder's number channels (``numbers``) include the linear ones that a conditioner
+        of this denoiser reads; ``where`` prefixes the message (a model directory, a training config)."""
+        if self.number_readers and not numbers.linear:
+            raise ValueError(f"{where}the denoiser's {' and '.join(self.number_readers)} conditioner reads the text "
+                             "encoder's linear number channels, but number_linear is not set")
 
 
 def linear_number_channels(tokens: Tensor, token_mask: Tensor) -> tuple[Tensor, Tensor]:

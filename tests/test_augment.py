@@ -99,6 +99,27 @@ def test_transposed_pitches_avoid_held_out_values():
         corpus.transposed_params(_clips(corpus, "noise", 1)[0], rng, 100.0, 200.0)
 
 
+def test_a_wider_transposition_range_flattens_the_pitch_prior(codec):
+    """Widened, the transposer states pitches beyond the corpus' range (so the scored range lies inside a flat
+    prior), still whole Hz and away from held-out values; a nonsense range is refused."""
+    corpus = SyntheticCorpus("train", seed=0)
+    tone = _clips(corpus, "tone", 1)[0]
+    rng = np.random.default_rng(2)
+    wide = (50.0, 3200.0)
+    drawn = np.array([corpus.transposed_params(tone, rng, 1.0, 1e5, pitch_range=wide)["pitch_hz"]
+                      for _ in range(3000)])
+    assert drawn.min() >= wide[0] and drawn.max() <= wide[1]
+    assert (drawn < PITCH_RANGE_HZ[0]).any() and (drawn > PITCH_RANGE_HZ[1]).any()
+    assert all(abs(f - h) / h >= PITCH_HOLDOUT_TOL for f in drawn for h in HELDOUT_PITCHES_HZ)
+    # log-uniform: each sixth of the log range holds about a sixth of the draws
+    counts = np.histogram(np.log(drawn), bins=6, range=tuple(np.log(wide)))[0]
+    assert counts.min() > 0.75 * len(drawn) / 6
+    with pytest.raises(ValueError):
+        PitchTransposer(codec, corpus, 0.5, pitch_range=(2000.0, 80.0))
+    with pytest.raises(ValueError):
+        PitchTransposer(codec, corpus, 0.5, max_octaves=0.0)
+
+
 def test_placement_mover_repans_to_the_stated_placement(codec):
     from models.eval.adherence import placement_matches
 

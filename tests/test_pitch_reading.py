@@ -35,9 +35,34 @@ def test_the_benchmark_reports_the_guided_reading(tmp_path, text_encoder):
 
     tiny_teacher(tmp_path, text_encoder, depth=1, default_steps=2)
     data = main(["--model", str(tmp_path / "tiny-teacher"), "--points", "4", "--draws", "1", "--seeds", "2",
-                 "--sample-pitches", "200,800", "--steps", "2", "--out-dir", str(tmp_path / "out"), "--name", "pr"])
+                 "--sample-pitches", "200,800", "--steps", "2", "--phrasing-pitches", "300", "--phrasings", "3",
+                 "--out-dir", str(tmp_path / "out"), "--name", "pr"])
     assert data["reading"]["points"] == 4 and data["guided_reading"]["guidance"] == 3.0
     assert np.isfinite(data["guided_reading"]["gain"]) and np.isfinite(data["unconditional_tonality"])
     assert [s["guidance"] for s in data["sampling"]] == [1.0, 3.0]
     assert (tmp_path / "out" / "pr.json").is_file()
     assert "reading under guidance 3" in (tmp_path / "out" / "pr.md").read_text()
+    phrased = data["phrasing"]["per_pitch"][0]
+    assert phrased["stated_hz"] == 300 and len(set(phrased["captions"])) == 3
+    assert all("300 Hz" in c for c in phrased["captions"]) and np.isfinite(phrased["sd_ln"])
+    assert data["value_conditioner_off"] == {}  # the tiny teacher has no value conditioner
+
+
+def test_value_conditioner_off_zeroes_its_term_only_within_the_block():
+    from types import SimpleNamespace
+
+    from benchmarks.pitch_reading import value_conditioner_off
+    from models.dit import DiT, DiTConfig
+
+    dit = DiT(DiTConfig(width=16, depth=1, heads=2, text_dim=8, pooled_dim=8, number_values=True))
+    torch.nn.init.normal_(dit.values.mix.weight)
+    tokens = torch.zeros(1, 3, 8)
+    tokens[0, 1, -2], tokens[0, 1, -1] = 1.0, 0.7  # one number token
+    mask, context = torch.ones(1, 3, dtype=torch.bool), torch.randn(1, 3, 16)
+    before = dit.values(tokens, mask, context)
+    assert before.abs().sum() > 0
+    with value_conditioner_off(SimpleNamespace(denoiser=dit)) as has:
+        assert has and torch.count_nonzero(dit.values(tokens, mask, context)) == 0
+    assert torch.equal(dit.values(tokens, mask, context), before)
+    with value_conditioner_off(SimpleNamespace(denoiser=DiT(DiTConfig(width=16, depth=1, heads=2)))) as has:
+        assert not has

@@ -177,7 +177,8 @@ TEMPLATES: dict[str, dict] = {
         "noise": {"white": ["broadband white-noise static"], "pink": ["a wash of pink-coloured noise"],
                   "brown": ["low rumbling brown-coloured noise"]},
         "sweep": {"rising": ["a tone gliding upwards in pitch"], "falling": ["a tone gliding downwards in pitch"]},
-        "siren": {"wail": ["an ambulance siren wailing up and down"], "hilo": ["a siren alternating between two pitches"]},
+        "siren": {"wail": ["an ambulance siren wailing up and down"],
+                  "hilo": ["a siren alternating between two pitches"]},
         "impact": {"knock": (["one knuckle rap on wood"], ["{n} knuckle raps on wood"]),
                    "kick": (["one thump of a kick drum"], ["{n} kick drum thumps"]),
                    "clap": (["one sharp handclap"], ["{n} sharp handclaps"])},
@@ -280,35 +281,39 @@ class SyntheticCorpus:
             hz = self._whole_hz(rng, *PITCH_RANGE_HZ)
         return float(hz), self._hz_text(hz, rng)
 
-    def _whole_hz(self, rng, lo_hz: float, hi_hz: float, tries: int | None = None) -> int | None:
-        """A whole-Hz pitch drawn log-uniformly from [lo_hz, hi_hz], drawn again while it rounds outside the pitch
-        range or, in the training split, lies near a held-out pitch; None after ``tries`` such draws (None: no limit)."""
+    def _whole_hz(self, rng, lo_hz: float, hi_hz: float, tries: int | None = None,
+                  pitch_range: tuple[float, float] = PITCH_RANGE_HZ) -> int | None:
+        """A whole-Hz pitch drawn log-uniformly from [lo_hz, hi_hz], drawn again while it rounds outside
+        ``pitch_range`` or, in the training split, lies near a held-out pitch; None after ``tries`` such draws (None:
+        no limit)."""
         lo, hi = np.log(lo_hz), np.log(hi_hz)
         drawn = 0
         while tries is None or drawn < tries:
             hz = int(round(float(np.exp(rng.uniform(lo, hi)))))
-            if PITCH_RANGE_HZ[0] <= hz <= PITCH_RANGE_HZ[1] and (self.heldout or not near_heldout_pitch(hz)):
+            if pitch_range[0] <= hz <= pitch_range[1] and (self.heldout or not near_heldout_pitch(hz)):
                 return hz
             drawn += 1
         return None
 
-    @staticmethod
-    def _hz_text(hz: int, rng) -> str:
-        return f"{hz}{_pick(rng, (' Hz', ' Hz', ' Hz', 'Hz', ' hertz'))}"
-
-    def transposed_params(self, params: dict, rng, lo_hz: float, hi_hz: float, tries: int = 20) -> dict | None:
-        """A tone's ground truth moved to a whole-Hz pitch drawn log-uniformly from [lo_hz, hi_hz] within the pitch
-        range, stated in Hz; in the training split never near a held-out pitch. None when no such pitch was drawn
-        (the range lies outside the pitch range, or only near held-out values)."""
+    def transposed_params(self, params: dict, rng, lo_hz: float, hi_hz: float, tries: int = 20,
+                          pitch_range: tuple[float, float] = PITCH_RANGE_HZ) -> dict | None:
+        """A tone's ground truth moved to a whole-Hz pitch drawn log-uniformly from [lo_hz, hi_hz] within
+        ``pitch_range`` (the corpus' own by default; a trainer may widen it, see ``models.training.augment``), stated
+        in Hz; in the training split never near a held-out pitch. None when no such pitch was drawn (the range lies
+        outside the pitch range, or only near held-out values)."""
         if params.get("category") != "tone":
             raise ValueError("only a tone's pitch can be moved")
-        lo, hi = max(lo_hz, PITCH_RANGE_HZ[0]), min(hi_hz, PITCH_RANGE_HZ[1])
+        lo, hi = max(lo_hz, pitch_range[0]), min(hi_hz, pitch_range[1])
         if lo > hi:
             return None
-        hz = self._whole_hz(rng, lo, hi, tries)
+        hz = self._whole_hz(rng, lo, hi, tries, pitch_range)
         if hz is None:
             return None
         return {**params, "pitch_hz": float(hz), "pitch_text": self._hz_text(hz, rng)}
+
+    @staticmethod
+    def _hz_text(hz: int, rng) -> str:
+        return f"{hz}{_pick(rng, (' Hz', ' Hz', ' Hz', 'Hz', ' hertz'))}"
 
     def _bpm(self, rng) -> int:
         if self.heldout:

@@ -10,6 +10,7 @@ import torch
 
 from models.bundle import BundleConfig, ModelBundle
 from models.codec import load_codec
+from models.data.corpus import PITCH_RANGE_HZ
 from models.diffusion import VPCosineSchedule, VPrediction
 from models.dit import DiT, DiTConfig
 from models.text import NumberChannels, load_text_encoder
@@ -66,18 +67,28 @@ class TeacherTrainConfig:
     # and of the clips panned hard left or right re-panned to another stated placement, at each draw
     pitch_shift: float = 0.0
     placement_shift: float = 0.0
+    # where transposition takes a tone: within this many octaves of its pitch, inside [low, high] Hz (wider than the
+    # corpus' own range flattens the training prior over the range captions state: models.training.augment)
+    pitch_shift_octaves: float = 1.0
+    pitch_shift_low_hz: float = PITCH_RANGE_HZ[0]
+    pitch_shift_high_hz: float = PITCH_RANGE_HZ[1]
     # the exported model's default classifier-free guidance (the tenth round's 2 was chosen on the training split)
     guidance: float = 3.0
 
     def __post_init__(self) -> None:
-        for name in ("rhythm", "number_values"):
-            if getattr(self, name) and not self.number_linear:
-                raise ValueError(f"{name}: the conditioner reads the text encoder's linear number channels: set "
-                                 "number_linear")
+        self.dit_config(latent_dim=1, latent_rate=1.0).check_numbers(self.numbers(), "teacher config: ")
+
+    def numbers(self) -> NumberChannels:
+        return NumberChannels(self.number_freqs, self.number_linear, self.number_masked)
+
+    def dit_config(self, latent_dim: int, latent_rate: float, text_dim: int = 384, pooled_dim: int = 384) -> DiTConfig:
+        """The denoiser these settings train, for a codec of ``latent_dim`` channels at ``latent_rate`` frames/s."""
+        return DiTConfig(latent_dim=latent_dim, width=self.width, depth=self.depth, heads=self.heads,
+                         text_dim=text_dim, pooled_dim=pooled_dim,
+                         rhythm_frame_rate=latent_rate if self.rhythm else 0.0, number_values=self.number_values)
 
     def text_encoder_config(self) -> dict:
-        numbers = NumberChannels(self.number_freqs, self.number_linear, self.number_masked)
-        return {"name": "minilm", **numbers.to_config()}
+        return {"name": "minilm", **self.numbers().to_config()}
 
 
 def train_teacher(out_dir: str | Path, run_dir: str | Path, codec_dir: str | Path, cfg: TeacherTrainConfig,
@@ -91,11 +102,7 @@ def train_teacher(out_dir: str | Path, run_dir: str | Path, codec_dir: str | Pat
     text_encoder = load_text_encoder(cfg.text_encoder_config(), cache_size=2048)  # a config error before the cache
     cache_dir = build_latent_cache(codec, run.dir / "latents", cfg.cache_clips, seed=cfg.seed)
     cache = LatentCache.load(cache_dir)
-    dit_config = DiTConfig(latent_dim=codec.latent_dim, width=cfg.width, depth=cfg.depth, heads=cfg.heads,
-                           text_dim=text_encoder.dim, pooled_dim=text_encoder.pooled_dim,
-                           rhythm_frame_rate=codec.latent_rate if cfg.rhythm else 0.0,
-                           number_values=cfg.number_values)
-    model = DiT(dit_config)
+    model = DiT(cfg.dit_config(codec.latent_dim, codec.latent_rate, text_encoder.dim, text_encoder.pooled_dim))
     if cfg.init_from:
         added = warm_start_dit(model, cfg.init_from, codec.config.channel_names())
         print(f"warm start from {cfg.init_from}; new latent channels: {', '.join(added) or 'none'}")
@@ -110,7 +117,8 @@ def train_teacher(out_dir: str | Path, run_dir: str | Path, codec_dir: str | Pat
     param = VPrediction(schedule)
     corpus = SyntheticCorpus("train", seed=cfg.seed)
     weight = latent_channel_weight(codec, cfg.analytic_weight)
-    augment = latent_augment(codec, corpus, cfg.pitch_shift, cfg.placement_shift)
+    augment = latent_augment(codec, corpus, cfg.pitch_shift, cfg.placement_shift, cfg.pitch_shift_octaves,
+                             (cfg.pitch_shift_low_hz, cfg.pitch_shift_high_hz))
     model.train()
 
     def train_step(step: int) -> dict:
