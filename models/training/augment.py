@@ -27,8 +27,9 @@ class PitchTransposer:
 
     A range wider than the one captions are scored on flattens the training prior over the scored range: guidance
     divides by the unconditional density, so where that density falls off (near the ends of a range every tone
-    lies in) it pushes a pitch outward, and the tenth-round teacher's 1614 Hz came out at 1969 Hz under guidance
-    2 (``benchmarks/pitch_reading.py``)."""
+    lies in) it pushes a pitch outward: under guidance 2 the tenth-round teacher put "a sine tone at 1614 Hz" at
+    1969 Hz, and a candidate trained on from it over 50-3200 Hz at 1815 Hz (``benchmarks/results/
+    teacher_round11_candidate.md``)."""
 
     def __init__(self, codec, corpus, prob: float, max_octaves: float = 1.0,
                  pitch_range: tuple[float, float] | None = None):

@@ -76,13 +76,16 @@ class TeacherTrainConfig:
     guidance: float = 3.0
 
     def __post_init__(self) -> None:
-        self.dit_config(latent_dim=1, latent_rate=1.0).check_numbers(self.numbers(), "teacher config: ")
+        # which conditioners the denoiser gets is all that matters here, not its sizes
+        denoiser = self.dit_config(latent_dim=1, latent_rate=1.0, text_dim=1, pooled_dim=1)
+        denoiser.check_numbers(self.numbers(), "teacher config: ")
 
     def numbers(self) -> NumberChannels:
         return NumberChannels(self.number_freqs, self.number_linear, self.number_masked)
 
-    def dit_config(self, latent_dim: int, latent_rate: float, text_dim: int = 384, pooled_dim: int = 384) -> DiTConfig:
-        """The denoiser these settings train, for a codec of ``latent_dim`` channels at ``latent_rate`` frames/s."""
+    def dit_config(self, latent_dim: int, latent_rate: float, text_dim: int, pooled_dim: int) -> DiTConfig:
+        """The denoiser these settings train, for a codec of ``latent_dim`` channels at ``latent_rate`` frames/s and
+        a text encoder of ``text_dim`` token / ``pooled_dim`` pooled channels."""
         return DiTConfig(latent_dim=latent_dim, width=self.width, depth=self.depth, heads=self.heads,
                          text_dim=text_dim, pooled_dim=pooled_dim,
                          rhythm_frame_rate=latent_rate if self.rhythm else 0.0, number_values=self.number_values)
