@@ -7,7 +7,9 @@ model maximum works. Padded frames (batches of different durations) are masked o
 so a sample's output does not depend on what else shares its batch. An optional guidance-scale embedding lets a
 distilled student take the guidance scale as an input (guided distillation, stage one). An optional rhythm
 conditioner (``RhythmConditioner``) adds beat-phase features of the tempi a prompt states to the latent frames, and
-an optional value conditioner (``ValueConditioner``) the log of every stated value, such as a pitch in Hz.
+an optional value conditioner (``ValueConditioner``) the log of every stated value, such as a pitch in Hz. With
+``values_only`` (not yet in a shipped model) that is the only way a stated value gets in: cross-attention and the
+pooled condition see where the numbers are, not their values.
 """
 from __future__ import annotations
 
@@ -39,6 +41,18 @@ class DiTConfig:
     rhythm_multiples: tuple[float, ...] = (1.0, 2.0, 3.0)
     # the log of each stated number added to every frame (ValueConditioner); needs number_linear too
     number_values: bool = False
+    # the text encoder's number channels at the end of each token state and of the pooled embedding
+    # (models.text.encoders.number_features; 0 = unknown), and whether cross-attention and the global condition see
+    # them with their values hidden (the presence flag kept), so that a stated value reaches the denoiser through the
+    # value and rhythm conditioners alone: read through cross-attention, its gain rides on the number's share of
+    # attention, which moves with the words around it (the tenth-round teacher, benchmarks/pitch_reading.py)
+    number_width: int = 0
+    values_only: bool = False
+
+    def __post_init__(self) -> None:
+        if self.values_only and not (self.number_values and self.number_width >= 2):
+            raise ValueError("values_only hides the number values from cross-attention: it needs the value conditioner "
+                             "(number_values) and the width of the text encoder's number channels (number_width)")
 
     @property
     def number_readers(self) -> list[str]:
@@ -51,6 +65,15 @@ class DiTConfig:
         if self.number_readers and not numbers.linear:
             raise ValueError(f"{where}the denoiser's {' and '.join(self.number_readers)} conditioner reads the text "
                              "encoder's linear number channels, but number_linear is not set")
+
+
+def number_value_mask(dim: int, number_width: int) -> Tensor:
+    """[dim] ones, zero on the value channels of the ``number_width`` trailing number channels (all but the presence
+    flag, the last-but-one): a token state or pooled embedding times it keeps where numbers are, not what they are."""
+    keep = torch.ones(dim)
+    keep[dim - number_width:] = 0.0
+    keep[-2] = 1.0
+    return keep
 
 
 def linear_number_channels(tokens: Tensor, token_mask: Tensor) -> tuple[Tensor, Tensor]:
@@ -215,6 +238,9 @@ class DiT(nn.Module):
         self.rhythm = (RhythmConditioner(w, c.rhythm_frame_rate, c.rhythm_multiples)
                        if c.rhythm_frame_rate > 0 else None)
         self.values = ValueConditioner(w) if c.number_values else None
+        if c.values_only:
+            self.register_buffer("token_keep", number_value_mask(c.text_dim, c.number_width), persistent=False)
+            self.register_buffer("pooled_keep", number_value_mask(c.pooled_dim, c.number_width), persistent=False)
         self.blocks = nn.ModuleList(DiTBlock(w, c.heads, c.mlp_ratio) for _ in range(c.depth))
         self.register_buffer("rope_swap", pair_swap(w // c.heads), persistent=False)
         self.norm_out = nn.LayerNorm(w, elementwise_affine=False)
@@ -259,8 +285,12 @@ class DiT(nn.Module):
         carry garbage that never reaches a real frame) and the global condition [B, width]."""
         keep = frame_mask[:, :, None].to(z.dtype)
         x = self.proj_in(z.transpose(1, 2)) * keep
+        if self.config.values_only:
+            attended, pooled = tokens * self.token_keep, pooled * self.pooled_keep
+        else:
+            attended = tokens
         cond = self.condition(t.to(z.dtype), pooled, seconds.to(z.dtype), guidance)
-        context = self.context_proj(tokens)
+        context = self.context_proj(attended)
         if self.rhythm is not None:
             x = x + self.rhythm(tokens, token_mask, context, z.shape[-1]) * keep
         if self.values is not None:

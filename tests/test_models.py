@@ -95,6 +95,40 @@ def test_value_conditioner_is_affine_in_the_log_value_and_counts_a_number_once()
     assert torch.all(conditioner(text.tokens, padded, context)[0] == 0)
 
 
+def test_values_only_hides_the_values_from_attention_and_the_pooled_condition():
+    """With values_only a stated value reaches the denoiser through the value conditioner alone: changing its smooth
+    (sine / cosine) channels, which only attention and the pooled condition read, changes nothing; changing its
+    linear log value still does. Without the flag the smooth channels matter."""
+    encoder = load_text_encoder({"name": "minilm", "number_freqs": 4, "number_linear": True, "number_masked": True})
+    width = 2 * 4 + 2
+    text = encoder.encode(["a tone at 440 Hz"])
+    smooth, linear = text.tokens.clone(), text.tokens.clone()
+    is_number = text.tokens[0, :, -2] > 0
+    smooth[0, is_number, -width:-2] += 0.5
+    linear[0, is_number, -1] += 0.5
+    pooled_smooth = text.pooled.clone()
+    pooled_smooth[0, -width:-2] += 0.5
+    z, t, sec = torch.randn(1, LATENT, 12), torch.tensor([0.5]), torch.tensor([1.0])
+
+    def run(values_only, tokens, pooled):
+        torch.manual_seed(0)
+        dit = DiT(DiTConfig(width=32, depth=1, heads=2, text_dim=encoder.dim, pooled_dim=encoder.pooled_dim,
+                            number_values=True, number_width=width, values_only=values_only))
+        for p in dit.parameters():
+            torch.nn.init.normal_(p, std=0.05)
+        with torch.no_grad():
+            return dit(z, t, tokens, text.mask, pooled, sec)
+
+    base = run(True, text.tokens, text.pooled)
+    assert torch.allclose(run(True, smooth, pooled_smooth), base, atol=1e-6)
+    assert not torch.allclose(run(True, linear, text.pooled), base, atol=1e-4)
+    assert not torch.allclose(run(False, smooth, pooled_smooth), run(False, text.tokens, text.pooled), atol=1e-4)
+    with pytest.raises(ValueError, match="values_only"):
+        DiTConfig(number_values=False, number_width=width, values_only=True)
+    with pytest.raises(ValueError, match="values_only"):
+        DiTConfig(number_values=True, number_width=0, values_only=True)
+
+
 @pytest.mark.parametrize("conditioner", [{"rhythm_frame_rate": 44100 / 2048}, {"number_values": True}])
 def test_a_number_reading_denoiser_without_linear_number_channels_does_not_load(tmp_path, text_encoder,
                                                                                  conditioner):

@@ -67,6 +67,14 @@ def test_a_masked_number_teacher_ships_an_encoder_that_masks(tmp_path):
     assert not torch.equal(text.tokens[0, :, 384:], text.tokens[1, :, 384:])  # the channels carry the values
 
 
+def test_values_only_needs_the_value_conditioner_and_records_the_number_width():
+    with pytest.raises(ValueError, match="values_only"):
+        TeacherTrainConfig(steps=1, number_linear=True, values_only=True, **TINY)
+    cfg = TeacherTrainConfig(steps=1, number_linear=True, number_values=True, values_only=True, **TINY)
+    denoiser = cfg.dit_config(latent_dim=33, latent_rate=21.5, text_dim=418, pooled_dim=418)
+    assert denoiser.values_only and denoiser.number_width == cfg.numbers().width > 2
+
+
 def test_masking_without_number_channels_is_refused_by_the_config():
     """Refused when the settings are made, before a run builds its latent cache."""
     with pytest.raises(ValueError, match="needs number channels"):
