@@ -61,10 +61,14 @@ class DiTConfig:
 
     def check_numbers(self, numbers: NumberChannels, where: str = "") -> None:
         """Raise unless the text encoder's number channels (``numbers``) include the linear ones that a conditioner
-        of this denoiser reads; ``where`` prefixes the message (a model directory, a training config)."""
+        of this denoiser reads, and are as many as ``values_only`` hides; ``where`` prefixes the message (a model
+        directory, a training config)."""
         if self.number_readers and not numbers.linear:
             raise ValueError(f"{where}the denoiser's {' and '.join(self.number_readers)} conditioner reads the text "
                              "encoder's linear number channels, but number_linear is not set")
+        if self.values_only and self.number_width != numbers.width:
+            raise ValueError(f"{where}the denoiser hides the values of {self.number_width} number channels, but the "
+                             f"text encoder writes {numbers.width}")
 
 
 def number_value_mask(dim: int, number_width: int) -> Tensor:

@@ -9,6 +9,7 @@ from models.bundle import BundleConfig, ModelBundle
 from models.codec import HarmonicAutoencoder, HarmonicAutoencoderConfig
 from models.dit import DiT, DiTConfig, RhythmConditioner, ValueConditioner
 from models.text import load_text_encoder
+from models.text.encoders import NumberChannels
 
 LATENT = DiTConfig.latent_dim  # the embedded codec's latent channels
 
@@ -127,6 +128,10 @@ def test_values_only_hides_the_values_from_attention_and_the_pooled_condition():
         DiTConfig(number_values=False, number_width=width, values_only=True)
     with pytest.raises(ValueError, match="values_only"):
         DiTConfig(number_values=True, number_width=0, values_only=True)
+    hiding = DiTConfig(number_values=True, number_width=width, values_only=True)
+    hiding.check_numbers(NumberChannels(4, True, True))
+    with pytest.raises(ValueError, match="hides the values of 10 number channels, but the text encoder writes 34"):
+        hiding.check_numbers(NumberChannels(16, True, True))
 
 
 @pytest.mark.parametrize("conditioner", [{"rhythm_frame_rate": 44100 / 2048}, {"number_values": True}])
