@@ -261,3 +261,16 @@ def test_dit_warm_start_gives_appended_text_channels_zero_weights():
     with pytest.raises(RuntimeError):  # without the widening the shapes do not fit
         load_remapped(DiT(DiTConfig(text_dim=10, pooled_dim=10, **small)), old.state_dict(), DIT_CHANNEL_PARAMS,
                       names, names)
+
+
+def test_a_window_first_made_in_inference_mode_still_trains():
+    """The STFT window cache is shared by the service (inference mode) and training in one process: a window the
+    service asked for first must not be an inference tensor that backward cannot save."""
+    from models.audio.spectral import stft
+
+    n_fft = 96  # a size no other test uses, so this call makes the window
+    with torch.inference_mode():
+        stft(torch.randn(1, 960), n_fft, 24)
+    x = torch.randn(1, 960, requires_grad=True)
+    stft(x, n_fft, 24).abs().sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0

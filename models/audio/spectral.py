@@ -11,9 +11,12 @@ _WINDOWS: dict[tuple[int, str, torch.dtype], Tensor] = {}
 
 
 def hann(n_fft: int, device, dtype=torch.float32) -> Tensor:
+    """The cached Hann window; made outside inference mode, so that a window first asked for by the service (which
+    runs in inference mode) can still be saved for backward by training in the same process."""
     key = (n_fft, str(device), dtype)
     if key not in _WINDOWS:
-        _WINDOWS[key] = torch.hann_window(n_fft, device=device, dtype=dtype)
+        with torch.inference_mode(False):
+            _WINDOWS[key] = torch.hann_window(n_fft, device=device, dtype=dtype)
     return _WINDOWS[key]
 
 
