@@ -9,7 +9,8 @@ distilled student take the guidance scale as an input (guided distillation, stag
 conditioner (``RhythmConditioner``) adds beat-phase features of the tempi a prompt states to the latent frames, and
 an optional value conditioner (``ValueConditioner``) the log of every stated value, such as a pitch in Hz. With
 ``values_only`` (not yet in a shipped model) that is the only way a stated value gets in: cross-attention and the
-pooled condition see where the numbers are, not their values.
+pooled condition see where the numbers are, not their values; with ``value_kinds`` the value conditioner gives each
+kind of number (a pitch, a tempo, a duration, as the number's context tells) one learned gain.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.layers import fourier_features
-from models.text.encoders import NumberChannels, number_value
+from models.text.encoders import LOG_VALUE_CHANNEL, PRESENT_CHANNEL, NumberChannels, number_value
 
 
 @dataclass
@@ -48,11 +49,17 @@ class DiTConfig:
     # attention, which moves with the words around it (the tenth-round teacher, benchmarks/pitch_reading.py)
     number_width: int = 0
     values_only: bool = False
+    # the value conditioner's kinds of number (0 = none): each number's slope and offset are a mix of this many
+    # learned pairs, weighted by a softmax over its contextual state, instead of a linear read of that state, so
+    # the gain a stated pitch gets does not move with the words around it (ValueConditioner)
+    value_kinds: int = 0
 
     def __post_init__(self) -> None:
         if self.values_only and not (self.number_values and self.number_width >= 2):
             raise ValueError("values_only hides the number values from cross-attention: it needs the value conditioner "
                              "(number_values) and the width of the text encoder's number channels (number_width)")
+        if self.value_kinds and not self.number_values:
+            raise ValueError("value_kinds shapes the value conditioner: it needs number_values")
 
     @property
     def number_readers(self) -> list[str]:
@@ -76,7 +83,7 @@ def number_value_mask(dim: int, number_width: int) -> Tensor:
     flag, the last-but-one): a token state or pooled embedding times it keeps where numbers are, not what they are."""
     keep = torch.ones(dim)
     keep[dim - number_width:] = 0.0
-    keep[-2] = 1.0
+    keep[PRESENT_CHANNEL] = 1.0
     return keep
 
 
@@ -84,7 +91,7 @@ def linear_number_channels(tokens: Tensor, token_mask: Tensor) -> tuple[Tensor, 
     """tokens [B, L, D] whose last two channels are the text encoder's linear number channels
     (``models.text.encoders.number_features``) -> (presence [B, L]: 1 on an unmasked token of a number, else 0;
     the normalised log value [B, L], meaningful where present)."""
-    return tokens[..., -2] * token_mask.to(tokens.dtype), tokens[..., -1]
+    return tokens[..., PRESENT_CHANNEL] * token_mask.to(tokens.dtype), tokens[..., LOG_VALUE_CHANNEL]
 
 
 def rope_tables(length: int, head_dim: int, device, base: float = 10000.0) -> tuple[Tensor, Tensor]:
@@ -204,13 +211,24 @@ class ValueConditioner(nn.Module):
     once however the tokenizer splits it. The mixing starts at zero, so a warm-started model computes what it did
     before. Measured (the embedded teacher's ninth round, its card): tempo improved, pitch did not, because the
     model still read the value from the number's unordered subword states as well (``models.text.encoders.
-    number_spans`` masks them) and guidance moves each caption's median (``benchmarks/pitch_reading.py``)."""
+    number_spans`` masks them) and guidance moves each caption's median (``benchmarks/pitch_reading.py``).
 
-    def __init__(self, width: int):
+    With ``kinds`` > 0 the pair is no linear read of the state but a softmax-weighted mix of ``kinds`` learned
+    pairs (a slope and an offset each): a linear read still gives a stated pitch a gain that moves with the words
+    around it (the tenth round read one pitch in 12 phrasings with a spread of 0.034 in ln f), while a state that
+    the softmax sorts firmly into one kind ("Hz", "BPM", "seconds") gets that kind's gain whatever the phrasing. The
+    pairs start at zero (the warm start holds) and the kind logits at random, which breaks their symmetry."""
+
+    def __init__(self, width: int, kinds: int = 0):
         super().__init__()
-        self.mix = nn.Linear(width, 2 * width)
-        nn.init.zeros_(self.mix.weight)
-        nn.init.zeros_(self.mix.bias)
+        self.kinds = kinds
+        if kinds:
+            self.kind = nn.Linear(width, kinds)
+            self.pairs = nn.Parameter(torch.zeros(kinds, 2 * width))
+        else:
+            self.mix = nn.Linear(width, 2 * width)
+            nn.init.zeros_(self.mix.weight)
+            nn.init.zeros_(self.mix.bias)
 
     def forward(self, tokens: Tensor, token_mask: Tensor, context: Tensor) -> Tensor:
         """tokens [B, L, D] (last two channels: a number is here, its normalised log value), token_mask [B, L],
@@ -222,7 +240,8 @@ class ValueConditioner(nn.Module):
         same = ((log_value[:, :, None] - log_value[:, None, :]).abs() < 1e-6).to(tokens.dtype)
         share = (same * present[:, None, :]).sum(-1).clamp(min=1.0)
         weight = present / share
-        a, c = self.mix(context).view(b, n, 2, w).unbind(2)  # [B, L, width] each
+        pair = self.kind(context).softmax(-1) @ self.pairs if self.kinds else self.mix(context)
+        a, c = pair.view(b, n, 2, w).unbind(2)  # [B, L, width] each
         out = (weight * log_value)[:, :, None].to(context.dtype) * a + weight[:, :, None].to(context.dtype) * c
         return out.sum(1, keepdim=True)
 
@@ -241,7 +260,7 @@ class DiT(nn.Module):
         self.context_proj = nn.Sequential(nn.Linear(c.text_dim, w), nn.LayerNorm(w))
         self.rhythm = (RhythmConditioner(w, c.rhythm_frame_rate, c.rhythm_multiples)
                        if c.rhythm_frame_rate > 0 else None)
-        self.values = ValueConditioner(w) if c.number_values else None
+        self.values = ValueConditioner(w, c.value_kinds) if c.number_values else None
         if c.values_only:
             self.register_buffer("token_keep", number_value_mask(c.text_dim, c.number_width), persistent=False)
             self.register_buffer("pooled_keep", number_value_mask(c.pooled_dim, c.number_width), persistent=False)

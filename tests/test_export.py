@@ -455,7 +455,8 @@ def test_a_derived_model_exports_over_its_base(sao_tiny, tmp_path):
     assert fingerprint(out)["sha256"] != before["sha256"]  # a changed config makes the export stale
 
 
-def test_the_number_conditioners_are_exported(tmp_path, text_encoder):
+@pytest.mark.parametrize("form", [{}, {"value_kinds": 4, "values_only": True, "number_width": 2 * 4 + 2}])
+def test_the_number_conditioners_are_exported(tmp_path, text_encoder, form):
     from models.dit import DiT, DiTConfig
     from models.export.onnx_export import export_denoiser
     from models.export.ort import session
@@ -464,7 +465,7 @@ def test_the_number_conditioners_are_exported(tmp_path, text_encoder):
     torch.manual_seed(4)
     encoder = load_text_encoder({"name": "minilm", "number_freqs": 4, "number_linear": True})
     dit = DiT(DiTConfig(width=32, depth=1, heads=2, text_dim=encoder.dim, pooled_dim=encoder.dim,
-                        rhythm_frame_rate=SR / 2048, number_values=True))
+                        rhythm_frame_rate=SR / 2048, number_values=True, **form))
     with torch.no_grad():
         for p in dit.parameters():
             if p.abs().sum() == 0:

@@ -76,6 +76,8 @@ def pad_stack(items: list[Tensor], length: int | None = None) -> tuple[Tensor, T
 NUMBER = re.compile(r"\d+(?:\.\d+)?")
 # the linear number channel: (ln(value) - LOG_CENTRE) / LOG_SCALE, about -1 .. 1 over 20 Hz .. 3 kHz
 LOG_CENTRE, LOG_SCALE = 5.0, 2.0
+# where the two linear number channels sit in a token state or pooled embedding, counted from its end
+PRESENT_CHANNEL, LOG_VALUE_CHANNEL = -2, -1
 
 
 def number_width(number_freqs: int, number_linear: bool) -> int:
