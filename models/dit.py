@@ -9,8 +9,7 @@ distilled student take the guidance scale as an input (guided distillation, stag
 conditioner (``RhythmConditioner``) adds beat-phase features of the tempi a prompt states to the latent frames, and
 an optional value conditioner (``ValueConditioner``) the log of every stated value, such as a pitch in Hz. With
 ``values_only`` (not yet in a shipped model) that is the only way a stated value gets in: cross-attention and the
-pooled condition see where the numbers are, not their values; with ``value_kinds`` the value conditioner gives each
-kind of number (a pitch, a tempo, a duration, as the number's context tells) one learned gain.
+pooled condition see where the numbers are, not their values.
 """
 from __future__ import annotations
 
@@ -46,20 +45,16 @@ class DiTConfig:
     # (models.text.encoders.number_features; 0 = unknown), and whether cross-attention and the global condition see
     # them with their values hidden (the presence flag kept), so that a stated value reaches the denoiser through the
     # value and rhythm conditioners alone: read through cross-attention, its gain rides on the number's share of
-    # attention, which moves with the words around it (the tenth-round teacher, benchmarks/pitch_reading.py)
+    # attention, which moves with the words around it (the tenth-round teacher, benchmarks/pitch_reading.py). Warm
+    # started from the tenth round, a values_only denoiser had not learned to read pitch again after 2300 steps
+    # (session 18, the teacher's card), so this is for training from scratch or a longer run
     number_width: int = 0
     values_only: bool = False
-    # the value conditioner's kinds of number (0 = none): each number's slope and offset are a mix of this many
-    # learned pairs, weighted by a softmax over its contextual state, instead of a linear read of that state, so
-    # the gain a stated pitch gets does not move with the words around it (ValueConditioner)
-    value_kinds: int = 0
 
     def __post_init__(self) -> None:
         if self.values_only and not (self.number_values and self.number_width >= 2):
             raise ValueError("values_only hides the number values from cross-attention: it needs the value conditioner "
                              "(number_values) and the width of the text encoder's number channels (number_width)")
-        if self.value_kinds and not self.number_values:
-            raise ValueError("value_kinds shapes the value conditioner: it needs number_values")
 
     @property
     def number_readers(self) -> list[str]:
@@ -211,24 +206,13 @@ class ValueConditioner(nn.Module):
     once however the tokenizer splits it. The mixing starts at zero, so a warm-started model computes what it did
     before. Measured (the embedded teacher's ninth round, its card): tempo improved, pitch did not, because the
     model still read the value from the number's unordered subword states as well (``models.text.encoders.
-    number_spans`` masks them) and guidance moves each caption's median (``benchmarks/pitch_reading.py``).
+    number_spans`` masks them) and guidance moves each caption's median (``benchmarks/pitch_reading.py``)."""
 
-    With ``kinds`` > 0 the pair is no linear read of the state but a softmax-weighted mix of ``kinds`` learned
-    pairs (a slope and an offset each): a linear read still gives a stated pitch a gain that moves with the words
-    around it (the tenth round read one pitch in 12 phrasings with a spread of 0.034 in ln f), while a state that
-    the softmax sorts firmly into one kind ("Hz", "BPM", "seconds") gets that kind's gain whatever the phrasing. The
-    pairs start at zero (the warm start holds) and the kind logits at random, which breaks their symmetry."""
-
-    def __init__(self, width: int, kinds: int = 0):
+    def __init__(self, width: int):
         super().__init__()
-        self.kinds = kinds
-        if kinds:
-            self.kind = nn.Linear(width, kinds)
-            self.pairs = nn.Parameter(torch.zeros(kinds, 2 * width))
-        else:
-            self.mix = nn.Linear(width, 2 * width)
-            nn.init.zeros_(self.mix.weight)
-            nn.init.zeros_(self.mix.bias)
+        self.mix = nn.Linear(width, 2 * width)
+        nn.init.zeros_(self.mix.weight)
+        nn.init.zeros_(self.mix.bias)
 
     def forward(self, tokens: Tensor, token_mask: Tensor, context: Tensor) -> Tensor:
         """tokens [B, L, D] (last two channels: a number is here, its normalised log value), token_mask [B, L],
@@ -240,8 +224,7 @@ class ValueConditioner(nn.Module):
         same = ((log_value[:, :, None] - log_value[:, None, :]).abs() < 1e-6).to(tokens.dtype)
         share = (same * present[:, None, :]).sum(-1).clamp(min=1.0)
         weight = present / share
-        pair = self.kind(context).softmax(-1) @ self.pairs if self.kinds else self.mix(context)
-        a, c = pair.view(b, n, 2, w).unbind(2)  # [B, L, width] each
+        a, c = self.mix(context).view(b, n, 2, w).unbind(2)  # [B, L, width] each
         out = (weight * log_value)[:, :, None].to(context.dtype) * a + weight[:, :, None].to(context.dtype) * c
         return out.sum(1, keepdim=True)
 
@@ -260,7 +243,7 @@ class DiT(nn.Module):
         self.context_proj = nn.Sequential(nn.Linear(c.text_dim, w), nn.LayerNorm(w))
         self.rhythm = (RhythmConditioner(w, c.rhythm_frame_rate, c.rhythm_multiples)
                        if c.rhythm_frame_rate > 0 else None)
-        self.values = ValueConditioner(w, c.value_kinds) if c.number_values else None
+        self.values = ValueConditioner(w) if c.number_values else None
         if c.values_only:
             self.register_buffer("token_keep", number_value_mask(c.text_dim, c.number_width), persistent=False)
             self.register_buffer("pooled_keep", number_value_mask(c.pooled_dim, c.number_width), persistent=False)

@@ -263,35 +263,6 @@ def test_dit_warm_start_gives_appended_text_channels_zero_weights():
                       names, names)
 
 
-def test_dit_warm_start_onto_a_value_conditioner_of_another_form():
-    """A teacher whose value conditioner reads each number's slope and offset linearly warm-starts a denoiser that
-    mixes learned kinds instead: the old reading is dropped, the new pairs start at zero and everything else is
-    kept, so the new denoiser computes what the old one did without its value conditioner."""
-    from models.dit import DiT, DiTConfig
-    from models.training.warm_start import DIT_ADDED_MODULES
-
-    torch.manual_seed(4)
-    names = HarmonicAutoencoderConfig().channel_names()
-    small = {"latent_dim": 33, "width": 32, "depth": 1, "heads": 2, "text_dim": 8, "pooled_dim": 8,
-             "number_values": True}
-    old, new = DiT(DiTConfig(**small)).eval(), DiT(DiTConfig(value_kinds=3, **small)).eval()
-    with torch.no_grad():
-        for p in old.parameters():
-            p.normal_(0, 0.05)
-    load_remapped(new, old.state_dict(), DIT_CHANNEL_PARAMS, names, names, added=DIT_ADDED_MODULES)
-    assert torch.all(new.values.pairs == 0) and new.values.kind.weight.abs().sum() > 0
-    tokens = torch.randn(1, 3, 8)
-    tokens[0, 1, -2], tokens[0, 1, -1] = 1.0, 0.7  # a number, so the old value conditioner has something to read
-    args = (torch.randn(1, 33, 7), torch.tensor([0.4]), tokens, torch.ones(1, 3, dtype=torch.bool), torch.randn(1, 8),
-            torch.tensor([1.0]))
-    with torch.no_grad():
-        out_new, out_old = new(*args), old(*args)
-        assert not torch.allclose(out_new, out_old, atol=1e-4)
-        old.values.mix.weight.zero_()
-        old.values.mix.bias.zero_()
-        assert torch.allclose(new(*args), old(*args), atol=1e-6)
-
-
 def test_a_window_first_made_in_inference_mode_still_trains():
     """The STFT window cache is shared by the service (inference mode) and training in one process: a window the
     service asked for first must not be an inference tensor that backward cannot save."""

@@ -455,7 +455,7 @@ def test_a_derived_model_exports_over_its_base(sao_tiny, tmp_path):
     assert fingerprint(out)["sha256"] != before["sha256"]  # a changed config makes the export stale
 
 
-@pytest.mark.parametrize("form", [{}, {"value_kinds": 4, "values_only": True, "number_width": 2 * 4 + 2}])
+@pytest.mark.parametrize("form", [{}, {"values_only": True, "number_width": 2 * 4 + 2}])
 def test_the_number_conditioners_are_exported(tmp_path, text_encoder, form):
     from models.dit import DiT, DiTConfig
     from models.export.onnx_export import export_denoiser

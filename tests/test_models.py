@@ -96,36 +96,6 @@ def test_value_conditioner_is_affine_in_the_log_value_and_counts_a_number_once()
     assert torch.all(conditioner(text.tokens, padded, context)[0] == 0)
 
 
-def test_value_kinds_give_one_gain_per_kind_whatever_the_context():
-    """With learned kinds a number's slope and offset are a softmax mix of a few pairs: two different contextual
-    states that fall firmly in one kind give a stated value the same output, where the linear read of the state
-    gives them different ones; a state between kinds gets the mix; the pairs start at zero."""
-    torch.manual_seed(5)
-    encoder = load_text_encoder({"name": "minilm", "number_freqs": 4, "number_linear": True})
-    text = encoder.encode(["a tone at 440 Hz", "a tone at 440 Hz"])
-    conditioner = ValueConditioner(16, kinds=2)
-    context = torch.randn(2, text.tokens.shape[1], 16)
-    assert torch.all(conditioner(text.tokens, text.mask, context) == 0)  # a warm start computes what it did
-    with torch.no_grad():
-        conditioner.pairs.normal_(0, 1.0)
-        conditioner.kind.weight.zero_()
-        conditioner.kind.bias.copy_(torch.tensor([30.0, -30.0]))  # every state is kind 0
-    out = conditioner(text.tokens, text.mask, context)
-    assert torch.allclose(out[0], out[1], atol=1e-5) and out.abs().sum() > 0
-    with torch.no_grad():
-        conditioner.kind.bias.zero_()  # halfway between the kinds: the mean of the two pairs
-    half = conditioner(text.tokens, text.mask, context)
-    with torch.no_grad():
-        conditioner.kind.bias.copy_(torch.tensor([-30.0, 30.0]))
-    assert torch.allclose(half, (out + conditioner(text.tokens, text.mask, context)) / 2, atol=1e-5)
-    linear = ValueConditioner(16)
-    torch.nn.init.normal_(linear.mix.weight, std=0.1)
-    read = linear(text.tokens, text.mask, context)
-    assert not torch.allclose(read[0], read[1], atol=1e-3)
-    with pytest.raises(ValueError, match="value_kinds"):
-        DiTConfig(value_kinds=4)
-
-
 def test_values_only_hides_the_values_from_attention_and_the_pooled_condition():
     """With values_only a stated value reaches the denoiser through the value conditioner alone: changing its smooth
     (sine / cosine) channels, which only attention and the pooled condition read, changes nothing; changing its

@@ -62,9 +62,6 @@ class TeacherTrainConfig:
     # and the values reach the denoiser through the value and rhythm conditioners alone, hidden from cross-attention
     # and the pooled condition (models.dit.DiTConfig.values_only); needs number_values
     values_only: bool = False
-    # the value conditioner reads each number's gain as a mix of this many learned kinds, not a linear read of its
-    # contextual state (models.dit.DiTConfig.value_kinds; 0 = the linear read); needs number_values
-    value_kinds: int = 0
     init_from: str = ""  # warm start from this teacher directory (its codec may have another latent layout)
     # v-MSE weight of the codec's analytic channels (tonality, pitch, balance) against 1 for the learned ones: a 1 %
     # pitch step is 0.015 of the pitch channel's standard deviation, so its errors count for more than their share.
@@ -95,8 +92,7 @@ class TeacherTrainConfig:
         return DiTConfig(latent_dim=latent_dim, width=self.width, depth=self.depth, heads=self.heads,
                          text_dim=text_dim, pooled_dim=pooled_dim,
                          rhythm_frame_rate=latent_rate if self.rhythm else 0.0, number_values=self.number_values,
-                         number_width=self.numbers().width, values_only=self.values_only,
-                         value_kinds=self.value_kinds)
+                         number_width=self.numbers().width, values_only=self.values_only)
 
     def text_encoder_config(self) -> dict:
         return {"name": "minilm", **self.numbers().to_config()}

@@ -16,8 +16,7 @@ DIT_CHANNEL_PARAMS = {"proj_in.weight": 1, "proj_out.weight": 0, "proj_out.bias"
 # the DiT's first layers on the text encoder's token states and pooled embedding: channels a newer encoder appends
 # (number channels) start with zero weights
 DIT_TEXT_INPUTS = ("context_proj.0.weight", "pooled_proj.0.weight")
-# modules a newer DiT may add, or have in another form, that start from their own (zero) initialisation when the old
-# model had none or another form
+# modules a newer DiT may add that start from their own (zero) initialisation when the old model had none
 DIT_ADDED_MODULES = ("rhythm.", "values.")
 
 
@@ -37,19 +36,12 @@ def load_remapped(model: nn.Module, state: dict[str, Tensor], channel_params: di
                   added: tuple[str, ...] = ()) -> list[str]:
     """Load ``state`` into ``model`` with the channel-indexed parameters remapped, the ``widened`` input weights
     given zero columns for inputs appended after the old ones and the parameters of ``added`` modules (prefixes)
-    the old model lacks kept as initialised (where the old model has such a module in another form, its parameters
-    that the new form lacks are dropped and the new ones start as initialised); returns the new channels."""
+    the old model lacks kept as initialised; returns the new channels."""
     state = dict(state)
-    current = model.state_dict()
-    for key in [k for k in state if k.startswith(added) and k not in current]:
-        prefix = next(p for p in added if key.startswith(p))
-        del state[key]
-        for new_key in current:
-            if new_key.startswith(prefix):
-                state.pop(new_key, None)
     for key, dim in channel_params.items():
         if key in state:
             state[key] = remap_channels(state[key], dim, old_names, new_names)
+    current = model.state_dict()
     for key in current:
         if key not in state and key.startswith(added):
             state[key] = current[key]
