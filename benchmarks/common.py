@@ -30,12 +30,17 @@ def environment() -> dict:
                                 cwd=Path(__file__).parent).stdout.strip()
     except OSError:
         commit = ""
+    gpu = {}
+    if torch.cuda.is_available():
+        gpu = {"gpu": torch.cuda.get_device_name(0), "cuda": torch.version.cuda}
     return {
         "machine": f"{cpu}, {os.cpu_count()} cores",
+        **gpu,
         "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(),
         "torch": torch.__version__,
-        "git_commit": commit or None,
+        # a copy of the tree without its .git (a borrowed GPU machine) is told its commit through GIT_COMMIT
+        "git_commit": commit or os.environ.get("GIT_COMMIT") or None,
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
     }

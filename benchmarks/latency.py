@@ -1,5 +1,5 @@
-"""Latency per runtime (CPU part): text encoding, one denoiser forward, decoding and end to end, through the same
-runtime interface the service uses.
+"""Latency per runtime, on the CPU or a CUDA GPU (``--device``): text encoding, one denoiser forward, decoding and end
+to end, through the same runtime interface the service uses.
 
 For each runtime (``torch`` = eager PyTorch, ``onnxruntime``) and batch size: median and p95 of
 - text encoding of B distinct prompts (uncached: the prompt cache is bypassed),
@@ -8,16 +8,18 @@ For each runtime (``torch`` = eager PyTorch, ``onnxruntime``) and batch size: me
 - decoding B clips of ``--duration`` seconds,
 - end to end: B requests of ``--duration`` s at the model's default steps through the engine's ``ModelRunner``
   (encode, one denoise step per tick for all B, decode), with fresh prompts each repetition;
-plus the real-time factor (compute seconds per second of audio; below 1 is faster than real time) and the peak RSS.
+plus the real-time factor (compute seconds per second of audio; below 1 is faster than real time), the peak RSS and,
+on a GPU, the peak GPU memory (allocated by torch). GPU timings wait for the device to finish (a synchronise).
 Each runtime runs in its own process, so the peak RSS is its own and no runtime warms another's caches. A shared
 machine's speed drifts by tens of percent over minutes, so ``--rounds N`` alternates the runtimes' processes N times
 (torch, onnxruntime, torch, ...) and pools each stage's timings over the rounds: both runtimes see the same drift.
 
     python -m benchmarks.latency [--model models/zoo/tta-teacher] [--batches 1,4] [--threads 2]
     python -m benchmarks.latency --smoke        # a quick check with tiny repetition counts and 2 steps
+    python -m benchmarks.latency --device cuda --runtimes torch,torch-bf16,torch-bf16-cudagraphs --batches 1,4,16
 
-``--random-weights`` benchmarks the model's architecture with random weights (speed does not depend on the
-weights; use it while shipped weights do not match the current code).
+``--random-weights`` benchmarks the model's architecture with random weights, its text encoder's too (speed does not
+depend on the weights; the text encoder's tokenizer and config are all it reads of the installed one).
 """
 from __future__ import annotations
 
@@ -33,7 +35,9 @@ ROOT = Path(__file__).resolve().parents[1]
 RUNTIMES = ("torch", "onnxruntime")
 # variants of the torch runtime that --runtimes may also name: the runtime and its options
 VARIANTS = {"torch-compile": ("torch", {"compile": True}), "torch-bf16": ("torch", {"precision": "bfloat16"}),
-            "torch-compile-bf16": ("torch", {"compile": True, "precision": "bfloat16"})}
+            "torch-compile-bf16": ("torch", {"compile": True, "precision": "bfloat16"}),
+            "torch-cudagraphs": ("torch", {"cuda_graphs": True}),
+            "torch-bf16-cudagraphs": ("torch", {"precision": "bfloat16", "cuda_graphs": True})}
 STAGES = ("text_encoding", "denoiser_forward", "decode", "end_to_end")
 
 
@@ -57,8 +61,24 @@ def uncached_encoder(rt):
     return cached.encoder
 
 
+def _random_text_encoder(config: dict, out: Path) -> dict:
+    """A copy of the text encoder ``config`` names with random weights (its tokenizer and config copied), and the
+    text-encoder config that loads it."""
+    import shutil
+
+    from transformers import AutoConfig, AutoModel
+
+    from models.text.encoders import minilm_path
+
+    source = Path(config["path"]) if config.get("path") else minilm_path()
+    shutil.copytree(source, out, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
+    AutoModel.from_config(AutoConfig.from_pretrained(source)).save_pretrained(out, safe_serialization=True)
+    return {**config, "path": str(out)}
+
+
 def _random_copy(model: Path, out: Path) -> Path:
-    """The model's architecture (config.json, codec config) with random weights, saved as a model directory."""
+    """The model's architecture (config.json, codec config, text encoder) with random weights, saved as a model
+    directory."""
     import torch
 
     from models.bundle import BundleConfig, ModelBundle
@@ -78,6 +98,7 @@ def _random_copy(model: Path, out: Path) -> Path:
                 p.normal_(0.0, 0.02)
     codec = HarmonicAutoencoder.from_config(codec_config)
     config.codec, config.codec_from = {}, None
+    config.text_encoder = _random_text_encoder(config.text_encoder, out / "text_encoder")
     bundle = ModelBundle(config, dit, codec, load_text_encoder(config.text_encoder))
     bundle.save(out / config.name, save_codec=True)
     return out / config.name
@@ -110,9 +131,25 @@ def stage_calls(rt, runner, encoder, b: int, duration: float, steps: int, prompt
             runner.denoise_step(samples)
         runner.decode(samples)
 
-    return {"text_encoding": lambda: encoder.encode_unpadded(prompts(b)),
-            "denoiser_forward": lambda: rt.predict_x0(z, t, cond, gvec, mask),
-            "decode": lambda: rt.decode(latents, [duration] * b), "end_to_end": end_to_end}
+    calls = {"text_encoding": lambda: encoder.encode_unpadded(prompts(b)),
+             "denoiser_forward": lambda: rt.predict_x0(z, t, cond, gvec, mask),
+             "decode": lambda: rt.decode(latents, [duration] * b), "end_to_end": end_to_end}
+    return {stage: synchronised(fn) for stage, fn in calls.items()}
+
+
+def synchronised(fn):
+    """``fn`` followed by waiting for the GPU, when there is one (a call returns before its kernels finish)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return fn
+
+    def call():
+        out = fn()
+        torch.cuda.synchronize()
+        return out
+
+    return call
 
 
 def measure_batch(rt, runner, encoder, b: int, args, steps: int, prompts) -> dict:
@@ -141,17 +178,20 @@ def count_flops(fn) -> int:
     return int(counter.get_total_flops())
 
 
-def peak_matmul_flops(threads: int, n: int = 2048, repeats: int = 10) -> float:
-    """This machine's float32 matrix-product throughput (FLOP/s) with ``threads`` threads: the best of ``repeats``
-    n x n products, the practical peak the floor is computed against."""
+def peak_matmul_flops(threads: int, device: str = "cpu", repeats: int = 10) -> float:
+    """This machine's matrix-product throughput (FLOP/s), the practical peak the floor is computed against: the best
+    of ``repeats`` n x n products, float32 with ``threads`` threads on the CPU (n = 2048), bfloat16 on a GPU
+    (n = 8192; the type the GPU serves in)."""
     import torch
 
     torch.set_num_threads(threads)
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    n, dtype = (2048, torch.float32) if device == "cpu" else (8192, torch.bfloat16)
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    mm = synchronised(lambda: torch.mm(a, b)) if device != "cpu" else (lambda: torch.mm(a, b))
     best = float("inf")
     for _ in range(repeats + 2):
         t0 = time.perf_counter()
-        torch.mm(a, b)
+        mm()
         best = min(best, time.perf_counter() - t0)
     return 2 * n ** 3 / best
 
@@ -166,7 +206,7 @@ def worker(args) -> dict:
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     runtime, options = VARIANTS.get(args.worker, (args.worker, {}))
-    rt = load_runtime(Path(args.model), runtime, **options)
+    rt = load_runtime(Path(args.model), runtime, device=args.device, **options)
     rt.prepare()  # what the service does before it is ready (torch.compile compiles here)
     load_s = time.perf_counter() - t0
     if rt.name != runtime:
@@ -183,8 +223,10 @@ def worker(args) -> dict:
     for b in args.batches:
         out["batches"][str(b)] = measure_batch(rt, runner, encoder, b, args, steps, prompts)
     out["peak_rss_mb"] = _peak_rss_mb()
+    if args.device == "cuda":
+        out["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
     if args.worker == "torch":
-        out["peak_matmul_flops"] = peak_matmul_flops(args.threads)
+        out["peak_matmul_flops"] = peak_matmul_flops(args.threads, args.device)
     return out
 
 
@@ -193,11 +235,14 @@ def pool_rounds(runs: list[dict]) -> dict:
     factor from the pooled end-to-end median, the peak RSS the highest, the load time the median."""
     from benchmarks.common import time_summary
 
-    out = {k: v for k, v in runs[0].items() if k not in ("batches", "peak_rss_mb", "load_s", "peak_matmul_flops")}
+    out = {k: v for k, v in runs[0].items()
+           if k not in ("batches", "peak_rss_mb", "peak_gpu_mb", "load_s", "peak_matmul_flops")}
     if "peak_matmul_flops" in runs[0]:
         out["peak_matmul_flops"] = max(r["peak_matmul_flops"] for r in runs)
     out["rounds"] = len(runs)
     out["peak_rss_mb"] = max(r["peak_rss_mb"] for r in runs)
+    if "peak_gpu_mb" in runs[0]:
+        out["peak_gpu_mb"] = max(r["peak_gpu_mb"] for r in runs)
     out["load_s"] = sorted(r["load_s"] for r in runs)[len(runs) // 2]
     out["batches"] = {}
     for b, row in runs[0]["batches"].items():
@@ -223,18 +268,22 @@ def markdown(results: list[dict], args, model_label: str, export_s: float | None
                     else None
                 rows.append([r["runtime"], int(b), stage.replace("_", " "), row[stage]["median_s"] * 1000,
                              row[stage]["p95_s"] * 1000, row[stage]["repeats"], speedup])
-    summary = [[r["runtime"], int(b), row["rtf"], r["peak_rss_mb"], r["load_s"]]
-               for r in results for b, row in r["batches"].items()]
+    gpu = "peak_gpu_mb" in results[0]
     r0 = results[0]
-    return (f"# Latency per runtime (CPU): `{model_label}`\n\n"
+    summary = [[r["runtime"], int(b), row["rtf"], int(b) / row["end_to_end"]["median_s"], r["peak_rss_mb"]]
+               + ([r["peak_gpu_mb"]] if gpu else []) + [r["load_s"]]
+               for r in results for b, row in r["batches"].items()]
+    where = f"GPU: {args.gpu_name}" if gpu else "CPU"
+    return (f"# Latency per runtime ({where}): `{model_label}`\n\n"
             f"{r0['duration_s']:g} s of stereo per sample ({r0['latent_frames']} latent frames), "
-            f"{r0['steps']} steps at guidance {r0['guidance']:g} end to end; {args.threads} threads; "
+            f"{r0['steps']} steps at guidance {r0['guidance']:g} end to end; {args.threads} CPU threads; "
             f"{args.rounds} round(s) per runtime, alternated, timings pooled. "
             "Denoiser forward = one `predict_x0` (guided samples add their unconditional row to the same batch). "
-            "Text encoding bypasses the prompt cache. Speed-up = eager torch median / this runtime's median.\n\n"
+            "Text encoding bypasses the prompt cache. Speed-up = eager torch (float32) median / this runtime's "
+            "median.\n\n"
             + md_table(["runtime", "batch", "stage", "median ms", "p95 ms", "runs", "speed-up vs torch"], rows)
-            + "\n\n" + md_table(["runtime", "batch", "real-time factor (end to end)", "peak RSS MB", "load s"],
-                                summary)
+            + "\n\n" + md_table(["runtime", "batch", "real-time factor (end to end)", "clips/s (end to end)",
+                                 "peak RSS MB"] + (["peak GPU MB"] if gpu else []) + ["load s"], summary)
             + floor_section(results)
             + ("" if export_s is None else f"\n\nONNX export and its parity checks (once per model; not in load s): "
                                            f"{export_s:.1f} s."))
@@ -256,12 +305,20 @@ def floor_section(results: list[dict]) -> str:
             floor = flops / peak
             rows.append([int(b), stage.replace("_", " "), flops / 1e9, floor * 1000, best * 1000,
                          best / floor if floor else None])
+    what = ("bfloat16 matmul peak, {:.0f} TFLOP/s (best 8192 x 8192 product)".format(peak / 1e12)
+            if "peak_gpu_mb" in torch_run else
+            f"float32 matmul peak, {peak / 1e9:.0f} GFLOP/s (best 2048 x 2048 product, same threads)")
     return (f"\n\n**Floor.** Matrix-product and convolution FLOPs of each stage (torch's FlopCounterMode) at this "
-            f"machine's measured float32 matmul peak, {peak / 1e9:.0f} GFLOP/s (best 2048 x 2048 product, same "
-            "threads); "
+            f"machine's measured {what}; "
             "end to end = text + steps x denoiser + decode. Elementwise work, FFTs and memory traffic are not counted, "
             "so the floor is a lower bound.\n\n"
             + md_table(["batch", "stage", "GFLOP", "floor ms", "best measured ms", "measured / floor"], rows))
+
+
+def gpu_name() -> str:
+    import torch
+
+    return torch.cuda.get_device_name(0)
 
 
 def main(argv=None) -> dict:
@@ -271,6 +328,7 @@ def main(argv=None) -> dict:
                     help=f"comma-separated: {', '.join(RUNTIMES + tuple(VARIANTS))}")
     ap.add_argument("--batches", default="1,4")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--duration", type=float, default=10.0)
     ap.add_argument("--steps", type=int, default=None, help="end-to-end steps (default: the model's)")
     ap.add_argument("--repeats", type=int, default=20)
@@ -280,6 +338,7 @@ def main(argv=None) -> dict:
                                                            "pool the timings (a shared machine drifts)")
     ap.add_argument("--smoke", action="store_true", help="2 repeats, 1 end-to-end run of 2 steps; not for results")
     ap.add_argument("--name", default=None)
+    ap.add_argument("--results-dir", default=None, help="where the JSON and Markdown go (default benchmarks/results)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -310,15 +369,17 @@ def main(argv=None) -> dict:
             cmd = [sys.executable, "-m", "benchmarks.latency", "--worker", name, "--worker-out", str(out),
                    "--model", str(model), "--batches", ",".join(map(str, args.batches)), "--threads",
                    str(args.threads), "--duration", str(args.duration), "--repeats", str(args.repeats),
-                   "--e2e-repeats", str(args.e2e_repeats)] + (["--steps", str(args.steps)] if args.steps else [])
+                   "--e2e-repeats", str(args.e2e_repeats), "--device", args.device]
+            cmd += ["--steps", str(args.steps)] if args.steps else []
             subprocess.run(cmd, check=True, cwd=ROOT)
             rounds[name].append(json.loads(out.read_text()))
         results = [pool_rounds(runs) for runs in rounds.values()]
+    args.gpu_name = gpu_name() if args.device == "cuda" else None
     md = markdown(results, args, label, export_s)
     data = {"model": label, "smoke": args.smoke, "onnx_export_s": export_s, "results": results,
             "environment": environment()}
-    name = args.name or ("latency-cpu-smoke" if args.smoke else "latency-cpu")
-    write_results(name, data, md)
+    name = args.name or (f"latency-{args.device}-smoke" if args.smoke else f"latency-{args.device}")
+    write_results(name, data, md, args.results_dir)
     print(md)
     return data
 

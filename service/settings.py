@@ -28,6 +28,8 @@ class Settings(BaseSettings):
         "auto", description="auto = onnxruntime on the CPU when it is installed, else torch")
     torch_compile: bool = Field(False, description="torch runtime: torch.compile the denoiser (dynamic shapes; the "
                                 "warm-up pays for the first compilation)")
+    cuda_graphs: bool = Field(False, description="torch runtime on cuda: replay the denoiser from CUDA graphs "
+                              "captured per bucketed batch shape (excludes torch_compile)")
     precision: Precision = Field(
         "float32", description="torch runtime: autocast the denoiser's matrix products to this type (bfloat16 / "
         "float16 on GPUs; the sampler and decoder stay float32)")

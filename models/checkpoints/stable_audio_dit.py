@@ -262,7 +262,10 @@ class StableAudioDiT(nn.Module):
         h = torch.cat([glob[:, None], h], dim=1)
         rope = rotary_tables(length + 1, c.rope_dim, x.device)
         key_mask = None
-        if frame_mask is not None and not bool(frame_mask.all()):
+        # all frames real: no mask (the faster attention path); reading the mask syncs, which a CUDA graph's
+        # capture cannot, so a capture always takes the masked path
+        capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
+        if frame_mask is not None and (capturing or not bool(frame_mask.all())):
             key_mask = torch.cat([torch.ones(b, 1, dtype=torch.bool, device=x.device), frame_mask.bool()], dim=1)
         for layer in self.layers:
             h = layer(h, context, rope, key_mask)

@@ -2,7 +2,8 @@
 the denoiser, the part that runs once per step: ``compile`` (``torch.compile`` with dynamic shapes, so that batch
 size and length changes do not recompile; ``prepare``, called before the service is ready, compiles the two graphs
 that serving needs) and ``precision`` (autocast to bfloat16 or float16 for its matrix products; the sampler's maths,
-the noise and the decoder stay float32)."""
+the noise and the decoder stay float32). On a CUDA device, ``cuda_graphs`` replays the denoiser's forward from
+captured CUDA graphs (``service.runtimes.cuda_graphs``); it excludes ``compile``."""
 from __future__ import annotations
 
 import json
@@ -17,6 +18,7 @@ from torch import Tensor
 from models.bundle import Conditioning, ModelBundle
 from models.text import load_text_encoder
 from service.runtimes.base import Runtime
+from service.runtimes.cuda_graphs import use_cuda_graphs
 
 log = logging.getLogger("tta.runtimes")
 
@@ -38,17 +40,22 @@ def shared_text_encoder(config: dict, device: str):
 class TorchRuntime(Runtime):
     name = "torch"
 
-    def __init__(self, bundle: ModelBundle, compile: bool = False, precision: str = "float32"):
+    def __init__(self, bundle: ModelBundle, compile: bool = False, precision: str = "float32",
+                 cuda_graphs: bool = False):
         if precision not in PRECISIONS:
             raise ValueError(f"precision {precision!r}: expected one of {sorted(PRECISIONS)}")
+        if compile and cuda_graphs:
+            raise ValueError("choose torch.compile or CUDA graphs for the denoiser, not both")
         self.bundle = bundle
         self.config = bundle.config
         self.sampler = bundle.sampler
         self.sample_rate = bundle.codec.sample_rate
         self.latent_dim = bundle.codec.latent_dim
-        self.precision, self.compiled = precision, bool(compile)
+        self.precision, self.compiled, self.cuda_graphs = precision, bool(compile), bool(cuda_graphs)
         if compile:
             compile_denoiser(bundle)
+        if cuda_graphs:
+            use_cuda_graphs(bundle)
 
     @classmethod
     def load(cls, path: Path, device: str = "cpu", **options) -> TorchRuntime:
@@ -84,7 +91,8 @@ class TorchRuntime(Runtime):
         dtype = PRECISIONS[self.precision]
         if dtype is None:
             return self.bundle.predict_x0(z, t, cond, guidance, frame_mask)
-        with torch.autocast(self.bundle.device.type, dtype=dtype):
+        # autocast's cache of cast weights must stay off while a CUDA graph is captured (cuda_graphs)
+        with torch.autocast(self.bundle.device.type, dtype=dtype, cache_enabled=not self.cuda_graphs):
             x0 = self.bundle.predict_x0(z, t, cond, guidance, frame_mask)
         return x0.float()
 

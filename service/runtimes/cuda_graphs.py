@@ -1,0 +1,165 @@
+"""CUDA graphs for the denoiser: one captured graph per bucketed input shape, replayed at every later call.
+
+A few-step sampler on a GPU spends much of a small batch's forward launching kernels from Python (the embedded DiT
+is a few hundred kernels of microseconds each). A CUDA graph records the launches once and replays them in one call.
+A graph holds fixed shapes and fixed memory, so inputs are copied into static tensors and padded to a bucket:
+
+- rows to the next bucket of ``ROW_BUCKETS`` (the padding rows repeat row 0, so no row is ever fully masked),
+- frames to a multiple of ``frame_multiple`` (padding frames are masked, as the scheduler's own padding is),
+- text tokens to a multiple of ``token_multiple`` (masked).
+
+The outputs of the real rows and frames are sliced out and copied (the static output is overwritten by the next
+replay). Padding cannot change a real row's result beyond float rounding: every sample of a batch is already
+computed independently of its companions and of masked frames (``pad_inputs``; ``tests/test_cuda_graphs.py``).
+Denoisers that loop over lengths in Python (``runs_per_length``: a UNet) cannot be captured and stay eager.
+
+Autocast must not cache its casts of the weights while a graph is captured (the cache would hold tensors made
+outside the graph's memory pool), so the torch runtime's autocast runs with ``cache_enabled=False`` under graphs.
+"""
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+log = logging.getLogger("tta.runtimes")
+
+ROW_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def row_bucket(rows: int) -> int:
+    """The smallest bucket holding ``rows`` (beyond the table: the next multiple of its last step)."""
+    for b in ROW_BUCKETS:
+        if rows <= b:
+            return b
+    return _round_up(rows, ROW_BUCKETS[-1] - ROW_BUCKETS[-2])
+
+
+@dataclass(frozen=True)
+class Shape:
+    """A graph's key: the padded sizes, whether the frames are masked, whether guidance is an input, and the
+    autocast type the graph was captured under."""
+
+    rows: int
+    frames: int
+    tokens: int
+    masked: bool
+    guidance: bool
+    autocast: torch.dtype | None
+
+
+def pad_inputs(z: Tensor, t: Tensor, tokens: Tensor, token_mask: Tensor, pooled: Tensor, seconds: Tensor,
+               frame_mask: Tensor, guidance: Tensor | None, rows: int, frames: int, n_tokens: int) -> tuple:
+    """The denoiser's inputs padded to ``rows`` x ``frames`` x ``n_tokens``: padding rows repeat row 0; padding
+    frames and tokens are zero and masked. Returns (z, t, tokens, token_mask, pooled, seconds, frame_mask,
+    guidance), guidance ``None`` when not given."""
+    def rows_of(x: Tensor) -> Tensor:
+        extra = rows - x.shape[0]
+        return x if extra == 0 else torch.cat([x, x[:1].expand(extra, *x.shape[1:])])
+
+    def last(x: Tensor, size: int, dim: int) -> Tensor:
+        extra = size - x.shape[dim]
+        if extra == 0:
+            return x
+        pad_shape = list(x.shape)
+        pad_shape[dim] = extra
+        return torch.cat([x, x.new_zeros(pad_shape)], dim=dim)
+
+    z = rows_of(last(z, frames, 2))
+    frame_mask = rows_of(last(frame_mask.bool(), frames, 1))
+    tokens = rows_of(last(tokens, n_tokens, 1))
+    token_mask = rows_of(last(token_mask.bool(), n_tokens, 1))
+    out = (z, rows_of(t), tokens, token_mask, rows_of(pooled), rows_of(seconds), frame_mask)
+    return out + (rows_of(guidance) if guidance is not None else None,)
+
+
+class _Graph:
+    """One captured forward: its static inputs (``None`` stays ``None``), the graph and its static output."""
+
+    def __init__(self, module: nn.Module, inputs: tuple, pool) -> None:
+        self.inputs = tuple(None if x is None else x.clone() for x in inputs)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # warm-up off the default stream, as capture requires
+            for _ in range(2):
+                module(*self.inputs[:7], guidance=self.inputs[7])
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        # thread-local: CUDA calls other threads make meanwhile (the HTTP side) do not break this capture
+        with torch.cuda.graph(self.graph, pool=pool, capture_error_mode="thread_local"):
+            self.output = module(*self.inputs[:7], guidance=self.inputs[7])
+
+    def __call__(self, inputs: tuple) -> Tensor:
+        for static, x in zip(self.inputs, inputs):
+            if static is not None:
+                static.copy_(x, non_blocking=True)
+        self.graph.replay()
+        return self.output
+
+
+class CudaGraphDenoiser(nn.Module):
+    """Wraps a denoiser (``forward(z, t, tokens, token_mask, pooled, seconds, frame_mask, guidance=None)``) on a
+    CUDA device: the first call of each bucketed shape captures a graph, later calls replay it. At most
+    ``max_graphs`` graphs are kept (least recently used dropped first). They share one memory pool, which is safe
+    because replays never overlap (one engine thread per device) and each output is copied before the next replay."""
+
+    def __init__(self, inner: nn.Module, frame_multiple: int = 16, token_multiple: int = 16, max_graphs: int = 32):
+        super().__init__()
+        if getattr(inner, "runs_per_length", False):
+            raise ValueError("this denoiser loops over lengths in Python and cannot be captured in a CUDA graph")
+        self.inner = inner
+        self.frame_multiple, self.token_multiple, self.max_graphs = frame_multiple, token_multiple, max_graphs
+        self.graphs: OrderedDict[Shape, _Graph] = OrderedDict()
+        self.captures = 0
+        self._pool = None
+
+    def forward(self, z: Tensor, t: Tensor, tokens: Tensor, token_mask: Tensor, pooled: Tensor, seconds: Tensor,
+                frame_mask: Tensor | None = None, guidance: Tensor | None = None) -> Tensor:
+        if z.device.type != "cuda":
+            raise ValueError(f"CUDA graphs need the denoiser's inputs on a CUDA device, got {z.device}")
+        b, _, n = z.shape
+        if frame_mask is None:
+            frame_mask = torch.ones(b, n, dtype=torch.bool, device=z.device)
+        autocast = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
+        frames = _round_up(n, self.frame_multiple)
+        # a graph without a frame mask where every frame is real: some denoisers attend faster without one
+        masked = frames != n or not bool(frame_mask.all())
+        key = Shape(row_bucket(b), frames, _round_up(tokens.shape[1], self.token_multiple), masked,
+                    guidance is not None, autocast)
+        inputs = pad_inputs(z, t, tokens, token_mask, pooled, seconds, frame_mask, guidance,
+                            key.rows, key.frames, key.tokens)
+        if not masked:
+            inputs = inputs[:6] + (None,) + inputs[7:]
+        graph = self.graphs.get(key)
+        if graph is None:
+            graph = self._capture(key, inputs)
+        else:
+            self.graphs.move_to_end(key)
+        return graph(inputs)[:b, :, :n].clone()
+
+    def _capture(self, key: Shape, inputs: tuple) -> _Graph:
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        while len(self.graphs) >= self.max_graphs:
+            self.graphs.popitem(last=False)
+        graph = _Graph(self.inner, inputs, self._pool)
+        self.graphs[key] = graph
+        self.captures += 1
+        log.info("captured a CUDA graph", extra={"rows": key.rows, "frames": key.frames, "tokens": key.tokens,
+                                                "graphs": len(self.graphs)})
+        return graph
+
+
+def use_cuda_graphs(bundle) -> None:
+    """Wrap the bundle's denoiser in ``CudaGraphDenoiser`` (the bundle must be on a CUDA device)."""
+    if bundle.device.type != "cuda":
+        raise ValueError(f"CUDA graphs need a CUDA device; this model is on {bundle.device} (set TTA_DEVICE=cuda)")
+    bundle.denoiser = CudaGraphDenoiser(bundle.denoiser)
+    log.info("denoiser runs through CUDA graphs", extra={"model": bundle.config.name})
