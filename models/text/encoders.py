@@ -33,6 +33,9 @@ class TextEmbedding:
     def select(self, index: Tensor | list[int]) -> "TextEmbedding":
         return TextEmbedding(self.tokens[index], self.mask[index], self.pooled[index])
 
+    def to(self, device) -> "TextEmbedding":
+        return TextEmbedding(self.tokens.to(device), self.mask.to(device), self.pooled.to(device))
+
 
 def null_embedding(n: int, dim: int, pooled_dim: int) -> TextEmbedding:
     """n rows with no real token (an all-False mask over one zero token, zero pooled): the null condition of models

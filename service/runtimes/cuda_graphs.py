@@ -10,7 +10,7 @@ A graph holds fixed shapes and fixed memory, so inputs are copied into static te
 
 The outputs of the real rows and frames are sliced out and copied (the static output is overwritten by the next
 replay). Padding cannot change a real row's result beyond float rounding: every sample of a batch is already
-computed independently of its companions and of masked frames (``pad_inputs``; ``tests/test_cuda_graphs.py``).
+computed independently of its companions and of masked frames (``pad_inputs``; ``tests/test_gpu_options.py``).
 Denoisers that loop over lengths in Python (``runs_per_length``: a UNet) cannot be captured and stay eager.
 
 Autocast must not cache its casts of the weights while a graph is captured (the cache would hold tensors made
