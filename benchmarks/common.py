@@ -39,8 +39,9 @@ def environment() -> dict:
         "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(),
         "torch": torch.__version__,
-        # a copy of the tree without its .git (a borrowed GPU machine) is told its commit through GIT_COMMIT
-        "git_commit": commit or os.environ.get("GIT_COMMIT") or None,
+        # a copy of the tree whose .git is missing or stale (a borrowed GPU machine) is told its commit through
+        # GIT_COMMIT
+        "git_commit": os.environ.get("GIT_COMMIT") or commit or None,
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
     }

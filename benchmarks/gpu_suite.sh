@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The GPU checks, in one short run on a CUDA machine (from the repository root):
-#   1. the tests that need CUDA (tests/test_gpu_options.py: graphs against eager, the runtime's latents);
+#   1. the tests that need CUDA (tests/test_gpu_options.py: graphs against eager, the runtime's latents with guidance);
 #   2. latency of the Stable-Audio-Open-Small-sized checkpoint (tta sized sao-small: random weights) at the ARC
 #      paper's scale: 256 latent frames (11.9 s), 8 steps, batches 1, 4, 16, under eager torch float32 / bfloat16,
-#      bfloat16 with CUDA graphs, and that with a bfloat16 decoder (SAO_RUNTIMES);
+#      and bfloat16 with CUDA graphs (SAO_RUNTIMES);
 #   3. latency of the embedded models' architectures (EMBEDDED_MODELS, default tta-arc; random weights, the text
 #      encoder's too) under eager torch float32 / bfloat16 and CUDA graphs (EMBEDDED_RUNTIMES), batches 1, 4, 16,
 #      10 s clips at each model's default steps;
@@ -33,7 +33,7 @@ SAO=${SAO_DIR:-/tmp/sao-small-sized}
 [ -d "$SAO" ] || timeout "${WRITE_S:-150}" $PY -c "from models.checkpoints.sized import write_random_sao_small as w
 w('$SAO')"
 timeout "${SAO_S:-240}" $PY -m benchmarks.latency --device cuda --model "$SAO" \
-  --runtimes "${SAO_RUNTIMES:-torch,torch-bf16,torch-bf16-cudagraphs,torch-bf16-cudagraphs-bf16decode}" \
+  --runtimes "${SAO_RUNTIMES:-torch,torch-bf16,torch-bf16-cudagraphs}" \
   --batches 1,4,16 --duration 11.888 --repeats 20 --e2e-repeats 5 --name "latency-gpu-sao-small-sized${SUFFIX:-}" \
   --results-dir "$OUT" 2>&1 | grep -v "it/s\]" | tail -n 60
 

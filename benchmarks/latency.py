@@ -37,9 +37,7 @@ RUNTIMES = ("torch", "onnxruntime")
 VARIANTS = {"torch-compile": ("torch", {"compile": True}), "torch-bf16": ("torch", {"precision": "bfloat16"}),
             "torch-compile-bf16": ("torch", {"compile": True, "precision": "bfloat16"}),
             "torch-cudagraphs": ("torch", {"cuda_graphs": True}),
-            "torch-bf16-cudagraphs": ("torch", {"precision": "bfloat16", "cuda_graphs": True}),
-            "torch-bf16-cudagraphs-bf16decode": ("torch", {"precision": "bfloat16", "cuda_graphs": True,
-                                                           "decode_precision": "bfloat16"})}
+            "torch-bf16-cudagraphs": ("torch", {"precision": "bfloat16", "cuda_graphs": True})}
 STAGES = ("text_encoding", "denoiser_forward", "decode", "end_to_end")
 
 

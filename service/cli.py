@@ -96,7 +96,7 @@ def cmd_serve(args) -> None:
     serve(host=args.host, port=args.port, model_dir=args.model_dir, default_model=args.default_model,
           device=args.device, runtime=args.runtime, policy=args.policy, max_batch=args.max_batch,
           threads=args.threads, log_level=args.log_level, torch_compile=args.compile, precision=args.precision,
-          cuda_graphs=args.cuda_graphs, decode_precision=args.decode_precision)
+          cuda_graphs=args.cuda_graphs)
 
 
 def cmd_export(args) -> None:
@@ -220,8 +220,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch runtime: autocast the denoiser to this type")
     p.add_argument("--cuda-graphs", action="store_true", default=None,
                    help="torch runtime on cuda: replay the denoiser from CUDA graphs")
-    p.add_argument("--decode-precision", choices=get_args(Precision), default=None,
-                   help="torch runtime: autocast the decoder to this type")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("export", help="export a model's graphs for another runtime (checked against PyTorch)")

@@ -33,9 +33,6 @@ class Settings(BaseSettings):
     precision: Precision = Field(
         "float32", description="torch runtime: autocast the denoiser's matrix products to this type (bfloat16 / "
         "float16 on GPUs; the sampler and decoder stay float32)")
-    decode_precision: Precision = Field(
-        "float32", description="torch runtime: autocast the decoder's convolutions to this type (bfloat16 on GPUs, "
-        "where a convolutional decoder such as Stable Audio's is most of a request's time)")
     max_batch: int = Field(16, ge=1, le=256, description="samples per denoiser forward")
     max_padding: float = Field(0.25, ge=0, description="a tick splits its samples into forwards of similar length "
                                "whose padded frames stay within this share of the real ones (large: one forward)")

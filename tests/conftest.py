@@ -84,3 +84,15 @@ def cache(tmp_path_factory, teacher):
     from training_support import tiny_cache
 
     return tiny_cache(teacher, tmp_path_factory.mktemp("latents"))
+
+
+@pytest.fixture(scope="session")
+def sao_tiny(tmp_path_factory):
+    """A tiny random Stable Audio Open Small checkpoint (``models.checkpoints.sized``), stable-audio-tools format; the
+    tests read it and write nothing into it."""
+    from models.checkpoints.sized import write_random_sao_small
+
+    with float32_default():
+        root = tmp_path_factory.mktemp("ckpt") / "sao-tiny"
+        write_random_sao_small(root, scale="tiny", seed=5)
+    return root

@@ -13,7 +13,6 @@ from conftest import float32_default
 from safetensors.torch import load_file, save_file
 
 from models.checkpoints import CheckpointError, detect_format, load_checkpoint_dir
-from models.checkpoints.sized import write_random_sao_small
 from models.data.corpus import SyntheticCorpus
 from models.training.arc import ARCConfig, Discriminator, check_trunk, run_arc
 from models.training.batches import sample_captioned_batch
@@ -23,11 +22,8 @@ from models.training.latent_cache import LatentCache, sample_batch
 
 
 @pytest.fixture(scope="module")
-def sao(tmp_path_factory):
-    with float32_default():
-        root = tmp_path_factory.mktemp("ckpt") / "sao-tiny"
-        write_random_sao_small(root, scale="tiny", seed=5)
-    return root
+def sao(sao_tiny):
+    return sao_tiny
 
 
 @pytest.fixture(scope="module")

@@ -1,12 +1,10 @@
-"""The torch runtime's options for GPUs: CUDA graphs for the denoiser (``service.runtimes.cuda_graphs``) and a
-bfloat16 decoder (``decode_precision``).
+"""The torch runtime's CUDA graphs for the denoiser (``service.runtimes.cuda_graphs``).
 
 On any machine: padding a batch to a graph's bucket (rows, frames, text tokens) leaves every real row's output as it
 was, for the embedded DiT and for a Stable-Audio-shaped checkpoint's; the option is refused without a CUDA device,
-and together with torch.compile; a bfloat16 decode stays near the float32 one and returns float32. On a CUDA
-machine: replayed graphs give eager's output for fresh inputs of the same bucket without capturing again, under
-float32 and bfloat16 autocast, and the runtime serves eager's latents with guided and unguided requests in one
-batch."""
+and together with torch.compile. On a CUDA machine: replayed graphs give eager's output for fresh inputs of the
+same bucket without capturing again, under float32 and bfloat16 autocast, and the runtime serves eager's latents
+with guided and unguided requests in one batch."""
 from __future__ import annotations
 
 import json
@@ -17,7 +15,6 @@ import torch
 from conftest import float32_default
 
 from models.checkpoints import load_checkpoint_dir
-from models.checkpoints.sized import write_random_sao_small
 from models.dit import DiT
 from models.export.parity import max_rel_error
 from service.runtimes import load_runtime
@@ -40,11 +37,8 @@ def _float32():
 
 
 @pytest.fixture(scope="module")
-def sao(tmp_path_factory):
-    with float32_default():
-        root = tmp_path_factory.mktemp("ckpt") / "sao-tiny"
-        write_random_sao_small(root, scale="tiny", seed=3)
-    return root
+def sao(sao_tiny):
+    return sao_tiny
 
 
 def embedded_dit() -> DiT:
@@ -152,17 +146,3 @@ def test_the_runtime_serves_the_eager_latents_through_graphs(sao):
             assert max_rel_error(b.latents, a.latents) <= 1e-4
     assert graphed.bundle.denoiser.captures >= 1
 
-
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=cuda)])
-def test_a_bfloat16_decode_stays_near_float32(sao, device):
-    full = load_runtime(sao, "torch", device=device)
-    half = load_runtime(sao, "torch", device=device, decode_precision="bfloat16")
-    g = torch.Generator().manual_seed(2)
-    latents = [torch.randn(full.latent_dim, n, generator=g) for n in (12, 20)]
-    want, got = full.decode(latents, [0.5, 0.9]), half.decode(latents, [0.5, 0.9])
-    for a, b in zip(want, got):
-        assert b.dtype == torch.float32 and b.shape == a.shape and b.device.type == "cpu"
-        err = max_rel_error(b, a)
-        assert 1e-6 < err < 0.1, err  # bfloat16 shows, and stays small
-    with pytest.raises(ValueError, match="decode_precision 'float8'"):
-        TorchRuntime(load_checkpoint_dir(sao), decode_precision="float8")

@@ -55,9 +55,8 @@ def test_the_settings_reach_the_torch_runtime_and_not_the_others(model_dir):
     from service.app import load_model
     from service.settings import Settings
 
-    rt = load_model(model_dir / TINY, Settings(runtime="torch", torch_compile=True, precision="bfloat16",
-                                               decode_precision="bfloat16"))
-    assert (rt.name, rt.compiled, rt.precision, rt.decode_precision) == ("torch", True, "bfloat16", "bfloat16")
+    rt = load_model(model_dir / TINY, Settings(runtime="torch", torch_compile=True, precision="bfloat16"))
+    assert (rt.name, rt.compiled, rt.precision) == ("torch", True, "bfloat16")
     with pytest.raises(ValueError, match="CUDA graphs need a CUDA device"):
         load_model(model_dir / TINY, Settings(runtime="torch", device="cpu", cuda_graphs=True))
     assert load_model(model_dir / TINY, Settings(runtime="onnxruntime", torch_compile=True)).name == "onnxruntime"

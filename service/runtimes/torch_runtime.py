@@ -3,8 +3,7 @@ the denoiser, the part that runs once per step: ``compile`` (``torch.compile`` w
 size and length changes do not recompile; ``prepare``, called before the service is ready, compiles the two graphs
 that serving needs) and ``precision`` (autocast to bfloat16 or float16 for its matrix products; the sampler's maths,
 the noise and the decoder stay float32). On a CUDA device, ``cuda_graphs`` replays the denoiser's forward from
-captured CUDA graphs (``service.runtimes.cuda_graphs``); it excludes ``compile``. ``decode_precision`` autocasts the
-decoder likewise (float32 waveforms come out either way)."""
+captured CUDA graphs (``service.runtimes.cuda_graphs``); it excludes ``compile``."""
 from __future__ import annotations
 
 import json
@@ -42,10 +41,9 @@ class TorchRuntime(Runtime):
     name = "torch"
 
     def __init__(self, bundle: ModelBundle, compile: bool = False, precision: str = "float32",
-                 cuda_graphs: bool = False, decode_precision: str = "float32"):
-        for what, value in (("precision", precision), ("decode_precision", decode_precision)):
-            if value not in PRECISIONS:
-                raise ValueError(f"{what} {value!r}: expected one of {sorted(PRECISIONS)}")
+                 cuda_graphs: bool = False):
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision {precision!r}: expected one of {sorted(PRECISIONS)}")
         if compile and cuda_graphs:
             raise ValueError("choose torch.compile or CUDA graphs for the denoiser, not both")
         self.bundle = bundle
@@ -54,7 +52,6 @@ class TorchRuntime(Runtime):
         self.sample_rate = bundle.codec.sample_rate
         self.latent_dim = bundle.codec.latent_dim
         self.precision, self.compiled, self.cuda_graphs = precision, bool(compile), bool(cuda_graphs)
-        self.decode_precision = decode_precision
         if compile:
             compile_denoiser(bundle)
         if cuda_graphs:
@@ -100,12 +97,7 @@ class TorchRuntime(Runtime):
         return x0.float()
 
     def decode(self, latents: list[Tensor], durations: list[float]) -> list[Tensor]:
-        dtype = PRECISIONS[self.decode_precision]
-        if dtype is None:
-            return self.bundle.decode(latents, durations)
-        with torch.autocast(self.bundle.device.type, dtype=dtype):
-            waves = self.bundle.decode(latents, durations)
-        return [w.float() for w in waves]
+        return self.bundle.decode(latents, durations)
 
     def initial_noise(self, seed: int, frames: int):
         return self.bundle.initial_noise(seed, frames)
