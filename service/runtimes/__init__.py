@@ -34,7 +34,8 @@ def load_runtime(path: Path, runtime: str = "torch", device: str = "cpu", debug_
     asked for by name fails loudly instead. A downloaded checkpoint directory (``models.checkpoints``: Stable Audio,
     Tango, derived models) runs under eager torch unless ``onnxruntime`` is asked for by name: ``auto`` does not
     export a checkpoint of hundreds of millions of parameters behind the user's back (``tta export`` does it ahead
-    of time, for every format). ``torch_options`` (``compile``, ``precision``, ``cuda_graphs``) apply wherever torch serves."""
+    of time, for every format). ``torch_options`` (``compile``, ``precision``, ``cuda_graphs``) apply wherever torch
+    serves."""
     path = Path(path)
     name = resolve_runtime(runtime, device)
     if is_checkpoint_dir(path) and runtime != "onnxruntime":
