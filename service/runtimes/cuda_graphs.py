@@ -8,6 +8,14 @@ A graph holds fixed shapes and fixed memory, so inputs are copied into static te
 - frames to a multiple of ``frame_multiple`` (padding frames are masked, as the scheduler's own padding is),
 - text tokens to a multiple of ``token_multiple`` (masked).
 
+Buckets trade padded work against captures: each new key costs a capture (two warm-up forwards and a recorded one)
+and holds its static tensors. With 32-frame buckets (1.5 s of the embedded codec) a 10 s model has 7 lengths; with
+8 row buckets up to a guided batch of 32, two token buckets and masked / unmasked that is at most 224 keys, of
+which ``max_graphs`` = 64 are kept: a dropped key met again is captured again (logged), so the traffic's mix of
+lengths and batch sizes decides how often that happens (not measured yet). At small batches a GPU forward is
+launch-bound and padded frames cost next to nothing. The service's warm-up calibration captures its sizes before
+the service is ready.
+
 The outputs of the real rows and frames are sliced out and copied (the static output is overwritten by the next
 replay). Padding cannot change a real row's result beyond float rounding: every sample of a batch is already
 computed independently of its companions and of masked frames (``pad_inputs``; ``tests/test_gpu_options.py``).
@@ -110,7 +118,7 @@ class CudaGraphDenoiser(nn.Module):
     ``max_graphs`` graphs are kept (least recently used dropped first). They share one memory pool, which is safe
     because replays never overlap (one engine thread per device) and each output is copied before the next replay."""
 
-    def __init__(self, inner: nn.Module, frame_multiple: int = 16, token_multiple: int = 16, max_graphs: int = 32):
+    def __init__(self, inner: nn.Module, frame_multiple: int = 32, token_multiple: int = 16, max_graphs: int = 64):
         super().__init__()
         if getattr(inner, "runs_per_length", False):
             raise ValueError("this denoiser loops over lengths in Python and cannot be captured in a CUDA graph")
