@@ -64,3 +64,21 @@ def test_interleaved_runtimes_are_timed_stage_by_stage_in_one_process(model_dir,
     assert json.loads((tmp_path / f"interleaved-{TINY}.json").read_text())["runtimes"] == ["torch", "onnxruntime"]
     md = (tmp_path / f"interleaved-{TINY}.md").read_text()
     assert "| onnxruntime | 2 | end to end |" in md and "| torch | 1 | decode |" in md
+
+
+def test_the_gpu_summary_tables_every_run_and_plots_it(tmp_path):
+    import json
+
+    from benchmarks.gpu_summary import main
+
+    stages = ("text_encoding", "denoiser_forward", "decode", "end_to_end")
+    runs = {"sizes": [_run({s: [0.05, 0.07] for s in stages}, rss=900.0, load=2.0) | {"peak_gpu_mb": 512.0}],
+            "other": [_run({s: [0.2] for s in stages}, rss=800.0, load=1.0) | {"runtime": "torch-bf16-cudagraphs"}]}
+    for name, results in runs.items():
+        (tmp_path / f"{name}.json").write_text(json.dumps(
+            {"model": f"m-{name}", "results": results, "environment": {"gpu": "G", "git_commit": "abc"}}))
+    md = main(["--inputs", "sizes,other", "--name", "summary", "--results-dir", str(tmp_path)])
+    # batch 2, 4 steps of 10 s: end to end 60 ms -> 33.33 clips/s; no GPU memory recorded for the second run
+    assert "| sizes | m-sizes | torch | 2 | 4 | 10 | 60 | 60 | 60 | 60 | 33.33 | 512 | 900 |" in md
+    assert "| other | m-other | torch-bf16-cudagraphs | 2 | 4 | 10 | 200 | 200 | 200 | 200 | 10 | - | 800 |" in md
+    assert (tmp_path / "summary.png").stat().st_size > 0 and "commit abc" in md
