@@ -187,7 +187,7 @@ def peak_matmul_flops(threads: int, device: str = "cpu", repeats: int = 10) -> f
     torch.set_num_threads(threads)
     n, dtype = (2048, torch.float32) if device == "cpu" else (8192, torch.bfloat16)
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    mm = synchronised(lambda: torch.mm(a, b)) if device != "cpu" else (lambda: torch.mm(a, b))
+    mm = synchronised(lambda: torch.mm(a, b))
     best = float("inf")
     for _ in range(repeats + 2):
         t0 = time.perf_counter()
@@ -305,7 +305,7 @@ def floor_section(results: list[dict]) -> str:
             floor = flops / peak
             rows.append([int(b), stage.replace("_", " "), flops / 1e9, floor * 1000, best * 1000,
                          best / floor if floor else None])
-    what = ("bfloat16 matmul peak, {:.0f} TFLOP/s (best 8192 x 8192 product)".format(peak / 1e12)
+    what = (f"bfloat16 matmul peak, {peak / 1e12:.0f} TFLOP/s (best 8192 x 8192 product)"
             if "peak_gpu_mb" in torch_run else
             f"float32 matmul peak, {peak / 1e9:.0f} GFLOP/s (best 2048 x 2048 product, same threads)")
     return (f"\n\n**Floor.** Matrix-product and convolution FLOPs of each stage (torch's FlopCounterMode) at this "
@@ -313,12 +313,6 @@ def floor_section(results: list[dict]) -> str:
             "end to end = text + steps x denoiser + decode. Elementwise work, FFTs and memory traffic are not counted, "
             "so the floor is a lower bound.\n\n"
             + md_table(["batch", "stage", "GFLOP", "floor ms", "best measured ms", "measured / floor"], rows))
-
-
-def gpu_name() -> str:
-    import torch
-
-    return torch.cuda.get_device_name(0)
 
 
 def main(argv=None) -> dict:
@@ -381,7 +375,10 @@ def main(argv=None) -> dict:
         results = [pool_rounds(runs) for runs in rounds.values() if runs]
         if not results:
             raise SystemExit("every runtime failed")
-    args.gpu_name = gpu_name() if args.device == "cuda" else None
+    if args.device == "cuda":
+        import torch
+
+        args.gpu_name = torch.cuda.get_device_name(0)
     md = markdown(results, args, label, export_s)
     if failed:
         md += f"\n\nFailed (left out; see the run's log): {', '.join(sorted(set(failed)))}."
