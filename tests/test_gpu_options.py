@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import float32_default
+from training_support import randomise
 
 from models.checkpoints import load_checkpoint_dir
 from models.dit import DiT
@@ -36,21 +37,13 @@ def _float32():
         torch.backends.cudnn.allow_tf32 = tf32
 
 
-@pytest.fixture(scope="module")
-def sao(sao_tiny):
-    return sao_tiny
-
-
 def embedded_dit() -> DiT:
     """The shipped teacher's architecture (rhythm and value conditioners included) with random weights, none zero
     (the zero-initialised output layers would make every output equal)."""
     config = json.loads((ZOO / "tta-teacher" / "config.json").read_text())["denoiser"]
     torch.manual_seed(0)
     dit = DiT.from_config(config)
-    with torch.no_grad():
-        for p in dit.parameters():
-            if p.abs().sum() == 0:
-                p.normal_(0.0, 0.02)
+    randomise(dit, seed=0, scale=0.02)
     return dit.eval()
 
 
@@ -83,12 +76,12 @@ def test_row_buckets():
 
 
 @pytest.mark.parametrize("which", ["embedded", "sao"])
-def test_padding_to_a_bucket_leaves_the_real_rows_as_they_were(which, sao):
+def test_padding_to_a_bucket_leaves_the_real_rows_as_they_were(which, sao_tiny):
     if which == "embedded":
         denoiser = embedded_dit()
         inputs = dit_inputs(denoiser, "cpu")
     else:
-        bundle = load_checkpoint_dir(sao)
+        bundle = load_checkpoint_dir(sao_tiny)
         denoiser, inputs = bundle.denoiser, sao_inputs(bundle, "cpu")
     b, n, n_tokens = inputs[0].shape[0], inputs[0].shape[2], inputs[2].shape[1]
     with torch.inference_mode():
@@ -101,13 +94,13 @@ def test_padding_to_a_bucket_leaves_the_real_rows_as_they_were(which, sao):
     assert max_rel_error(got[:b, :, :n], want) <= 1e-5
 
 
-def test_cuda_graphs_are_refused_without_cuda_or_with_compile(sao):
-    bundle = load_checkpoint_dir(sao)
+def test_cuda_graphs_are_refused_without_cuda_or_with_compile(sao_tiny):
+    bundle = load_checkpoint_dir(sao_tiny)
     with pytest.raises(ValueError, match="compile or CUDA graphs"):
         TorchRuntime(bundle, compile=True, cuda_graphs=True)
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="need a CUDA device.*TTA_DEVICE=cuda"):
-            load_runtime(sao, "torch", cuda_graphs=True)
+            load_runtime(sao_tiny, "torch", cuda_graphs=True)
         with pytest.raises(ValueError, match="need a CUDA device"):
             use_cuda_graphs(bundle)
 
@@ -131,14 +124,14 @@ def test_replayed_graphs_give_the_eager_output(autocast):
 
 
 @cuda
-def test_the_runtime_serves_the_eager_latents_through_graphs(sao):
+def test_the_runtime_serves_the_eager_latents_through_graphs(sao_tiny):
     from service_support import run_jobs
 
     jobs = [{"prompt": "a dog barks twice", "duration": 1.0, "steps": 3, "guidance": 3.0, "seed": 5},
             {"prompt": "rain on a tin roof", "duration": 0.6, "steps": 2, "guidance": 1.0, "seed": 6},
             {"prompt": "a bell", "duration": 1.3, "steps": 3, "guidance": 1.0, "seed": 7}]
-    eager = load_runtime(sao, "torch", device="cuda")
-    graphed = load_runtime(sao, "torch", device="cuda", cuda_graphs=True)
+    eager = load_runtime(sao_tiny, "torch", device="cuda")
+    graphed = load_runtime(sao_tiny, "torch", device="cuda", cuda_graphs=True)
     assert isinstance(graphed.bundle.denoiser, CudaGraphDenoiser)
     want = run_jobs(eager, jobs)
     for _ in range(2):  # the second pass replays
