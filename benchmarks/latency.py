@@ -84,6 +84,7 @@ def _random_copy(model: Path, out: Path) -> Path:
     from models.bundle import BundleConfig, ModelBundle
     from models.codec import HarmonicAutoencoder
     from models.dit import DiT
+    from models.layers import fill_zero_parameters
     from models.text import load_text_encoder
 
     config = BundleConfig.load(model / "config.json")
@@ -92,10 +93,7 @@ def _random_copy(model: Path, out: Path) -> Path:
     codec_config = {k: v for k, v in codec_config.items() if k not in ("latent_shift", "latent_scale")}
     torch.manual_seed(0)
     dit = DiT.from_config(config.denoiser)
-    with torch.no_grad():  # zero-initialised output layers would make the denoiser a constant
-        for p in dit.parameters():
-            if p.abs().sum() == 0:
-                p.normal_(0.0, 0.02)
+    fill_zero_parameters(dit, 0.02)
     codec = HarmonicAutoencoder.from_config(codec_config)
     config.codec, config.codec_from = {}, None
     config.text_encoder = _random_text_encoder(config.text_encoder, out / "text_encoder")

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import time
 
+import numpy as np
 import torch
 
 from benchmarks.common import environment, md_table, peak_rss_mb, write_results
@@ -53,15 +55,53 @@ def run_adherence(bundle: ModelBundle, clips: list, steps: int, guidance: float,
     results, compute = [], 0.0
     for b in range(0, len(clips), batch):
         part = clips[b: b + batch]
+        durations = [c.duration for c in part]
         t = time.perf_counter()
-        waves = bundle.generate([c.caption for c in part], [c.duration for c in part],
-                                [seed * 100003 + b + j for j in range(len(part))], steps=steps, guidance=guidance)
+        latents = bundle.generate_latents([c.caption for c in part], durations,
+                                          [seed * 100003 + b + j for j in range(len(part))], steps=steps,
+                                          guidance=guidance)
+        waves = bundle.decode(latents, durations)
         compute += time.perf_counter() - t
-        for clip, wave in zip(part, waves):
+        for clip, z, wave in zip(part, latents, waves):
             r = evaluate_clip(wave.numpy(), SAMPLE_RATE, clip.params, tracker)
             r["caption"] = clip.caption
+            if r.get("is_tone") and hasattr(bundle.codec, "latent_pitch"):
+                r.update(latent_reading(bundle.codec, z, clip))
             results.append(r)
     return results, compute
+
+
+def latent_reading(codec, latents: torch.Tensor, clip, tonal: float = 0.5) -> dict:
+    """What a generated tone's latents state, against the encoding of the clip its caption describes: slot 1's
+    median tonality over the frames above ``tonal`` (generated and reference), the stated pitch's error, and the
+    error it would have with the reference's tonality. The harmonic codec's pitch channel is tonality x scaled log
+    pitch, so ln f - ln f_ref = P / (pitch_scale tau): a wrong tonality alone moves the pitch by the ratio of the
+    two tonalities times the pitch's log distance from the reference frequency."""
+    tau, hz = codec.latent_pitch(latents[None].to(next(codec.parameters()).device))
+    ref_tau, _ = codec.latent_pitch(codec.encode(torch.from_numpy(clip.audio)[None].to(tau.device)))
+    keep, ref_keep = tau[0, 0] > tonal, ref_tau[0, 0] > tonal
+    if not keep.any() or not ref_keep.any():
+        return {"latent_tonality": None, "reference_tonality": None, "latent_pitch_error": None,
+                "latent_pitch_error_reference_tonality": None}
+    log_ref = math.log(codec.config.pitch_ref_hz)
+    tau_gen, tau_ref = float(tau[0, 0][keep].median()), float(ref_tau[0, 0][ref_keep].median())
+    log_stated = float(torch.log(hz[0, 0][keep]).median())
+    log_swapped = log_ref + (log_stated - log_ref) * tau_gen / tau_ref
+    target = math.log(clip.params["pitch_hz"])
+    return {"latent_tonality": tau_gen, "reference_tonality": tau_ref,
+            "latent_pitch_error": abs(math.exp(log_stated - target) - 1),
+            "latent_pitch_error_reference_tonality": abs(math.exp(log_swapped - target) - 1)}
+
+
+def latent_summary(results: list[dict]) -> dict:
+    """Medians of ``latent_reading`` over the tones that have one."""
+    rows = [r for r in results if r.get("latent_pitch_error") is not None]
+    if not rows:
+        return {}
+    med = lambda key: float(np.median([r[key] for r in rows]))  # noqa: E731
+    return {"n_latent": len(rows), "latent_pitch_error_median": med("latent_pitch_error"),
+            "latent_pitch_error_reference_tonality_median": med("latent_pitch_error_reference_tonality"),
+            "latent_tonality_median": med("latent_tonality"), "reference_tonality_median": med("reference_tonality")}
 
 
 def main(argv=None) -> dict:
@@ -93,6 +133,7 @@ def main(argv=None) -> dict:
     tracker = PitchTracker("full")
     results, compute = run_adherence(bundle, clips, steps, guidance, args.batch, args.seed, tracker)
     summary = summarize(results)
+    summary.update(latent_summary(results))
     audio_seconds = sum(c.duration for c in clips)
     summary.update({"model": bundle.name, "steps": steps, "guidance": guidance, "split": args.split,
                     "templates": templates,
@@ -104,6 +145,14 @@ def main(argv=None) -> dict:
         ["placement accuracy", summary["placement_accuracy"], ">= 0.90", summary["n_placed"]],
         ["clicks within 5 % of tempo", summary["tempo_within_5pct"], ">= 0.80", summary["n_rhythmic"]],
     ]
+    if "n_latent" in summary:  # the codec's analytic pitch channels: where a miss comes from
+        n = summary["n_latent"]
+        targets += [
+            ["latents' stated pitch, median error", summary["latent_pitch_error_median"], "", n],
+            ["... with the reference clip's tonality", summary["latent_pitch_error_reference_tonality_median"], "", n],
+            ["latents' tonality, median (reference)",
+             f"{summary['latent_tonality_median']:.3f} ({summary['reference_tonality_median']:.3f})", "", n],
+        ]
     about = ("held-out clips (held-out templates and parameter values)" if args.split == "heldout"
              else "training clips (captions and values the model was trained on)")
     if templates != args.split:

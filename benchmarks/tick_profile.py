@@ -59,14 +59,12 @@ def build_bundle(seed: int = 0):
     from models.bundle import BundleConfig, ModelBundle
     from models.codec import HarmonicAutoencoder
     from models.dit import DiT, DiTConfig
+    from models.layers import fill_zero_parameters
     from service.runtimes.torch_runtime import shared_text_encoder
 
     torch.manual_seed(seed)
     dit = DiT(DiTConfig(width=192, depth=6, heads=4, text_dim=384, pooled_dim=384))
-    with torch.no_grad():
-        for p in dit.parameters():
-            if p.abs().sum() == 0:
-                p.normal_(0.0, 0.02)
+    fill_zero_parameters(dit, 0.02)
     codec = HarmonicAutoencoder.from_config(codec_config())
     cfg = BundleConfig(name="profile-teacher", default_steps=25, max_steps=500, default_duration=5.0,
                        max_duration=10.0)

@@ -31,3 +31,14 @@ def fourier_features(x: Tensor, dim: int, max_period: float = 10000.0) -> Tensor
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=x.device, dtype=torch.float32) / half)
     args = x.float()[:, None] * freqs[None]
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+@torch.no_grad()
+def fill_zero_parameters(module: nn.Module, std: float, generator: torch.Generator | None = None) -> None:
+    """Give every all-zero parameter of ``module`` normal(0, ``std``) values (from ``generator``, or torch's global
+    generator). A DiT's adaLN-Zero and output layers start at zero, which makes an untrained denoiser a constant; the
+    tests, exports and benchmarks that use random weights need outputs that depend on every input, as a trained
+    model's do."""
+    for p in module.parameters():
+        if p.abs().sum() == 0:
+            p.copy_(torch.randn(p.shape, generator=generator, dtype=p.dtype) * std)

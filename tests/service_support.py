@@ -13,27 +13,17 @@ from training_support import tiny_codec
 
 from models.bundle import BundleConfig, ModelBundle
 from models.dit import DiT, DiTConfig
+from models.layers import fill_zero_parameters
 
 TINY = "tiny"
 TINY_ARC = "tiny-arc"
-
-
-def _randomise(module: torch.nn.Module, scale: float = 0.05) -> None:
-    """Random init everywhere, including the zero-initialised adaLN / output layers, so outputs depend on the text,
-    time, guidance and seed (a zero output layer would make the denoiser ignore its conditioning)."""
-    with torch.no_grad():
-        for p in module.parameters():
-            if p.dim() > 1 and p.abs().sum() == 0:
-                p.normal_(0.0, scale)
-            elif p.dim() == 1 and p.abs().sum() == 0:
-                p.normal_(0.0, scale)
 
 
 def build_tiny_bundle(name: str, text_encoder, seed: int, **config) -> ModelBundle:
     torch.manual_seed(seed)
     cfg = BundleConfig(name=name, default_steps=4, max_steps=50, max_duration=4.0, default_duration=1.0, **config)
     dit = DiT(DiTConfig(width=32, depth=1, heads=2, text_dim=384, pooled_dim=384))
-    _randomise(dit)
+    fill_zero_parameters(dit, 0.05)  # outputs depend on the text, time, guidance and seed
     codec = tiny_codec()
     with torch.no_grad():  # audible, unclipped output: a noise floor of about 0.02 rms instead of near silence
         codec.dec_out.bias[-2 * codec.config.noise_bands:] = math.log(0.5)

@@ -38,6 +38,7 @@ from models.export.parity import (
     rms_rel_error,
     spectral_rel_error,
 )
+from models.layers import fill_zero_parameters
 
 LATENT = DiTConfig.latent_dim  # the embedded codec's latent channels
 
@@ -238,10 +239,7 @@ def test_guidance_input_is_exported(tmp_path):
 
     torch.manual_seed(3)
     dit = DiT(DiTConfig(width=32, depth=1, heads=2, guidance_embed=True))
-    with torch.no_grad():
-        for p in dit.parameters():
-            if p.abs().sum() == 0:
-                p.normal_(0.0, 0.05)
+    fill_zero_parameters(dit, 0.05)
     entry = export_denoiser(dit, tmp_path / "denoiser.onnx")
     assert [i["name"] for i in entry["inputs"]][-1] == "guidance" and entry["parity"]["passed"]
     sess = session(tmp_path / "denoiser.onnx")
@@ -466,10 +464,7 @@ def test_the_number_conditioners_are_exported(tmp_path, text_encoder, form):
     encoder = load_text_encoder({"name": "minilm", "number_freqs": 4, "number_linear": True})
     dit = DiT(DiTConfig(width=32, depth=1, heads=2, text_dim=encoder.dim, pooled_dim=encoder.dim,
                         rhythm_frame_rate=SR / 2048, number_values=True, **form))
-    with torch.no_grad():
-        for p in dit.parameters():
-            if p.abs().sum() == 0:
-                p.normal_(0.0, 0.05)
+    fill_zero_parameters(dit, 0.05)
     entry = export_denoiser(dit, tmp_path / "denoiser.onnx")
     assert entry["parity"]["passed"]
     text = encoder.encode(["clicks at 1141 BPM", "a knock"])

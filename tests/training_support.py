@@ -8,16 +8,13 @@ import torch
 from models.bundle import BundleConfig, ModelBundle
 from models.codec import HarmonicAutoencoder, HarmonicAutoencoderConfig
 from models.dit import DiT, DiTConfig
+from models.layers import fill_zero_parameters
 from models.training.latent_cache import LatentCache, build_latent_cache
 
 
 def randomise(module: torch.nn.Module, seed: int, scale: float = 0.05) -> None:
     """Random values in the zero-initialised adaLN and output layers too, so outputs depend on every input."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            if p.abs().sum() == 0:
-                p.copy_(torch.randn(p.shape, generator=g) * scale)
+    fill_zero_parameters(module, scale, torch.Generator().manual_seed(seed))
 
 
 def tiny_codec() -> HarmonicAutoencoder:

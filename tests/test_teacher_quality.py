@@ -1,0 +1,53 @@
+"""The teacher-quality benchmark's latent reading: where a generated tone's pitch miss comes from."""
+import math
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+from training_support import tiny_codec, tiny_teacher
+
+from benchmarks.teacher_quality import latent_reading, latent_summary
+
+SR = 44100
+
+
+def _tone(hz: float, seconds: float = 1.5) -> SimpleNamespace:
+    t = np.arange(int(seconds * SR)) / SR
+    wave = (0.3 * np.sin(2 * np.pi * hz * t)).astype(np.float32)
+    return SimpleNamespace(audio=np.stack([wave, wave]), params={"pitch_hz": hz})
+
+
+def test_latent_reading_separates_a_wrong_tonality_from_a_wrong_pitch():
+    """The encoding of the described clip reads its own pitch; the same latents with every tonality scaled by 0.8
+    (the pitch channel untouched) state a pitch 1.25 times as far from 400 Hz in log, a miss that the reading with
+    the reference's tonality undoes exactly."""
+    codec = tiny_codec().eval()
+    clip = _tone(1000.0)
+    z = codec.encode(torch.from_numpy(clip.audio)[None])[0]
+    own = latent_reading(codec, z, clip)
+    assert own["latent_pitch_error"] < 0.01 and abs(own["latent_tonality"] - own["reference_tonality"]) < 1e-6
+
+    raw = codec.denormalize(z[None])
+    raw[:, 0] *= 0.8
+    dull = latent_reading(codec, codec.normalize(raw)[0], clip)
+    expected = math.exp(0.25 * math.log(1000.0 / codec.config.pitch_ref_hz)) - 1  # 0.8 tonality: 1.25 x the log
+    assert abs(dull["latent_pitch_error"] - expected) < 0.02
+    assert dull["latent_pitch_error_reference_tonality"] < 0.01
+    assert abs(dull["latent_tonality"] / dull["reference_tonality"] - 0.8) < 1e-3
+
+    summary = latent_summary([{"is_tone": True, **own}, {"is_tone": True, **dull}, {"is_tone": False}])
+    assert summary["n_latent"] == 2
+    assert abs(summary["latent_pitch_error_median"] - np.median([own["latent_pitch_error"],
+                                                                  dull["latent_pitch_error"]])) < 1e-9
+
+
+def test_the_benchmark_reports_the_latent_reading_of_its_tones(tmp_path, text_encoder):
+    from benchmarks.teacher_quality import main
+
+    tiny_teacher(tmp_path, text_encoder, depth=1, default_steps=2)
+    data = main(["--model", str(tmp_path / "tiny-teacher"), "--tones", "2", "--clicks", "0", "--other", "0",
+                 "--steps", "2", "--batch", "2", "--threads", "1", "--out-dir", str(tmp_path / "out"),
+                 "--name", "tq"])
+    assert data["summary"]["n_tone"] == 2
+    assert all("latent_tonality" in r for r in data["per_clip"])
+    assert (tmp_path / "out" / "tq.md").exists()
