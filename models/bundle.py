@@ -45,6 +45,14 @@ class BundleConfig:
     denoiser: dict = field(default_factory=dict)
     codec: dict = field(default_factory=dict)
     codec_from: str | None = None  # directory (relative to this one) whose codec this model shares
+    # The first ``pitch_channels`` latent channels state tonality and pitch (the harmonic codec's pitch slots; 0:
+    # none). They are sampled at their own temperature, their initial noise scaled by ``pitch_noise``, and guided at
+    # ``pitch_guidance`` in guided requests (None: the request's guidance). A stated pitch is a deterministic
+    # function of the caption, so a seed should not move it, and guidance extrapolates (tonality, tonality x log
+    # pitch) alike, which stretches the pitch away from 400 Hz (models/zoo/tta-teacher/README.md, "Session 20").
+    pitch_channels: int = 0
+    pitch_noise: float = 1.0
+    pitch_guidance: float | None = None
     description: str = ""
     training: dict = field(default_factory=dict)
 
@@ -158,7 +166,8 @@ class ModelBundle:
         z, t, guidance, frame_mask = z.to(dev), t.to(dev, torch.float32), guidance.to(dev), frame_mask.to(dev)
         # everything on the model's device: guidance picks rows of the conditioning by index
         out = guided_forward(self.denoiser, z, t, cond.to(dev), guidance, frame_mask,
-                             lambda n: self.unconditional_text(n).to(dev), self.config.guidance_in_model)
+                             lambda n: self.unconditional_text(n).to(dev), self.config.guidance_in_model,
+                             lead_guidance(self.config))
         return self.parameterization.to_x0(out, z, t)
 
     def forward_count(self, guidance: Tensor) -> int:
@@ -169,10 +178,7 @@ class ModelBundle:
 
     # ------------------------------------------------------------------ whole generation (CLI, benchmarks)
     def initial_noise(self, seed: int, frames: int) -> tuple[Tensor, torch.Generator]:
-        """A sample's starting noise [C, frames] and the generator its later step noise comes from: every random
-        number of a sample depends only on its own seed, never on its batch companions."""
-        g = torch.Generator().manual_seed(int(seed))
-        return torch.randn(self.codec.latent_dim, frames, generator=g), g
+        return initial_noise(self.config, self.codec.latent_dim, seed, frames)
 
     def step_noise(self, generator: torch.Generator, frames: int) -> Tensor:
         """Fresh noise for one step of a stochastic sampler (ping-pong), drawn from the sample's own generator."""
@@ -255,13 +261,32 @@ def pad_tokens(x: Tensor, length: int) -> Tensor:
     return torch.nn.functional.pad(x, pad)
 
 
+def initial_noise(config: BundleConfig, latent_dim: int, seed: int, frames: int) -> tuple[Tensor, torch.Generator]:
+    """A sample's starting noise [C, frames] and the generator its later step noise comes from, for every runtime:
+    every random number of a sample depends only on its own seed, never on its batch companions. The pitch channels
+    (``BundleConfig.pitch_channels``) start at ``pitch_noise`` times the draw."""
+    g = torch.Generator().manual_seed(int(seed))
+    z = torch.randn(latent_dim, frames, generator=g)
+    if config.pitch_channels and config.pitch_noise != 1.0:
+        z[: config.pitch_channels] *= config.pitch_noise
+    return z, g
+
+
+def lead_guidance(config: BundleConfig) -> tuple[int, float] | None:
+    """``apply_guidance``'s ``lead`` for this model: its pitch channels' own guidance scale, if it has one."""
+    if config.pitch_channels and config.pitch_guidance is not None:
+        return config.pitch_channels, float(config.pitch_guidance)
+    return None
+
+
 def guided_forward(denoise, z: Tensor, t: Tensor, cond: Conditioning, guidance: Tensor, frame_mask: Tensor,
-                   unconditional_text, guidance_in_model: bool) -> Tensor:
+                   unconditional_text, guidance_in_model: bool, lead: tuple[int, float] | None = None) -> Tensor:
     """Classifier-free guidance batched into ONE denoiser call, for every runtime: samples with guidance != 1 get
     an unconditional row (``unconditional_text(n)``: the empty prompt) appended to the same batch, and their raw
     outputs are combined by ``apply_guidance``; a model that takes guidance as an input (a guidance-distilled
     student) gets it directly. ``denoise(z, t, tokens, mask, pooled, seconds, frame_mask, guidance=None)`` runs the
-    network and returns its raw output."""
+    network and returns its raw output. ``lead`` (``lead_guidance``): the leading channels' own guidance scale in the
+    guided samples."""
     text = cond.text
     if guidance_in_model:
         return denoise(z, t, text.tokens, text.mask, text.pooled, cond.seconds, frame_mask, guidance=guidance)
@@ -277,7 +302,7 @@ def guided_forward(denoise, z: Tensor, t: Tensor, cond: Conditioning, guidance: 
                   torch.cat([text.pooled, u.pooled]), torch.cat([cond.seconds, cond.seconds[guided]]),
                   torch.cat([frame_mask, frame_mask[guided]]))
     cond_out = out[:n].clone()
-    cond_out[guided] = apply_guidance(out[:n][guided], out[n:], guidance[guided])
+    cond_out[guided] = apply_guidance(out[:n][guided], out[n:], guidance[guided], lead)
     return cond_out
 
 

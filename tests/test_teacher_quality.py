@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from training_support import tiny_codec, tiny_teacher
 
-from benchmarks.teacher_quality import latent_reading, latent_summary
+from benchmarks.teacher_quality import latent_reading, latent_summary, seed_spread
 
 SR = 44100
 
@@ -41,13 +41,31 @@ def test_latent_reading_separates_a_wrong_tonality_from_a_wrong_pitch():
                                                                   dull["latent_pitch_error"]])) < 1e-9
 
 
+def test_seed_spread_separates_a_caption_bias_from_the_spread_over_seeds():
+    def row(clip, hz):
+        return {"is_tone": True, "clip": clip, "target_pitch_hz": 400.0, "measured_pitch_hz": hz}
+
+    up, down = [400 * math.exp(e) for e in (0.09, 0.10, 0.11)], [400 * math.exp(e) for e in (-0.02, 0.0, 0.02)]
+    rows = [row(0, hz) for hz in up] + [row(1, hz) for hz in down] + [row(2, 410.0), row(2, None), row(2, 420.0)]
+    rows.append({"is_tone": False, "clip": 3})
+    got = seed_spread(rows)
+    assert got["n_spread"] == 2 and got["repeats"] == 3  # clip 2 has an unmeasured seed
+    assert abs(got["caption_bias_median"] - 0.05) < 1e-9  # median of 0.10 and 0.00
+    sd_up, sd_down = np.std([0.09, 0.10, 0.11]), np.std([-0.02, 0.0, 0.02])
+    assert abs(got["seed_sd_median"] - (sd_up + sd_down) / 2) < 1e-9
+    assert seed_spread([row(0, 400.0)]) == {}  # one seed: nothing to say
+
+
 def test_the_benchmark_reports_the_latent_reading_of_its_tones(tmp_path, text_encoder):
     from benchmarks.teacher_quality import main
 
     tiny_teacher(tmp_path, text_encoder, depth=1, default_steps=2)
     data = main(["--model", str(tmp_path / "tiny-teacher"), "--tones", "2", "--clicks", "0", "--other", "0",
-                 "--steps", "2", "--batch", "2", "--threads", "1", "--out-dir", str(tmp_path / "out"),
+                 "--steps", "2", "--batch", "2", "--repeats", "2", "--threads", "1", "--pitch-noise", "0",
+                 "--pitch-guidance", "1", "--out-dir", str(tmp_path / "out"),
                  "--name", "tq"])
-    assert data["summary"]["n_tone"] == 2
+    assert data["summary"]["n_tone"] == 4  # 2 tones x 2 seeds
+    assert sorted((r["clip"], r["seed"]) for r in data["per_clip"]) == [(0, 0), (0, 1), (1, 0), (1, 1)]
     assert all("latent_tonality" in r for r in data["per_clip"])
-    assert (tmp_path / "out" / "tq.md").exists()
+    assert (data["summary"]["pitch_channels"], data["summary"]["pitch_noise"]) == (4, 0.0)
+    assert "pitch channels: initial noise x 0, guidance 1" in (tmp_path / "out" / "tq.md").read_text()

@@ -12,7 +12,7 @@ from abc import ABC, abstractmethod
 import torch
 from torch import Tensor
 
-from models.bundle import BundleConfig, Conditioning
+from models.bundle import BundleConfig, Conditioning, initial_noise
 from models.diffusion import Sampler
 
 
@@ -45,10 +45,10 @@ class Runtime(ABC):
         """Work to do once before serving (the service's warm-up calls it): nothing, unless a runtime has some."""
 
     def initial_noise(self, seed: int, frames: int) -> tuple[Tensor, torch.Generator]:
-        """Per-request noise: the SAME recipe as ``ModelBundle.initial_noise`` (CPU generator seeded with the seed);
-        per-step noise of stochastic samplers is drawn from the returned generator, one [C, frames] tensor a step."""
-        g = torch.Generator().manual_seed(int(seed))
-        return torch.randn(self.latent_dim, frames, generator=g), g
+        """Per-request noise: ``models.bundle.initial_noise``, the recipe ``ModelBundle`` uses (CPU generator seeded
+        with the seed); per-step noise of stochastic samplers is drawn from the returned generator, one [C, frames]
+        tensor a step."""
+        return initial_noise(self.config, self.latent_dim, seed, frames)
 
     def step_noise(self, generator: torch.Generator, frames: int) -> Tensor:
         return torch.randn(self.latent_dim, frames, generator=generator)

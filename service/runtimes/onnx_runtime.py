@@ -16,7 +16,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from models.bundle import BundleConfig, Conditioning, decode_batch_limit, decode_grouped, guided_forward
+from models.bundle import (BundleConfig, Conditioning, decode_batch_limit, decode_grouped, guided_forward,
+                           lead_guidance)
 from models.checkpoints.denoisers import per_length
 from models.diffusion import (
     make_parameterization,
@@ -148,7 +149,7 @@ class OnnxRuntime(Runtime):
         an input."""
         z, t, guidance, frame_mask = z.float().cpu(), t.float().cpu(), guidance.float().cpu(), frame_mask.cpu()
         out = guided_forward(self._denoise, z, t, cond, guidance, frame_mask, self.unconditional_text,
-                             self.config.guidance_in_model)
+                             self.config.guidance_in_model, lead_guidance(self.config))
         return self.parameterization.to_x0(out, z, t)
 
     # ------------------------------------------------------------------ decoder
