@@ -56,6 +56,12 @@ class BundleConfig:
     description: str = ""
     training: dict = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        guidance = 0.0 if self.pitch_guidance is None else self.pitch_guidance
+        if self.pitch_channels < 0 or self.pitch_noise < 0 or guidance < 0:
+            raise ValueError(f"{self.name}: pitch_channels, pitch_noise and pitch_guidance must be >= 0 (got "
+                             f"{self.pitch_channels}, {self.pitch_noise}, {self.pitch_guidance})")
+
     @classmethod
     def unknown_keys(cls, keys) -> list[str]:
         """The names among ``keys`` that are not fields of this config, sorted."""

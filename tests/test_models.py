@@ -192,6 +192,8 @@ def test_pitch_channels_sample_at_their_own_temperature_and_guidance(tmp_path, t
     x_p = b.predict_x0(zz, t, cond, torch.full((2,), 3.0), mask)
     assert torch.allclose(x_p[:, :4], x_c[:, :4], atol=1e-5) and torch.allclose(x_p[:, 4:], x_g[:, 4:], atol=1e-5)
     assert not torch.allclose(x_g[:, :4], x_c[:, :4], atol=1e-3)  # guidance does move those channels otherwise
+    with pytest.raises(ValueError, match="pitch_noise"):
+        BundleConfig(name="bad", pitch_channels=4, pitch_noise=-1.0)
 
 
 def test_generation_alone_equals_generation_in_a_mixed_batch(text_encoder):
