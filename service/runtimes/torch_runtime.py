@@ -99,9 +99,6 @@ class TorchRuntime(Runtime):
     def decode(self, latents: list[Tensor], durations: list[float]) -> list[Tensor]:
         return self.bundle.decode(latents, durations)
 
-    def initial_noise(self, seed: int, frames: int):
-        return self.bundle.initial_noise(seed, frames)
-
 
 def compile_denoiser(bundle) -> None:
     """``torch.compile`` the bundle's denoiser in place (dynamic shapes). A denoiser that loops over lengths in
