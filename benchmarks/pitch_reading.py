@@ -11,11 +11,13 @@
 2. Where the reading comes from, for stated pitches 400 .. 480 Hz: the encoder's states of one prompt ("440 Hz")
    with the number channels of each value, and each value's states with the number channels of 440 Hz. A reader
    that takes the value from the smooth channels follows the first sweep with slope 1 and is flat in the second.
-3. Phrasing: one stated pitch in several training captions (the corpus' first tones restated at that pitch): the
-   reading's spread over the captions (sd of ln f). The numbers reach the denoiser as the same placeholder token
-   with the same number channels, so this spread is the phrasing's alone. Repeated with the value conditioner's
-   term zeroed (a model that has one): if the reading does not move, the model takes the value from cross-attention,
-   where the number's share of attention, and so the value's gain, moves with the words around it.
+3. Phrasing: one stated pitch in several captions (the corpus' first tones restated at that pitch; training
+   templates, or held-out ones with ``--phrasing-split heldout``): the reading's spread over the captions (sd of
+   ln f). The numbers reach the denoiser as the same placeholder token with the same number channels, so this
+   spread is the phrasing's alone. Where it enters: the same captions with the pooled embedding, all token states
+   or only the number tokens' states taken from the ``--template`` prompt at that pitch. Repeated with the value
+   conditioner's term zeroed (a model that has one): if the reading does not move, the model takes the value from
+   cross-attention, where the number's share of attention, and so the value's gain, moves with the words around it.
 4. Sampling: full DDIM runs for a few stated pitches and seeds at guidance 1 and at the model's default: the median
    error and the spread over seeds (sd of ln f), which is what decides whether many seeds land within 3 %.
 
@@ -31,11 +33,12 @@ import time
 
 import numpy as np
 import torch
+from torch import Tensor
 
 from benchmarks.common import environment, md_table, peak_rss_mb, write_results
-from models.bundle import Conditioning, ModelBundle
+from models.bundle import Conditioning, ModelBundle, pad_tokens
 from models.data.corpus import SyntheticCorpus
-from models.text.encoders import NumberChannels, TextEmbedding
+from models.text.encoders import PRESENT_CHANNEL, NumberChannels, TextEmbedding
 
 DURATION = 3.0
 
@@ -106,26 +109,77 @@ def value_conditioner_off(bundle: ModelBundle):
         handle.remove()
 
 
-def phrasing_spread(bundle: ModelBundle, pitches: list[int], phrasings: int, t: float, draws: int) -> dict:
-    """The reading at ``t`` of each pitch in ``phrasings`` captions: the corpus' (training split) first tones, their
-    pitch restated in Hz; per pitch the sd of ln f over the captions and the median error."""
-    corpus = SyntheticCorpus("train", seed=0)
+def phrasing_captions(pitches: list[int], phrasings: int, split: str = "train") -> dict[int, list[str]]:
+    """Per stated pitch, ``phrasings`` captions of it: the first tones of the corpus' ``split`` (its templates: the
+    held-out split's are phrasings training never saw) that are not short bursts (whose x0 is mostly silent frames,
+    with no pitch to read), their pitch restated in Hz."""
+    corpus = SyntheticCorpus(split, seed=0)
     tones, i = [], 0
     while len(tones) < phrasings:
         p = corpus.sample_params(corpus.rng_for(i))
         i += 1
-        if p["category"] == "tone":
+        if p["category"] == "tone" and p.get("envelope") != "short burst":
             tones.append(p)
-    per = []
+    out = {}
     for hz in pitches:
         rng = np.random.default_rng(hz)
-        captions = [corpus.caption({**p, "pitch_hz": float(hz), "pitch_text": f"{hz} Hz"}, rng) for p in tones]
-        read = read_at_noise(bundle, bundle.encode_text(captions), t, draws)
+        out[hz] = [corpus.caption({**p, "pitch_hz": float(hz), "pitch_text": f"{hz} Hz"}, rng) for p in tones]
+    return out
+
+
+def spread_of(reads: dict[int, np.ndarray]) -> dict:
+    """Readings [captions] per stated pitch -> the median over pitches of their sd in ln f, and the median error."""
+    return {"sd_ln_median": float(np.median([np.std(np.log(r)) for r in reads.values()])),
+            "median_error": float(np.median(np.abs(np.concatenate([r / hz - 1 for hz, r in reads.items()]))))}
+
+
+def phrasing_spread(bundle: ModelBundle, pitches: list[int], phrasings: int, t: float, draws: int,
+                    split: str = "train") -> dict:
+    """The reading at ``t`` of each pitch in ``phrasing_captions``: per pitch the sd of ln f over the captions and
+    the median error."""
+    per, reads = [], {}
+    for hz, captions in phrasing_captions(pitches, phrasings, split).items():
+        read = reads[hz] = read_at_noise(bundle, bundle.encode_text(captions), t, draws)
         per.append({"stated_hz": hz, "sd_ln": float(np.std(np.log(read))),
                     "median_error": float(np.median(np.abs(read / hz - 1))), "captions": captions,
                     "read_hz": [float(r) for r in read]})
-    return {"phrasings": phrasings, "sd_ln_median": float(np.median([q["sd_ln"] for q in per])),
-            "median_error": float(np.median([q["median_error"] for q in per])), "per_pitch": per}
+    return {"phrasings": phrasings, "split": split, **spread_of(reads), "per_pitch": per}
+
+
+def with_number_state(tokens: Tensor, template: Tensor) -> Tensor:
+    """tokens [B, L, D] with every number token's state (the linear number channels' presence flag set) replaced by
+    that of the first number token of one ``template`` prompt [L', D]."""
+    first = int(torch.nonzero(template[:, PRESENT_CHANNEL] > 0.5)[0, 0])
+    out = tokens.clone()
+    out[tokens[..., PRESENT_CHANNEL] > 0.5] = template[first]
+    return out
+
+
+def phrasing_sources(bundle: ModelBundle, pitches: list[int], phrasings: int, t: float, draws: int,
+                     split: str, template: str, numbers: NumberChannels) -> dict:
+    """Which part of the text condition carries the phrasing's pull on the reading: each caption of
+    ``phrasing_captions`` read with one part taken from ``template`` at the same pitch (the pooled embedding; all
+    token states; only the number tokens' states) or with none or all of it; per variant the spread over captions
+    and the median error. Swapping a part that carries the pull takes the spread away."""
+    reads: dict[str, dict[int, np.ndarray]] = {k: {} for k in
+                                               ("own", "template_pooled", "template_number_tokens",
+                                                "template_tokens", "template")}
+    for hz, captions in phrasing_captions(pitches, phrasings, split).items():
+        own = bundle.encode_text(captions)
+        canon = bundle.encode_text([template.format(hz)] * len(captions))
+        length = max(own.tokens.shape[1], canon.tokens.shape[1])
+        (o_tok, o_mask), (c_tok, c_mask) = ((pad_tokens(e.tokens, length), pad_tokens(e.mask, length))
+                                            for e in (own, canon))
+        numbered = with_number_state(o_tok, c_tok[0]) if numbers.linear else o_tok
+        variants = {"own": own, "template_pooled": TextEmbedding(o_tok, o_mask, canon.pooled),
+                    "template_number_tokens": TextEmbedding(numbered, o_mask, own.pooled),
+                    "template_tokens": TextEmbedding(c_tok, c_mask, own.pooled), "template": canon}
+        for name, text in variants.items():
+            reads[name][hz] = read_at_noise(bundle, text, t, draws)
+    if not numbers.linear:
+        reads.pop("template_number_tokens")
+    return {"split": split, "template": template, "phrasings": phrasings,
+            **{name: spread_of(r) for name, r in reads.items()}}
 
 
 @torch.inference_mode()
@@ -153,6 +207,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--t", type=float, default=0.99)
     ap.add_argument("--phrasing-pitches", default="150,300,600,1200")
     ap.add_argument("--phrasings", type=int, default=12)
+    ap.add_argument("--phrasing-split", default="train", choices=["train", "heldout"],
+                    help="whose caption templates phrase the pitches: the training or the held-out ones")
     ap.add_argument("--sample-pitches", default="90,200,440,679,1000,1614")
     ap.add_argument("--seeds", type=int, default=8)
     ap.add_argument("--steps", type=int, default=None)
@@ -191,13 +247,16 @@ def main(argv=None) -> dict:
                    "states_of_each_value_hz": [float(v) for v in states]}
 
     phrased = [int(p) for p in args.phrasing_pitches.split(",") if p]
-    phrasing = phrasing_spread(bundle, phrased, args.phrasings, args.t, args.draws) if phrased else {}
+    phrasing = (phrasing_spread(bundle, phrased, args.phrasings, args.t, args.draws, args.phrasing_split)
+                if phrased else {})
+    pulled_by = (phrasing_sources(bundle, phrased, args.phrasings, args.t, args.draws, args.phrasing_split,
+                                  args.template, numbers) if phrased else {})
     without_values = {}
     with value_conditioner_off(bundle) as has_values:
         if has_values:
             without_values = {"reading": fit(stated, read_at_noise(bundle, text, args.t, args.draws)),
-                              "phrasing": phrasing_spread(bundle, phrased, args.phrasings, args.t, args.draws)
-                              if phrased else {}}
+                              "phrasing": phrasing_spread(bundle, phrased, args.phrasings, args.t, args.draws,
+                                                          args.phrasing_split) if phrased else {}}
 
     steps = args.steps or bundle.config.default_steps
     pitches = [int(p) for p in args.sample_pitches.split(",") if p]
@@ -214,8 +273,14 @@ def main(argv=None) -> dict:
         rows += [["channels of 400..480 Hz, states of 440: gain", sources["channels_of_each_value"]["gain"], "1"],
                  ["states of 400..480 Hz, channels of 440: sd (ln)", sources["states_of_each_value_sd_ln"], "0"]]
     if phrasing:
-        rows += [[f"{phrasing['phrasings']} phrasings of one pitch: reading sd (ln), median over "
-                  f"{', '.join(map(str, phrased))} Hz", phrasing["sd_ln_median"], "0"]]
+        rows += [[f"{phrasing['phrasings']} {phrasing['split']} phrasings of one pitch: reading sd (ln), median over "
+                  f"{', '.join(map(str, phrased))} Hz", phrasing["sd_ln_median"], "0"],
+                 ["those phrasings: median error of the reading", phrasing["median_error"], "0"]]
+        for name, words in (("template_pooled", "the pooled embedding"), ("template_tokens", "all token states"),
+                            ("template_number_tokens", "the number tokens' states"), ("template", "both")):
+            if name in pulled_by:
+                rows += [[f"those phrasings with {words} from `{args.template}`: reading sd (ln) / median error",
+                          f"{pulled_by[name]['sd_ln_median']:.4g} / {pulled_by[name]['median_error']:.4g}", "0"]]
     if without_values:
         rows += [["value conditioner off: reading gain", without_values["reading"]["gain"], "1"],
                  ["value conditioner off: reading residual sd (ln)", without_values["reading"]["residual_sd_ln"], "0"]]
@@ -232,6 +297,7 @@ def main(argv=None) -> dict:
           f"{peak_rss_mb():.0f} MB.\n\n" + md_table(["figure", "value", "ideal"], rows) + "\n")
     data = {"model": bundle.name, "template": args.template, "reading": reading, "guided_reading": guided,
             "unconditional_tonality": unconditional_tonality, "sources": sources, "phrasing": phrasing,
+            "phrasing_sources": pulled_by,
             "value_conditioner_off": without_values,
             "sampling": sampling, "seconds": seconds, "peak_rss_mb": peak_rss_mb(), "environment": environment()}
     write_results(args.name, data, md, args.out_dir)

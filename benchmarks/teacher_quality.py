@@ -119,7 +119,10 @@ def seed_spread(results: list[dict]) -> dict:
         return {}
     return {"n_spread": len(errs), "repeats": len(errs[0]),
             "caption_bias_median": float(np.median([abs(e.mean()) for e in errs])),
-            "seed_sd_median": float(np.median([e.std() for e in errs]))}
+            "seed_sd_median": float(np.median([e.std() for e in errs])),
+            # what a one-seed run of these tones would have reported, seed by seed
+            "per_seed_error_median": [float(np.median(np.abs(np.expm1([e[k] for e in errs]))))
+                                      for k in range(len(errs[0]))]}
 
 
 def main(argv=None) -> dict:
@@ -198,6 +201,8 @@ def main(argv=None) -> dict:
             [f"caption bias over {summary['repeats']} seeds, median |mean ln error|", summary["caption_bias_median"],
              "", summary["n_spread"]],
             ["seed spread, median sd of ln error", summary["seed_sd_median"], "", summary["n_spread"]],
+            ["median tone pitch error of each seed alone",
+             " / ".join(f"{m:.4f}" for m in summary["per_seed_error_median"]), "", summary["n_spread"]],
         ]
     about = ("held-out clips (held-out templates and parameter values)" if args.split == "heldout"
              else "training clips (captions and values the model was trained on)")

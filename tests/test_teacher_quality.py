@@ -53,6 +53,9 @@ def test_seed_spread_separates_a_caption_bias_from_the_spread_over_seeds():
     assert abs(got["caption_bias_median"] - 0.05) < 1e-9  # median of 0.10 and 0.00
     sd_up, sd_down = np.std([0.09, 0.10, 0.11]), np.std([-0.02, 0.0, 0.02])
     assert abs(got["seed_sd_median"] - (sd_up + sd_down) / 2) < 1e-9
+    per_seed = [np.median([abs(math.expm1(a)), abs(math.expm1(b))])
+                for a, b in zip((0.09, 0.10, 0.11), (-0.02, 0.0, 0.02))]
+    assert np.allclose(got["per_seed_error_median"], per_seed)
     assert seed_spread([row(0, 400.0)]) == {}  # one seed: nothing to say
 
 

@@ -503,6 +503,27 @@ class SyntheticCorpus:
         return fix_articles(text)
 
 
+class _FirstChoice:
+    """Stands in for a generator where a caption is drawn: every pick takes the first template or synonym, and two
+    modifiers keep their order."""
+
+    @staticmethod
+    def integers(n) -> int:
+        return 0
+
+    @staticmethod
+    def random() -> float:
+        return 1.0
+
+
+def canonical_caption(params: dict) -> str:
+    """One fixed training-split caption of a clip's ground truth: the first template and synonym of each part, a
+    stated pitch in whole Hz. Two captions of the same sound in different words have the same canonical one."""
+    if "pitch_hz" in params:
+        params = {**params, "pitch_text": f"{int(round(params['pitch_hz']))} Hz"}
+    return SyntheticCorpus("train").caption(params, _FirstChoice())
+
+
 def heldout_caption_set(n: int, seed: int = 1234) -> list[Clip]:
     corpus = SyntheticCorpus("heldout", seed=seed)
     return [corpus[i] for i in range(n)]

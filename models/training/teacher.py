@@ -15,6 +15,8 @@ from models.diffusion import VPCosineSchedule, VPrediction
 from models.dit import DiT, DiTConfig
 from models.text import NumberChannels, load_text_encoder
 from models.training.augment import latent_augment
+from models.training.filler_words import FillerWords
+from models.training.phrasing import phrasing_consistency
 from models.training.batches import latent_channel_weight, masked_mse, sample_captioned_batch
 from models.training.common import (
     EMA,
@@ -75,6 +77,14 @@ class TeacherTrainConfig:
     pitch_shift_octaves: float = 1.0
     pitch_shift_low_hz: float = PITCH_RANGE_HZ[0]
     pitch_shift_high_hz: float = PITCH_RANGE_HZ[1]
+    # the share of captions given 1 .. filler_max_words random words that say nothing about the sound, so the reading
+    # of a stated number cannot lean on the exact words around it (models.training.filler_words)
+    filler_words: float = 0.0
+    filler_max_words: int = 3
+    # weight of the phrasing-consistency term: the pitch channels' x0 under a tone's caption against the EMA model's
+    # under its canonical caption, same noisy latents (models.training.phrasing); 0 = off. Measured harmful (session
+    # 21: the reading's gain went to 1.13 at weight 3), kept for a next look
+    phrasing_consistency: float = 0.0
     # the exported model's default classifier-free guidance (the tenth round's 2 was chosen on the training split)
     guidance: float = 3.0
 
@@ -126,12 +136,16 @@ def train_teacher(out_dir: str | Path, run_dir: str | Path, codec_dir: str | Pat
     weight = latent_channel_weight(codec, cfg.analytic_weight)
     augment = latent_augment(codec, corpus, cfg.pitch_shift, cfg.placement_shift, cfg.pitch_shift_octaves,
                              (cfg.pitch_shift_low_hz, cfg.pitch_shift_high_hz))
+    pitch_channels = int(getattr(getattr(codec, "config", None), "pitch_channels", 0))
+    if cfg.phrasing_consistency > 0 and not pitch_channels:
+        raise ValueError("phrasing consistency compares the codec's pitch channels, and this codec has none")
+    fillers = FillerWords.for_text_encoder(cfg.filler_words, cfg.filler_max_words) if cfg.filler_words > 0 else None
     model.train()
 
     def train_step(step: int) -> dict:
         rng, gen = step_rngs(cfg.seed, 1, step)
         b = sample_captioned_batch(cache, corpus, text_encoder, rng, cfg.batch_size, cfg.cond_dropout,
-                                  augment=augment)
+                                  augment=augment, caption_augment=fillers)
         t = torch.from_numpy(rng.random(cfg.batch_size)).float()
         eps = torch.randn(b.x0.shape, generator=gen)
         z = schedule.add_noise(b.x0, eps, t)
@@ -139,9 +153,14 @@ def train_teacher(out_dir: str | Path, run_dir: str | Path, codec_dir: str | Pat
         set_lr(opt, lr)
         out = model(z, t, b.text.tokens, b.text.mask, b.text.pooled, b.seconds, b.mask)
         loss = masked_mse(out, param.target(b.x0, eps, t), b.mask, weight).mean()
+        logs = {}
+        if cfg.phrasing_consistency > 0:
+            agree = phrasing_consistency(out, z, t, b, ema.model, text_encoder, param, pitch_channels)
+            loss = loss + cfg.phrasing_consistency * agree
+            logs["phrasing"] = agree.item()
         gnorm = optimizer_step(model, opt, loss, clip=1.0)
         ema.update(model, step + 1)
-        return {"loss": loss.item(), "grad_norm": gnorm, "lr": lr}
+        return {"loss": loss.item(), "grad_norm": gnorm, "lr": lr, **logs}
 
     def checkpoint(step: int) -> None:
         run.save(step, {"model": model, "ema": ema.model}, {"opt": opt})
