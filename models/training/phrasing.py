@@ -9,9 +9,11 @@ state taken from one fixed prompt the spread is 0.018 (``benchmarks.pitch_readin
 that carries the step's noise; this term asks the phrasings to agree with each other on the same draw, a low-variance
 target, as in mean-teacher consistency training (Tarvainen and Valpola, 2017).
 
-Measured (session 21, warm-started from the tenth round with filler words): it breaks the reading. At weight 3
-after 1500 steps the held-out phrasings' reading is 19 % off at the median and follows the number channels at gain
-1.47 instead of 0.98; weight 30 was worse by step 600. Why is not known; do not use it without finding out."""
+Measured (session 21, 1500 steps warm-started from the tenth round with filler words; ``benchmarks/results/
+teacher_session21.md``): no gain. Per element the term weighs (weight / (tone rows x channels)) against the v-MSE's
+(analytic weight / (rows x weighted channels)), about 29 times as much at weight 3, where the model chased its own
+EMA and the reading broke (19 % off); at weight 0.2 the reading holds but neither its spread over held-out phrasings
+(0.052 against 0.053) nor the generated pitch (4.7 % against 4.6 % on 32 held-out tones) improves."""
 from __future__ import annotations
 
 import torch

@@ -82,8 +82,8 @@ class TeacherTrainConfig:
     filler_words: float = 0.0
     filler_max_words: int = 3
     # weight of the phrasing-consistency term: the pitch channels' x0 under a tone's caption against the EMA model's
-    # under its canonical caption, same noisy latents (models.training.phrasing); 0 = off. Measured harmful (session
-    # 21: the reading's gain went to 1.13 at weight 3), kept for a next look
+    # under its canonical caption, same noisy latents (models.training.phrasing); 0 = off. Session 21: no gain at 0.2,
+    # the reading broke at 3 (the term then outweighs the v-MSE on the pitch channels about 29 times per element)
     phrasing_consistency: float = 0.0
     # the exported model's default classifier-free guidance (the tenth round's 2 was chosen on the training split)
     guidance: float = 3.0
