@@ -153,7 +153,7 @@ def main(argv=None) -> dict:
     bundle = ModelBundle.load(args.model)
     if args.pitch_noise is not None or args.pitch_guidance is not None:
         if not bundle.config.pitch_channels:
-            bundle.config.pitch_channels = getattr(getattr(bundle.codec, "config", None), "pitch_channels", 0)
+            bundle.config.pitch_channels = bundle.codec.pitch_channels
         if not bundle.config.pitch_channels:
             raise SystemExit(f"{bundle.name}: its codec has no pitch channels to sample apart")
         if args.pitch_noise is not None:

@@ -24,6 +24,17 @@ class AudioCodec(nn.Module):
     def latent_rate(self) -> float:
         return self.sample_rate / self.samples_per_latent
 
+    @property
+    def pitch_channels(self) -> int:
+        """How many leading latent channels state tonality and pitch (the harmonic codec's slots; 0: none)."""
+        return int(getattr(getattr(self, "config", None), "pitch_channels", 0))
+
+    @property
+    def analytic_channels(self) -> int:
+        """How many leading latent channels are computed, not learned (the harmonic codec's tonality, pitch and
+        stereo balance; 0: none)."""
+        return int(getattr(getattr(self, "config", None), "analytic_channels", 0))
+
     def encode(self, wave: Tensor) -> Tensor:  # pragma: no cover - interface
         raise NotImplementedError
 

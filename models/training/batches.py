@@ -82,7 +82,7 @@ def with_rows(text: TextEmbedding, rows: list[int], other: TextEmbedding) -> Tex
 def latent_channel_weight(codec, analytic_weight: float) -> torch.Tensor | None:
     """Per-channel loss weights [D]: ``analytic_weight`` on a codec's leading analytic channels (the harmonic codec's
     tonality / pitch / balance), 1 elsewhere; None (the plain mean) when the weight is 1 or the codec has none."""
-    analytic = int(getattr(getattr(codec, "config", None), "analytic_channels", 0))
+    analytic = codec.analytic_channels
     if analytic_weight == 1.0 or analytic == 0:
         return None
     weight = torch.ones(codec.latent_dim)

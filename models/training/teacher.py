@@ -136,7 +136,7 @@ def train_teacher(out_dir: str | Path, run_dir: str | Path, codec_dir: str | Pat
     weight = latent_channel_weight(codec, cfg.analytic_weight)
     augment = latent_augment(codec, corpus, cfg.pitch_shift, cfg.placement_shift, cfg.pitch_shift_octaves,
                              (cfg.pitch_shift_low_hz, cfg.pitch_shift_high_hz))
-    pitch_channels = int(getattr(getattr(codec, "config", None), "pitch_channels", 0))
+    pitch_channels = codec.pitch_channels
     if cfg.phrasing_consistency > 0 and not pitch_channels:
         raise ValueError("phrasing consistency compares the codec's pitch channels, and this codec has none")
     fillers = FillerWords.for_text_encoder(cfg.filler_words, cfg.filler_max_words) if cfg.filler_words > 0 else None
