@@ -156,11 +156,13 @@ def with_number_state(tokens: Tensor, template: Tensor) -> Tensor:
 
 
 def phrasing_sources(bundle: ModelBundle, pitches: list[int], phrasings: int, t: float, draws: int,
-                     split: str, template: str, numbers: NumberChannels) -> dict:
+                     split: str, template: str, numbers: NumberChannels,
+                     own_reads: dict[int, np.ndarray] | None = None) -> dict:
     """Which part of the text condition carries the phrasing's pull on the reading: each caption of
     ``phrasing_captions`` read with one part taken from ``template`` at the same pitch (the pooled embedding; all
     token states; only the number tokens' states) or with none or all of it; per variant the spread over captions
-    and the median error. Swapping a part that carries the pull takes the spread away."""
+    and the median error. Swapping a part that carries the pull takes the spread away. ``own_reads``: the
+    captions' own readings per pitch where they are at hand (``phrasing_spread``), so they are not read again."""
     reads: dict[str, dict[int, np.ndarray]] = {k: {} for k in
                                                ("own", "template_pooled", "template_number_tokens",
                                                 "template_tokens", "template")}
@@ -174,6 +176,9 @@ def phrasing_sources(bundle: ModelBundle, pitches: list[int], phrasings: int, t:
         variants = {"own": own, "template_pooled": TextEmbedding(o_tok, o_mask, canon.pooled),
                     "template_number_tokens": TextEmbedding(numbered, o_mask, own.pooled),
                     "template_tokens": TextEmbedding(c_tok, c_mask, own.pooled), "template": canon}
+        if own_reads is not None:
+            reads["own"][hz] = own_reads[hz]
+            del variants["own"]
         for name, text in variants.items():
             reads[name][hz] = read_at_noise(bundle, text, t, draws)
     if not numbers.linear:
@@ -250,7 +255,9 @@ def main(argv=None) -> dict:
     phrasing = (phrasing_spread(bundle, phrased, args.phrasings, args.t, args.draws, args.phrasing_split)
                 if phrased else {})
     pulled_by = (phrasing_sources(bundle, phrased, args.phrasings, args.t, args.draws, args.phrasing_split,
-                                  args.template, numbers) if phrased else {})
+                                  args.template, numbers,
+                                  {q["stated_hz"]: np.array(q["read_hz"]) for q in phrasing["per_pitch"]})
+                 if phrased else {})
     without_values = {}
     with value_conditioner_off(bundle) as has_values:
         if has_values:

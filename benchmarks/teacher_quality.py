@@ -51,8 +51,11 @@ def recaption(clips: list, templates: str) -> list:
 
 
 def run_adherence(bundle: ModelBundle, clips: list, steps: int, guidance: float, batch: int, seed: int,
-                  tracker: PitchTracker) -> tuple[list[dict], float]:
+                  tracker: PitchTracker, references: dict | None = None) -> tuple[list[dict], float]:
+    """Generate and measure ``clips`` under one seed. ``references`` keeps each tone's reference encoding
+    (``latent_reading``) by its place in ``clips``, so that runs under other seeds do not encode it again."""
     results, compute = [], 0.0
+    references = {} if references is None else references
     for b in range(0, len(clips), batch):
         part = clips[b: b + batch]
         durations = [c.duration for c in part]
@@ -62,29 +65,40 @@ def run_adherence(bundle: ModelBundle, clips: list, steps: int, guidance: float,
                                           guidance=guidance)
         waves = bundle.decode(latents, durations)
         compute += time.perf_counter() - t
-        for clip, z, wave in zip(part, latents, waves):
+        for j, (clip, z, wave) in enumerate(zip(part, latents, waves)):
             r = evaluate_clip(wave.numpy(), SAMPLE_RATE, clip.params, tracker)
             r["caption"] = clip.caption
             if r.get("is_tone") and hasattr(bundle.codec, "latent_pitch"):
-                r.update(latent_reading(bundle.codec, z, clip))
+                if b + j not in references:
+                    references[b + j] = reference_tonality(bundle.codec, clip)
+                r.update(latent_reading(bundle.codec, z, clip, references[b + j]))
             results.append(r)
     return results, compute
 
 
-def latent_reading(codec, latents: torch.Tensor, clip, tonal: float = 0.5) -> dict:
+def reference_tonality(codec, clip, tonal: float = 0.5) -> float | None:
+    """Slot 1's median tonality over the frames above ``tonal`` in the encoding of ``clip`` (None: no such
+    frame)."""
+    device = next(codec.parameters()).device
+    tau, _ = codec.latent_pitch(codec.encode(torch.from_numpy(clip.audio)[None].to(device)))
+    keep = tau[0, 0] > tonal
+    return float(tau[0, 0][keep].median()) if keep.any() else None
+
+
+def latent_reading(codec, latents: torch.Tensor, clip, tau_ref: float | None, tonal: float = 0.5) -> dict:
     """What a generated tone's latents state, against the encoding of the clip its caption describes: slot 1's
-    median tonality over the frames above ``tonal`` (generated and reference), the stated pitch's error, and the
-    error it would have with the reference's tonality. The harmonic codec's pitch channel is tonality x scaled log
-    pitch, so ln f - ln f_ref = P / (pitch_scale tau): a wrong tonality alone moves the pitch by the ratio of the
-    two tonalities times the pitch's log distance from the reference frequency."""
+    median tonality over the frames above ``tonal`` (generated, and ``tau_ref``: ``reference_tonality`` of the
+    clip), the stated pitch's error, and the error it would have with the reference's tonality. The
+    harmonic codec's pitch channel is tonality x scaled log pitch, so ln f - ln f_ref = P / (pitch_scale tau): a
+    wrong tonality alone moves the pitch by the ratio of the two tonalities times the pitch's log distance from the
+    reference frequency."""
     tau, hz = codec.latent_pitch(latents[None].to(next(codec.parameters()).device))
-    ref_tau, _ = codec.latent_pitch(codec.encode(torch.from_numpy(clip.audio)[None].to(tau.device)))
-    keep, ref_keep = tau[0, 0] > tonal, ref_tau[0, 0] > tonal
-    if not keep.any() or not ref_keep.any():
+    keep = tau[0, 0] > tonal
+    if not keep.any() or tau_ref is None:
         return {"latent_tonality": None, "reference_tonality": None, "latent_pitch_error": None,
                 "latent_pitch_error_reference_tonality": None}
     log_ref = math.log(codec.config.pitch_ref_hz)
-    tau_gen, tau_ref = float(tau[0, 0][keep].median()), float(ref_tau[0, 0][ref_keep].median())
+    tau_gen = float(tau[0, 0][keep].median())
     log_stated = float(torch.log(hz[0, 0][keep]).median())
     log_swapped = log_ref + (log_stated - log_ref) * tau_gen / tau_ref
     target = math.log(clip.params["pitch_hz"])
@@ -168,8 +182,9 @@ def main(argv=None) -> dict:
         clips = recaption(clips, templates)
     tracker = PitchTracker("full")
     results, compute = [], 0.0
+    references: dict = {}
     for k in range(args.repeats):
-        rows, seconds = run_adherence(bundle, clips, steps, guidance, args.batch, args.seed + k, tracker)
+        rows, seconds = run_adherence(bundle, clips, steps, guidance, args.batch, args.seed + k, tracker, references)
         results += [{**r, "clip": i, "seed": args.seed + k} for i, r in enumerate(rows)]
         compute += seconds
     summary = summarize(results)

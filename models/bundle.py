@@ -259,12 +259,17 @@ def decode_grouped(latents: list[Tensor], durations: list[float], sample_rate: i
     return out
 
 
+def pad_axis(x: Tensor, length: int, dim: int) -> Tensor:
+    """Zero-pad axis ``dim`` (>= 0) of ``x`` to ``length`` (False for a bool tensor)."""
+    if x.shape[dim] == length:
+        return x
+    pad = [0, 0] * (x.dim() - 1 - dim) + [0, length - x.shape[dim]]
+    return torch.nn.functional.pad(x, pad)
+
+
 def pad_tokens(x: Tensor, length: int) -> Tensor:
     """Zero-pad the token axis (dim 1) of a text batch to ``length``."""
-    if x.shape[1] == length:
-        return x
-    pad = [0, 0] * (x.dim() - 2) + [0, length - x.shape[1]]
-    return torch.nn.functional.pad(x, pad)
+    return pad_axis(x, length, 1)
 
 
 def initial_noise(config: BundleConfig, latent_dim: int, seed: int, frames: int) -> tuple[Tensor, torch.Generator]:

@@ -103,6 +103,10 @@ def test_phrasing_sources_swap_only_the_named_part(tmp_path, text_encoder):
     assert got["own"] == pytest.approx(spread_of(own), rel=1e-4)
     assert got["template"] == pytest.approx(spread_of(canon), rel=1e-4)
     assert got["own"] != pytest.approx(got["template"], rel=1e-3)
+    given = phrasing_sources(bundle, [300, 900], 4, 0.99, 1, "heldout", template, numbers,
+                             {hz: 2 * r for hz, r in own.items()})  # readings at hand are taken, not read again
+    assert given["own"] == pytest.approx(spread_of({hz: 2 * r for hz, r in own.items()}), rel=1e-6)
+    assert given["template"] == pytest.approx(got["template"], rel=1e-6)
     expected = {"own", "template_pooled", "template_tokens", "template"} | (
         {"template_number_tokens"} if numbers.linear else set())
     assert expected <= set(got)

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from training_support import tiny_codec, tiny_teacher
 
-from benchmarks.teacher_quality import latent_reading, latent_summary, seed_spread
+from benchmarks.teacher_quality import latent_reading, latent_summary, reference_tonality, seed_spread
 
 SR = 44100
 
@@ -24,12 +24,13 @@ def test_latent_reading_separates_a_wrong_tonality_from_a_wrong_pitch():
     codec = tiny_codec().eval()
     clip = _tone(1000.0)
     z = codec.encode(torch.from_numpy(clip.audio)[None])[0]
-    own = latent_reading(codec, z, clip)
+    tau_ref = reference_tonality(codec, clip)
+    own = latent_reading(codec, z, clip, tau_ref)
     assert own["latent_pitch_error"] < 0.01 and abs(own["latent_tonality"] - own["reference_tonality"]) < 1e-6
 
     raw = codec.denormalize(z[None])
     raw[:, 0] *= 0.8
-    dull = latent_reading(codec, codec.normalize(raw)[0], clip)
+    dull = latent_reading(codec, codec.normalize(raw)[0], clip, tau_ref)
     expected = math.exp(0.25 * math.log(1000.0 / codec.config.pitch_ref_hz)) - 1  # 0.8 tonality: 1.25 x the log
     assert abs(dull["latent_pitch_error"] - expected) < 0.02
     assert dull["latent_pitch_error_reference_tonality"] < 0.01

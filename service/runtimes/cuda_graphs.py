@@ -33,6 +33,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from models.bundle import pad_axis
+
 log = logging.getLogger("tta.runtimes")
 
 ROW_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
@@ -72,18 +74,10 @@ def pad_inputs(z: Tensor, t: Tensor, tokens: Tensor, token_mask: Tensor, pooled:
         extra = rows - x.shape[0]
         return x if extra == 0 else torch.cat([x, x[:1].expand(extra, *x.shape[1:])])
 
-    def last(x: Tensor, size: int, dim: int) -> Tensor:
-        extra = size - x.shape[dim]
-        if extra == 0:
-            return x
-        pad_shape = list(x.shape)
-        pad_shape[dim] = extra
-        return torch.cat([x, x.new_zeros(pad_shape)], dim=dim)
-
-    z = rows_of(last(z, frames, 2))
-    frame_mask = rows_of(last(frame_mask.bool(), frames, 1))
-    tokens = rows_of(last(tokens, n_tokens, 1))
-    token_mask = rows_of(last(token_mask.bool(), n_tokens, 1))
+    z = rows_of(pad_axis(z, frames, 2))
+    frame_mask = rows_of(pad_axis(frame_mask.bool(), frames, 1))
+    tokens = rows_of(pad_axis(tokens, n_tokens, 1))
+    token_mask = rows_of(pad_axis(token_mask.bool(), n_tokens, 1))
     out = (z, rows_of(t), tokens, token_mask, rows_of(pooled), rows_of(seconds), frame_mask)
     return out + (rows_of(guidance) if guidance is not None else None,)
 
