@@ -16,8 +16,8 @@
    ln f). The numbers reach the denoiser as the same placeholder token with the same number channels, so this
    spread is the phrasing's alone. Where it enters: the same captions with the pooled embedding, all token states
    or only the number tokens' states taken from the ``--template`` prompt at that pitch. Repeated with the value
-   conditioner's term zeroed (a model that has one): if the reading does not move, the model takes the value from
-   cross-attention, where the number's share of attention, and so the value's gain, moves with the words around it.
+   conditioner's term zeroed, and then the value head's (a model that has them): if the reading does not move, the
+   model does not take the value from that path.
 4. Sampling: full DDIM runs for a few stated pitches and seeds at guidance 1 and at the model's default: the median
    error and the spread over seeds (sd of ln f), which is what decides whether many seeds land within 3 %.
 
@@ -94,11 +94,15 @@ def fit(stated: np.ndarray, read: np.ndarray) -> dict:
             "median_error": float(np.median(err)), "points": len(stated)}
 
 
+# the denoiser's modules that read a stated value outside attention, and what the report calls them
+VALUE_READERS = {"values": "value conditioner", "value_head": "value head"}
+
+
 @contextlib.contextmanager
-def value_conditioner_off(bundle: ModelBundle):
-    """Within the block, the denoiser's value conditioner (``models.dit.ValueConditioner``) adds nothing; yields
-    whether the model has one."""
-    values = getattr(bundle.denoiser, "values", None)
+def value_reader_off(bundle: ModelBundle, name: str = "values"):
+    """Within the block, the denoiser's module ``name`` of ``VALUE_READERS`` (its ``models.dit.ValueConditioner``
+    or ``ValueHead``) adds nothing; yields whether the model has one."""
+    values = getattr(bundle.denoiser, name, None)
     if values is None:
         yield False
         return
@@ -258,12 +262,13 @@ def main(argv=None) -> dict:
                                   args.template, numbers,
                                   {q["stated_hz"]: np.array(q["read_hz"]) for q in phrasing["per_pitch"]})
                  if phrased else {})
-    without_values = {}
-    with value_conditioner_off(bundle) as has_values:
-        if has_values:
-            without_values = {"reading": fit(stated, read_at_noise(bundle, text, args.t, args.draws)),
-                              "phrasing": phrasing_spread(bundle, phrased, args.phrasings, args.t, args.draws,
-                                                          args.phrasing_split) if phrased else {}}
+    without = {}
+    for name in VALUE_READERS:
+        with value_reader_off(bundle, name) as has:
+            if has:
+                without[name] = {"reading": fit(stated, read_at_noise(bundle, text, args.t, args.draws)),
+                                 "phrasing": phrasing_spread(bundle, phrased, args.phrasings, args.t, args.draws,
+                                                             args.phrasing_split) if phrased else {}}
 
     steps = args.steps or bundle.config.default_steps
     pitches = [int(p) for p in args.sample_pitches.split(",") if p]
@@ -288,12 +293,12 @@ def main(argv=None) -> dict:
             if name in pulled_by:
                 rows += [[f"those phrasings with {words} from `{args.template}`: reading sd (ln) / median error",
                           f"{pulled_by[name]['sd_ln_median']:.4g} / {pulled_by[name]['median_error']:.4g}", "0"]]
-    if without_values:
-        rows += [["value conditioner off: reading gain", without_values["reading"]["gain"], "1"],
-                 ["value conditioner off: reading residual sd (ln)", without_values["reading"]["residual_sd_ln"], "0"]]
-        if without_values["phrasing"]:
-            rows += [["value conditioner off: phrasings' reading sd (ln)", without_values["phrasing"]["sd_ln_median"],
-                      "0"]]
+    for name, off in without.items():
+        what = VALUE_READERS[name]
+        rows += [[f"{what} off: reading gain", off["reading"]["gain"], "1"],
+                 [f"{what} off: reading residual sd (ln)", off["reading"]["residual_sd_ln"], "0"]]
+        if off["phrasing"]:
+            rows += [[f"{what} off: phrasings' reading sd (ln)", off["phrasing"]["sd_ln_median"], "0"]]
     for s in sampling:
         rows += [[f"{steps}-step samples, guidance {s['guidance']:g}: median error", s["median_error"], "<= 0.03"],
                  [f"{steps}-step samples, guidance {s['guidance']:g}: seed spread sd (ln)", s["sd_ln_median"], "0"]]
@@ -305,7 +310,7 @@ def main(argv=None) -> dict:
     data = {"model": bundle.name, "template": args.template, "reading": reading, "guided_reading": guided,
             "unconditional_tonality": unconditional_tonality, "sources": sources, "phrasing": phrasing,
             "phrasing_sources": pulled_by,
-            "value_conditioner_off": without_values,
+            "value_conditioner_off": without.get("values", {}), "value_head_off": without.get("value_head", {}),
             "sampling": sampling, "seconds": seconds, "peak_rss_mb": peak_rss_mb(), "environment": environment()}
     write_results(args.name, data, md, args.out_dir)
     print(md)

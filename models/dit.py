@@ -9,7 +9,9 @@ distilled student take the guidance scale as an input (guided distillation, stag
 conditioner (``RhythmConditioner``) adds beat-phase features of the tempi a prompt states to the latent frames, and
 an optional value conditioner (``ValueConditioner``) the log of every stated value, such as a pitch in Hz. With
 ``values_only`` (not yet in a shipped model) that is the only way a stated value gets in: cross-attention and the
-pooled condition see where the numbers are, not their values.
+pooled condition see where the numbers are, not their values. An optional value head (``ValueHead``, not yet in a
+shipped model either) adds the stated values to the output past the transformer, with one gain per slot for every
+caption.
 """
 from __future__ import annotations
 
@@ -50,16 +52,22 @@ class DiTConfig:
     # (session 18, the teacher's card), so this is for training from scratch or a longer run
     number_width: int = 0
     values_only: bool = False
+    # a direct readout of the stated values into the output (ValueHead), one slot per pitch slot of the codec
+    # (0 = none); needs the linear number channels like the value conditioner
+    value_head_slots: int = 0
 
     def __post_init__(self) -> None:
         if self.values_only and not (self.number_values and self.number_width >= 2):
             raise ValueError("values_only hides the number values from cross-attention: it needs the value conditioner "
                              "(number_values) and the width of the text encoder's number channels (number_width)")
+        if self.value_head_slots < 0:
+            raise ValueError(f"value_head_slots must be >= 0 (got {self.value_head_slots})")
 
     @property
     def number_readers(self) -> list[str]:
         """The conditioners this denoiser has that read the text encoder's linear number channels."""
-        return [name for name, on in (("rhythm", self.rhythm_frame_rate > 0), ("values", self.number_values)) if on]
+        return [name for name, on in (("rhythm", self.rhythm_frame_rate > 0), ("values", self.number_values),
+                                      ("value head", self.value_head_slots > 0)) if on]
 
     def check_numbers(self, numbers: NumberChannels, where: str = "") -> None:
         """Raise unless the text encoder's number channels (``numbers``) include the linear ones that a conditioner
@@ -87,6 +95,17 @@ def linear_number_channels(tokens: Tensor, token_mask: Tensor) -> tuple[Tensor, 
     (``models.text.encoders.number_features``) -> (presence [B, L]: 1 on an unmasked token of a number, else 0;
     the normalised log value [B, L], meaningful where present)."""
     return tokens[..., PRESENT_CHANNEL] * token_mask.to(tokens.dtype), tokens[..., LOG_VALUE_CHANNEL]
+
+
+def number_weights(tokens: Tensor, token_mask: Tensor) -> tuple[Tensor, Tensor]:
+    """tokens [B, L, D] with the linear number channels last -> (weight [B, L], log value [B, L]): the subword tokens
+    of one number carry the same value and share a unit weight, so "1141" counts once however the tokenizer splits
+    it; tokens of no number weigh (and read) zero."""
+    present, log_value = linear_number_channels(tokens, token_mask)
+    log_value = log_value * present
+    same = ((log_value[:, :, None] - log_value[:, None, :]).abs() < 1e-6).to(tokens.dtype)
+    share = (same * present[:, None, :]).sum(-1).clamp(min=1.0)
+    return present / share, log_value
 
 
 def rope_tables(length: int, head_dim: int, device, base: float = 10000.0) -> tuple[Tensor, Tensor]:
@@ -218,15 +237,49 @@ class ValueConditioner(nn.Module):
         """tokens [B, L, D] (last two channels: a number is here, its normalised log value), token_mask [B, L],
         context [B, L, width] -> [B, 1, width], to be added to every frame."""
         b, n, w = context.shape
-        present, log_value = linear_number_channels(tokens, token_mask)
-        log_value = log_value * present
-        # the tokens of one number carry the same value: each gets 1 / (tokens sharing it)
-        same = ((log_value[:, :, None] - log_value[:, None, :]).abs() < 1e-6).to(tokens.dtype)
-        share = (same * present[:, None, :]).sum(-1).clamp(min=1.0)
-        weight = present / share
+        weight, log_value = number_weights(tokens, token_mask)
         a, c = self.mix(context).view(b, n, 2, w).unbind(2)  # [B, L, width] each
         out = (weight * log_value)[:, :, None].to(context.dtype) * a + weight[:, :, None].to(context.dtype) * c
         return out.sum(1, keepdim=True)
+
+
+class ValueHead(nn.Module):
+    """A readout of the stated values straight into the output, past the transformer: the second way (after
+    ``ValueConditioner``) that a value can arrive with a gain no phrasing moves.
+
+    Why: in the tenth-round teacher a stated pitch is read with a per-caption bias that comes in through the word
+    tokens that cross-attention reads (``benchmarks/pitch_reading.py``, session 21: swapping a held-out caption's
+    token states for a template's narrows the spread of its reading from 0.053 to 0.018 in ln f; its number share of
+    attention does not, session 22), and on a held-out phrasing those words say things training never pinned down.
+    The codec's pitch channel of a slot is its tonality times a fixed multiple of ln(f / 400 Hz), linear in the
+    number's normalised log value. Here each number is routed to the output slots by a sigmoid read from its
+    contextual state (which knows that "Hz" follows, and in which order numbers come), each slot takes the weighted
+    sum of its numbers' log values and their total weight, and a per-frame gate read from the transformer's last
+    hidden state (which knows the tonality and the time) multiplies them before a map to the latent channels. The
+    gain of a value is then one learned constant per slot and channel, the same for every caption; the words only
+    decide where a value goes, through a sigmoid that saturates. The map to the latent starts at zero, so a
+    warm-started model computes what it did before."""
+
+    def __init__(self, width: int, latent_dim: int, slots: int):
+        super().__init__()
+        self.route = nn.Linear(width, slots)
+        self.gate = nn.Linear(width, slots)
+        self.out = nn.Linear(2 * slots, latent_dim, bias=False)
+        for layer in (self.route, self.gate):  # small, random: slots that start alike would stay alike
+            nn.init.normal_(layer.weight, std=0.02)
+        nn.init.zeros_(self.route.bias)
+        nn.init.ones_(self.gate.bias)
+        nn.init.zeros_(self.out.weight)
+
+    def forward(self, tokens: Tensor, token_mask: Tensor, context: Tensor, hidden: Tensor) -> Tensor:
+        """tokens [B, L, D] (linear number channels last), token_mask [B, L], context [B, L, width] (the projected
+        token states), hidden [B, T, width] (the output layer's input) -> [B, T, latent_dim], added to the output."""
+        weight, log_value = number_weights(tokens, token_mask)
+        route = torch.sigmoid(self.route(context)) * weight[:, :, None].to(context.dtype)  # [B, L, S]
+        value = (route * log_value[:, :, None].to(context.dtype)).sum(1)  # [B, S]
+        stated = torch.cat([value, route.sum(1)], -1)  # [B, 2S]
+        gate = self.gate(hidden).repeat(1, 1, 2)  # [B, T, 2S]
+        return self.out(gate * stated[:, None])
 
 
 class DiT(nn.Module):
@@ -244,6 +297,7 @@ class DiT(nn.Module):
         self.rhythm = (RhythmConditioner(w, c.rhythm_frame_rate, c.rhythm_multiples)
                        if c.rhythm_frame_rate > 0 else None)
         self.values = ValueConditioner(w) if c.number_values else None
+        self.value_head = ValueHead(w, c.latent_dim, c.value_head_slots) if c.value_head_slots else None
         if c.values_only:
             self.register_buffer("token_keep", number_value_mask(c.text_dim, c.number_width), persistent=False)
             self.register_buffer("pooled_keep", number_value_mask(c.pooled_dim, c.number_width), persistent=False)
@@ -283,7 +337,13 @@ class DiT(nn.Module):
         trunk = copy.deepcopy(self)
         trunk.blocks = nn.ModuleList(list(trunk.blocks)[:depth])
         del trunk.norm_out, trunk.ada_out, trunk.proj_out
+        trunk.value_head = None
         return trunk
+
+    def token_context(self, tokens: Tensor) -> Tensor:
+        """The token states [B, L, text_dim] projected to the width, as cross-attention and the conditioners read
+        them (their values hidden with ``values_only``)."""
+        return self.context_proj(tokens * self.token_keep if self.config.values_only else tokens)
 
     def features(self, z: Tensor, t: Tensor, tokens: Tensor, token_mask: Tensor, pooled: Tensor, seconds: Tensor,
                  frame_mask: Tensor, guidance: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -292,11 +352,9 @@ class DiT(nn.Module):
         keep = frame_mask[:, :, None].to(z.dtype)
         x = self.proj_in(z.transpose(1, 2)) * keep
         if self.config.values_only:
-            attended, pooled = tokens * self.token_keep, pooled * self.pooled_keep
-        else:
-            attended = tokens
+            pooled = pooled * self.pooled_keep
         cond = self.condition(t.to(z.dtype), pooled, seconds.to(z.dtype), guidance)
-        context = self.context_proj(attended)
+        context = self.token_context(tokens)
         if self.rhythm is not None:
             x = x + self.rhythm(tokens, token_mask, context, z.shape[-1]) * keep
         if self.values is not None:
@@ -317,7 +375,10 @@ class DiT(nn.Module):
         x, cond = self.features(z, t, tokens, token_mask, pooled, seconds, frame_mask, guidance)
         shift, scale = self.ada_out(F.silu(cond))[:, None].chunk(2, dim=-1)
         x = self.norm_out(x) * (1 + scale) + shift
-        return (self.proj_out(x) * keep).transpose(1, 2)
+        out = self.proj_out(x)
+        if self.value_head is not None:
+            out = out + self.value_head(tokens, token_mask, self.token_context(tokens), x)
+        return (out * keep).transpose(1, 2)
 
     def to_config(self) -> dict:
         return asdict(self.config)

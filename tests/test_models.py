@@ -7,7 +7,7 @@ from training_support import tiny_codec
 
 from models.bundle import BundleConfig, ModelBundle
 from models.codec import HarmonicAutoencoder, HarmonicAutoencoderConfig
-from models.dit import DiT, DiTConfig, RhythmConditioner, ValueConditioner
+from models.dit import DiT, DiTConfig, RhythmConditioner, ValueConditioner, ValueHead
 from models.text import load_text_encoder
 from models.text.encoders import NumberChannels
 
@@ -133,6 +133,62 @@ def test_values_only_hides_the_values_from_attention_and_the_pooled_condition():
     hiding.check_numbers(NumberChannels(4, True, True))
     with pytest.raises(ValueError, match="hides the values of 10 number channels, but the text encoder writes 34"):
         hiding.check_numbers(NumberChannels(16, True, True))
+
+
+def test_value_head_reads_each_value_with_one_gain_whatever_the_words_around_it():
+    """The value head's output is affine in a number's log value, its words only route the value (the routing
+    saturates), a number split into subword tokens counts once, a prompt without numbers gets nothing, and the head
+    starts at zero so that a warm-started denoiser computes what it did before."""
+    encoder = load_text_encoder({"name": "minilm", "number_freqs": 4, "number_linear": True})
+    head = ValueHead(16, LATENT, slots=2)
+    assert torch.all(head(*_head_inputs(encoder, ["a tone at 440 Hz"])) == 0)  # starts at zero
+    torch.manual_seed(0)
+    for p in head.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    torch.nn.init.constant_(head.route.bias, 30.0)  # every number routed to both slots: the words cannot matter
+    prompts = ["a tone at 100 Hz", "a tone at 400 Hz", "a tone at 1600 Hz", "a tone at 1141 Hz",
+               "one signal whose frequency is 400 Hz, off to the left", "rain on a roof"]
+    tokens, mask, context, hidden = _head_inputs(encoder, prompts)
+    assert (tokens[3, :, -2] * mask[3]).sum() > 1  # the tokenizer splits this number: it must still count once
+    out = head(tokens, mask, context, hidden)
+    assert out.shape == (6, 5, LATENT)
+    # 400 Hz lies halfway between 100 and 1600 Hz in log: the output is affine in the log value ...
+    assert torch.allclose(out[1], (out[0] + out[2]) / 2, atol=1e-5)
+    assert not torch.allclose(out[0], out[2], atol=1e-2)
+    # ... with the same gain in a caption of other words, and for a number of several tokens
+    assert torch.allclose(out[4], out[1], atol=1e-5)
+    one = tokens[:1].clone()
+    one[0, :, -1] = torch.where(one[0, :, -2] > 0, tokens[3, (tokens[3, :, -2] > 0), -1][0], one[0, :, -1])
+    assert torch.allclose(head(one, mask[:1], context[:1], hidden[:1]), out[3:4], atol=1e-5)
+    assert torch.all(out[5] == 0)  # a prompt without numbers gets nothing
+
+
+def _head_inputs(encoder, prompts):
+    text = encoder.encode(prompts)
+    context = torch.randn(*text.tokens.shape[:2], 16)
+    hidden = torch.randn(1, 5, 16).expand(len(prompts), -1, -1)  # the same frames for every prompt
+    return text.tokens, text.mask, context, hidden
+
+
+def test_a_value_head_denoiser_starts_where_its_warm_start_left_off():
+    encoder = load_text_encoder({"name": "minilm", "number_freqs": 4, "number_linear": True})
+    text = encoder.encode(["a tone at 440 Hz on the left", "rain"])
+    config = dict(width=32, depth=1, heads=2, text_dim=encoder.dim, pooled_dim=encoder.pooled_dim, number_values=True)
+    torch.manual_seed(0)
+    plain = DiT(DiTConfig(**config))
+    for p in plain.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    headed = DiT(DiTConfig(**config, value_head_slots=2))
+    missing, _ = headed.load_state_dict(plain.state_dict(), strict=False)
+    assert missing and all(k.startswith("value_head.") for k in missing)
+    z, t, sec = torch.randn(2, LATENT, 12), torch.tensor([0.5, 0.9]), torch.tensor([1.0, 1.0])
+    with torch.no_grad():
+        assert torch.equal(headed(z, t, text.tokens, text.mask, text.pooled, sec),
+                           plain(z, t, text.tokens, text.mask, text.pooled, sec))
+    assert headed.trunk(1).value_head is None
+    assert "value head" in headed.config.number_readers
+    with pytest.raises(ValueError, match="value head"):
+        headed.config.check_numbers(NumberChannels(4, False, False))
 
 
 @pytest.mark.parametrize("conditioner", [{"rhythm_frame_rate": 44100 / 2048}, {"number_values": True}])

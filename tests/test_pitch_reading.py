@@ -46,13 +46,13 @@ def test_the_benchmark_reports_the_guided_reading(tmp_path, text_encoder):
     phrased = data["phrasing"]["per_pitch"][0]
     assert phrased["stated_hz"] == 300 and len(set(phrased["captions"])) == 3
     assert all("300 Hz" in c for c in phrased["captions"]) and np.isfinite(phrased["sd_ln"])
-    assert data["value_conditioner_off"] == {}  # the tiny teacher has no value conditioner
+    assert data["value_conditioner_off"] == {} == data["value_head_off"]  # the tiny teacher has neither
 
 
-def test_value_conditioner_off_zeroes_its_term_only_within_the_block():
+def test_a_value_reader_off_zeroes_its_term_only_within_the_block():
     from types import SimpleNamespace
 
-    from benchmarks.pitch_reading import value_conditioner_off
+    from benchmarks.pitch_reading import value_reader_off
     from models.dit import DiT, DiTConfig
 
     dit = DiT(DiTConfig(width=16, depth=1, heads=2, text_dim=8, pooled_dim=8, number_values=True))
@@ -62,11 +62,18 @@ def test_value_conditioner_off_zeroes_its_term_only_within_the_block():
     mask, context = torch.ones(1, 3, dtype=torch.bool), torch.randn(1, 3, 16)
     before = dit.values(tokens, mask, context)
     assert before.abs().sum() > 0
-    with value_conditioner_off(SimpleNamespace(denoiser=dit)) as has:
+    with value_reader_off(SimpleNamespace(denoiser=dit)) as has:
         assert has and torch.count_nonzero(dit.values(tokens, mask, context)) == 0
     assert torch.equal(dit.values(tokens, mask, context), before)
-    with value_conditioner_off(SimpleNamespace(denoiser=DiT(DiTConfig(width=16, depth=1, heads=2)))) as has:
+    with value_reader_off(SimpleNamespace(denoiser=DiT(DiTConfig(width=16, depth=1, heads=2)))) as has:
         assert not has
+    headed = DiT(DiTConfig(width=16, depth=1, heads=2, text_dim=8, pooled_dim=8, latent_dim=5, value_head_slots=1))
+    torch.nn.init.normal_(headed.value_head.out.weight)
+    hidden = torch.randn(1, 4, 16)
+    before = headed.value_head(tokens, mask, context, hidden)
+    with value_reader_off(SimpleNamespace(denoiser=headed), "value_head") as has:
+        assert has and torch.count_nonzero(headed.value_head(tokens, mask, context, hidden)) == 0
+    assert before.abs().sum() > 0 and torch.equal(headed.value_head(tokens, mask, context, hidden), before)
 
 
 def test_phrasings_can_come_from_the_held_out_templates(tmp_path, text_encoder):

@@ -75,6 +75,33 @@ def test_values_only_needs_the_value_conditioner_and_records_the_number_width():
     assert denoiser.values_only and denoiser.number_width == cfg.numbers().width > 2
 
 
+def test_the_value_head_gets_one_slot_per_pitch_slot_of_the_codec():
+    cfg = TeacherTrainConfig(steps=1, number_linear=True, number_values=True, value_head=True, **TINY)
+    assert cfg.dit_config(latent_dim=33, latent_rate=21.5, text_dim=418, pooled_dim=418,
+                          pitch_slots=2).value_head_slots == 2
+    with pytest.raises(ValueError, match="pitch slots"):
+        cfg.dit_config(latent_dim=32, latent_rate=21.5, text_dim=418, pooled_dim=418)
+    with pytest.raises(ValueError, match="value head"):
+        TeacherTrainConfig(steps=1, number_linear=False, value_head=True, **TINY)
+
+
+def test_the_value_head_learns_at_its_own_rate():
+    from models.dit import DiT
+    from models.training.common import set_lr
+    from models.training.teacher import parameter_groups
+
+    cfg = TeacherTrainConfig(steps=1, number_linear=True, number_values=True, value_head=True, **TINY)
+    model = DiT(cfg.dit_config(latent_dim=33, latent_rate=21.5, text_dim=418, pooled_dim=418, pitch_slots=2))
+    opt = torch.optim.AdamW(parameter_groups(model, 10.0), lr=1e-3)
+    set_lr(opt, 2e-4)
+    rest, head = opt.param_groups
+    assert rest["lr"] == 2e-4 and head["lr"] == pytest.approx(2e-3)
+    assert len(head["params"]) == len(list(model.value_head.parameters()))
+    assert len(rest["params"]) + len(head["params"]) == len(list(model.parameters()))
+    plain = DiT(TeacherTrainConfig(steps=1, **TINY).dit_config(33, 21.5, 384, 384))
+    assert len(parameter_groups(plain, 10.0)) == 1
+
+
 def test_masking_without_number_channels_is_refused_by_the_config():
     """Refused when the settings are made, before a run builds its latent cache."""
     with pytest.raises(ValueError, match="needs number channels"):

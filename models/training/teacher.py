@@ -64,6 +64,12 @@ class TeacherTrainConfig:
     # and the values reach the denoiser through the value and rhythm conditioners alone, hidden from cross-attention
     # and the pooled condition (models.dit.DiTConfig.values_only); needs number_values
     values_only: bool = False
+    # a readout of the stated values straight into the output, one slot per pitch slot of the codec
+    # (models.dit.ValueHead); needs number_linear
+    value_head: bool = False
+    # its learning rate against the rest: the head is a few linear maps that must grow from zero to the size of a
+    # latent channel, which at the trunk's rate takes thousands of steps (session 22: 0.003 mean weight after 500)
+    value_head_lr_scale: float = 10.0
     init_from: str = ""  # warm start from this teacher directory (its codec may have another latent layout)
     # v-MSE weight of the codec's analytic channels (tonality, pitch, balance) against 1 for the learned ones: a 1 %
     # pitch step is 0.015 of the pitch channel's standard deviation, so its errors count for more than their share.
@@ -90,19 +96,24 @@ class TeacherTrainConfig:
 
     def __post_init__(self) -> None:
         # which conditioners the denoiser gets is all that matters here, not its sizes
-        denoiser = self.dit_config(latent_dim=1, latent_rate=1.0, text_dim=1, pooled_dim=1)
+        denoiser = self.dit_config(latent_dim=1, latent_rate=1.0, text_dim=1, pooled_dim=1, pitch_slots=1)
         denoiser.check_numbers(self.numbers(), "teacher config: ")
 
     def numbers(self) -> NumberChannels:
         return NumberChannels(self.number_freqs, self.number_linear, self.number_masked)
 
-    def dit_config(self, latent_dim: int, latent_rate: float, text_dim: int, pooled_dim: int) -> DiTConfig:
-        """The denoiser these settings train, for a codec of ``latent_dim`` channels at ``latent_rate`` frames/s and
-        a text encoder of ``text_dim`` token / ``pooled_dim`` pooled channels."""
+    def dit_config(self, latent_dim: int, latent_rate: float, text_dim: int, pooled_dim: int,
+                   pitch_slots: int = 0) -> DiTConfig:
+        """The denoiser these settings train, for a codec of ``latent_dim`` channels at ``latent_rate`` frames/s with
+        ``pitch_slots`` analytic pitch slots and a text encoder of ``text_dim`` token / ``pooled_dim`` pooled
+        channels."""
+        if self.value_head and pitch_slots < 1:
+            raise ValueError("the value head writes the codec's pitch slots, and this codec has none")
         return DiTConfig(latent_dim=latent_dim, width=self.width, depth=self.depth, heads=self.heads,
                          text_dim=text_dim, pooled_dim=pooled_dim,
                          rhythm_frame_rate=latent_rate if self.rhythm else 0.0, number_values=self.number_values,
-                         number_width=self.numbers().width, values_only=self.values_only)
+                         number_width=self.numbers().width, values_only=self.values_only,
+                         value_head_slots=pitch_slots if self.value_head else 0)
 
     def text_encoder_config(self) -> dict:
         return {"name": "minilm", **self.numbers().to_config()}
@@ -119,12 +130,14 @@ def train_teacher(out_dir: str | Path, run_dir: str | Path, codec_dir: str | Pat
     text_encoder = load_text_encoder(cfg.text_encoder_config(), cache_size=2048)  # a config error before the cache
     cache_dir = build_latent_cache(codec, run.dir / "latents", cfg.cache_clips, seed=cfg.seed)
     cache = LatentCache.load(cache_dir)
-    model = DiT(cfg.dit_config(codec.latent_dim, codec.latent_rate, text_encoder.dim, text_encoder.pooled_dim))
+    model = DiT(cfg.dit_config(codec.latent_dim, codec.latent_rate, text_encoder.dim, text_encoder.pooled_dim,
+                               codec.pitch_channels // 2))
     if cfg.init_from:
         added = warm_start_dit(model, cfg.init_from, codec.config.channel_names())
         print(f"warm start from {cfg.init_from}; new latent channels: {', '.join(added) or 'none'}")
     ema = EMA(model, cfg.ema_decay)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(parameter_groups(model, cfg.value_head_lr_scale), lr=cfg.lr, betas=(0.9, 0.99),
+                            weight_decay=cfg.weight_decay)
     step = 0
     if run.exists():
         step, _ = run.load({"model": model, "ema": ema.model}, {"opt": opt})
@@ -169,6 +182,14 @@ def train_teacher(out_dir: str | Path, run_dir: str | Path, codec_dir: str | Pat
     train_loop(run, "teacher", step, cfg.steps, train_step, checkpoint, cfg.log_every, cfg.checkpoint_every,
                stop_at=stop_at)
     return Path(out_dir)
+
+
+def parameter_groups(model: DiT, value_head_lr_scale: float) -> list[dict]:
+    """The optimizer's parameter groups: the value head's (if any) at ``value_head_lr_scale`` times the rate of
+    the rest (``models.training.common.set_lr``)."""
+    head = list(model.value_head.parameters()) if model.value_head is not None else []
+    rest = [p for p in model.parameters() if all(p is not h for h in head)]
+    return [{"params": rest}] + ([{"params": head, "lr_scale": value_head_lr_scale}] if head else [])
 
 
 def export_teacher(model: DiT, codec, text_encoder, out_dir, codec_dir, cfg: TeacherTrainConfig, step: int) -> None:
