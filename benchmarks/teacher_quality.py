@@ -52,8 +52,8 @@ def recaption(clips: list, templates: str) -> list:
 
 def run_adherence(bundle: ModelBundle, clips: list, steps: int, guidance: float, batch: int, seed: int,
                   tracker: PitchTracker, references: dict | None = None) -> tuple[list[dict], float]:
-    """Generate and measure ``clips`` under one seed. ``references`` keeps each tone's reference encoding
-    (``latent_reading``) by its place in ``clips``, so that runs under other seeds do not encode it again."""
+    """Generate and measure ``clips`` under one seed. ``references`` keeps each tone's ``reference_tonality`` by
+    its place in ``clips``, so that runs under other seeds do not encode the clip again."""
     results, compute = [], 0.0
     references = {} if references is None else references
     for b in range(0, len(clips), batch):

@@ -10,8 +10,8 @@ conditioner (``RhythmConditioner``) adds beat-phase features of the tempi a prom
 an optional value conditioner (``ValueConditioner``) the log of every stated value, such as a pitch in Hz. With
 ``values_only`` (not yet in a shipped model) that is the only way a stated value gets in: cross-attention and the
 pooled condition see where the numbers are, not their values. An optional value head (``ValueHead``, not yet in a
-shipped model either) adds the stated values to the output past the transformer, with one gain per slot for every
-caption.
+shipped model either) adds the stated values to the output past the transformer, each at a learned gain per slot
+that no caption's words set (they route the value; the frames gate it).
 """
 from __future__ import annotations
 
@@ -244,8 +244,8 @@ class ValueConditioner(nn.Module):
 
 
 class ValueHead(nn.Module):
-    """A readout of the stated values straight into the output, past the transformer: the second way (after
-    ``ValueConditioner``) that a value can arrive with a gain no phrasing moves.
+    """A readout of the stated values straight into the output, past the transformer, with a gain that is one
+    learned constant per slot and channel: the words only route a value and the frames gate it.
 
     Why: in the tenth-round teacher a stated pitch is read with a per-caption bias that comes in through the word
     tokens that cross-attention reads (``benchmarks/pitch_reading.py``, session 21: swapping a held-out caption's
