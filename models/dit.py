@@ -349,15 +349,17 @@ class DiT(nn.Module):
         return self.context_proj(tokens * self.token_keep if self.config.values_only else tokens)
 
     def features(self, z: Tensor, t: Tensor, tokens: Tensor, token_mask: Tensor, pooled: Tensor, seconds: Tensor,
-                 frame_mask: Tensor, guidance: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                 frame_mask: Tensor, guidance: Tensor | None = None,
+                 context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """The transformer trunk: hidden states [B, T, width] after every block in ``self.blocks`` (padded frames
-        carry garbage that never reaches a real frame) and the global condition [B, width]."""
+        carry garbage that never reaches a real frame) and the global condition [B, width]. ``context``: the
+        ``token_context`` of ``tokens`` where the caller has it."""
         keep = frame_mask[:, :, None].to(z.dtype)
         x = self.proj_in(z.transpose(1, 2)) * keep
         if self.config.values_only:
             pooled = pooled * self.pooled_keep
         cond = self.condition(t.to(z.dtype), pooled, seconds.to(z.dtype), guidance)
-        context = self.token_context(tokens)
+        context = self.token_context(tokens) if context is None else context
         if self.rhythm is not None:
             x = x + self.rhythm(tokens, token_mask, context, z.shape[-1]) * keep
         if self.values is not None:
@@ -375,12 +377,13 @@ class DiT(nn.Module):
         if frame_mask is None:
             frame_mask = torch.ones(b, length, dtype=torch.bool, device=z.device)
         keep = frame_mask[:, :, None].to(z.dtype)
-        x, cond = self.features(z, t, tokens, token_mask, pooled, seconds, frame_mask, guidance)
+        context = self.token_context(tokens)
+        x, cond = self.features(z, t, tokens, token_mask, pooled, seconds, frame_mask, guidance, context)
         shift, scale = self.ada_out(F.silu(cond))[:, None].chunk(2, dim=-1)
         x = self.norm_out(x) * (1 + scale) + shift
         out = self.proj_out(x)
         if self.value_head is not None:
-            out = out + self.value_head(tokens, token_mask, self.token_context(tokens), x)
+            out = out + self.value_head(tokens, token_mask, context, x)
         return (out * keep).transpose(1, 2)
 
     def to_config(self) -> dict:
