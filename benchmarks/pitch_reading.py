@@ -167,26 +167,24 @@ def phrasing_sources(bundle: ModelBundle, pitches: list[int], phrasings: int, t:
     token states; only the number tokens' states) or with none or all of it; per variant the spread over captions
     and the median error. Swapping a part that carries the pull takes the spread away. ``own_reads``: the
     captions' own readings per pitch where they are at hand (``phrasing_spread``), so they are not read again."""
-    reads: dict[str, dict[int, np.ndarray]] = {k: {} for k in
-                                               ("own", "template_pooled", "template_number_tokens",
-                                                "template_tokens", "template")}
+    names = ("own", "template_pooled") + (("template_number_tokens",) if numbers.linear else ()) + (
+        "template_tokens", "template")
+    reads: dict[str, dict[int, np.ndarray]] = {k: {} for k in names}
     for hz, captions in phrasing_captions(pitches, phrasings, split).items():
         own = bundle.encode_text(captions)
         canon = bundle.encode_text([template.format(hz)] * len(captions))
         length = max(own.tokens.shape[1], canon.tokens.shape[1])
         (o_tok, o_mask), (c_tok, c_mask) = ((pad_tokens(e.tokens, length), pad_tokens(e.mask, length))
                                             for e in (own, canon))
-        numbered = with_number_state(o_tok, c_tok[0]) if numbers.linear else o_tok
         variants = {"own": own, "template_pooled": TextEmbedding(o_tok, o_mask, canon.pooled),
-                    "template_number_tokens": TextEmbedding(numbered, o_mask, own.pooled),
                     "template_tokens": TextEmbedding(c_tok, c_mask, own.pooled), "template": canon}
+        if numbers.linear:
+            variants["template_number_tokens"] = TextEmbedding(with_number_state(o_tok, c_tok[0]), o_mask, own.pooled)
         if own_reads is not None:
             reads["own"][hz] = own_reads[hz]
             del variants["own"]
         for name, text in variants.items():
             reads[name][hz] = read_at_noise(bundle, text, t, draws)
-    if not numbers.linear:
-        reads.pop("template_number_tokens")
     return {"split": split, "template": template, "phrasings": phrasings,
             **{name: spread_of(r) for name, r in reads.items()}}
 

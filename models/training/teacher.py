@@ -188,8 +188,9 @@ def train_teacher(out_dir: str | Path, run_dir: str | Path, codec_dir: str | Pat
 def parameter_groups(model: DiT, value_head_lr_scale: float) -> list[dict]:
     """The optimizer's parameter groups: the value head's (if any) at ``value_head_lr_scale`` times the rate of
     the rest (``models.training.common.set_lr``)."""
-    head = list(model.value_head.parameters()) if model.value_head is not None else []
-    rest = [p for p in model.parameters() if all(p is not h for h in head)]
+    named = list(model.named_parameters())
+    head = [p for n, p in named if n.startswith("value_head.")]
+    rest = [p for n, p in named if not n.startswith("value_head.")]
     return [{"params": rest}] + ([{"params": head, "lr_scale": value_head_lr_scale}] if head else [])
 
 
