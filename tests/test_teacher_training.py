@@ -106,3 +106,30 @@ def test_masking_without_number_channels_is_refused_by_the_config():
     """Refused when the settings are made, before a run builds its latent cache."""
     with pytest.raises(ValueError, match="needs number channels"):
         TeacherTrainConfig(steps=1, number_freqs=0, number_masked=True, **TINY)
+
+
+def _trained_weights(out) -> dict:
+    return load_file(str(out / "denoiser.safetensors"))
+
+
+def test_a_stopped_teacher_run_resumes_to_the_weights_of_an_unbroken_one(tmp_path):
+    cfg = TeacherTrainConfig(steps=3, **TINY)
+    whole = _trained_weights(train_teacher(tmp_path / "whole", tmp_path / "run-whole", CODEC, cfg))
+    train_teacher(tmp_path / "part", tmp_path / "run-part", CODEC, cfg, stop_at=1)
+    resumed = _trained_weights(train_teacher(tmp_path / "part", tmp_path / "run-part", CODEC, cfg))
+    assert whole.keys() == resumed.keys()
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+    assert json.loads((tmp_path / "part" / "config.json").read_text())["training"]["steps_done"] == 3
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_teacher_trains_on_cuda_and_exports_the_same_files(tmp_path):
+    cfg = TeacherTrainConfig(steps=2, **TINY)
+    on_cpu = _trained_weights(train_teacher(tmp_path / "cpu", tmp_path / "run-cpu", CODEC, cfg))
+    out = train_teacher(tmp_path / "gpu", tmp_path / "run-gpu", CODEC,
+                        TeacherTrainConfig(steps=2, device="cuda", **TINY))
+    on_gpu = _trained_weights(out)
+    assert all(v.device.type == "cpu" for v in on_gpu.values())
+    assert all(torch.allclose(on_cpu[k], on_gpu[k], atol=1e-2) for k in on_cpu)
+    wave = ModelBundle.load(out).generate(["a 300 Hz sine tone"], [1.0], [0], steps=2)[0]
+    assert torch.isfinite(wave).all()

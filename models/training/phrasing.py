@@ -39,8 +39,8 @@ def phrasing_consistency(out: Tensor, z: Tensor, t: Tensor, batch: CaptionedBatc
     rows = consistency_rows(batch)
     if not rows:
         return out.new_zeros(())
-    canon = text_encoder.encode([canonical_caption(batch.params[i]) for i in rows])
-    idx = torch.tensor(rows)
+    canon = text_encoder.encode([canonical_caption(batch.params[i]) for i in rows]).to(z.device)
+    idx = torch.tensor(rows, device=z.device)
     zr, tr, mask = z[idx], t[idx], batch.mask[idx]
     with torch.no_grad():
         ref = reference(zr, tr, canon.tokens, canon.mask, canon.pooled, batch.seconds[idx], mask)

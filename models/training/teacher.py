@@ -2,6 +2,7 @@
 condition dropout (the empty prompt), random durations (batches padded with frame masks)."""
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -94,6 +95,9 @@ class TeacherTrainConfig:
     phrasing_consistency: float = 0.0
     # the exported model's default classifier-free guidance (the tenth round's 2 was chosen on the training split)
     guidance: float = 3.0
+    # where the denoiser trains ("cpu", "cuda", "cuda:1"); the latent cache, the text encoder and the batches' making
+    # stay on the CPU, and the checkpoints and exported model are the same files whatever the device
+    device: str = "cpu"
 
     def __post_init__(self) -> None:
         # which conditioners the denoiser gets is all that matters here, not its sizes
@@ -136,6 +140,8 @@ def train_teacher(out_dir: str | Path, run_dir: str | Path, codec_dir: str | Pat
     if cfg.init_from:
         added = warm_start_dit(model, cfg.init_from, codec.config.channel_names())
         print(f"warm start from {cfg.init_from}; new latent channels: {', '.join(added) or 'none'}")
+    device = torch.device(cfg.device)
+    model.to(device)
     ema = EMA(model, cfg.ema_decay)
     opt = torch.optim.AdamW(parameter_groups(model, cfg.value_head_lr_scale), lr=cfg.lr, betas=(0.9, 0.99),
                             weight_decay=cfg.weight_decay)
@@ -147,7 +153,8 @@ def train_teacher(out_dir: str | Path, run_dir: str | Path, codec_dir: str | Pat
     schedule = VPCosineSchedule()
     param = VPrediction(schedule)
     corpus = SyntheticCorpus("train", seed=cfg.seed)
-    weight = latent_channel_weight(codec, cfg.analytic_weight)
+    weight = latent_channel_weight(codec, cfg.analytic_weight)  # None: every channel weighs 1
+    weight = None if weight is None else weight.to(device)
     augment = latent_augment(codec, corpus, cfg.pitch_shift, cfg.placement_shift, cfg.pitch_shift_octaves,
                              (cfg.pitch_shift_low_hz, cfg.pitch_shift_high_hz))
     pitch_channels = codec.pitch_channels
@@ -159,9 +166,9 @@ def train_teacher(out_dir: str | Path, run_dir: str | Path, codec_dir: str | Pat
     def train_step(step: int) -> dict:
         rng, gen = step_rngs(cfg.seed, 1, step)
         b = sample_captioned_batch(cache, corpus, text_encoder, rng, cfg.batch_size, cfg.cond_dropout,
-                                  augment=augment, caption_augment=fillers)
-        t = torch.from_numpy(rng.random(cfg.batch_size)).float()
-        eps = torch.randn(b.x0.shape, generator=gen)
+                                  augment=augment, caption_augment=fillers).to(device)
+        t = torch.from_numpy(rng.random(cfg.batch_size)).float().to(device)
+        eps = torch.randn(b.x0.shape, generator=gen).to(device)  # drawn on the CPU: one run's draws on any device
         z = schedule.add_noise(b.x0, eps, t)
         lr = lr_at(step, cfg.steps, cfg.lr, cfg.warmup, final=cfg.lr * 0.05)
         set_lr(opt, lr)
@@ -178,7 +185,8 @@ def train_teacher(out_dir: str | Path, run_dir: str | Path, codec_dir: str | Pat
 
     def checkpoint(step: int) -> None:
         run.save(step, {"model": model, "ema": ema.model}, {"opt": opt})
-        export_teacher(ema.model, codec, text_encoder, out_dir, codec_dir, cfg, step)
+        # the bundle moves its modules to the CPU: hand it a copy, so the EMA weights stay on the training device
+        export_teacher(copy.deepcopy(ema.model), codec, text_encoder, out_dir, codec_dir, cfg, step)
 
     train_loop(run, "teacher", step, cfg.steps, train_step, checkpoint, cfg.log_every, cfg.checkpoint_every,
                stop_at=stop_at)
