@@ -92,10 +92,10 @@ def latent_channel_weight(codec, analytic_weight: float) -> torch.Tensor | None:
 
 def masked_mse(pred: Tensor, target: Tensor, mask: Tensor, channel_weight: Tensor | None = None) -> Tensor:
     """Per-sample mean squared error over real frames only: [B]. ``channel_weight`` [D] makes it a weighted mean
-    over latent channels (the weights are normalised, so all ones is the plain mean)."""
+    over latent channels (the weights are normalised, so all ones is the plain mean), on whatever device ``pred`` is."""
     m = mask[:, None, :].to(pred.dtype)
     se = (pred - target) ** 2 * m
     if channel_weight is None:
         return se.sum(dim=(1, 2)) / (m.sum(dim=(1, 2)) * pred.shape[1])
-    w = channel_weight.to(pred.dtype)
+    w = channel_weight.to(pred.device, pred.dtype)
     return (se.sum(dim=2) * w).sum(dim=1) / (m.sum(dim=(1, 2)) * w.sum())

@@ -153,8 +153,7 @@ def train_teacher(out_dir: str | Path, run_dir: str | Path, codec_dir: str | Pat
     schedule = VPCosineSchedule()
     param = VPrediction(schedule)
     corpus = SyntheticCorpus("train", seed=cfg.seed)
-    weight = latent_channel_weight(codec, cfg.analytic_weight)  # None: every channel weighs 1
-    weight = None if weight is None else weight.to(device)
+    weight = latent_channel_weight(codec, cfg.analytic_weight)
     augment = latent_augment(codec, corpus, cfg.pitch_shift, cfg.placement_shift, cfg.pitch_shift_octaves,
                              (cfg.pitch_shift_low_hz, cfg.pitch_shift_high_hz))
     pitch_channels = codec.pitch_channels
@@ -185,8 +184,7 @@ def train_teacher(out_dir: str | Path, run_dir: str | Path, codec_dir: str | Pat
 
     def checkpoint(step: int) -> None:
         run.save(step, {"model": model, "ema": ema.model}, {"opt": opt})
-        # the bundle moves its modules to the CPU: hand it a copy, so the EMA weights stay on the training device
-        export_teacher(copy.deepcopy(ema.model), codec, text_encoder, out_dir, codec_dir, cfg, step)
+        export_teacher(ema.model, codec, text_encoder, out_dir, codec_dir, cfg, step)
 
     train_loop(run, "teacher", step, cfg.steps, train_step, checkpoint, cfg.log_every, cfg.checkpoint_every,
                stop_at=stop_at)
@@ -212,8 +210,8 @@ def export_teacher(model: DiT, codec, text_encoder, out_dir, codec_dir, cfg: Tea
                      f"{cfg.guidance:g})"),
         training={**asdict(cfg), "steps_done": step},
     )
-    bundle = ModelBundle(config, model, codec, text_encoder)
-    bundle.save(out, save_codec=False)
+    # the bundle moves its modules to the CPU: hand it a copy, so a model training on another device stays there
+    ModelBundle(config, copy.deepcopy(model), codec, text_encoder).save(out, save_codec=False)
 
 
 def _relpath(target, start) -> str:
