@@ -13,8 +13,7 @@ from pathlib import Path
 
 from benchmarks.common import RESULTS, md_table
 
-DEFAULT_INPUTS = ("latency-gpu-sao-small-sized", "latency-gpu-sao-small-sized-r2", "latency-gpu-tta-arc",
-                  "latency-gpu-tta-bsa-25-r2")
+DEFAULT_INPUTS = ("latency-gpu-sao-small-sized", "latency-gpu-tta-arc", "latency-gpu-tta-bsa-25")
 TARGET_MS, TARGET_CLIPS_S, PAPER_MS = 50.0, 40.0, 75.0
 
 
