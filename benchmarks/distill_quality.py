@@ -48,7 +48,8 @@ from benchmarks.common import (
 )
 from benchmarks.teacher_quality import evaluation_set
 from models.audio.spectral import multi_resolution_stft_distance
-from models.bundle import BundleConfig, ModelBundle
+from models.bundle import ModelBundle
+from models.config import BundleConfig
 from models.data.corpus import SAMPLE_RATE, Clip, render
 from models.eval.adherence import evaluate_clip, summarize
 from models.eval.embeddings import frechet_distance_samples, mfcc_embedding
@@ -267,7 +268,7 @@ class Benchmark:
             b = ModelBundle.load(path, device=self.device, text_encoder=self.encoder_for(cfg))
             # warm-up outside the timed region: prompt embeddings cached, first-call allocations done
             b.encode_text(self.captions)
-            b.decode(b.generate_latents(self.captions[:1], [min(self.durations[0], 1.0)], [0], steps=1,
+            b.pipeline.decode(b.pipeline.generate_latents(self.captions[:1], [min(self.durations[0], 1.0)], [0], steps=1,
                                         guidance=self.args.guidance), [min(self.durations[0], 1.0)])
             self._bundles[path] = b
         return self._bundles[path]
@@ -310,7 +311,7 @@ class Benchmark:
 
     def reference_waves(self, seed: int, latents: list[torch.Tensor]) -> list[torch.Tensor]:
         if self._ref_waves is None or self._ref_waves[0] != seed:
-            self._ref_waves = (seed, self.bundle(self.reference.path).decode(latents, self.durations))
+            self._ref_waves = (seed, self.bundle(self.reference.path).pipeline.decode(latents, self.durations))
         return self._ref_waves[1]
 
     def run(self, row: Row, seed: int, progress=None) -> dict:
@@ -330,10 +331,10 @@ class Benchmark:
         for b in range(0, n, batch):
             idx = list(range(b, min(n, b + batch)))
             t0 = time.perf_counter()
-            lat = bundle.generate_latents([self.captions[i] for i in idx], [self.durations[i] for i in idx],
+            lat = bundle.pipeline.generate_latents([self.captions[i] for i in idx], [self.durations[i] for i in idx],
                                           [seeds[i] for i in idx], steps=row.steps, guidance=self.args.guidance)
             t1 = time.perf_counter()
-            wav = bundle.decode(lat, [self.durations[i] for i in idx])
+            wav = bundle.pipeline.decode(lat, [self.durations[i] for i in idx])
             t2 = time.perf_counter()
             gen_s += t1 - t0
             dec_s += t2 - t1
@@ -360,7 +361,7 @@ class Benchmark:
             "fingerprint": self.job_fingerprint(row, seed), "row": asdict(row), "seed": seed,
             "model_name": bundle.name, "kind": bundle.config.kind, "sampler": bundle.config.sampler,
             "guidance": bundle.config.default_guidance if self.args.guidance is None else self.args.guidance,
-            "forwards_per_step": bundle.forward_count(torch.full((1,), float(
+            "forwards_per_step": bundle.pipeline.forward_count(torch.full((1,), float(
                 bundle.config.default_guidance if self.args.guidance is None else self.args.guidance))),
             "n_clips": n, "generation_seconds": gen_s, "decode_seconds": dec_s,
             "s_per_clip": (gen_s + dec_s) / n, "ms_per_step": 1000.0 * gen_s / (steps_done * n),

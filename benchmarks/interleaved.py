@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> dict:
     from benchmarks.common import environment, md_table, peak_rss_mb, write_results
     from benchmarks.latency import VARIANTS, stage_calls, uncached_encoder
     from models.export.parity import max_rel_error
-    from service.engine import ModelRunner
+    from service.runner import ModelRunner
     from service.runtimes import load_runtime
 
     torch.set_num_threads(args.threads)

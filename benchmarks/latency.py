@@ -81,7 +81,8 @@ def _random_copy(model: Path, out: Path) -> Path:
     directory."""
     import torch
 
-    from models.bundle import BundleConfig, ModelBundle
+    from models.bundle import ModelBundle
+    from models.config import BundleConfig
     from models.codec import HarmonicAutoencoder
     from models.dit import DiT
     from models.layers import fill_zero_parameters
@@ -108,14 +109,15 @@ def stage_calls(rt, runner, encoder, b: int, duration: float, steps: int, prompt
     engine's ``ModelRunner``). ``prompts(n)``: n prompts for one call."""
     import torch
 
-    from service.scheduler import GenerationJob
+    from service.jobs import GenerationJob
 
     guidance = rt.config.default_guidance
     frames = rt.latent_frames(duration)
     g = torch.Generator().manual_seed(b)
     z = torch.randn(b, rt.latent_dim, frames, generator=g)
     t = torch.full((b,), 0.5)
-    cond = rt.encode_text(prompts(b), [duration] * b)
+    pipeline = runner.pipeline
+    cond = pipeline.conditioning(prompts(b), [duration] * b)
     gvec = torch.full((b,), float(guidance))
     mask = torch.ones(b, frames, dtype=torch.bool)
     latents = [z[i] for i in range(b)]
@@ -130,8 +132,8 @@ def stage_calls(rt, runner, encoder, b: int, duration: float, steps: int, prompt
         runner.decode(samples)
 
     calls = {"text_encoding": lambda: encoder.encode_unpadded(prompts(b)),
-             "denoiser_forward": lambda: rt.predict_x0(z, t, cond, gvec, mask),
-             "decode": lambda: rt.decode(latents, [duration] * b), "end_to_end": end_to_end}
+             "denoiser_forward": lambda: pipeline.predict_x0(z, t, cond, gvec, mask),
+             "decode": lambda: pipeline.decode(latents, [duration] * b), "end_to_end": end_to_end}
     return {stage: synchronised(fn) for stage, fn in calls.items()}
 
 
@@ -198,7 +200,7 @@ def worker(args) -> dict:
     """One runtime in this process: load (exporting first if needed), then time every stage."""
     import torch
 
-    from service.engine import ModelRunner
+    from service.runner import ModelRunner
     from service.runtimes import load_runtime
 
     torch.set_num_threads(args.threads)

@@ -32,7 +32,8 @@ from benchmarks.common import environment, md_table, write_results
 from benchmarks.load import arrival_times, parse_seconds, percentile, request_duration
 from service.costmodel import ForwardCost
 from service.engine import Engine
-from service.scheduler import GenerationJob, ModelScheduler, Sample, length_groups, make_policy
+from service.jobs import GenerationJob, Sample
+from service.scheduler import ModelScheduler, length_groups, make_policy
 
 SAMPLE_RATE = 44100
 SAMPLES_PER_LATENT = 2048  # the embedded codec: 21.5 latent frames per second
@@ -75,18 +76,17 @@ def simulate(policy_name: str, cost: DeviceCost, arrivals: list[tuple[float, flo
     while i < len(arrivals) or sched.has_work():
         while i < len(arrivals) and arrivals[i][0] <= now:
             t, duration = arrivals[i]
-            if len(sched.waiting) >= queue_size:
+            if sched.depth() >= queue_size:
                 refused += 1
             else:
-                sched.waiting.append(GenerationJob(id=str(i), model="sim", prompt="", duration=duration, steps=steps,
-                                                   guidance=1.0, seed=i, deadline=math.inf,
-                                                   on_done=lambda result, error: None, arrival=t))
+                sched.enqueue(GenerationJob(id=str(i), model="sim", prompt="", duration=duration, steps=steps,
+                                            guidance=1.0, seed=i, deadline=math.inf,
+                                            on_done=lambda result, error: None, arrival=t))
             i += 1
         admitted = sched.schedule(now).admitted
         if admitted:
             now += cost.encode(len(admitted))
-            sched.running += [Sample(job=j, frames=frames_of(j.duration), grid=None, z=None, generator=None,
-                                     cond=None, admitted=now) for j in admitted]
+            sched.start([Sample(job=j, frames=frames_of(j.duration), admitted=now) for j in admitted])
         if sched.running:
             frames = [s.frames for s in sched.running]
             for group in length_groups(frames, max_padding):
@@ -95,11 +95,10 @@ def simulate(policy_name: str, cost: DeviceCost, arrivals: list[tuple[float, flo
                 learnt.observe(len(group) * longest_f, seconds)
                 now += seconds
             for s in sched.running:
-                s.index += 1
-            for s in [s for s in sched.running if s.finished]:
+                s.job.steps_done += 1
+            for s in sched.finish():
                 now += cost.decode_per_audio_s * s.job.duration
                 latencies.append(now - s.job.arrival)
-            sched.running = [s for s in sched.running if not s.finished]
         elif not admitted:
             wake = [arrivals[i][0]] if i < len(arrivals) else []
             if (w := sched.wakeup(now)) is not None:

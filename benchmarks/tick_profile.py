@@ -1,7 +1,7 @@
 """Per-tick overhead of the serving engine: one request through the engine versus the same request run alone.
 
-With one request in flight, step-level continuous batching should cost what ``ModelBundle.generate_latents`` (the
-plain sampling loop) costs for that request: anything more is scheduling overhead paid on every tick. This script
+With one request in flight, step-level continuous batching should cost what ``Pipeline.generate_latents`` (the
+sampling loop outside the engine) costs for that request: anything more is scheduling overhead paid on every tick. This script
 builds a bundle of the shipped teacher's size with random weights (DiT width 192 / depth 6 / heads 4, the zoo
 codec's architecture, the embedded MiniLM text encoder), so it measures the serving path whatever state the shipped
 weights are in. For one request of ``--steps`` steps and ``--duration`` seconds it reports:
@@ -9,7 +9,7 @@ weights are in. For one request of ``--steps`` steps and ``--duration`` seconds 
 - whole requests, interleaved: ``generate_latents`` + ``decode`` (alone), the engine's tick function driven in this
   thread (inline), and ``Engine.generate_sync`` through the worker thread (threaded); CPU time of this thread is
   what the code costs on a shared machine (with one torch thread), wall time what a client sees;
-- paired ticks (``--paired N``): an engine tick and one iteration of ``generate_latents``' loop body alternate N
+- paired ticks (``--paired N``): an engine tick and one ``Pipeline.step`` outside the engine alternate N
   times, and the median of their CPU-time differences is the engine's overhead per tick, robust to background load;
 - ``--batch-curve 1,2,4``: tick cost with k requests in flight; the 2-to-1 ratio says what sharing the forward costs
   each request (above 1.5, two overlapping requests finish later on average shared than one after the other);
@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import environment, md_table, peak_rss_mb, write_results
+from models.pipeline import DenoiseBatch
 
 ROOT = Path(__file__).resolve().parents[1]
 CODEC_DIR = ROOT / "models" / "zoo" / "tta-codec"
@@ -56,7 +57,8 @@ def codec_config() -> dict:
 def build_bundle(seed: int = 0):
     """A teacher-sized bundle with random weights; zero-initialised layers get small random values so that the
     output depends on every input, as a trained model's does."""
-    from models.bundle import BundleConfig, ModelBundle
+    from models.bundle import ModelBundle
+    from models.config import BundleConfig
     from models.codec import HarmonicAutoencoder
     from models.dit import DiT, DiTConfig
     from models.layers import fill_zero_parameters
@@ -79,7 +81,7 @@ def make_engine(runtime, policy: str = "continuous"):
 
 
 def make_job(runtime, steps: int, duration: float, guidance: float, seed: int, on_done=None):
-    from service.scheduler import GenerationJob
+    from service.jobs import GenerationJob
 
     return GenerationJob(id=f"profile-{seed}", model=runtime.model_name, prompt=PROMPT, duration=duration,
                          steps=steps, guidance=guidance, seed=seed, deadline=time.monotonic() + 3600,
@@ -95,7 +97,6 @@ def drive_ticks(engine, runtime, steps: int, duration: float, guidance: float, t
     done = 0
     while done < ticks:
         engine.submit(make_job(runtime, steps, duration, guidance, seed + done), force=True)
-        engine._drain(block_until=None)
         while sched.has_work():
             before = engine.ticks
             with Clock() as clock:
@@ -123,9 +124,9 @@ def measure(runtime, args) -> dict:
     alone = ``generate_latents`` then ``decode``; inline = the engine's tick function in this thread (its CPU time
     compares with alone's when torch runs one thread); threaded = ``Engine.generate_sync`` through the worker.
     A middle tick (neither the first, which admits, nor the last, which decodes) is pure denoise step."""
-    bundle = runtime.bundle
     s, d, g = args.steps, args.duration, args.guidance
     inline_engine = make_engine(runtime, args.policy)
+    pipeline = inline_engine.runners[runtime.model_name].pipeline
     threaded_engine = make_engine(runtime, args.policy)
     threaded_engine.start()
     rows: dict[str, list[dict]] = {"alone": [], "engine_inline": [], "engine_threaded": []}
@@ -133,9 +134,9 @@ def measure(runtime, args) -> dict:
     try:
         for r in range(args.repeats + 1):
             with Clock() as den:
-                lat = bundle.generate_latents([PROMPT], [d], [r], steps=s, guidance=g)
+                lat = pipeline.generate_latents([PROMPT], [d], [r], steps=s, guidance=g)
             with Clock() as dec:
-                bundle.decode(lat, [d])
+                pipeline.decode(lat, [d])
             alone = {"step_wall": den.wall / s, "step_cpu": den.cpu / s, "denoise_wall": den.wall,
                      "denoise_cpu": den.cpu, "decode_wall": dec.wall, "decode_cpu": dec.cpu,
                      "total_wall": den.wall + dec.wall, "total_cpu": den.cpu + dec.cpu}
@@ -163,36 +164,30 @@ def measure(runtime, args) -> dict:
 
 
 def paired_overhead(runtime, args, n: int) -> dict:
-    """Engine ticks and ``generate_latents`` loop iterations for the same request, alternating one for one, so
+    """Engine ticks and plain pipeline steps (``Pipeline.step`` outside the engine) for the same request, alternating one for one, so
     background load hits both alike: the median of the paired CPU-time differences is the engine's overhead per
     tick. Only pure denoise ticks count (not the first, which admits and encodes, nor the last, which decodes)."""
-    bundle, s, d, g = runtime.bundle, args.steps, args.duration, args.guidance
+    s, d, g = args.steps, args.duration, args.guidance
     engine = make_engine(runtime, args.policy)
+    pipeline = engine.runners[runtime.model_name].pipeline
     sched = engine.schedulers[runtime.model_name]
     seeds = iter(range(10**9))
-    state: dict = {"i": s}
+    state: dict = {}
 
     def engine_tick() -> float | None:
         if not sched.has_work():
             engine.submit(make_job(runtime, s, d, g, next(seeds)), force=True)
-            engine._drain(block_until=None)
-        pure = bool(sched.running) and all(0 < x.index < s - 1 for x in sched.running) and not sched.waiting
+        pure = bool(sched.running) and all(0 < x.job.steps_done < s - 1 for x in sched.running) and not sched.waiting
         with Clock() as clock:
             engine._tick(runtime.model_name, sched)
         return clock.cpu if pure else None
 
-    def alone_step() -> float:  # the body of ModelBundle.generate_latents' loop, one sample
-        if state["i"] >= s:
-            z, _ = bundle.initial_noise(next(seeds), bundle.latent_frames(d))
-            state.update(i=0, z=z[None], mask=torch.ones(1, z.shape[-1], dtype=torch.bool),
-                         cond=bundle.conditioning([PROMPT], [d]), grid=bundle.sampler.timesteps(s),
-                         g=torch.full((1,), float(g)))
-        i = state["i"]
-        with torch.inference_mode(), Clock() as clock:
-            t, t_next = state["grid"][i].expand(1).float(), state["grid"][i + 1].expand(1).float()
-            x0 = bundle.predict_x0(state["z"], t, state["cond"], state["g"], state["mask"])
-            state["z"] = bundle.sampler.step(state["z"], x0, t, t_next, None) * state["mask"][:, None]
-        state["i"] = i + 1
+    def alone_step() -> float:  # one pipeline step of one sample, outside the engine
+        if state.get("trajectory") is None or state["trajectory"].finished:
+            state["trajectory"] = pipeline.start(pipeline.requests([PROMPT], [d], [next(seeds)], s, g))[0]
+            state["batch"] = DenoiseBatch([state["trajectory"]])
+        with Clock() as clock:
+            pipeline.step(state["batch"])
         return clock.cpu
 
     for _ in range(3):
@@ -225,7 +220,6 @@ def batch_curve(runtime, args, sizes: list[int]) -> list[dict]:
                 job = make_job(runtime, args.steps, args.duration, args.guidance, 1000 * r + i)
                 job.prompt = prompts[i % len(prompts)]
                 engine.submit(job, force=True)
-            engine._drain(block_until=None)
             clocks = []
             while sched.has_work():
                 with Clock() as clock:

@@ -8,10 +8,8 @@ so a sample's output does not depend on what else shares its batch. An optional 
 distilled student take the guidance scale as an input (guided distillation, stage one). An optional rhythm
 conditioner (``RhythmConditioner``) adds beat-phase features of the tempi a prompt states to the latent frames, and
 an optional value conditioner (``ValueConditioner``) the log of every stated value, such as a pitch in Hz. With
-``values_only`` (not yet in a shipped model) that is the only way a stated value gets in: cross-attention and the
-pooled condition see where the numbers are, not their values. An optional value head (``ValueHead``, not yet in a
-shipped model either) adds the stated values to the output past the transformer, each at a learned gain per slot
-that no caption's words set (they route the value; the frames gate it).
+``values_only`` (not in a shipped model) that is the only way a stated value gets in: cross-attention and the
+pooled condition see where the numbers are, not their values.
 """
 from __future__ import annotations
 
@@ -22,8 +20,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from models.config import drop_retired_keys
 from models.layers import fourier_features
 from models.text.encoders import LOG_VALUE_CHANNEL, PRESENT_CHANNEL, NumberChannels, number_value
+
+
+# DiTConfig keys of options that were measured and removed: a config that still has one loads without it
+RETIRED_DIT_KEYS = ("value_head_slots",)
 
 
 @dataclass
@@ -47,27 +50,21 @@ class DiTConfig:
     # (models.text.encoders.number_features; 0 = unknown), and whether cross-attention and the global condition see
     # them with their values hidden (the presence flag kept), so that a stated value reaches the denoiser through the
     # value and rhythm conditioners alone: read through cross-attention, its gain rides on the number's share of
-    # attention, which moves with the words around it (the tenth-round teacher, benchmarks/pitch_reading.py). Warm
-    # started from the tenth round, a values_only denoiser had not learned to read pitch again after 2300 steps
-    # (session 18, the teacher's card), so this is for training from scratch or a longer run
+    # attention, which moves with the words around it. Warm started from the embedded teacher, a values_only
+    # denoiser had not learned to read pitch again after 2300 steps, so this is for training from scratch or a
+    # longer run
     number_width: int = 0
     values_only: bool = False
-    # a direct readout of the stated values into the output (ValueHead), one slot per pitch slot of the codec
-    # (0 = none); needs the linear number channels like the value conditioner
-    value_head_slots: int = 0
 
     def __post_init__(self) -> None:
         if self.values_only and not (self.number_values and self.number_width >= 2):
             raise ValueError("values_only hides the number values from cross-attention: it needs the value conditioner "
                              "(number_values) and the width of the text encoder's number channels (number_width)")
-        if self.value_head_slots < 0:
-            raise ValueError(f"value_head_slots must be >= 0 (got {self.value_head_slots})")
 
     @property
     def number_readers(self) -> list[str]:
         """The conditioners this denoiser has that read the text encoder's linear number channels."""
-        return [name for name, on in (("rhythm", self.rhythm_frame_rate > 0), ("values", self.number_values),
-                                      ("value head", self.value_head_slots > 0)) if on]
+        return [name for name, on in (("rhythm", self.rhythm_frame_rate > 0), ("values", self.number_values)) if on]
 
     def check_numbers(self, numbers: NumberChannels, where: str = "") -> None:
         """Raise unless the text encoder's number channels (``numbers``) include the linear ones that a conditioner
@@ -217,15 +214,15 @@ class ValueConditioner(nn.Module):
 
     Why: the embedded codec's pitch channel is 10 ln(f / 400 Hz) for a tone, linear in the log of the stated
     pitch, and the text encoder's linear number channel holds exactly that log. Read through cross-attention, a
-    token's value arrives scaled by its attention weight, which moves with the phrasing of the caption, and the
-    eighth round's held-out pitch errors looked like a gain that is off (+-10 to 25 % at 100 and 1600 Hz, under 1 %
-    near 400 Hz). Here each number contributes ``log_value * a + b`` with unit weight, where (a, b) are read by a
-    matrix from the number's contextual state (which knows whether "Hz", "BPM" or "seconds" follows, so the model
-    learns which values to pass and where to); the subword tokens of one number share its weight, so "1141" counts
-    once however the tokenizer splits it. The mixing starts at zero, so a warm-started model computes what it did
-    before. Measured (the embedded teacher's ninth round, its card): tempo improved, pitch did not, because the
-    model still read the value from the number's unordered subword states as well (``models.text.encoders.
-    number_spans`` masks them) and guidance moves each caption's median (``benchmarks/pitch_reading.py``)."""
+    token's value arrives scaled by its attention weight, which moves with the phrasing of the caption, and
+    held-out pitch errors without this conditioner looked like a gain that is off (+-10 to 25 % at 100 and 1600 Hz,
+    under 1 % near 400 Hz). Here each number contributes ``log_value * a + b`` with unit weight, where (a, b) are
+    read by a matrix from the number's contextual state (which knows whether "Hz", "BPM" or "seconds" follows, so
+    the model learns which values to pass and where to); the subword tokens of one number share its weight, so
+    "1141" counts once however the tokenizer splits it. The mixing starts at zero, so a warm-started model computes
+    what it did before. Measured on the embedded teacher: tempo improved, pitch did not, because the model still
+    read the value from the number's unordered subword states as well (``models.text.encoders.number_spans`` masks
+    them) and guidance moves each caption's median (``benchmarks/pitch_reading.py``)."""
 
     def __init__(self, width: int):
         super().__init__()
@@ -243,48 +240,6 @@ class ValueConditioner(nn.Module):
         return out.sum(1, keepdim=True)
 
 
-class ValueHead(nn.Module):
-    """A readout of the stated values straight into the output, past the transformer, with a gain that is one
-    learned constant per slot and channel: the words only route a value and the frames gate it.
-
-    Why: in the tenth-round teacher a stated pitch is read with a per-caption bias that comes in through the word
-    tokens that cross-attention reads (``benchmarks/pitch_reading.py``, session 21: swapping a held-out caption's
-    token states for a template's narrows the spread of its reading from 0.053 to 0.018 in ln f; its number share of
-    attention does not, session 22), and on a held-out phrasing those words say things training never pinned down.
-    The codec's pitch channel of a slot is its tonality times a fixed multiple of ln(f / 400 Hz), linear in the
-    number's normalised log value. Here each number is routed to the output slots by a sigmoid read from its
-    contextual state (which knows that "Hz" follows, and in which order numbers come), each slot takes the weighted
-    sum of its numbers' log values and their total weight, and a per-frame gate read from the transformer's last
-    hidden state (which knows the tonality and the time) multiplies them before a map to the latent channels. The
-    gain of a value is then one learned constant per slot and channel, the same for every caption; the words only
-    decide where a value goes, through a sigmoid that saturates. The map to the latent starts at zero, so a
-    warm-started model computes what it did before. Measured (session 22, ``benchmarks/results/teacher_session22.md``):
-    with ``values_only``, 6000 steps from the tenth round, the head carries most of the reading, but the words still
-    move it through the gate and the routing. The held-out phrasings spread by 0.085 in ln f (the tenth round: 0.052),
-    so it does not ship."""
-
-    def __init__(self, width: int, latent_dim: int, slots: int):
-        super().__init__()
-        self.route = nn.Linear(width, slots)
-        self.gate = nn.Linear(width, slots)
-        self.out = nn.Linear(2 * slots, latent_dim, bias=False)
-        for layer in (self.route, self.gate):  # small, random: slots that start alike would stay alike
-            nn.init.normal_(layer.weight, std=0.02)
-        nn.init.zeros_(self.route.bias)
-        nn.init.ones_(self.gate.bias)
-        nn.init.zeros_(self.out.weight)
-
-    def forward(self, tokens: Tensor, token_mask: Tensor, context: Tensor, hidden: Tensor) -> Tensor:
-        """tokens [B, L, D] (linear number channels last), token_mask [B, L], context [B, L, width] (the projected
-        token states), hidden [B, T, width] (the output layer's input) -> [B, T, latent_dim], added to the output."""
-        weight, log_value = number_weights(tokens, token_mask)
-        route = torch.sigmoid(self.route(context)) * weight[:, :, None].to(context.dtype)  # [B, L, S]
-        value = (route * log_value[:, :, None].to(context.dtype)).sum(1)  # [B, S]
-        stated = torch.cat([value, route.sum(1)], -1)  # [B, 2S]
-        gate = self.gate(hidden).repeat(1, 1, 2)  # [B, T, 2S]
-        return self.out(gate * stated[:, None])
-
-
 class DiT(nn.Module):
     def __init__(self, config: DiTConfig | None = None):
         super().__init__()
@@ -300,7 +255,6 @@ class DiT(nn.Module):
         self.rhythm = (RhythmConditioner(w, c.rhythm_frame_rate, c.rhythm_multiples)
                        if c.rhythm_frame_rate > 0 else None)
         self.values = ValueConditioner(w) if c.number_values else None
-        self.value_head = ValueHead(w, c.latent_dim, c.value_head_slots) if c.value_head_slots else None
         if c.values_only:
             self.register_buffer("token_keep", number_value_mask(c.text_dim, c.number_width), persistent=False)
             self.register_buffer("pooled_keep", number_value_mask(c.pooled_dim, c.number_width), persistent=False)
@@ -340,7 +294,6 @@ class DiT(nn.Module):
         trunk = copy.deepcopy(self)
         trunk.blocks = nn.ModuleList(list(trunk.blocks)[:depth])
         del trunk.norm_out, trunk.ada_out, trunk.proj_out
-        trunk.value_head = None
         return trunk
 
     def token_context(self, tokens: Tensor) -> Tensor:
@@ -381,17 +334,15 @@ class DiT(nn.Module):
         x, cond = self.features(z, t, tokens, token_mask, pooled, seconds, frame_mask, guidance, context)
         shift, scale = self.ada_out(F.silu(cond))[:, None].chunk(2, dim=-1)
         x = self.norm_out(x) * (1 + scale) + shift
-        out = self.proj_out(x)
-        if self.value_head is not None:
-            out = out + self.value_head(tokens, token_mask, context, x)
-        return (out * keep).transpose(1, 2)
+        return (self.proj_out(x) * keep).transpose(1, 2)
 
     def to_config(self) -> dict:
         return asdict(self.config)
 
     @classmethod
     def from_config(cls, config: dict) -> DiT:
-        config = dict(config)
+        """The denoiser of a saved config (``to_config``); retired keys are dropped with a warning."""
+        config = drop_retired_keys(config, RETIRED_DIT_KEYS, "denoiser config")
         if "rhythm_multiples" in config:
             config["rhythm_multiples"] = tuple(config["rhythm_multiples"])
         return cls(DiTConfig(**config))

@@ -72,22 +72,48 @@ def cmd_arc(args) -> None:
 
 
 def cmd_generate(args) -> None:
-    import random
-
-    import soundfile as sf
+    """One generation offline, through what the server runs: the model registry, the runtime, the engine and the
+    pipeline (so any model directory the server serves, a downloaded checkpoint included, works here too)."""
+    import pydantic
     import torch
 
-    from models.bundle import ModelBundle
+    from models.registry import resolve_model
+    from service.audio import FORMATS, encode_audio
+    from service.engine import Engine
+    from service.errors import ApiError
+    from service.gateway import resolve_request
+    from service.metrics import Metrics
+    from service.runtimes import load_runtime
+    from service.schemas import GenerateRequest
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    model_path = Path(args.model) if Path(args.model).is_dir() else ZOO / args.model
-    bundle = ModelBundle.load(model_path)
-    seed = args.seed if args.seed is not None else random.randrange(2**31)
-    duration = args.duration or bundle.config.default_duration
-    wave = bundle.generate([args.prompt], [duration], [seed], steps=args.steps, guidance=args.guidance)[0]
-    sf.write(args.output, wave.T.numpy(), bundle.codec.sample_rate, subtype="PCM_16")
-    print(f"wrote {args.output}: {duration:.2f} s, model {bundle.name}, seed {seed}")
+    fmt = args.format or Path(args.output).suffix.lstrip(".").lower() or "wav"
+    if fmt not in FORMATS:
+        raise SystemExit(f"--format {fmt!r}: expected one of {', '.join(FORMATS)} (or an output file ending in one)")
+    try:
+        body = GenerateRequest(prompt=args.prompt, duration=args.duration, steps=args.steps, guidance=args.guidance,
+                               seed=args.seed, format=fmt)
+        path = resolve_model(args.model, args.model_dir)
+    except (pydantic.ValidationError, FileNotFoundError) as exc:
+        raise SystemExit(str(exc)) from None
+    runtime = load_runtime(path, args.runtime, args.device)
+    try:
+        spec = resolve_request(body, {runtime.model_name: runtime.config}, runtime.model_name)
+    except ApiError as exc:
+        raise SystemExit(exc.message) from None
+    engine = Engine({runtime.model_name: runtime}, Metrics(), max_batch=1, queue_size=1)
+    engine.start()
+    try:
+        result = engine.generate_sync(dict(id="cli", **spec.fields()), timeout=args.timeout)
+    finally:
+        engine.stop()
+    data, _ = encode_audio(result.wave, result.sample_rate, fmt)
+    Path(args.output).write_bytes(data)
+    t, sample = result.timings, spec.sample
+    print(f"wrote {args.output}: {sample.duration:.2f} s, model {spec.model} ({runtime.name}), {sample.steps} steps, "
+          f"guidance {sample.guidance:g}, seed {sample.seed}; encode {t['encode'] * 1e3:.0f} ms, denoise "
+          f"{t['denoise'] * 1e3:.0f} ms, decode {t['decode'] * 1e3:.0f} ms")
 
 
 def cmd_serve(args) -> None:
@@ -100,7 +126,7 @@ def cmd_serve(args) -> None:
 
 
 def cmd_export(args) -> None:
-    from models.training.derived import resolve_model
+    from models.registry import resolve_model
 
     try:
         model_path = resolve_model(args.model)
@@ -193,15 +219,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_dataclass_args(p, ARCConfig)
     p.set_defaults(func=cmd_arc)
 
-    p = sub.add_parser("generate", help="generate a WAV from a prompt, offline")
+    p = sub.add_parser("generate", help="generate audio from a prompt, offline (the server's models and runtimes)")
     p.add_argument("prompt")
-    p.add_argument("-o", "--output", default="out.wav")
-    p.add_argument("--model", default=os.environ.get("TTA_DEFAULT_MODEL", "tta-arc"))
+    p.add_argument("-o", "--output", default="out.wav", help="the file to write; its suffix picks the format")
+    p.add_argument("--model", default=os.environ.get("TTA_DEFAULT_MODEL", "tta-arc"),
+                   help="a model name under --model-dir, or a model / checkpoint directory")
+    p.add_argument("--model-dir", default=os.environ.get("TTA_MODEL_DIR", str(ZOO)))
+    p.add_argument("--runtime", choices=["auto", "torch", "onnxruntime"], default="torch")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--format", choices=["wav", "flac", "ogg"], default=None, help="(default: from --output)")
     p.add_argument("--duration", type=float, default=None)
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--guidance", type=float, default=None)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds before the generation is given up")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("serve", help="run the HTTP service (flags override TTA_* environment settings)")

@@ -1,8 +1,10 @@
-"""The scheduler: decides, every tick, which requests leave, which join the denoise set, and nothing else.
+"""The scheduler: owns the request lifecycle and decides, every tick, which requests leave and which join the
+denoise set.
 
-It owns per-model state (a FIFO of waiting jobs and the running set) and asks a ``Policy`` how many waiting jobs
-to admit. It never touches tensors: the engine executes its decisions through a runner (vLLM's split: scheduler
-decides, runner executes, metrics at the engine boundary).
+``ModelScheduler`` holds one model's state (a FIFO of waiting jobs, the running set, each job's ``JobState``) and
+asks a ``Policy`` which waiting jobs to admit. It never touches tensors: the engine executes its decisions through a
+runner and reports the outcomes back (vLLM's split: scheduler decides, runner executes, metrics at the engine
+boundary).
 
 Policies (``TTA_POLICY``):
 - ``continuous`` (default): step-level continuous batching. Every tick admits waiting jobs while the denoise set
@@ -21,115 +23,12 @@ from __future__ import annotations
 import itertools
 import math
 import threading
-import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
-import torch
-from torch import Tensor
-
-from models.bundle import Conditioning
 from service.costmodel import ForwardCost
-
-
-# ---------------------------------------------------------------------------------------------------- errors
-class EngineError(Exception):
-    code = "internal_error"
-    status = 500
-
-
-class QueueFull(EngineError):
-    code, status = "queue_full", 429
-
-    def __init__(self, message: str, retry_after: int):
-        super().__init__(message)
-        self.retry_after = retry_after
-
-
-class DeadlineExceeded(EngineError):
-    code, status = "timeout", 504
-
-
-class Cancelled(EngineError):
-    code, status = "client_closed_request", 499
-
-
-class BatchFailed(EngineError):
-    code, status = "internal_error", 500
-
-
-class ShuttingDown(EngineError):
-    code, status = "not_ready", 503
-
-
-# ---------------------------------------------------------------------------------------------------- jobs
-@dataclass
-class JobResult:
-    latents: Tensor  # [C, frames]
-    wave: Tensor  # [2, round(duration * sample_rate)] float
-    sample_rate: int
-    timings: dict[str, float]  # seconds: queue, encode, denoise, decode
-    steps_done: int
-
-
-@dataclass
-class GenerationJob:
-    """One request = one sample. ``on_done(result, error)`` is called exactly once, from the engine thread (or from
-    whoever cancels first); the HTTP layer's callback hops back to the event loop with call_soon_threadsafe."""
-
-    id: str
-    model: str
-    prompt: str
-    duration: float
-    steps: int
-    guidance: float
-    seed: int
-    deadline: float  # time.monotonic() by which the answer is due
-    on_done: Callable[[JobResult | None, BaseException | None], Any]
-    arrival: float = field(default_factory=time.monotonic)
-    cancel_reason: str | None = None
-    steps_done: int = 0
-    _resolved: bool = False
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-
-    def cancel(self, reason: str) -> None:
-        """Thread-safe flag; the engine drops the job at its next tick, so it stops consuming steps."""
-        self.cancel_reason = self.cancel_reason or reason
-
-    def resolve(self, result: JobResult | None = None, error: BaseException | None = None) -> bool:
-        with self._lock:
-            if self._resolved:
-                return False
-            self._resolved = True
-        self.on_done(result, error)
-        return True
-
-    @property
-    def resolved(self) -> bool:
-        return self._resolved
-
-
-@dataclass
-class Sample:
-    """A running job's denoising state (the runner creates and advances it)."""
-
-    job: GenerationJob
-    frames: int
-    grid: Tensor  # [steps + 1] float64, the sampler's time grid for this sample's step count
-    z: Tensor  # [C, frames]
-    generator: torch.Generator
-    cond: Conditioning  # batch of one
-    admitted: float
-    index: int = 0
-    encode_s: float = 0.0
-    denoise_start: float = 0.0
-    denoise_end: float = 0.0
-
-    @property
-    def finished(self) -> bool:
-        return self.index >= self.job.steps
+from service.jobs import Cancelled, DeadlineExceeded, EngineError, GenerationJob, JobState, Sample
 
 
 # ---------------------------------------------------------------------------------------------------- policies
@@ -253,7 +152,7 @@ class AdaptivePolicy(ContinuousPolicy):
         if room == 0:  # a full set: nothing to price, only arrivals to count
             self.arrival_rate(waiting, now)
             return []
-        active = [(s.frames, s.job.steps - s.index) for s in running]
+        active = [(s.frames, s.remaining) for s in running]
         expected = self.busy_arrivals(waiting, active, now)
         chosen: list[int] = []
         refused = 0
@@ -331,26 +230,48 @@ def length_groups(frames: list[int], max_padding: float) -> list[list[int]]:
 # ---------------------------------------------------------------------------------------------------- scheduler
 @dataclass
 class SchedulerOutput:
-    admitted: list[GenerationJob]
-    dropped: list[tuple[GenerationJob | Sample, EngineError]]
+    admitted: list[GenerationJob]  # left the queue: the engine encodes them, then ``start``s their samples
+    dropped: list[GenerationJob]  # cancelled or past their deadline, already resolved with that error
 
 
 class ModelScheduler:
-    """Per-model scheduling state. Different models never share a forward pass; the engine ticks each model's
-    scheduler in turn on the device's one worker thread."""
+    """Owns the state of one model's requests: the waiting FIFO, the running set (the denoise set's samples) and
+    every job's ``JobState``. It decides (``schedule``: who leaves, who joins); the engine executes and reports each
+    outcome back (``start``, ``finish``, ``complete``, ``fail``), and only the scheduler changes the lists.
+    ``enqueue`` and ``depth`` may be called from any thread; everything else from the engine's worker thread.
+    Different models never share a forward pass; the engine ticks each model's scheduler in turn."""
 
     def __init__(self, model: str, policy: Policy):
         self.model = model
         self.policy = policy
-        self.waiting: deque[GenerationJob] = deque()
-        self.running: list[Sample] = []
+        self._lock = threading.Lock()
+        self._waiting: deque[GenerationJob] = deque()
+        self._running: list[Sample] = []
+
+    @property
+    def waiting(self) -> tuple[GenerationJob, ...]:
+        with self._lock:
+            return tuple(self._waiting)
+
+    @property
+    def running(self) -> tuple[Sample, ...]:
+        return tuple(self._running)
+
+    def depth(self) -> int:
+        """Jobs waiting for admission."""
+        return len(self._waiting)
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self._waiting or self._running)
+
+    def enqueue(self, job: GenerationJob) -> None:
+        with self._lock:
+            job.state = JobState.WAITING
+            self._waiting.append(job)
 
     def schedule(self, now: float) -> SchedulerOutput:
-        dropped: list[tuple[GenerationJob | Sample, EngineError]] = []
-
+        """Drop the cancelled and the expired (waiting or running; each is resolved with its error here), then
+        admit what the policy selects. ``now``: the monotonic clock, or a test's."""
         def verdict(job: GenerationJob) -> EngineError | None:
             if job.cancel_reason == "timeout" or now >= job.deadline:
                 return DeadlineExceeded(f"request {job.id} passed its deadline")
@@ -358,25 +279,61 @@ class ModelScheduler:
                 return Cancelled(f"request {job.id} was cancelled ({job.cancel_reason})")
             return None
 
-        keep_waiting: deque[GenerationJob] = deque()
-        for job in self.waiting:
-            if (err := verdict(job)) is not None:
-                dropped.append((job, err))
-            else:
-                keep_waiting.append(job)
-        self.waiting = keep_waiting
-        keep_running = []
-        for s in self.running:
-            if (err := verdict(s.job)) is not None:
-                dropped.append((s, err))
-            else:
-                keep_running.append(s)
-        self.running = keep_running
-        picked = set(self.policy.select(self.waiting, self.running, now))
-        admitted = [job for i, job in enumerate(self.waiting) if i in picked]
-        if picked:
-            self.waiting = deque(job for i, job in enumerate(self.waiting) if i not in picked)
-        return SchedulerOutput(admitted, dropped)
+        dropped: list[tuple[GenerationJob, EngineError]] = []
+        with self._lock:
+            keep: deque[GenerationJob] = deque()
+            for job in self._waiting:
+                if (err := verdict(job)) is not None:
+                    dropped.append((job, err))
+                else:
+                    keep.append(job)
+            running = []
+            for s in self._running:
+                if (err := verdict(s.job)) is not None:
+                    dropped.append((s.job, err))
+                else:
+                    running.append(s)
+            self._running = running
+            picked = set(self.policy.select(keep, self._running, now))
+            admitted = [job for i, job in enumerate(keep) if i in picked]
+            self._waiting = deque(job for i, job in enumerate(keep) if i not in picked) if picked else keep
+        for job in admitted:
+            job.state = JobState.RUNNING
+        for job, err in dropped:
+            job.resolve(None, err)
+        return SchedulerOutput(admitted, [job for job, _ in dropped])
+
+    def start(self, samples: list[Sample]) -> None:
+        """Admitted jobs whose samples were encoded join the denoise set."""
+        self._running.extend(samples)
+
+    def finish(self) -> list[Sample]:
+        """The samples that took their last step leave the denoise set (for the decode stage)."""
+        done = [s for s in self._running if s.finished]
+        if done:
+            self._running = [s for s in self._running if not s.finished]
+        return done
+
+    def complete(self, sample: Sample, result) -> None:
+        """A sample's audio is ready."""
+        sample.job.resolve(result, None)
+
+    def fail(self, jobs: list[GenerationJob], error: EngineError) -> None:
+        """These jobs end with ``error`` (a stage raised for their batch); their samples leave the denoise set."""
+        ids = {id(j) for j in jobs}
+        self._running = [s for s in self._running if id(s.job) not in ids]
+        for job in jobs:
+            job.resolve(None, error)
+
+    def drain(self, error: EngineError) -> int:
+        """Every waiting and running job ends with ``error`` (shutdown); returns how many there were."""
+        with self._lock:
+            jobs = list(self._waiting) + [s.job for s in self._running]
+            self._waiting, self._running = deque(), []
+        for job in jobs:
+            job.resolve(None, error)
+        return len(jobs)
 
     def wakeup(self, now: float) -> float | None:
-        return self.policy.wakeup(self.waiting, self.running, now)
+        with self._lock:
+            return self.policy.wakeup(self._waiting, self._running, now)

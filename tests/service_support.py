@@ -11,7 +11,8 @@ import httpx
 import torch
 from training_support import tiny_codec
 
-from models.bundle import BundleConfig, ModelBundle
+from models.bundle import ModelBundle
+from models.config import BundleConfig
 from models.dit import DiT, DiTConfig
 from models.layers import fill_zero_parameters
 
@@ -101,7 +102,7 @@ def run_jobs(runtime, jobs: list[dict]) -> list:
     """The jobs through the real engine (all admitted in one tick, so they share every forward)."""
     from service.engine import Engine
     from service.metrics import Metrics
-    from service.scheduler import GenerationJob
+    from service.jobs import GenerationJob
 
     engine = Engine({runtime.model_name: runtime}, Metrics(), max_batch=16)
     results: dict[int, tuple] = {}

@@ -4,12 +4,12 @@ from __future__ import annotations
 import math
 import time
 from collections import deque
-from types import SimpleNamespace
 
 import pytest
 
 from service.costmodel import ForwardCost
-from service.scheduler import AdaptivePolicy, GenerationJob, make_policy
+from service.jobs import GenerationJob, Sample
+from service.scheduler import AdaptivePolicy, make_policy
 
 
 def test_cost_model_recovers_overhead_and_per_frame_cost():
@@ -66,8 +66,9 @@ def _jobs(n, steps=8, durations=None, arrivals=None):
 
 
 def _running(n, remaining, frames=100, steps=8):
-    return [SimpleNamespace(frames=frames, index=steps - remaining, job=SimpleNamespace(steps=steps))
-            for _ in range(n)]
+    return [Sample(GenerationJob(id=f"r{i}", model="m", prompt="p", duration=5.0, steps=steps, guidance=1.0, seed=i,
+                                 deadline=math.inf, on_done=lambda r, e: None, steps_done=steps - remaining),
+                   frames=frames, admitted=0.0) for i in range(n)]
 
 
 def test_cheap_batching_admits_everything():

@@ -163,6 +163,7 @@ def test_gradient_penalty_is_the_squared_input_gradient():
     torch.testing.assert_close(grad_w, 2 * (w + z).mean(0))
 
 
+@pytest.mark.slow
 def test_gradient_penalty_enters_the_loss_and_flattens_the_discriminator(teacher, cache, text_encoder):
     """With gamma > 0 the discriminator's loss is adversarial + contrastive + gamma / 2 (R1 + R2); with the penalty
     dominating (gamma 1e4) the same updates leave a far smaller input gradient on real clips than without it."""
@@ -183,6 +184,7 @@ def test_gradient_penalty_enters_the_loss_and_flattens_the_discriminator(teacher
 
 
 # ------------------------------------------------------------------------------------------------ training run
+@pytest.mark.slow
 def test_arc_run_updates_both_nets_exports_and_resumes(tmp_path, teacher, cache, text_encoder):
     # with latent augmentation on (the cache holds tones and hard-panned clips): resuming replays it exactly
     cfg = ARCConfig(train_steps=6, batch_size=3, lr_g=1e-3, lr_d=1e-3, checkpoint_every=2, log_every=1,
@@ -209,11 +211,11 @@ def test_arc_run_updates_both_nets_exports_and_resumes(tmp_path, teacher, cache,
     rows = count_denoiser_rows(arc)
     for steps in (1, 2, 4, 8):
         rows.clear()
-        lat = arc.generate_latents(["a dog barks", "rain on a roof"], [1.0, 2.0], [4, 5], steps=steps)
+        lat = arc.pipeline.generate_latents(["a dog barks", "rain on a roof"], [1.0, 2.0], [4, 5], steps=steps)
         assert [x.shape for x in lat] == [(LATENT, arc.latent_frames(1.0)), (LATENT, arc.latent_frames(2.0))]
         assert all(torch.isfinite(x).all() for x in lat)
         assert rows == [2] * steps  # one forward row per sample per step, no CFG
-    wave = arc.generate(["a dog barks"], [1.0], [4], steps=2)[0]
+    wave = arc.pipeline.generate(["a dog barks"], [1.0], [4], steps=2)[0]
     assert wave.shape == (2, 44100)
 
 
@@ -237,7 +239,7 @@ def test_arc_from_a_guidance_embedded_student(tmp_path, teacher, cache, text_enc
     out_dir = train_arc(student_bundle, cache, tmp_path / "arc", tmp_path / "run",
                         ARCConfig(train_steps=2, batch_size=2, checkpoint_every=2))
     arc = ModelBundle.load(out_dir, text_encoder=text_encoder)
-    assert not arc.config.guidance_in_model and arc.forward_count(torch.tensor([1.0])) == 1
+    assert not arc.config.guidance_in_model and arc.pipeline.forward_count(torch.tensor([1.0])) == 1
 
 
 def test_pingpong_grid_on_the_vp_schedule(teacher):
@@ -247,6 +249,7 @@ def test_pingpong_grid_on_the_vp_schedule(teacher):
     assert torch.allclose(half, torch.linspace(-6, 2, 9, dtype=torch.float64)[1:-1], atol=1e-6)
 
 
+@pytest.mark.slow
 def test_arc_run_validates_each_checkpoint_and_keeps_the_best(tmp_path, teacher, cache, text_encoder):
     cfg = ARCConfig(train_steps=4, batch_size=2, lr_g=1e-3, lr_d=1e-3, checkpoint_every=2, log_every=1,
                     val_clips=4, val_duration=0.5)
@@ -258,7 +261,7 @@ def test_arc_run_validates_each_checkpoint_and_keeps_the_best(tmp_path, teacher,
     assert best["value"] == min(r["fd_mfcc"] for r in log)
     kept = ModelBundle.load(tmp_path / "run" / "best", text_encoder=text_encoder)
     assert kept.config.kind == "arc" and kept.config.training["steps_done"] == best["step"]
-    assert kept.generate(["a dog barks"], [0.5], [1], steps=1)[0].shape == (2, 22050)
+    assert kept.pipeline.generate(["a dog barks"], [0.5], [1], steps=1)[0].shape == (2, 22050)
 
 
 def test_best_checkpoint_keeps_the_better_figure_and_survives_a_restart(tmp_path):

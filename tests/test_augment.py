@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from models.bundle import ZOO
+from models.registry import ZOO
 from models.codec import load_codec
 from models.data.corpus import (HELDOUT_PITCHES_HZ, PITCH_HOLDOUT_TOL, PITCH_RANGE_HZ, SyntheticCorpus,
                                 render)

@@ -169,7 +169,7 @@ def test_sao_small_is_recognised_and_served_with_its_defaults(sao_small):
     b = sao_small["bundle"]
     assert detect_format(sao_small["root"]) == "stable-audio-tools"
     assert (b.config.sampler, b.config.default_steps, b.config.default_guidance) == ("pingpong", 8, 1.0)
-    assert b.schedule.name == "rectified-flow" and b.parameterization.name == "rf-velocity"
+    assert b.schedule.name == "rectified-flow" and b.pipeline.parameterization.name == "rf-velocity"
     assert b.codec.sample_rate == 8000 and b.codec.samples_per_latent == 8 and b.codec.latent_dim == 8
     assert b.config.max_duration == pytest.approx(128 / 8000)
 
@@ -185,7 +185,7 @@ def test_sao_small_denoiser_matches_stable_audio_tools(sao_small):
     ref, bundle = sao_small["ref"], sao_small["bundle"]
     prompts, seconds = ["warm arpeggios on house beats 120bpm with drums", "rain on the roof"], [0.012, 0.016]
     inputs = _sat_conditioning(sao_small, prompts, seconds)
-    cond = bundle.conditioning(prompts, seconds)
+    cond = bundle.pipeline.conditioning(prompts, seconds)
     g = torch.Generator().manual_seed(3)
     z = torch.randn(2, 8, 16, generator=g)
     frame_mask = torch.ones(2, 16, dtype=torch.bool)
@@ -195,13 +195,13 @@ def test_sao_small_denoiser_matches_stable_audio_tools(sao_small):
         v_ref = ref.model(z, t, **inputs, cfg_scale=1.0)
         v_ours = bundle.denoiser(z, t, cond.text.tokens, cond.text.mask, cond.text.pooled, cond.seconds, frame_mask)
         errors.append(rel_err(v_ours, v_ref))
-        x0 = bundle.predict_x0(z, t, cond, torch.ones(2), frame_mask)
+        x0 = bundle.pipeline.predict_x0(z, t, cond, torch.ones(2), frame_mask)
         errors.append(rel_err(x0, z - t[:, None, None] * v_ref))
     assert max(errors) < 1e-4, errors
     # guided: the reference's CFG runs the unconditional branch with the whole cross-attention input zeroed (the
     # global condition kept); the bundle's extra unconditional rows must reproduce it, at per-sample scales
     t = torch.full((2,), 0.6)
-    ours = bundle.predict_x0(z, t, cond, torch.tensor([3.0, 1.5]), frame_mask)
+    ours = bundle.pipeline.predict_x0(z, t, cond, torch.tensor([3.0, 1.5]), frame_mask)
     for row, w in ((0, 3.0), (1, 1.5)):
         v_ref = ref.model(z, t, **inputs, cfg_scale=w)
         assert rel_err(ours[row], (z - 0.6 * v_ref)[row]) < 1e-4
@@ -217,12 +217,12 @@ def test_sao_small_pingpong_run_matches_the_reference_sampler(sao_small):
     latents_ref = ns["sample_rf"](ref.model, noise, steps=8, sampler_type="pingpong", **inputs, cfg_scale=1.0,
                                   batch_cfg=True)
     audio_ref = ref.pretransform.decode(latents_ref)[0]
-    latents = bundle.generate_latents([prompt], [seconds], [seed], steps=bundle.config.default_steps)[0]
-    audio = bundle.decode([latents], [seconds])[0]
+    latents = bundle.pipeline.generate_latents([prompt], [seconds], [seed], steps=bundle.config.default_steps)[0]
+    audio = bundle.pipeline.decode([latents], [seconds])[0]
     assert latents.shape == latents_ref[0].shape and audio.shape == audio_ref.shape == (2, 128)
     assert rel_err(latents, latents_ref[0]) < 1e-4
     assert rel_err(audio, audio_ref) < 1e-4
-    other = bundle.generate_latents([prompt], [seconds], [seed + 1], steps=8)[0]
+    other = bundle.pipeline.generate_latents([prompt], [seconds], [seed + 1], steps=8)[0]
     assert rel_err(other, latents_ref[0]) > 1e-2  # the comparison can fail: another seed is far away
 
 
@@ -230,9 +230,9 @@ def test_sao_small_pingpong_run_matches_the_reference_sampler(sao_small):
 def test_sao_small_batches_of_different_lengths_match_solo_runs(sao_small):
     bundle = sao_small["bundle"]
     prompts, seconds, seeds = ["a dog barks", "loud engine"], [0.016, 0.008], [5, 6]
-    together = bundle.generate_latents(prompts, seconds, seeds, steps=3)
+    together = bundle.pipeline.generate_latents(prompts, seconds, seeds, steps=3)
     for i in range(2):
-        alone = bundle.generate_latents([prompts[i]], [seconds[i]], [seeds[i]], steps=3)[0]
+        alone = bundle.pipeline.generate_latents([prompts[i]], [seconds[i]], [seeds[i]], steps=3)[0]
         assert together[i].shape == alone.shape
         assert rel_err(together[i], alone) < 1e-4
 
@@ -301,7 +301,7 @@ def test_sao_1_in_stable_audio_tools_format_matches_its_v_sampler(sao_small, tmp
     prompts, seconds = ["birds sing", "a dog barks on the roof"], [0.016, 0.008]
     meta = [{"prompt": p, "seconds_start": 0.0, "seconds_total": s} for p, s in zip(prompts, seconds)]
     inputs = ref.get_conditioning_inputs(ref.conditioner(meta, "cpu"))
-    cond = bundle.conditioning(prompts, seconds)
+    cond = bundle.pipeline.conditioning(prompts, seconds)
     z = torch.randn(2, 8, 16, generator=torch.Generator().manual_seed(2))
     frame_mask = torch.ones(2, 16, dtype=torch.bool)
     errors = []
@@ -312,21 +312,21 @@ def test_sao_1_in_stable_audio_tools_format_matches_its_v_sampler(sao_small, tmp
         v_ref = ref.model(z, t_model, **inputs, cfg_scale=1.0)
         a, s = ns["get_alphas_sigmas"](t_model)
         x0_ref = z * a[:, None, None] - v_ref * s[:, None, None]
-        errors.append(rel_err(bundle.predict_x0(z, t, cond, torch.ones(2), frame_mask), x0_ref))
+        errors.append(rel_err(bundle.pipeline.predict_x0(z, t, cond, torch.ones(2), frame_mask), x0_ref))
     assert max(errors) < 1e-4, errors
 
     class ProjectGrid:  # stable-audio-tools' dist_shift hook: its uniform grid -> the project's grid (model time)
         def time_shift(self, t, seq_len):
-            grid = bundle.sampler.timesteps(len(t)).double()[:-1]
+            grid = bundle.pipeline.sampler.timesteps(len(t)).double()[:-1]
             return ns["alpha_sigma_to_t"](*bundle.schedule.alpha_sigma(grid)).float()
 
     steps, seed, guidance = 5, 11, 4.0
-    noise, _ = bundle.initial_noise(seed, 16)
+    noise, _ = bundle.pipeline.initial_noise(seed, 16)
     inputs = ref.get_conditioning_inputs(ref.conditioner(meta[:1], "cpu"))
     latents_ref = ns["sample"](ref.model, noise[None], steps, 0, dist_shift=ProjectGrid(), **inputs,
                                cfg_scale=guidance, batch_cfg=True)
     audio_ref = ref.pretransform.decode(latents_ref)[0]
-    audio = bundle.generate(prompts[:1], seconds[:1], [seed])[0]
+    audio = bundle.pipeline.generate(prompts[:1], seconds[:1], [seed])[0]
     assert rel_err(audio, audio_ref) < 1e-4
 
 
@@ -382,7 +382,7 @@ def test_diffusers_stable_audio_denoiser_matches_the_pipeline_model(sao_1):
     start, end = pipe.encode_duration([0.0, 0.0], seconds, "cpu", False, 2)
     context, glob = torch.cat([text, start, end], dim=1), torch.cat([start, end], dim=2)
     rope = get_1d_rotary_pos_embed(pipe.rotary_embed_dim, 16 + 1, use_real=True, repeat_interleave_real=False)
-    cond = bundle.conditioning(prompts, seconds)
+    cond = bundle.pipeline.conditioning(prompts, seconds)
     z = torch.randn(2, 8, 16, generator=torch.Generator().manual_seed(4))
     frame_mask = torch.ones(2, 16, dtype=torch.bool)
     cosine = CosineDPMSolverMultistepScheduler(sigma_min=0.3, sigma_max=500.0)
@@ -396,7 +396,7 @@ def test_diffusers_stable_audio_denoiser_matches_the_pipeline_model(sao_1):
         errors.append(rel_err(v, v_ref))
         x_ve = z * torch.sqrt(1 + sigma**2)[:, None, None]  # the scheduler's variance-exploding coordinates
         x0_ref = cosine.precondition_outputs(x_ve, v_ref, sigma[:, None, None])
-        errors.append(rel_err(bundle.predict_x0(z, t, cond, torch.ones(2), frame_mask), x0_ref))
+        errors.append(rel_err(bundle.pipeline.predict_x0(z, t, cond, torch.ones(2), frame_mask), x0_ref))
     assert max(errors) < 1e-4, errors
 
 
@@ -430,15 +430,15 @@ def test_diffusers_stable_audio_run_matches_the_pipeline(sao_1):
     pipe.set_progress_bar_config(disable=True)
     bundle = sao_1["bundle"]
     steps, seconds, seed, guidance = 6, 0.016, 77, 3.0
-    t = bundle.sampler.timesteps(steps)[:-1]  # float64: sigma(t = 1) is then exactly the pipeline's sigma_max
+    t = bundle.pipeline.sampler.timesteps(steps)[:-1]  # float64: sigma(t = 1) is then exactly the pipeline's sigma_max
     pipe.scheduler = _cosine_time_euler(torch.exp(-bundle.schedule.logsnr(t) / 2).tolist())
-    noise, _ = bundle.initial_noise(seed, 16)  # the project's per-request noise, handed to the pipeline
+    noise, _ = bundle.pipeline.initial_noise(seed, 16)  # the project's per-request noise, handed to the pipeline
     audio_ref = pipe("loud engine and birds", audio_end_in_s=seconds, num_inference_steps=steps,
                      guidance_scale=guidance, latents=noise[None].double()).audios[0]
-    audio = bundle.generate(["loud engine and birds"], [seconds], [seed], steps=steps, guidance=guidance)[0]
+    audio = bundle.pipeline.generate(["loud engine and birds"], [seconds], [seed], steps=steps, guidance=guidance)[0]
     assert audio.shape == audio_ref.shape == (2, 128)
     assert rel_err(audio, audio_ref) < 1e-4
-    other = bundle.generate(["loud engine and birds"], [seconds], [seed], steps=steps, guidance=1.0)[0]
+    other = bundle.pipeline.generate(["loud engine and birds"], [seconds], [seed], steps=steps, guidance=1.0)[0]
     assert rel_err(other, audio_ref) > 1e-2  # guidance matters: the comparison can fail
 
 
@@ -530,7 +530,7 @@ def test_tango_denoiser_matches_the_unet(tango):
     assert bundle.codec.samples_per_latent == 882 and bundle.codec.latent_dim == TANGO_CHANNELS * TANGO_BINS
     prompts = ["a dog barks", "warm arpeggios on house beats"]
     states, mask = _tango_text(tango, prompts, guidance=False)
-    cond = bundle.conditioning(prompts, [0.16, 0.16])
+    cond = bundle.pipeline.conditioning(prompts, [0.16, 0.16])
     z = torch.randn(2, TANGO_CHANNELS * TANGO_BINS, TANGO_FRAMES, generator=torch.Generator().manual_seed(7))
     frame_mask = torch.ones(2, TANGO_FRAMES, dtype=torch.bool)
     alphas = tango["ddpm"].alphas_cumprod
@@ -542,7 +542,7 @@ def test_tango_denoiser_matches_the_unet(tango):
         v = bundle.denoiser(z, t, cond.text.tokens, cond.text.mask, cond.text.pooled, cond.seconds, frame_mask)
         errors.append(rel_err(to_unet_layout(v), v_ref))
         a, s = alphas[step].sqrt(), (1 - alphas[step]).sqrt()
-        x0 = bundle.predict_x0(z, t, cond, torch.ones(2), frame_mask)
+        x0 = bundle.pipeline.predict_x0(z, t, cond, torch.ones(2), frame_mask)
         errors.append(rel_err(to_unet_layout(x0), a * to_unet_layout(z) - s * v_ref))
     assert max(errors) < 1e-4, errors
 
@@ -560,7 +560,7 @@ def test_tango_ddim_run_matches_the_reference_loop(tango):
                                           clip_sample=False)
     scheduler.set_timesteps(steps)
     states, mask = _tango_text(tango, [prompt], guidance=True)
-    noise, _ = bundle.initial_noise(seed, TANGO_FRAMES)
+    noise, _ = bundle.pipeline.initial_noise(seed, TANGO_FRAMES)
     latents = to_unet_layout(noise[None]) * scheduler.init_noise_sigma
     for t in scheduler.timesteps:
         inp = scheduler.scale_model_input(torch.cat([latents] * 2), t)
@@ -569,13 +569,14 @@ def test_tango_ddim_run_matches_the_reference_loop(tango):
     mel = vae.decode(latents / vae.config.scaling_factor).sample
     wave16 = vocoder(mel.squeeze(1))[:, : mel.shape[2] * 160]  # AudioLDM's pipeline crops to the frames' length
     audio_ref = torch.from_numpy(resample_poly(wave16.double().numpy(), 441, 160, axis=-1)).float()[0]
-    audio = bundle.generate([prompt], [seconds], [seed], steps=steps, guidance=guidance)[0]
+    audio = bundle.pipeline.generate([prompt], [seconds], [seed], steps=steps, guidance=guidance)[0]
     assert audio.shape == (2, 7056) and audio_ref.shape == (7056,)
     assert rel_err(audio[0], audio_ref) < 1e-4 and torch.equal(audio[0], audio[1])
-    other = bundle.generate([prompt], [seconds], [seed + 1], steps=steps, guidance=guidance)[0]
+    other = bundle.pipeline.generate([prompt], [seconds], [seed + 1], steps=steps, guidance=guidance)[0]
     assert rel_err(other[0], audio_ref) > 1e-2
 
 
+@pytest.mark.slow
 def test_a_tango_checkpoint_distils_into_a_derived_student_that_keeps_guidance(tango, tmp_path):
     """A UNet teacher (no guidance input): the student keeps classifier-free guidance, learning both branches
     (tests/test_checkpoints_training.py covers Stable Audio, ARC and the derived format itself)."""
@@ -590,7 +591,7 @@ def test_a_tango_checkpoint_distils_into_a_derived_student_that_keeps_guidance(t
     c = student.config
     assert (c.default_steps, c.default_guidance, c.guidance_in_model) == (4, 3.0, False)
     assert c.training["cond_dropout"] == 0.1 and c.training["guidance_range"] == [1.0, 1.0]
-    wave = student.generate(["a dog barks"], [0.5], [0])[0]
+    wave = student.pipeline.generate(["a dog barks"], [0.5], [0])[0]
     assert wave.shape[0] == 2 and bool(torch.isfinite(wave).all())
     # ARC on the UNet student: the discriminator is the UNet's encoder half, the result a ping-pong model
     arc_cfg = ARCConfig(train_steps=2, steps=2, batch_size=2, cache_clips=2, checkpoint_every=2, log_every=1,
@@ -603,7 +604,7 @@ def test_a_tango_checkpoint_distils_into_a_derived_student_that_keeps_guidance(t
     assert c.training["steps_done"] == 2 and json.loads((arc_dir / "derived.json").read_text())["base"]
     moved = [not torch.equal(a, b) for a, b in zip(arc.denoiser.parameters(), student.denoiser.parameters())]
     assert any(moved)  # the generator trained
-    wave = arc.generate(["a dog barks"], [0.1], [0])[0]
+    wave = arc.pipeline.generate(["a dog barks"], [0.1], [0])[0]
     assert wave.shape == (2, 4410) and bool(torch.isfinite(wave).all())
 
 
@@ -644,6 +645,7 @@ TANGO_JOBS = [{"prompt": "a dog barks twice", "duration": 0.15, "steps": 6, "gui
               {"prompt": "rain on the roof", "duration": 0.07, "steps": 4, "guidance": 1.0, "seed": 42}]
 
 
+@pytest.mark.slow
 def test_a_tango_checkpoint_exports_and_runs_under_onnxruntime(tango, tmp_path):
     """T5, the UNet (one graph run per length, the runtime converting t to the DDPM step) and the mel VAE + HiFi-GAN
     (the graph ends at 16 kHz; the runtime resamples) as graphs; the DDPM table is rebuilt from the manifest. The
@@ -733,10 +735,10 @@ def test_ckpt_files_load_with_weights_only_and_refuse_other_objects(sao_small, t
     bundle = load_checkpoint_dir(root)
     ref = sao_small["bundle"]
     z, t = torch.randn(1, 8, 16, generator=torch.Generator().manual_seed(1)), torch.full((1,), 0.3)
-    cond = ref.conditioning(["a dog barks"], [0.01])
+    cond = ref.pipeline.conditioning(["a dog barks"], [0.01])
     with torch.no_grad():
-        assert torch.equal(bundle.predict_x0(z, t, cond, torch.ones(1), torch.ones(1, 16, dtype=torch.bool)),
-                           ref.predict_x0(z, t, cond, torch.ones(1), torch.ones(1, 16, dtype=torch.bool)))
+        assert torch.equal(bundle.pipeline.predict_x0(z, t, cond, torch.ones(1), torch.ones(1, 16, dtype=torch.bool)),
+                           ref.pipeline.predict_x0(z, t, cond, torch.ones(1), torch.ones(1, 16, dtype=torch.bool)))
     torch.save({"state_dict": sd, "callback": Unpicklable()}, root / "model.ckpt")
     with pytest.raises(CheckpointError, match=r"model\.ckpt: holds objects other than tensors"):
         load_checkpoint_dir(root)
@@ -765,7 +767,7 @@ def test_unsupported_options_are_refused_by_name(sao_small, tmp_path):
 
 
 def test_checkpoint_directories_are_discovered_for_serving(sao_small, tmp_path):
-    from models.bundle import available_models
+    from models.registry import available_models
 
     root = _copy_sao(sao_small, tmp_path / "zoo")
     (tmp_path / "zoo" / "notes").mkdir()

@@ -16,7 +16,8 @@ from models.checkpoints import CheckpointError, detect_format, load_checkpoint_d
 from models.data.corpus import SyntheticCorpus
 from models.training.arc import ARCConfig, Discriminator, check_trunk, run_arc
 from models.training.batches import sample_captioned_batch
-from models.training.derived import load_source, source_cache, window_frames
+from models.registry import load_bundle
+from models.training.derived import source_cache, window_frames
 from models.training.distill import DistillConfig, make_student, run_distill
 from models.training.latent_cache import LatentCache, sample_batch
 
@@ -61,7 +62,7 @@ def test_a_distilled_checkpoint_is_a_derived_directory_served_like_any_checkpoin
     assert moved, "distillation left every weight of the teacher unchanged"
     for k, v in teacher.codec.state_dict().items():
         assert torch.equal(v, b.codec.state_dict()[k])
-    wave = b.generate(["Rain on a tin roof"], [0.016], [0])[0]
+    wave = b.pipeline.generate(["Rain on a tin roof"], [0.016], [0])[0]
     assert wave.shape == (2, 128) and bool(torch.isfinite(wave).all())
 
 
@@ -120,13 +121,13 @@ def test_arc_on_a_derived_student_writes_a_model_over_the_original_checkpoint(sa
     cfg = ARCConfig(train_steps=4, steps=2, batch_size=2, cache_clips=4, checkpoint_every=2, log_every=2, threads=1)
     with float32_default():
         out = run_arc(student_dir, tmp_path / "sao-tiny-arc", tmp_path / "run", cfg, cache_dir=work / "run" / "latents")
-        model = load_source(out)
+        model = load_bundle(out)
     manifest = json.loads((out / "derived.json").read_text())
     assert (out / manifest["base"]).resolve() == sao.resolve()  # not the student's directory
     c = model.config
     assert (c.kind, c.sampler, c.default_steps, c.default_guidance) == ("arc", "pingpong", 2, 1.0)
     assert c.training["source"] == "sao-tiny-bsa-4" and c.training["steps_done"] == 4
-    wave = model.generate(["a bell rings"], [0.016], [1])[0]
+    wave = model.pipeline.generate(["a bell rings"], [0.016], [1])[0]
     assert wave.shape == (2, 128) and bool(torch.isfinite(wave).all())
 
 

@@ -198,13 +198,3 @@ def test_guidance_formula():
     assert torch.allclose(out[0], cond[0])
     assert torch.allclose(out[1], uncond[1] + 3 * (cond[1] - uncond[1]))
     assert torch.allclose(out[2], uncond[2])
-
-
-def test_guidance_with_its_own_scale_for_the_leading_channels():
-    cond, uncond = torch.randn(2, 5, 3), torch.randn(2, 5, 3)
-    out = apply_guidance(cond, uncond, torch.tensor([3.0, 2.0]), lead=(2, 1.0))
-    assert torch.allclose(out[:, :2], cond[:, :2])  # guided at 1: the conditional output
-    assert torch.allclose(out[0, 2:], uncond[0, 2:] + 3 * (cond[0, 2:] - uncond[0, 2:]))
-    assert torch.allclose(out[1, 2:], uncond[1, 2:] + 2 * (cond[1, 2:] - uncond[1, 2:]))
-    assert torch.equal(apply_guidance(cond, uncond, torch.tensor([3.0, 2.0]), lead=(0, 1.0)),
-                       apply_guidance(cond, uncond, torch.tensor([3.0, 2.0])))

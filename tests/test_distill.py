@@ -189,6 +189,7 @@ def _weights(path):
     return load_file(path / "denoiser.safetensors")
 
 
+@pytest.mark.slow
 def test_distill_run_exports_halvings_and_resumes(tmp_path, teacher, cache, text_encoder):
     # with latent augmentation on (the cache holds tones and hard-panned clips): resuming replays it exactly
     cfg = DistillConfig(weighting="bsa", iterations=2, steps_per_halving=4, batch_size=3, lr=1e-3,
@@ -222,8 +223,8 @@ def test_distill_run_exports_halvings_and_resumes(tmp_path, teacher, cache, text
             ("bsa", "ddim", steps, True, 3.0)
         assert codec_dir(student) == codec_dir(teacher)
         rows = count_denoiser_rows(student)
-        lat = student.generate_latents(["a dog barks", "a 300 Hz square wave"], [1.0, 2.5], [1, 2])
+        lat = student.pipeline.generate_latents(["a dog barks", "a 300 Hz square wave"], [1.0, 2.5], [1, 2])
         assert [x.shape for x in lat] == [(LATENT, student.latent_frames(1.0)), (LATENT, student.latent_frames(2.5))]
         assert rows == [2] * steps  # one forward row per sample per step, guidance included
-        assert student.forward_count(torch.tensor([3.0, 3.0])) == 2
-        assert teacher.forward_count(torch.tensor([3.0, 3.0])) == 4
+        assert student.pipeline.forward_count(torch.tensor([3.0, 3.0])) == 2
+        assert teacher.pipeline.forward_count(torch.tensor([3.0, 3.0])) == 4

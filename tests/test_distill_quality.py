@@ -128,6 +128,7 @@ def tiny_models(tmp_path_factory, text_encoder):
     return root, teacher.path, students, arc
 
 
+@pytest.mark.slow
 def test_benchmark_end_to_end(tiny_models, tmp_path, text_encoder):
     from benchmarks import distill_quality
 

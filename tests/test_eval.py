@@ -47,6 +47,7 @@ def test_full_crepe_reads_440():
     assert f == pytest.approx(440.0, rel=0.005)
 
 
+@pytest.mark.slow
 def test_tracker_on_corpus_tones(tiny):
     p = _find("tone", waveform="sine", pitch_hz=300.0, pitch_text="300 Hz", placement=None, pan_db=0.0)
     audio = render(p)
@@ -102,6 +103,7 @@ def test_tempo_of_corpus_clicks():
     assert estimate_tempo(render(_find("tone", envelope=None)), SAMPLE_RATE) is None
 
 
+@pytest.mark.slow
 def test_evaluate_and_summarize(tiny):
     c = SyntheticCorpus("heldout", seed=0, min_duration=1.0, max_duration=3.0)
     results, shuffled = [], []

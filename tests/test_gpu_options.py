@@ -64,7 +64,7 @@ def dit_inputs(dit: DiT, device: str, b: int = 3, n: int = 37, tokens: int = 9, 
 
 def sao_inputs(bundle, device: str, b: int = 3, n: int = 37) -> tuple:
     g = torch.Generator().manual_seed(1)
-    cond = bundle.conditioning(["rain on a tin roof", "a dog", "footsteps and a distant train"][:b], [2.0] * b)
+    cond = bundle.pipeline.conditioning(["rain on a tin roof", "a dog", "footsteps and a distant train"][:b], [2.0] * b)
     frame_mask = torch.arange(n)[None] < torch.tensor([n, n - 11, n - 2][:b])[:, None]
     inputs = (torch.randn(b, bundle.codec.latent_dim, n, generator=g), torch.rand(b, generator=g), cond.text.tokens,
               cond.text.mask, cond.text.pooled, cond.seconds, frame_mask)

@@ -42,6 +42,7 @@ def test_the_floor_is_the_counted_work_at_the_measured_peak():
     assert "| 2 | end to end | 12 | 120 | 100 | 0.8333 |" in text  # 12 GFLOP -> 120 ms floor; best run 100 ms
 
 
+@pytest.mark.slow
 def test_interleaved_runtimes_are_timed_stage_by_stage_in_one_process(model_dir, tmp_path):
     pytest.importorskip("onnxruntime")
     import json

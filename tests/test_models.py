@@ -1,13 +1,16 @@
 """Model code: batch invariance, save/load, determinism, text-encoder cache, codec shapes, the rhythm
 conditioner's beat phase, the value conditioner's log values."""
 
+import logging
+
 import pytest
 import torch
 from training_support import tiny_codec
 
-from models.bundle import BundleConfig, ModelBundle
+from models.bundle import ModelBundle
+from models.config import BundleConfig
 from models.codec import HarmonicAutoencoder, HarmonicAutoencoderConfig
-from models.dit import DiT, DiTConfig, RhythmConditioner, ValueConditioner, ValueHead
+from models.dit import DiT, DiTConfig, RhythmConditioner, ValueConditioner
 from models.text import load_text_encoder
 from models.text.encoders import NumberChannels
 
@@ -135,60 +138,18 @@ def test_values_only_hides_the_values_from_attention_and_the_pooled_condition():
         hiding.check_numbers(NumberChannels(16, True, True))
 
 
-def test_value_head_reads_each_value_with_one_gain_whatever_the_words_around_it():
-    """The value head's output is affine in a number's log value, its words only route the value (the routing
-    saturates), a number split into subword tokens counts once, a prompt without numbers gets nothing, and the head
-    starts at zero so that a warm-started denoiser computes what it did before."""
-    encoder = load_text_encoder({"name": "minilm", "number_freqs": 4, "number_linear": True})
-    head = ValueHead(16, LATENT, slots=2)
-    assert torch.all(head(*_head_inputs(encoder, ["a tone at 440 Hz"])) == 0)  # starts at zero
-    torch.manual_seed(0)
-    for p in head.parameters():
-        torch.nn.init.normal_(p, std=0.3)
-    torch.nn.init.constant_(head.route.bias, 30.0)  # every number routed to both slots: the words cannot matter
-    prompts = ["a tone at 100 Hz", "a tone at 400 Hz", "a tone at 1600 Hz", "a tone at 1141 Hz",
-               "one signal whose frequency is 400 Hz, off to the left", "rain on a roof"]
-    tokens, mask, context, hidden = _head_inputs(encoder, prompts)
-    assert (tokens[3, :, -2] * mask[3]).sum() > 1  # the tokenizer splits this number: it must still count once
-    out = head(tokens, mask, context, hidden)
-    assert out.shape == (6, 5, LATENT)
-    # 400 Hz lies halfway between 100 and 1600 Hz in log: the output is affine in the log value ...
-    assert torch.allclose(out[1], (out[0] + out[2]) / 2, atol=1e-5)
-    assert not torch.allclose(out[0], out[2], atol=1e-2)
-    # ... with the same gain in a caption of other words, and for a number of several tokens
-    assert torch.allclose(out[4], out[1], atol=1e-5)
-    one = tokens[:1].clone()
-    one[0, :, -1] = torch.where(one[0, :, -2] > 0, tokens[3, (tokens[3, :, -2] > 0), -1][0], one[0, :, -1])
-    assert torch.allclose(head(one, mask[:1], context[:1], hidden[:1]), out[3:4], atol=1e-5)
-    assert torch.all(out[5] == 0)  # a prompt without numbers gets nothing
-
-
-def _head_inputs(encoder, prompts):
-    text = encoder.encode(prompts)
-    context = torch.randn(*text.tokens.shape[:2], 16)
-    hidden = torch.randn(1, 5, 16).expand(len(prompts), -1, -1)  # the same frames for every prompt
-    return text.tokens, text.mask, context, hidden
-
-
-def test_a_value_head_denoiser_starts_where_its_warm_start_left_off():
-    encoder = load_text_encoder({"name": "minilm", "number_freqs": 4, "number_linear": True})
-    text = encoder.encode(["a tone at 440 Hz on the left", "rain"])
-    config = dict(width=32, depth=1, heads=2, text_dim=encoder.dim, pooled_dim=encoder.pooled_dim, number_values=True)
-    torch.manual_seed(0)
-    plain = DiT(DiTConfig(**config))
-    for p in plain.parameters():
-        torch.nn.init.normal_(p, std=0.05)
-    headed = DiT(DiTConfig(**config, value_head_slots=2))
-    missing, _ = headed.load_state_dict(plain.state_dict(), strict=False)
-    assert missing and all(k.startswith("value_head.") for k in missing)
-    z, t, sec = torch.randn(2, LATENT, 12), torch.tensor([0.5, 0.9]), torch.tensor([1.0, 1.0])
-    with torch.no_grad():
-        assert torch.equal(headed(z, t, text.tokens, text.mask, text.pooled, sec),
-                           plain(z, t, text.tokens, text.mask, text.pooled, sec))
-    assert headed.trunk(1).value_head is None
-    assert "value head" in headed.config.number_readers
-    with pytest.raises(ValueError, match="value head"):
-        headed.config.check_numbers(NumberChannels(4, False, False))
+def test_a_denoiser_config_with_a_retired_key_loads_without_it_and_warns(caplog, monkeypatch):
+    """A saved denoiser config that still holds the key of an option since removed (the value head) loads as the
+    config without it, and the log names the key; an unknown key is still an error."""
+    monkeypatch.setattr(logging.getLogger("tta"), "propagate", True)  # the service's logging setup turns it off
+    config = DiTConfig(width=32, depth=1, heads=2, number_values=True)
+    saved = {**DiT(config).to_config(), "value_head_slots": 0}
+    with caplog.at_level("WARNING", logger="tta.models"):
+        loaded = DiT.from_config(saved)
+    assert loaded.config == config
+    assert any("value_head_slots" in r.getMessage() and r.levelname == "WARNING" for r in caplog.records)
+    with pytest.raises(TypeError, match="no_such_option"):
+        DiT.from_config({**config.__dict__, "no_such_option": 1})
 
 
 @pytest.mark.parametrize("conditioner", [{"rhythm_frame_rate": 44100 / 2048}, {"number_values": True}])
@@ -203,67 +164,44 @@ def test_a_number_reading_denoiser_without_linear_number_channels_does_not_load(
 
 def test_predict_x0_mixed_guidance_matches_separate_calls(text_encoder):
     b = tiny_bundle(text_encoder)
-    cond = b.conditioning(["a dog barks", "white noise fading in", "a kick drum"], [1.0, 2.0, 1.5])
+    cond = b.pipeline.conditioning(["a dog barks", "white noise fading in", "a kick drum"], [1.0, 2.0, 1.5])
     frames = [b.latent_frames(d) for d in (1.0, 2.0, 1.5)]
     z = torch.randn(3, LATENT, max(frames))
     mask = torch.arange(max(frames))[None] < torch.tensor(frames)[:, None]
     t = torch.tensor([0.9, 0.5, 0.2])
     g = torch.tensor([3.0, 1.0, 5.0])
-    x0 = b.predict_x0(z, t, cond, g, mask)
+    x0 = b.pipeline.predict_x0(z, t, cond, g, mask)
     for i in range(3):
-        one = b.predict_x0(z[i:i + 1, :, :frames[i]], t[i:i + 1], cond.select([i]), g[i:i + 1],
+        one = b.pipeline.predict_x0(z[i:i + 1, :, :frames[i]], t[i:i + 1], cond.select([i]), g[i:i + 1],
                            torch.ones(1, frames[i], dtype=torch.bool))
         assert torch.allclose(x0[i, :, :frames[i]], one[0], atol=1e-5)
-    assert b.forward_count(g) == 5  # 3 conditional rows + 2 unconditional rows in ONE forward
+    assert b.pipeline.forward_count(g) == 5  # 3 conditional rows + 2 unconditional rows in ONE forward
 
 
 def test_save_load_round_trip_and_seeded_generation(tmp_path, text_encoder):
     b = tiny_bundle(text_encoder)
     b.save(tmp_path / "tiny")
     loaded = ModelBundle.load(tmp_path / "tiny", text_encoder=text_encoder)
-    a = b.generate(["a 440 Hz sine tone on the left"], [1.3], [7], steps=3)[0]
-    c = loaded.generate(["a 440 Hz sine tone on the left"], [1.3], [7], steps=3)[0]
-    d = loaded.generate(["a 440 Hz sine tone on the left"], [1.3], [8], steps=3)[0]
+    a = b.pipeline.generate(["a 440 Hz sine tone on the left"], [1.3], [7], steps=3)[0]
+    c = loaded.pipeline.generate(["a 440 Hz sine tone on the left"], [1.3], [7], steps=3)[0]
+    d = loaded.pipeline.generate(["a 440 Hz sine tone on the left"], [1.3], [8], steps=3)[0]
     assert a.shape == (2, round(1.3 * 44100))
     assert torch.equal(a, c)
     assert not torch.allclose(a, d)
 
 
-def test_pitch_channels_sample_at_their_own_temperature_and_guidance(tmp_path, text_encoder):
-    """``pitch_noise`` scales the first ``pitch_channels`` of the initial noise (nothing else moves), the setting
-    survives save / load, and ``pitch_guidance`` guides those channels at their own scale: at 1 they get the
-    conditional prediction, the other channels the request's guidance."""
-    plain = tiny_bundle(text_encoder)
-    b = tiny_bundle(text_encoder, pitch_channels=4, pitch_noise=0.25, pitch_guidance=1.0)
-    b.save(tmp_path / "pitchy")
-    b = ModelBundle.load(tmp_path / "pitchy", text_encoder=text_encoder)
-    (z0, _), (z, _) = plain.initial_noise(5, 12), b.initial_noise(5, 12)
-    assert torch.equal(z[:4], 0.25 * z0[:4]) and torch.equal(z[4:], z0[4:])
-
-    b.denoiser.load_state_dict(plain.denoiser.state_dict())
-    zz, t = torch.randn(2, plain.codec.latent_dim, 6), torch.tensor([0.7, 0.4])
-    cond, mask = plain.conditioning(["a 440 Hz sine tone", "rain"], [1.0, 1.0]), torch.ones(2, 6, dtype=torch.bool)
-    x_c = plain.predict_x0(zz, t, cond, torch.ones(2), mask)
-    x_g = plain.predict_x0(zz, t, cond, torch.full((2,), 3.0), mask)
-    x_p = b.predict_x0(zz, t, cond, torch.full((2,), 3.0), mask)
-    assert torch.allclose(x_p[:, :4], x_c[:, :4], atol=1e-5) and torch.allclose(x_p[:, 4:], x_g[:, 4:], atol=1e-5)
-    assert not torch.allclose(x_g[:, :4], x_c[:, :4], atol=1e-3)  # guidance does move those channels otherwise
-    with pytest.raises(ValueError, match="pitch_noise"):
-        BundleConfig(name="bad", pitch_channels=4, pitch_noise=-1.0)
-
-
 def test_generation_alone_equals_generation_in_a_mixed_batch(text_encoder):
     b = tiny_bundle(text_encoder, sampler="pingpong")
-    alone = b.generate_latents(["birds chirping"], [1.0], [11], steps=4, guidance=1.0)[0]
-    mixed = b.generate_latents(["a siren", "birds chirping", "a 300 Hz square wave"], [2.0, 1.0, 0.5],
+    alone = b.pipeline.generate_latents(["birds chirping"], [1.0], [11], steps=4, guidance=1.0)[0]
+    mixed = b.pipeline.generate_latents(["a siren", "birds chirping", "a 300 Hz square wave"], [2.0, 1.0, 0.5],
                                [3, 11, 5], steps=4, guidance=1.0)[1]
     assert torch.allclose(alone, mixed, atol=1e-5)
 
 
 def test_guidance_embedding_student_runs_one_forward(text_encoder):
     b = tiny_bundle(text_encoder, guidance_in_model=True)
-    assert b.forward_count(torch.tensor([3.0, 1.0])) == 2
-    out = b.generate_latents(["a clap"], [0.5], [1], steps=2, guidance=3.0)[0]
+    assert b.pipeline.forward_count(torch.tensor([3.0, 1.0])) == 2
+    out = b.pipeline.generate_latents(["a clap"], [0.5], [1], steps=2, guidance=3.0)[0]
     assert torch.isfinite(out).all()
 
 
@@ -279,7 +217,7 @@ def test_text_cache_returns_the_same_embeddings(text_encoder):
 
 
 def test_decode_groups_equal_lengths_and_caps_the_batch():
-    from models.bundle import decode_grouped
+    from models.pipeline import decode_grouped
 
     calls = []
 

@@ -224,3 +224,24 @@ def test_api_keys(base_settings):
                 assert c.get(open_path).status_code == 200
     finally:
         srv.stop()
+
+
+def test_a_500_body_names_no_internals(server, monkeypatch):
+    """Whatever fails inside, the client's 500 says what failed in general terms and where to look (the log, by
+    request id); the exception's type, text and traceback stay in the server log."""
+    secret = "/srv/models/secret-path.safetensors: CUDA error 719"
+    with server.client() as c:
+        r = c.post("/generate", json={"prompt": "boom [[fail]]", "steps": 2}, headers={"X-Request-Id": "fault-1"})
+        assert r.status_code == 500 and r.headers["x-request-id"] == "fault-1"
+        message = r.json()["error"]["message"]
+        assert "denoise" in message and "InjectedFault" not in message and "injected" not in message
+
+        async def broken_run(*args, **kwargs):
+            raise RuntimeError(secret)
+
+        monkeypatch.setattr(server.app.state.tta.gateway, "run", broken_run)
+        r = c.post("/generate", json={"prompt": "anything", "steps": 2}, headers={"X-Request-Id": "fault-2"})
+    assert r.status_code == 500 and r.json()["error"]["code"] == "internal_error"
+    assert secret not in r.text and "RuntimeError" not in r.text and "Traceback" not in r.text
+    assert "fault-2" in r.json()["error"]["message"]
+    assert server.metric("tta_requests_total", model="tiny", status="500") >= 2

@@ -38,7 +38,7 @@ def run_engine(runtimes, jobs: list[dict], policy="continuous", max_batch=16, ma
     them by length."""
     from service.engine import Engine
     from service.metrics import Metrics
-    from service.scheduler import GenerationJob
+    from service.jobs import GenerationJob
 
     engine = Engine(runtimes, metrics or Metrics(), policy=policy, max_batch=max_batch, queue_size=64,
                     max_padding=max_padding)
@@ -79,7 +79,7 @@ def test_engine_latents_equal_bundle_generate_latents(runtimes, model):
     target = spec(model, "a cat meows", 1.3, 6, 2.5, 1234, id="target")
     others = [spec(model, "thunder", 3.0, 3, 1.0, 7), spec(model, "a bell rings", 0.5, 9, 4.0, 8),
               spec(model, "wind", 2.2, 6, 0.0, 9), spec(TINY if model == TINY_ARC else TINY_ARC, "birds", 1.0, 5, 3.0, 10)]
-    expected = bundle.generate_latents(["a cat meows"], [1.3], [1234], steps=6, guidance=2.5)[0]
+    expected = bundle.pipeline.generate_latents(["a cat meows"], [1.3], [1234], steps=6, guidance=2.5)[0]
 
     alone, _ = run_engine(runtimes, [target])
     result, error = alone["target"]
@@ -92,7 +92,7 @@ def test_engine_latents_equal_bundle_generate_latents(runtimes, model):
     assert error is None and all(e is None for _, e in mixed.values())
     assert (result.latents - expected).abs().max() < 1e-4
     companion = others[1]  # same model, other duration / steps / guidance: equals its own reference run
-    ref = bundle.generate_latents([companion["prompt"]], [companion["duration"]], [companion["seed"]],
+    ref = bundle.pipeline.generate_latents([companion["prompt"]], [companion["duration"]], [companion["seed"]],
                                   steps=companion["steps"], guidance=companion["guidance"])[0]
     assert (mixed["job2"][0].latents - ref).abs().max() < 1e-4
     assert engine.ticks < 6 + 9 + 3 + 6 + 5  # samples of one model shared forwards
@@ -250,7 +250,6 @@ def wait_for(pred, timeout=5.0):
 def test_disconnected_client_stops_consuming_steps(server):
     steps0 = server.metric("tta_denoise_steps_total", model="tiny")
     closed0 = server.metric("tta_requests_total", model="tiny", status="499")
-    t0 = time.monotonic()
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(server.url + "/generate", json={"prompt": "[[slow=100]] long", "steps": 50, "duration": 1.0},
                    timeout=httpx.Timeout(10, read=0.4))
@@ -261,16 +260,16 @@ def test_disconnected_client_stops_consuming_steps(server):
     steps = server.metric("tta_denoise_steps_total", model="tiny") - steps0
     time.sleep(0.3)
     assert server.metric("tta_denoise_steps_total", model="tiny") - steps0 == steps  # no more steps
-    assert steps < 50 and time.monotonic() - t0 < 4.0
+    assert steps < 50
 
 
 def test_deadline_is_504_and_the_sample_is_dropped(server):
+    steps0 = server.metric("tta_denoise_steps_total", model="tiny")
     with server.client() as c:
-        t0 = time.monotonic()
         r = c.post("/generate", json={"prompt": "[[slow=30]] too slow", "steps": 50, "timeout": 0.3})
         assert r.status_code == 504 and r.json()["error"]["code"] == "timeout"
-        assert time.monotonic() - t0 < 1.5
-    assert wait_for(lambda: server.metric("tta_inflight_requests", model="tiny") == 0, 1.0)
+    assert wait_for(lambda: server.metric("tta_inflight_requests", model="tiny") == 0, 3.0)
+    assert server.metric("tta_denoise_steps_total", model="tiny") - steps0 < 50  # dropped, not run to its end
     with server.client() as c:  # still serving
         assert c.post("/generate", json={"prompt": "after timeout", "steps": 2}).status_code == 200
 

@@ -8,7 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from models.bundle import ZOO, ModelBundle, available_models
+from models.bundle import ModelBundle
+from models.registry import ZOO, available_models
+
+pytestmark = pytest.mark.slow  # end to end: `make test-fast` leaves it out
 
 TEACHER = ZOO / "tta-teacher"
 
@@ -42,7 +45,7 @@ def teacher_tone():
     with pytest.MonkeyPatch.context() as mp:
         _block_network(mp)
         bundle = ModelBundle.load(TEACHER)
-        wave = bundle.generate(["a 440 Hz sine tone on the left"], [3.0], [0])[0]
+        wave = bundle.pipeline.generate(["a 440 Hz sine tone on the left"], [3.0], [0])[0]
     return bundle, wave
 
 
@@ -87,7 +90,7 @@ def test_shipped_fast_models_take_one_forward_per_step(name, kind, steps):
     assert (bundle.config.kind, bundle.config.default_steps) == (kind, steps)
     assert bundle.denoiser.config.latent_dim == bundle.codec.latent_dim == 33
     rows = count_denoiser_rows(bundle)
-    wave = bundle.generate(["rain on a roof", "a 300 Hz square wave"], [1.0, 1.5], [1, 2])
+    wave = bundle.pipeline.generate(["rain on a roof", "a 300 Hz square wave"], [1.0, 1.5], [1, 2])
     assert rows == [2] * steps  # guidance folded in (BSA) or absent (ARC): one row per sample per step
     assert [w.shape for w in wave] == [(2, 44100), (2, round(1.5 * 44100))]
     assert all(torch.isfinite(w).all() and w.abs().max() > 1e-3 for w in wave)

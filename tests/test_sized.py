@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import float32_default
 
-from models.bundle import available_models
+from models.registry import available_models
 from models.checkpoints import detect_format, load_checkpoint_dir
 from models.checkpoints import format_stable_audio_tools as sat_format
 from models.checkpoints.reference_configs import sao_1_config, sao_small_config
@@ -45,9 +45,37 @@ def test_tiny_is_served_through_the_registry_and_generates(tiny):
     assert (b.config.sampler, b.config.default_steps, b.config.default_guidance) == ("pingpong", 8, 1.0)
     assert "RANDOM weights" in b.config.description
     assert b.text_encoder.dim == 32 and b.text_encoder.encoder.max_length == 12
-    wave = b.generate(["Rain on a tin roof, then thunder"], [0.016], [0])[0]
+    wave = b.pipeline.generate(["Rain on a tin roof, then thunder"], [0.016], [0])[0]
     assert wave.shape == (2, 128) and bool(torch.isfinite(wave).all()) and float(wave.abs().max()) > 0
     assert counts["dit"] == sum(p.numel() for p in b.denoiser.dit.parameters())
+
+
+def test_the_offline_cli_runs_a_checkpoint_directory_as_the_server_does(tiny, tmp_path, capsys):
+    """``tta generate`` loads through the service's registry, runtime and engine: a checkpoint directory works, and
+    its audio equals the pipeline's for the same seed."""
+    import soundfile as sf
+
+    from service.audio import to_pcm16
+    from service.cli import main
+
+    import json
+    import shutil
+
+    root = tmp_path / "sao-small-sized"
+    shutil.copytree(tiny[0], root)
+    # the tiny scale's own limit is 16 ms, under the API's 0.5 s minimum; serving.json lifts it, as for any checkpoint
+    (root / "serving.json").write_text(json.dumps({"max_duration": 1.0, "default_duration": 0.5}))
+    out = tmp_path / "rain.wav"
+    main(["generate", "Rain on a tin roof", "--model", str(root), "--duration", "0.5", "--seed", "4", "--steps", "2",
+          "-o", str(out)])
+    assert "model sao-small-sized (torch), 2 steps" in capsys.readouterr().out
+    audio, sr = sf.read(out, dtype="int16")
+    pipeline = load_checkpoint_dir(root).pipeline
+    assert sr == pipeline.sample_rate and audio.shape == (round(0.5 * sr), 2)  # the tiny scale's codec rate
+    ref = pipeline.generate(["Rain on a tin roof"], [0.5], [4], steps=2)[0]
+    assert (audio.astype(int) - to_pcm16(ref).astype(int)).__abs__().max() <= 1
+    with pytest.raises(SystemExit, match="exceeds model sao-small-sized's maximum"):
+        main(["generate", "x", "--model", str(root), "--duration", "2", "-o", str(out)])
 
 
 @torch.no_grad()

@@ -22,6 +22,7 @@ def _float32():
         yield
 
 
+@pytest.mark.slow
 def test_a_compiled_denoiser_serves_the_eager_latents(model_dir):
     eager, compiled = load_runtime(model_dir / TINY, "torch"), load_runtime(model_dir / TINY, "torch", compile=True)
     assert (eager.compiled, compiled.compiled) == (False, True)
@@ -50,6 +51,7 @@ def test_bfloat16_autocast_stays_near_float32(model_dir):
         load_runtime(model_dir / TINY, "torch", precision="float64")
 
 
+@pytest.mark.slow
 def test_the_settings_reach_the_torch_runtime_and_not_the_others(model_dir):
     pytest.importorskip("onnxruntime")
     from service.app import load_model

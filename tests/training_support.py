@@ -5,7 +5,8 @@ from pathlib import Path
 
 import torch
 
-from models.bundle import BundleConfig, ModelBundle
+from models.bundle import ModelBundle
+from models.config import BundleConfig
 from models.codec import HarmonicAutoencoder, HarmonicAutoencoderConfig
 from models.dit import DiT, DiTConfig
 from models.layers import fill_zero_parameters

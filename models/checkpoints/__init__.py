@@ -17,21 +17,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from models.checkpoints import (
-    format_derived,
-    format_diffusers_stable_audio,
-    format_stable_audio_tools,
-    format_tango,
-)
+from models.checkpoints import format_derived
 from models.checkpoints.bundle import CheckpointBundle
 from models.checkpoints.weights import CheckpointError
 
-FORMATS = {
-    format_stable_audio_tools.NAME: format_stable_audio_tools,
-    format_diffusers_stable_audio.NAME: format_diffusers_stable_audio,
-    format_tango.NAME: format_tango,
-    format_derived.NAME: format_derived,
-}
+FORMATS = {**format_derived.BASE_FORMATS, format_derived.NAME: format_derived}
 
 
 def detect_format(path: str | Path) -> str | None:

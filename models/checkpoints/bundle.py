@@ -1,6 +1,5 @@
-"""``CheckpointBundle``: a ``ModelBundle`` over a foreign checkpoint, so that serving, the engine's scheduler,
-benchmarks and distillation drive it exactly like an embedded model (same ``predict_x0`` / ``conditioning`` /
-``generate`` / ``decode``), with the project's own schedules and samplers."""
+"""``CheckpointBundle``: a ``ModelBundle`` over a foreign checkpoint, so that serving, the pipeline, benchmarks and
+distillation drive it exactly like an embedded model, with the project's own schedules and samplers."""
 from __future__ import annotations
 
 import json
@@ -9,10 +8,11 @@ from pathlib import Path
 
 from torch import nn
 
-from models.bundle import BundleConfig, ModelBundle
+from models.bundle import ModelBundle
+from models.config import BundleConfig
 from models.checkpoints.weights import CheckpointError
 from models.codec.base import AudioCodec
-from models.diffusion import make_parameterization, make_sampler, make_schedule
+from models.diffusion import make_schedule
 from models.diffusion.schedules import NoiseSchedule
 from models.text import TextEmbedding
 from models.text.encoders import null_embedding
@@ -37,8 +37,6 @@ class CheckpointBundle(ModelBundle):
         super().__init__(base, denoiser, codec, text_encoder, device=device, path=path)
         self.config = config
         self.schedule = schedule
-        self.parameterization = make_parameterization(config.parameterization, schedule)
-        self.sampler = make_sampler(config.sampler, schedule)
         self.null_condition = null_condition
         self.source_format = source_format
         self.base_path = base_path or path  # the original checkpoint (a derived model's base; else the model itself)

@@ -22,18 +22,26 @@ from pathlib import Path
 
 from torch import nn
 
-from models.bundle import BundleConfig
+from models.checkpoints import format_diffusers_stable_audio, format_stable_audio_tools, format_tango
 from models.checkpoints.bundle import CheckpointBundle, bundle_config, read_json
 from models.checkpoints.weights import CheckpointError, check_fit, expected_shapes, read_state_dict, tensor_shapes
+from models.config import BundleConfig
 
 NAME = "derived"
 MANIFEST = "derived.json"
 WEIGHTS = "denoiser.safetensors"
 FIXED = ("schedule", "parameterization", "text_encoder", "denoiser", "codec", "codec_from")
+# the formats a derived model's base can have (a derived model of a derived model points at the original base)
+BASE_FORMATS = {m.NAME: m for m in (format_stable_audio_tools, format_diffusers_stable_audio, format_tango)}
 
 
 def detect(path: Path) -> bool:
     return (path / MANIFEST).is_file()
+
+
+def base_format(path: Path) -> str | None:
+    """The name of a base checkpoint directory's format, or None."""
+    return next((name for name, module in BASE_FORMATS.items() if module.detect(path)), None)
 
 
 def base_dir(path: Path, manifest: dict) -> Path:
@@ -44,8 +52,6 @@ def base_dir(path: Path, manifest: dict) -> Path:
 
 
 def load(path: str | Path, device: str = "cpu", text_encoder=None) -> CheckpointBundle:
-    from models.checkpoints import load_checkpoint_dir  # the registry, which lists this module
-
     path = Path(path)
     manifest = read_json(path / MANIFEST)
     base = base_dir(path, manifest)
@@ -53,7 +59,10 @@ def load(path: str | Path, device: str = "cpu", text_encoder=None) -> Checkpoint
         raise CheckpointError(f"{path / MANIFEST}: base {base} is itself a derived model; point at its base")
     if not base.is_dir():
         raise CheckpointError(f"{path / MANIFEST}: base checkpoint {base} not found")
-    source = load_checkpoint_dir(base, device="cpu", text_encoder=text_encoder)
+    kind = base_format(base)
+    if kind is None:
+        raise CheckpointError(f"{path / MANIFEST}: base {base} is not a checkpoint of any of {sorted(BASE_FORMATS)}")
+    source = BASE_FORMATS[kind].load(base, device="cpu", text_encoder=text_encoder)
     weights = path / manifest.get("weights", WEIGHTS)
     state = read_state_dict(weights)
     check_fit(expected_shapes(source.denoiser), tensor_shapes(state), str(weights), "denoiser")
@@ -91,10 +100,8 @@ def save(source: CheckpointBundle, denoiser: nn.Module, out_dir: str | Path, **o
     save_file(state, str(tmp))
     os.chmod(tmp, 0o644)  # safetensors writes owner-only files; a model directory is read by the serving user
     os.replace(tmp, out / WEIGHTS)
-    from models.checkpoints import detect_format
-
     base = source.base_path.resolve()
-    manifest = {"base": os.path.relpath(base, out.resolve()), "base_format": detect_format(base), "weights": WEIGHTS,
+    manifest = {"base": os.path.relpath(base, out.resolve()), "base_format": base_format(base), "weights": WEIGHTS,
                 "config": overrides}
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return out

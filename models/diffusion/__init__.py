@@ -14,7 +14,8 @@ from models.diffusion.parameterization import (
     make_parameterization,
 )
 from models.diffusion.samplers import DDIMSampler, PingPongSampler, Sampler, make_sampler
-from models.diffusion.schedules import NoiseSchedule, RectifiedFlowSchedule, VPCosineSchedule, make_schedule
+from models.diffusion.schedule_factory import make_schedule
+from models.diffusion.schedules import NoiseSchedule, RectifiedFlowSchedule, VPCosineSchedule
 
 __all__ = [
     "DDIMSampler",

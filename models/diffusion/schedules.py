@@ -89,19 +89,3 @@ class RectifiedFlowSchedule(NoiseSchedule):
 
     def t_from_logsnr(self, logsnr: Tensor) -> Tensor:
         return torch.sigmoid(-logsnr / 2)
-
-
-def make_schedule(config: dict | str) -> NoiseSchedule:
-    if isinstance(config, str):
-        config = {"name": config}
-    kwargs = {k: v for k, v in config.items() if k != "name"}
-    if config["name"] == VPCosineSchedule.name:
-        return VPCosineSchedule(**kwargs)
-    if config["name"] == RectifiedFlowSchedule.name:
-        return RectifiedFlowSchedule()
-    from models.diffusion.discrete import DiscreteVPSchedule  # it builds on this module
-
-    if config["name"] == DiscreteVPSchedule.name:
-        return DiscreteVPSchedule.from_scheduler_config(kwargs, "the schedule config")
-    raise ValueError(f"unknown noise schedule {config['name']!r}; expected 'vp-cosine', 'rectified-flow' or "
-                     f"{DiscreteVPSchedule.name!r}")

@@ -62,7 +62,8 @@ from models.training.common import (
     step_rngs,
     train_loop,
 )
-from models.training.derived import export_derived, load_source, source_cache, window_frames
+from models.registry import load_bundle
+from models.training.derived import export_derived, source_cache, window_frames
 from models.training.latent_cache import LatentCache
 from models.training.validation import BestCheckpoint, Validator
 
@@ -221,7 +222,7 @@ class ARCDraw:
 class ARCTrainer:
     def __init__(self, source: ModelBundle, cfg: ARCConfig):
         self.cfg = cfg
-        self.schedule, self.param = source.schedule, source.parameterization
+        self.schedule, self.param = source.schedule, source.pipeline.parameterization
         dit = source.denoiser
         check_trunk(dit)
         if isinstance(dit, DiT) and dit.config.guidance_embed:
@@ -357,7 +358,7 @@ def train_arc(source: ModelBundle, cache: LatentCache, out_dir: str | Path, run_
         run.save(step, trainer.modules(), trainer.optimizers())
         export(Path(out_dir), step)
         if validator is not None:
-            result = validator.evaluate(load_source(out_dir, text_encoder=source.text_encoder), step)
+            result = validator.evaluate(load_bundle(out_dir, text_encoder=source.text_encoder), step)
             kept = best.offer(result, lambda dest: export(dest, step))
             print(f"validation at {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in result.figures.items()
                                                            if v is not None) + (" (best so far)" if kept else ""))
@@ -372,6 +373,6 @@ def run_arc(source: str | Path, out_dir: str | Path, run_dir: str | Path, cfg: A
     """The CLI's entry: load the source (a directory or a zoo name), encode the training clips with its codec
     (or reuse ``cache_dir``), post-train."""
     set_threads(cfg.threads)
-    bundle = load_source(source, device=cfg.device)
+    bundle = load_bundle(source, device=cfg.device)
     cache = source_cache(bundle, cache_dir or Path(run_dir) / "latents", cfg.cache_clips, cfg.seed)
     return train_arc(bundle, cache, out_dir, run_dir, cfg, stop_at=stop_at)

@@ -3,8 +3,8 @@ clip re-captioned from its edited ground truth.
 
 Transposition: a tone clip's cached latents are moved to another pitch with the codec's ``shift_pitch``, so every
 draw of a tone can state a pitch the corpus never rendered. A cache of a few thousand clips holds only a few hundred
-tones (762 tones at 316 distinct pitches in the embedded teacher's 2500 clips), and the sixth-round teacher's
-held-out pitch miss was in the values between them, not in the phrasing.
+tones (762 tones at 316 distinct pitches in the embedded teacher's 2500 clips), and a teacher trained without
+transposition missed held-out pitches in the values between them, not in the phrasing.
 
 Re-panning: a clip panned hard left or right is given another stated placement (left, right, centre, or a move
 either way) by rewriting the stereo-balance channel, so every source is seen in every placement."""
@@ -27,9 +27,8 @@ class PitchTransposer:
 
     A range wider than the one captions are scored on flattens the training prior over the scored range: guidance
     divides by the unconditional density, so where that density falls off (near the ends of a range every tone
-    lies in) it pushes a pitch outward: under guidance 2 the tenth-round teacher put "a sine tone at 1614 Hz" at
-    1969 Hz, and a candidate trained on from it over 50-3200 Hz at 1815 Hz (``benchmarks/results/
-    teacher_round11_candidate.md``)."""
+    lies in) it pushes a pitch outward: under guidance 2 the embedded teacher puts "a sine tone at 1614 Hz"
+    at 1969 Hz, and a candidate trained on from it over 50-3200 Hz put it at 1815 Hz."""
 
     def __init__(self, codec, corpus, prob: float, max_octaves: float = 1.0,
                  pitch_range: tuple[float, float] | None = None):

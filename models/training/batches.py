@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from models.bundle import Conditioning
+from models.conditioning import Conditioning
 from models.text import TextEmbedding
 from models.training.latent_cache import LatentCache, sample_batch
 
@@ -21,7 +21,6 @@ class CaptionedBatch:
     prompts: list[str]  # the captions actually encoded ("" where the condition was dropped)
     text: TextEmbedding
     seconds: Tensor  # [B] clip durations (the duration conditioning)
-    params: list[dict] | None = None  # each clip's ground truth as captioned (after any augmentation)
 
     def __len__(self) -> int:
         return self.x0.shape[0]
@@ -33,35 +32,31 @@ class CaptionedBatch:
     def to(self, device) -> CaptionedBatch:
         text = TextEmbedding(self.text.tokens.to(device), self.text.mask.to(device), self.text.pooled.to(device))
         return CaptionedBatch(self.x0.to(device), self.mask.to(device), self.idx, self.prompts, text,
-                              self.seconds.to(device), self.params)
+                              self.seconds.to(device))
 
 
 def sample_captioned_batch(cache: LatentCache, corpus, text_encoder, rng: np.random.Generator, batch_size: int,
                            cond_dropout: float = 0.0, null_text=None, max_frames: int | None = None,
-                           augment=None, caption_augment=None) -> CaptionedBatch:
+                           augment=None) -> CaptionedBatch:
     """Clips drawn uniformly from the cache, each with a freshly drawn caption of its ground truth (the corpus
     words the same sound many ways), and the empty prompt with probability ``cond_dropout`` (what classifier-free
     guidance's unconditional branch is trained on). ``null_text(n) -> TextEmbedding``, when given, is the model's
     own unconditional input for those rows (a checkpoint's null condition need not be the empty prompt's
     encoding). ``max_frames``: the model's longest window; a longer clip is cut to a random window of it, with
     the window's duration as the duration condition. ``augment(x0, mask, params, rng) -> (x0, params)``, when
-    given, changes some clips and their ground truth before they are captioned (``models.training.augment``);
-    ``caption_augment(caption, rng) -> caption``, when given, edits each caption before it is encoded
-    (``models.training.filler_words``)."""
+    given, changes some clips and their ground truth before they are captioned (``models.training.augment``)."""
     x0, mask, idx, share = sample_batch(cache, rng, batch_size, max_frames)
     params = [cache.params[i] for i in idx]
     if augment is not None:
         x0, params = augment(x0, mask, params, rng)
     prompts = [corpus.caption(p, rng) for p in params]
-    if caption_augment is not None:
-        prompts = [caption_augment(p, rng) for p in prompts]
     prompts = ["" if rng.random() < cond_dropout else p for p in prompts]
     text = text_encoder.encode(prompts)
     dropped = [i for i, p in enumerate(prompts) if not p]
     if null_text is not None and dropped:
         text = with_rows(text, dropped, null_text(len(dropped)))
     seconds = torch.tensor([cache.durations[i] * f for i, f in zip(idx, share)], dtype=torch.float32)
-    return CaptionedBatch(x0, mask, idx, prompts, text, seconds, params)
+    return CaptionedBatch(x0, mask, idx, prompts, text, seconds)
 
 
 def with_rows(text: TextEmbedding, rows: list[int], other: TextEmbedding) -> TextEmbedding:

@@ -113,9 +113,9 @@ def step_rngs(seed: int, stream: int, step: int) -> tuple[np.random.Generator, t
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    """Every parameter group to ``lr``, times the group's ``lr_scale`` where it has one."""
+    """Every parameter group to ``lr``."""
     for group in optimizer.param_groups:
-        group["lr"] = lr * group.get("lr_scale", 1.0)
+        group["lr"] = lr
 
 
 def optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, loss: torch.Tensor,

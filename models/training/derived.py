@@ -12,35 +12,9 @@ from pathlib import Path
 
 from torch import nn
 
-from models.bundle import ZOO, BundleConfig, ModelBundle
-from models.checkpoints import FORMATS, CheckpointBundle, format_derived, is_checkpoint_dir, load_checkpoint_dir
-from models.text import load_text_encoder
+from models.bundle import ModelBundle
+from models.checkpoints import CheckpointBundle, format_derived
 from models.training.latent_cache import LatentCache, build_latent_cache
-
-
-def is_model_dir(path: Path) -> bool:
-    return (path / "config.json").is_file() or is_checkpoint_dir(path)
-
-
-def resolve_model(name_or_path: str | Path) -> Path:
-    """A model directory (project or checkpoint format), or the name of one under models/zoo."""
-    path = Path(name_or_path)
-    if is_model_dir(path):
-        return path
-    if is_model_dir(ZOO / str(name_or_path)):
-        return ZOO / str(name_or_path)
-    raise FileNotFoundError(f"{name_or_path}: neither a model directory (config.json, or a checkpoint format: "
-                            f"{', '.join(FORMATS)}) nor a model in {ZOO}")
-
-
-def load_source(name_or_path: str | Path, device: str = "cpu", text_encoder=None) -> ModelBundle:
-    path = resolve_model(name_or_path)
-    if is_checkpoint_dir(path):
-        return load_checkpoint_dir(path, device=device, text_encoder=text_encoder)
-    if text_encoder is None:
-        config = BundleConfig.load(path / "config.json")
-        text_encoder = load_text_encoder(config.text_encoder, cache_size=2048)
-    return ModelBundle.load(path, device=device, text_encoder=text_encoder)
 
 
 def source_cache(source: ModelBundle, cache_dir: str | Path, clips: int, seed: int) -> LatentCache:

@@ -63,7 +63,8 @@ from models.training.common import (
     step_rngs,
     train_loop,
 )
-from models.training.derived import export_derived, is_model_dir, load_source, source_cache, window_frames
+from models.registry import is_model_dir, load_bundle
+from models.training.derived import export_derived, source_cache, window_frames
 from models.training.latent_cache import LatentCache
 
 
@@ -164,7 +165,7 @@ class Distiller:
             raise ValueError(f"unknown weighting {cfg.weighting!r}; expected one of {', '.join(WEIGHTINGS)}")
         self.teacher, self.student, self.n, self.cfg = teacher, student, int(n_steps), cfg
         self.guidance_range = guidance_range
-        self.schedule, self.param = teacher.schedule, teacher.parameterization
+        self.schedule, self.param = teacher.schedule, teacher.pipeline.parameterization
         self.sampler = DDIMSampler(teacher.schedule)
         self.device = next(student.parameters()).device
         self.ema = EMA(student, cfg.ema_decay)
@@ -188,7 +189,7 @@ class Distiller:
         cond = batch.conditioning
 
         def teacher_x0(zz, tt):
-            return self.teacher.predict_x0(zz, tt, cond, d.guidance, batch.mask).clone()
+            return self.teacher.pipeline.predict_x0(zz, tt, cond, d.guidance, batch.mask).clone()
 
         return two_step_target(teacher_x0, self.sampler, z, d.i.to(self.device), self.n)[0]
 
@@ -240,7 +241,7 @@ def distill(teacher: ModelBundle, cache: LatentCache, out_root: str | Path, run_
         done = run.dir / "done.json"
         if done.is_file() and is_model_dir(out):
             exported.append(out)
-            current = load_source(out, device=cfg.device, text_encoder=text_encoder)
+            current = load_bundle(out, device=cfg.device, text_encoder=text_encoder)
             continue
         budget = None if stop_at is None else stop_at - k * cfg.steps_per_halving
         if budget is not None and budget <= 0:
@@ -281,7 +282,7 @@ def distill(teacher: ModelBundle, cache: LatentCache, out_root: str | Path, run_
                       "guidance_range": list(g_range), "steps_done": steps_before + step})
         done.write_text(json.dumps({"out": str(out), "steps": step}) + "\n")
         exported.append(out)
-        current = load_source(out, device=cfg.device, text_encoder=text_encoder)
+        current = load_bundle(out, device=cfg.device, text_encoder=text_encoder)
     return exported
 
 
@@ -290,6 +291,6 @@ def run_distill(source: str | Path, out_root: str | Path, run_dir: str | Path, c
     """The CLI's entry: load the teacher (a directory or a zoo name), encode the training clips with its codec
     (or reuse ``cache_dir``), distil."""
     set_threads(cfg.threads)
-    teacher = load_source(source, device=cfg.device)
+    teacher = load_bundle(source, device=cfg.device)
     cache = source_cache(teacher, cache_dir or Path(run_dir) / "latents", cfg.cache_clips, cfg.seed)
     return distill(teacher, cache, out_root, run_dir, cfg, name=name, stop_at=stop_at)

@@ -9,15 +9,14 @@ from pathlib import Path
 
 import torch
 
-from models.bundle import BundleConfig, ModelBundle
+from models.bundle import ModelBundle
+from models.config import BundleConfig, drop_retired_keys
 from models.codec import load_codec
 from models.data.corpus import PITCH_RANGE_HZ
 from models.diffusion import VPCosineSchedule, VPrediction
 from models.dit import DiT, DiTConfig
 from models.text import NumberChannels, load_text_encoder
 from models.training.augment import latent_augment
-from models.training.filler_words import FillerWords
-from models.training.phrasing import phrasing_consistency
 from models.training.batches import latent_channel_weight, masked_mse, sample_captioned_batch
 from models.training.common import (
     EMA,
@@ -34,6 +33,11 @@ from models.training.latent_cache import LatentCache, build_latent_cache
 from models.training.warm_start import warm_start_dit
 
 __all__ = ["TeacherTrainConfig", "export_teacher", "latent_channel_weight", "load_codec", "masked_mse", "train_teacher"]
+
+# TeacherTrainConfig keys of options that were measured and removed (a value head on the stated values, filler-word
+# caption augmentation, a phrasing-consistency loss term): a training config that still has one loads without it
+RETIRED_TEACHER_KEYS = ("value_head", "value_head_lr_scale", "filler_words", "filler_max_words",
+                        "phrasing_consistency")
 
 
 @dataclass
@@ -65,13 +69,6 @@ class TeacherTrainConfig:
     # and the values reach the denoiser through the value and rhythm conditioners alone, hidden from cross-attention
     # and the pooled condition (models.dit.DiTConfig.values_only); needs number_values
     values_only: bool = False
-    # a readout of the stated values straight into the output, one slot per pitch slot of the codec
-    # (models.dit.ValueHead); needs number_linear
-    value_head: bool = False
-    # its learning rate against the rest: the head is a few linear maps that must grow from zero to the size of a
-    # latent channel, which at the trunk's rate takes thousands of steps (session 22: 0.003 mean weight after 500;
-    # its measured run used 30)
-    value_head_lr_scale: float = 30.0
     init_from: str = ""  # warm start from this teacher directory (its codec may have another latent layout)
     # v-MSE weight of the codec's analytic channels (tonality, pitch, balance) against 1 for the learned ones: a 1 %
     # pitch step is 0.015 of the pitch channel's standard deviation, so its errors count for more than their share.
@@ -85,15 +82,8 @@ class TeacherTrainConfig:
     pitch_shift_octaves: float = 1.0
     pitch_shift_low_hz: float = PITCH_RANGE_HZ[0]
     pitch_shift_high_hz: float = PITCH_RANGE_HZ[1]
-    # the share of captions given 1 .. filler_max_words random words that say nothing about the sound, so the reading
-    # of a stated number cannot lean on the exact words around it (models.training.filler_words)
-    filler_words: float = 0.0
-    filler_max_words: int = 3
-    # weight of the phrasing-consistency term: the pitch channels' x0 under a tone's caption against the EMA model's
-    # under its canonical caption, same noisy latents (models.training.phrasing); 0 = off. Session 21: no gain at 0.2,
-    # the reading broke at 3 (the term then outweighs the v-MSE on the pitch channels about 29 times per element)
-    phrasing_consistency: float = 0.0
-    # the exported model's default classifier-free guidance (the tenth round's 2 was chosen on the training split)
+    # the exported model's default classifier-free guidance (the embedded teacher's 2 was chosen on the training
+    # split)
     guidance: float = 3.0
     # where the denoiser trains ("cpu", "cuda", "cuda:1"); the latent cache, the text encoder and the batches' making
     # stay on the CPU, and the checkpoints and exported model are the same files whatever the device
@@ -101,24 +91,27 @@ class TeacherTrainConfig:
 
     def __post_init__(self) -> None:
         # which conditioners the denoiser gets is all that matters here, not its sizes
-        denoiser = self.dit_config(latent_dim=1, latent_rate=1.0, text_dim=1, pooled_dim=1, pitch_slots=1)
+        denoiser = self.dit_config(latent_dim=1, latent_rate=1.0, text_dim=1, pooled_dim=1)
         denoiser.check_numbers(self.numbers(), "teacher config: ")
+
+    @classmethod
+    def from_config(cls, config: dict) -> TeacherTrainConfig:
+        """The settings of a saved training config (the ``training`` block of an exported teacher's config.json, or
+        a run's train_config.json): its ``steps_done`` record is left out and retired keys are dropped with a
+        warning."""
+        config = drop_retired_keys(config, RETIRED_TEACHER_KEYS, "teacher training config")
+        return cls(**{k: v for k, v in config.items() if k != "steps_done"})
 
     def numbers(self) -> NumberChannels:
         return NumberChannels(self.number_freqs, self.number_linear, self.number_masked)
 
-    def dit_config(self, latent_dim: int, latent_rate: float, text_dim: int, pooled_dim: int,
-                   pitch_slots: int = 0) -> DiTConfig:
-        """The denoiser these settings train, for a codec of ``latent_dim`` channels at ``latent_rate`` frames/s with
-        ``pitch_slots`` analytic pitch slots and a text encoder of ``text_dim`` token / ``pooled_dim`` pooled
-        channels."""
-        if self.value_head and pitch_slots < 1:
-            raise ValueError("the value head writes the codec's pitch slots, and this codec has none")
+    def dit_config(self, latent_dim: int, latent_rate: float, text_dim: int, pooled_dim: int) -> DiTConfig:
+        """The denoiser these settings train, for a codec of ``latent_dim`` channels at ``latent_rate`` frames/s and
+        a text encoder of ``text_dim`` token / ``pooled_dim`` pooled channels."""
         return DiTConfig(latent_dim=latent_dim, width=self.width, depth=self.depth, heads=self.heads,
                          text_dim=text_dim, pooled_dim=pooled_dim,
                          rhythm_frame_rate=latent_rate if self.rhythm else 0.0, number_values=self.number_values,
-                         number_width=self.numbers().width, values_only=self.values_only,
-                         value_head_slots=pitch_slots if self.value_head else 0)
+                         number_width=self.numbers().width, values_only=self.values_only)
 
     def text_encoder_config(self) -> dict:
         return {"name": "minilm", **self.numbers().to_config()}
@@ -135,16 +128,14 @@ def train_teacher(out_dir: str | Path, run_dir: str | Path, codec_dir: str | Pat
     text_encoder = load_text_encoder(cfg.text_encoder_config(), cache_size=2048)  # a config error before the cache
     cache_dir = build_latent_cache(codec, run.dir / "latents", cfg.cache_clips, seed=cfg.seed)
     cache = LatentCache.load(cache_dir)
-    model = DiT(cfg.dit_config(codec.latent_dim, codec.latent_rate, text_encoder.dim, text_encoder.pooled_dim,
-                               codec.pitch_channels // 2))
+    model = DiT(cfg.dit_config(codec.latent_dim, codec.latent_rate, text_encoder.dim, text_encoder.pooled_dim))
     if cfg.init_from:
         added = warm_start_dit(model, cfg.init_from, codec.config.channel_names())
         print(f"warm start from {cfg.init_from}; new latent channels: {', '.join(added) or 'none'}")
     device = torch.device(cfg.device)
     model.to(device)
     ema = EMA(model, cfg.ema_decay)
-    opt = torch.optim.AdamW(parameter_groups(model, cfg.value_head_lr_scale), lr=cfg.lr, betas=(0.9, 0.99),
-                            weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
     step = 0
     if run.exists():
         step, _ = run.load({"model": model, "ema": ema.model}, {"opt": opt})
@@ -156,16 +147,12 @@ def train_teacher(out_dir: str | Path, run_dir: str | Path, codec_dir: str | Pat
     weight = latent_channel_weight(codec, cfg.analytic_weight)
     augment = latent_augment(codec, corpus, cfg.pitch_shift, cfg.placement_shift, cfg.pitch_shift_octaves,
                              (cfg.pitch_shift_low_hz, cfg.pitch_shift_high_hz))
-    pitch_channels = codec.pitch_channels
-    if cfg.phrasing_consistency > 0 and not pitch_channels:
-        raise ValueError("phrasing consistency compares the codec's pitch channels, and this codec has none")
-    fillers = FillerWords.for_text_encoder(cfg.filler_words, cfg.filler_max_words) if cfg.filler_words > 0 else None
     model.train()
 
     def train_step(step: int) -> dict:
         rng, gen = step_rngs(cfg.seed, 1, step)
         b = sample_captioned_batch(cache, corpus, text_encoder, rng, cfg.batch_size, cfg.cond_dropout,
-                                  augment=augment, caption_augment=fillers).to(device)
+                                  augment=augment).to(device)
         t = torch.from_numpy(rng.random(cfg.batch_size)).float().to(device)
         eps = torch.randn(b.x0.shape, generator=gen).to(device)  # drawn on the CPU: one run's draws on any device
         z = schedule.add_noise(b.x0, eps, t)
@@ -173,14 +160,9 @@ def train_teacher(out_dir: str | Path, run_dir: str | Path, codec_dir: str | Pat
         set_lr(opt, lr)
         out = model(z, t, b.text.tokens, b.text.mask, b.text.pooled, b.seconds, b.mask)
         loss = masked_mse(out, param.target(b.x0, eps, t), b.mask, weight).mean()
-        logs = {}
-        if cfg.phrasing_consistency > 0:
-            agree = phrasing_consistency(out, z, t, b, ema.model, text_encoder, param, pitch_channels)
-            loss = loss + cfg.phrasing_consistency * agree
-            logs["phrasing"] = agree.item()
         gnorm = optimizer_step(model, opt, loss, clip=1.0)
         ema.update(model, step + 1)
-        return {"loss": loss.item(), "grad_norm": gnorm, "lr": lr, **logs}
+        return {"loss": loss.item(), "grad_norm": gnorm, "lr": lr}
 
     def checkpoint(step: int) -> None:
         run.save(step, {"model": model, "ema": ema.model}, {"opt": opt})
@@ -189,15 +171,6 @@ def train_teacher(out_dir: str | Path, run_dir: str | Path, codec_dir: str | Pat
     train_loop(run, "teacher", step, cfg.steps, train_step, checkpoint, cfg.log_every, cfg.checkpoint_every,
                stop_at=stop_at)
     return Path(out_dir)
-
-
-def parameter_groups(model: DiT, value_head_lr_scale: float) -> list[dict]:
-    """The optimizer's parameter groups: the value head's (if any) at ``value_head_lr_scale`` times the rate of
-    the rest (``models.training.common.set_lr``)."""
-    named = list(model.named_parameters())
-    head = [p for n, p in named if n.startswith("value_head.")]
-    rest = [p for n, p in named if not n.startswith("value_head.")]
-    return [{"params": rest}] + ([{"params": head, "lr_scale": value_head_lr_scale}] if head else [])
 
 
 def export_teacher(model: DiT, codec, text_encoder, out_dir, codec_dir, cfg: TeacherTrainConfig, step: int) -> None:

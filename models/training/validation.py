@@ -58,7 +58,7 @@ class Validator:
         waves = []
         for b in range(0, len(self.clips), self.batch):
             part = self.clips[b: b + self.batch]
-            waves += bundle.generate([c.caption for c in part], self.durations[b: b + self.batch],
+            waves += bundle.pipeline.generate([c.caption for c in part], self.durations[b: b + self.batch],
                                      list(range(b, b + len(part))), steps=steps, guidance=guidance)
         audio = [w.float().numpy() for w in waves]
         fake_mfcc = np.stack([mfcc_embedding(a, SAMPLE_RATE) for a in audio])

@@ -17,7 +17,7 @@ DIT_CHANNEL_PARAMS = {"proj_in.weight": 1, "proj_out.weight": 0, "proj_out.bias"
 # (number channels) start with zero weights
 DIT_TEXT_INPUTS = ("context_proj.0.weight", "pooled_proj.0.weight")
 # modules a newer DiT may add that start from their own (zero) initialisation when the old model had none
-DIT_ADDED_MODULES = ("rhythm.", "values.", "value_head.")
+DIT_ADDED_MODULES = ("rhythm.", "values.")
 
 
 def remap_channels(old: Tensor, dim: int, old_names: list[str], new_names: list[str], fill: float = 0.0) -> Tensor:

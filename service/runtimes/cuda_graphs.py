@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from models.bundle import pad_axis
+from models.conditioning import pad_axis
 
 log = logging.getLogger("tta.runtimes")
 

@@ -1,10 +1,9 @@
 """The ONNX Runtime runtime: text encoder, denoiser and decoder run as exported graphs in onnxruntime sessions.
 
 Exports are made on first use (``models.export.ensure_onnx_export``: ``<model_dir>/onnx``, re-made when the model's
-weights or the graph-defining code change). Tokenisation, the prompt-embedding cache, classifier-free-guidance
-batching, the sampler maths and every random number stay in torch on the CPU, exactly as in ``ModelBundle``, so a
-seed gives the same audio whichever runtime serves it (up to float rounding). No torch model is loaded: only the
-tokenizer and the sessions.
+weights or the graph-defining code change). Tokenisation and the prompt-embedding cache stay in Python; the sampling
+loop is ``models.pipeline.Pipeline``'s, as for every runtime, so a seed gives the same audio whichever runtime serves
+it (up to float rounding). No torch model is loaded: only the tokenizer and the sessions.
 """
 from __future__ import annotations
 
@@ -16,14 +15,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from models.bundle import (BundleConfig, Conditioning, decode_batch_limit, decode_grouped, guided_forward,
-                           lead_guidance)
 from models.checkpoints.denoisers import per_length
-from models.diffusion import (
-    make_parameterization,
-    make_sampler,
-    make_schedule,
-)
+from models.config import BundleConfig
+from models.diffusion import make_schedule
 from models.export import OnnxExport, ensure_onnx_export
 from models.export.graphs import (
     DECODER_OUTPUTS,
@@ -86,12 +80,10 @@ class OnnxRuntime(Runtime):
         self.export = export
         self.device = device
         checkpoint = export.manifest.get("checkpoint")  # a checkpoint's config comes from its loader, at export
-        self.config = (BundleConfig(**checkpoint["config"]) if checkpoint else
+        self.config = (BundleConfig.from_dict(checkpoint["config"], f"{export.dir} manifest") if checkpoint else
                        BundleConfig.load(self.path / "config.json"))
         self.null_condition = bool(checkpoint and checkpoint.get("null_condition"))
         self.schedule = make_schedule(self.config.schedule)
-        self.parameterization = make_parameterization(self.config.parameterization, self.schedule)
-        self.sampler = make_sampler(self.config.sampler, self.schedule)
         codec = export.manifest["codec"]
         self.sample_rate, self.latent_dim = int(codec["sample_rate"]), int(codec["latent_dim"])
         self.samples_per_latent = int(codec["samples_per_latent"])
@@ -120,8 +112,8 @@ class OnnxRuntime(Runtime):
     def latent_frames(self, duration: float) -> int:
         return -(-round(duration * self.sample_rate) // self.samples_per_latent)
 
-    def encode_text(self, prompts: list[str], durations: list[float]) -> Conditioning:
-        return Conditioning(self.text_encoder.encode(prompts), torch.tensor(durations, dtype=torch.float32))
+    def encode_text(self, prompts: list[str]) -> TextEmbedding:
+        return self.text_encoder.encode(prompts)
 
     def unconditional_text(self, n: int) -> TextEmbedding:
         """The empty prompt's embedding, as ``ModelBundle.unconditional_text``; for a checkpoint trained with a null
@@ -134,33 +126,22 @@ class OnnxRuntime(Runtime):
         return TextEmbedding(u.tokens.expand(n, -1, -1), u.mask.expand(n, -1), u.pooled.expand(n, -1))
 
     # ------------------------------------------------------------------ denoiser
-    def _denoise(self, z: Tensor, t: Tensor, tokens: Tensor, mask: Tensor, pooled: Tensor, seconds: Tensor,
-                 frame_mask: Tensor, guidance: Tensor | None = None) -> Tensor:
-        if self._fixed_length is not None:
-            return per_length(self._fixed_length, z, self.schedule.model_timestep(t), tokens, mask, frame_mask)
-        values = {"z": z, "t": t, "tokens": tokens, "token_mask": mask, "pooled": pooled, "seconds": seconds,
-                  "frame_mask": frame_mask, "guidance": guidance}
-        return run_session(self.denoiser, self.denoiser_inputs, DENOISER_OUTPUTS[0], values)
-
     @torch.inference_mode()
-    def predict_x0(self, z: Tensor, t: Tensor, cond: Conditioning, guidance: Tensor, frame_mask: Tensor) -> Tensor:
-        """``ModelBundle.predict_x0`` over the denoiser graph: one session run per call; samples with guidance != 1
-        get an unconditional row (the empty prompt) appended to the same batch, unless the model takes guidance as
-        an input."""
-        z, t, guidance, frame_mask = z.float().cpu(), t.float().cpu(), guidance.float().cpu(), frame_mask.cpu()
-        out = guided_forward(self._denoise, z, t, cond, guidance, frame_mask, self.unconditional_text,
-                             self.config.guidance_in_model, lead_guidance(self.config))
-        return self.parameterization.to_x0(out, z, t)
+    def denoise(self, z: Tensor, t: Tensor, tokens: Tensor, token_mask: Tensor, pooled: Tensor, seconds: Tensor,
+                frame_mask: Tensor, guidance: Tensor | None = None) -> Tensor:
+        """One session run (a per-length graph: one run per distinct length)."""
+        z, t, frame_mask = z.float().cpu(), t.float().cpu(), frame_mask.cpu()
+        if self._fixed_length is not None:
+            return per_length(self._fixed_length, z, self.schedule.model_timestep(t), tokens, token_mask, frame_mask)
+        values = {"z": z, "t": t, "tokens": tokens, "token_mask": token_mask, "pooled": pooled, "seconds": seconds,
+                  "frame_mask": frame_mask, "guidance": None if guidance is None else guidance.float().cpu()}
+        return run_session(self.denoiser, self.denoiser_inputs, DENOISER_OUTPUTS[0], values)
 
     # ------------------------------------------------------------------ decoder
     @torch.inference_mode()
-    def decode(self, latents: list[Tensor], durations: list[float]) -> list[Tensor]:
-        """As ``ModelBundle.decode`` (``decode_grouped``), through the decoder session."""
-        def run(batch: Tensor) -> Tensor:
-            if batch.shape[-1] > self.max_latent_frames:
-                raise ValueError(f"{batch.shape[-1]} latent frames is longer than the exported decoder was checked "
-                                 f"for ({self.max_latent_frames}, the model's max_duration)")
-            out = torch.from_numpy(self.decoder.run(DECODER_OUTPUTS, {"latents": batch.float().cpu().numpy()})[0])
-            return finish_native(out, self.codec_entry, self.sample_rate)
-
-        return decode_grouped(latents, durations, self.sample_rate, run, decode_batch_limit(self.device))
+    def decode_latents(self, latents: Tensor) -> Tensor:
+        if latents.shape[-1] > self.max_latent_frames:
+            raise ValueError(f"{latents.shape[-1]} latent frames is longer than the exported decoder was checked "
+                             f"for ({self.max_latent_frames}, the model's max_duration)")
+        out = torch.from_numpy(self.decoder.run(DECODER_OUTPUTS, {"latents": latents.float().cpu().numpy()})[0])
+        return finish_native(out, self.codec_entry, self.sample_rate)

@@ -15,8 +15,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from models.bundle import Conditioning, ModelBundle
-from models.text import load_text_encoder
+from models.bundle import ModelBundle
+from models.config import BundleConfig
+from models.text import TextEmbedding, load_text_encoder
 from service.runtimes.base import Runtime
 from service.runtimes.cuda_graphs import use_cuda_graphs
 
@@ -38,6 +39,8 @@ def shared_text_encoder(config: dict, device: str):
 
 
 class TorchRuntime(Runtime):
+    """The bundle's networks, with the denoiser optionally compiled, autocast or replayed from CUDA graphs."""
+
     name = "torch"
 
     def __init__(self, bundle: ModelBundle, compile: bool = False, precision: str = "float32",
@@ -48,9 +51,10 @@ class TorchRuntime(Runtime):
             raise ValueError("choose torch.compile or CUDA graphs for the denoiser, not both")
         self.bundle = bundle
         self.config = bundle.config
-        self.sampler = bundle.sampler
-        self.sample_rate = bundle.codec.sample_rate
-        self.latent_dim = bundle.codec.latent_dim
+        self.schedule = bundle.schedule
+        self.device = bundle.device
+        self.sample_rate = bundle.sample_rate
+        self.latent_dim = bundle.latent_dim
         self.precision, self.compiled, self.cuda_graphs = precision, bool(compile), bool(cuda_graphs)
         if compile:
             compile_denoiser(bundle)
@@ -59,8 +63,8 @@ class TorchRuntime(Runtime):
 
     @classmethod
     def load(cls, path: Path, device: str = "cpu", **options) -> TorchRuntime:
-        config = json.loads((Path(path) / "config.json").read_text())
-        encoder = shared_text_encoder(config.get("text_encoder") or {"name": "minilm"}, device)
+        config = BundleConfig.load(Path(path) / "config.json")
+        encoder = shared_text_encoder(config.text_encoder or {"name": "minilm"}, device)
         return cls(ModelBundle.load(path, device=device, text_encoder=encoder), **options)
 
     def prepare(self) -> None:
@@ -75,29 +79,34 @@ class TorchRuntime(Runtime):
         frames = self.latent_frames(duration)
         with torch.inference_mode():
             for batch in (1, 2):
-                cond = self.encode_text(["warm-up"] * batch, [duration] * batch)
-                self.predict_x0(torch.randn(batch, self.latent_dim, frames), torch.full((batch,), 0.5), cond,
-                                torch.ones(batch), torch.ones(batch, frames, dtype=torch.bool))
+                text = self.encode_text(["warm-up"] * batch)
+                self.denoise(torch.randn(batch, self.latent_dim, frames), torch.full((batch,), 0.5), text.tokens,
+                             text.mask, text.pooled, torch.full((batch,), duration),
+                             torch.ones(batch, frames, dtype=torch.bool))
         log.info("compiled denoiser ready", extra={"model": self.model_name,
                                                    "seconds": round(time.perf_counter() - t0, 1)})
 
     def latent_frames(self, duration: float) -> int:
         return self.bundle.latent_frames(duration)
 
-    def encode_text(self, prompts: list[str], durations: list[float]) -> Conditioning:
-        return self.bundle.conditioning(prompts, durations)
+    def encode_text(self, prompts: list[str]) -> TextEmbedding:
+        return self.bundle.encode_text(prompts)
 
-    def predict_x0(self, z: Tensor, t: Tensor, cond: Conditioning, guidance: Tensor, frame_mask: Tensor) -> Tensor:
+    def unconditional_text(self, n: int) -> TextEmbedding:
+        return self.bundle.unconditional_text(n)
+
+    def denoise(self, z: Tensor, t: Tensor, tokens: Tensor, token_mask: Tensor, pooled: Tensor, seconds: Tensor,
+                frame_mask: Tensor, guidance: Tensor | None = None) -> Tensor:
+        args = (z, t, tokens, token_mask, pooled, seconds, frame_mask, guidance)
         dtype = PRECISIONS[self.precision]
         if dtype is None:
-            return self.bundle.predict_x0(z, t, cond, guidance, frame_mask)
+            return self.bundle.denoise(*args)
         # autocast's cache of cast weights must stay off while a CUDA graph is captured (cuda_graphs)
-        with torch.autocast(self.bundle.device.type, dtype=dtype, cache_enabled=not self.cuda_graphs):
-            x0 = self.bundle.predict_x0(z, t, cond, guidance, frame_mask)
-        return x0.float()
+        with torch.autocast(self.device.type, dtype=dtype, cache_enabled=not self.cuda_graphs):
+            return self.bundle.denoise(*args)
 
-    def decode(self, latents: list[Tensor], durations: list[float]) -> list[Tensor]:
-        return self.bundle.decode(latents, durations)
+    def decode_latents(self, latents: Tensor) -> Tensor:
+        return self.bundle.decode_latents(latents)
 
 
 def compile_denoiser(bundle) -> None:

@@ -1,0 +1,50 @@
+"""What the denoiser is conditioned on, and the padding that lets samples of different lengths share a batch."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from models.text import TextEmbedding
+from models.text.encoders import pad_stack
+
+
+@dataclass
+class Conditioning:
+    """Everything the denoiser is conditioned on, batched."""
+
+    text: TextEmbedding
+    seconds: Tensor  # [B] requested duration
+
+    def select(self, index) -> Conditioning:
+        return Conditioning(self.text.select(index), self.seconds[index])
+
+    def to(self, device) -> Conditioning:
+        return Conditioning(self.text.to(device), self.seconds.to(device))
+
+
+def concat_conditioning(items: list[Conditioning]) -> Conditioning:
+    """One batch from several, each row's tokens re-padded to the longest prompt of the new batch."""
+    tokens, mask = pad_stack([t for c in items for t in unpad(c.text)])
+    pooled = torch.cat([c.text.pooled for c in items])
+    return Conditioning(TextEmbedding(tokens, mask, pooled), torch.cat([c.seconds for c in items]))
+
+
+def unpad(text: TextEmbedding) -> list[Tensor]:
+    lengths = text.mask.sum(1).tolist()
+    return [text.tokens[i, :n] for i, n in enumerate(lengths)]
+
+
+def pad_axis(x: Tensor, length: int, dim: int) -> Tensor:
+    """Zero-pad axis ``dim`` (>= 0) of ``x`` to ``length`` (False for a bool tensor)."""
+    if x.shape[dim] == length:
+        return x
+    pad = [0, 0] * (x.dim() - 1 - dim) + [0, length - x.shape[dim]]
+    return F.pad(x, pad)
+
+
+def pad_tokens(x: Tensor, length: int) -> Tensor:
+    """Zero-pad the token axis (dim 1) of a text batch to ``length``."""
+    return pad_axis(x, length, 1)

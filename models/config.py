@@ -1,0 +1,81 @@
+"""``BundleConfig``: what a model directory's ``config.json`` says about how to sample the model.
+
+The networks' own shapes live in the ``denoiser`` / ``codec`` / ``text_encoder`` blocks; the fields here are the
+diffusion maths (schedule, parameterisation, sampler), the request defaults and limits, and where the codec lives.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+log = logging.getLogger("tta.models")
+
+# Keys older configs may hold that no longer mean anything: dropped on load with a warning, as diffusers does with a
+# config key its class no longer takes (the pitch-channel sampling options were measured and not shipped).
+RETIRED_KEYS = frozenset({"pitch_channels", "pitch_noise", "pitch_guidance"})
+
+
+def drop_retired_keys(config: dict, retired: Iterable[str], owner: str) -> dict:
+    """``config`` without the ``retired`` keys (options that no longer exist), each one it held named in a logged
+    warning, so that a config written before their removal still loads (as diffusers drops unexpected config keys).
+    ``owner`` names the config in the warning."""
+    dropped = sorted(k for k in retired if k in config)
+    if dropped:
+        log.warning("%s: ignoring retired config keys %s (options that no longer exist)", owner, ", ".join(dropped))
+    return {k: v for k, v in config.items() if k not in dropped}
+
+
+class ConfigError(ValueError):
+    """A config file that cannot describe a model; the message names the file and the key."""
+
+
+@dataclass
+class BundleConfig:
+    name: str
+    kind: str = "teacher"  # teacher | bsa | arc | ...
+    schedule: dict = field(default_factory=lambda: {"name": "vp-cosine"})
+    parameterization: str = "v"
+    sampler: str = "ddim"
+    default_steps: int = 200
+    max_steps: int = 500
+    default_guidance: float = 3.0
+    guidance_in_model: bool = False  # student learned the guided output: one forward per step, guidance as input
+    default_duration: float = 5.0
+    max_duration: float = 10.0
+    text_encoder: dict = field(default_factory=lambda: {"name": "minilm"})
+    denoiser: dict = field(default_factory=dict)
+    codec: dict = field(default_factory=dict)
+    codec_from: str | None = None  # directory (relative to this one) whose codec this model shares
+    description: str = ""
+    training: dict = field(default_factory=dict)
+
+    @classmethod
+    def unknown_keys(cls, keys) -> list[str]:
+        """The names among ``keys`` that are not fields of this config, sorted."""
+        return sorted(set(keys) - set(cls.__dataclass_fields__))
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "config") -> BundleConfig:
+        """A config from parsed JSON. Retired keys are dropped with a warning; any other unknown key, a missing
+        ``name`` or a value of the wrong kind is a ``ConfigError`` naming ``source``."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source}: expected a JSON object, got {type(data).__name__}")
+        data = drop_retired_keys(data, RETIRED_KEYS, source)
+        unknown = cls.unknown_keys(data)
+        if unknown:
+            raise ConfigError(f"{source}: unknown config keys {unknown}")
+        if "name" not in data:
+            raise ConfigError(f"{source}: the required key 'name' is missing")
+        return cls(**data)
+
+    @classmethod
+    def load(cls, path: str | Path) -> BundleConfig:
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{path}: not valid JSON ({exc})") from exc
+        return cls.from_dict(data, str(path))

@@ -1,0 +1,324 @@
+"""The pipeline: the one implementation of the sampling loop, over whichever backend runs the networks.
+
+A generation is a set of ``Trajectory`` objects, one per requested sample, each with its own time grid (its own step
+count), its own random generator (seeded by the request, so companions never change a sample's noise), its own
+guidance scale and duration. ``Pipeline.step`` advances a ``DenoiseBatch`` of trajectories by one step each in ONE
+denoiser forward: samples at different points of different grids, with different guidance and lengths, share it.
+Everything between the networks lives here and nowhere else:
+
+- the time grid (``Sampler.timesteps``) and the per-request noise (initial and per-step, ``initial_noise``);
+- classifier-free guidance batched into the same forward (unconditional rows appended, ``guided_forward``);
+- the conversion of the network's raw output to x0 (``Parameterization.to_x0``);
+- the masked per-sample sampler step (padded frames stay zero);
+- the grouped decode (equal lengths share a decoder call, ``decode_grouped``).
+
+The backends (``Networks``: eager PyTorch in ``models.bundle.ModelBundle``, the service's compiled / CUDA-graph /
+ONNX Runtime runtimes) only run the text encoder, the denoiser and the decoder. The serving engine drives
+``start`` / ``step`` / ``decode`` tick by tick with samples joining and leaving between ticks; ``generate`` runs the
+same calls to completion for the offline CLI, benchmarks, training-time validation and the tests. So a seed gives the
+same audio through every path and every backend (up to float rounding across backends).
+
+The sampler's maths and every random number run in float32 on the CPU, whatever device runs the networks.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from models.conditioning import Conditioning, concat_conditioning, pad_tokens
+from models.config import BundleConfig
+from models.diffusion import NoiseSchedule, apply_guidance, make_parameterization, make_sampler
+from models.text import TextEmbedding
+
+
+class Networks(ABC):
+    """A backend: the three networks of a model and the geometry of its latents, nothing else.
+
+    ``denoise`` takes the network's inputs as CPU tensors and returns its raw output (what the parameterisation
+    converts), in any float type and on any device; ``decode_latents`` turns a batch of equal-length latents into
+    waveforms on the CPU."""
+
+    config: BundleConfig
+    schedule: NoiseSchedule  # the schedule the denoiser was trained on (its time conditioning depends on it)
+    sample_rate: int
+    latent_dim: int
+    device: torch.device | str
+
+    @property
+    def model_name(self) -> str:
+        return self.config.name
+
+    @abstractmethod
+    def latent_frames(self, duration: float) -> int:
+        """Latent frames of a clip of ``duration`` seconds."""
+
+    @abstractmethod
+    def encode_text(self, prompts: list[str]) -> TextEmbedding:
+        """Batched text encoding; each row is independent of its batch companions."""
+
+    @abstractmethod
+    def unconditional_text(self, n: int) -> TextEmbedding:
+        """``n`` rows of the condition the model's unconditional branch was trained on (the empty prompt, or a
+        null condition)."""
+
+    @abstractmethod
+    def denoise(self, z: Tensor, t: Tensor, tokens: Tensor, token_mask: Tensor, pooled: Tensor, seconds: Tensor,
+                frame_mask: Tensor, guidance: Tensor | None = None) -> Tensor:
+        """One forward of the denoiser: z [B, C, T] at times t [B] -> raw output [B, C, T]."""
+
+    @abstractmethod
+    def decode_latents(self, latents: Tensor) -> Tensor:
+        """Latents [B, C, T] of one length -> float32 waveforms [B, 2, N] on the CPU (N >= T x samples per
+        latent; the pipeline cuts each clip to its duration)."""
+
+    def prepare(self) -> None:
+        """Work to do once before serving (compilation, graph capture): nothing, unless a backend has some."""
+
+
+@dataclass(frozen=True)
+class SampleRequest:
+    """What one sample is asked to be."""
+
+    prompt: str
+    duration: float
+    steps: int
+    guidance: float
+    seed: int
+
+
+@dataclass(eq=False)
+class Trajectory:
+    """One sample on its way from noise to latents. ``z`` [C, frames] is a view of its row in the current
+    ``DenoiseBatch`` while it runs, and its own tensor once finished."""
+
+    request: SampleRequest
+    frames: int
+    grid: Tensor  # [steps + 1] float64, the sampler's time grid for this sample's step count
+    z: Tensor
+    generator: torch.Generator  # the request's own: per-step noise of a stochastic sampler comes from it
+    cond: Conditioning  # batch of one
+    index: int = 0  # steps taken
+
+    @property
+    def steps(self) -> int:
+        return self.grid.numel() - 1
+
+    @property
+    def finished(self) -> bool:
+        return self.index >= self.steps
+
+
+class DenoiseBatch:
+    """A set of trajectories as batch tensors, built when samples join or leave and reused while the set stays the
+    same: between changes a step only gathers each sample's (t, t_next) from its own grid, runs the forward and the
+    sampler step on the batch latents. Its tensors are inference tensors, as everything the pipeline makes (a
+compiled denoiser's graphs are specialised on that). Latents are padded to the longest sample; the frame mask keeps padded frames
+    out of attention and at zero, so a sample's result does not depend on its companions beyond float rounding."""
+
+    @torch.inference_mode()
+    def __init__(self, trajectories: Sequence[Trajectory]):
+        self.trajectories = list(trajectories)
+        frames = [s.frames for s in self.trajectories]
+        self.length = max(frames)
+        self.z = torch.stack([F.pad(s.z, (0, self.length - s.frames)) for s in self.trajectories])
+        self.frame_mask = torch.arange(self.length)[None] < torch.tensor(frames)[:, None]
+        self.keep = self.frame_mask[:, None]
+        width = max(s.grid.numel() for s in self.trajectories)
+        self.grids = torch.stack([F.pad(s.grid, (0, width - s.grid.numel())) for s in self.trajectories])
+        self.rows = torch.arange(len(self.trajectories))
+        self.index = torch.tensor([s.index for s in self.trajectories])
+        self.guidance = torch.tensor([float(s.request.guidance) for s in self.trajectories], dtype=torch.float32)
+        self.cond = concat_conditioning([s.cond for s in self.trajectories])
+
+    def __len__(self) -> int:
+        return len(self.trajectories)
+
+    def holds(self, trajectories: Sequence[Trajectory]) -> bool:
+        """True when ``trajectories`` are exactly this batch's, in the same order."""
+        return len(trajectories) == len(self.trajectories) and all(
+            a is b for a, b in zip(trajectories, self.trajectories))
+
+    def times(self) -> tuple[Tensor, Tensor]:
+        """This step's per-sample t and t_next, float32."""
+        return self.grids[self.rows, self.index].float(), self.grids[self.rows, self.index + 1].float()
+
+
+class Pipeline:
+    """The sampling loop of one model over one backend (see the module docstring)."""
+
+    def __init__(self, networks: Networks):
+        self.networks = networks
+        self.config = networks.config
+        self.schedule = networks.schedule
+        self.parameterization = make_parameterization(self.config.parameterization, self.schedule)
+        self.sampler = make_sampler(self.config.sampler, self.schedule)
+        self._grids: dict[int, Tensor] = {}
+
+    @property
+    def sample_rate(self) -> int:
+        return self.networks.sample_rate
+
+    def latent_frames(self, duration: float) -> int:
+        return self.networks.latent_frames(duration)
+
+    def grid(self, steps: int) -> Tensor:
+        """The sampler's time grid for ``steps`` steps (cached: every sample with that step count shares it)."""
+        if steps not in self._grids:
+            self._grids[steps] = self.sampler.timesteps(steps)
+        return self._grids[steps]
+
+    # ------------------------------------------------------------------ starting samples
+    def conditioning(self, prompts: list[str], durations: list[float]) -> Conditioning:
+        return Conditioning(self.networks.encode_text(prompts), torch.tensor(durations, dtype=torch.float32))
+
+    def initial_noise(self, seed: int, frames: int) -> tuple[Tensor, torch.Generator]:
+        return initial_noise(self.networks.latent_dim, seed, frames)
+
+    @torch.inference_mode()
+    def start(self, requests: Sequence[SampleRequest]) -> list[Trajectory]:
+        """Trajectories for these requests at their first step, with ONE batched text-encoder call."""
+        cond = self.conditioning([r.prompt for r in requests], [r.duration for r in requests])
+        out = []
+        for i, r in enumerate(requests):
+            frames = self.latent_frames(r.duration)
+            z, generator = self.initial_noise(r.seed, frames)
+            out.append(Trajectory(r, frames, self.grid(r.steps), z, generator, cond.select([i])))
+        return out
+
+    # ------------------------------------------------------------------ one step
+    def forward_count(self, guidance: Tensor) -> int:
+        """Rows of the denoiser batch that ``predict_x0`` runs for samples with these guidance scales."""
+        if self.config.guidance_in_model:
+            return guidance.numel()
+        return guidance.numel() + int((guidance != 1.0).sum())
+
+    @torch.inference_mode()
+    def predict_x0(self, z: Tensor, t: Tensor, cond: Conditioning, guidance: Tensor, frame_mask: Tensor) -> Tensor:
+        """x0 predictions for a heterogeneous batch in ONE denoiser forward: z [B, C, T] (padded), t [B],
+        guidance [B], frame_mask [B, T]; the result has z's device and type, whatever the backend computed in."""
+        t = t.float()
+        out = guided_forward(self.networks.denoise, z, t, cond, guidance, frame_mask, self.networks.unconditional_text,
+                             self.config.guidance_in_model)
+        return self.parameterization.to_x0(out.to(z.device, z.dtype), z, t)
+
+    @torch.inference_mode()
+    def step(self, batch: DenoiseBatch) -> None:
+        """One denoiser forward over the batch, then one sampler step for each of its trajectories (in place)."""
+        t, t_next = batch.times()
+        x0 = self.predict_x0(batch.z, t, batch.cond, batch.guidance, batch.frame_mask)
+        noise = None
+        if self.sampler.stochastic:
+            noise = torch.stack([F.pad(step_noise(s.generator, self.networks.latent_dim, s.frames),
+                                       (0, batch.length - s.frames)) for s in batch.trajectories])
+        batch.z = z = self.sampler.step(batch.z, x0, t, t_next, noise) * batch.keep
+        batch.index += 1
+        for i, s in enumerate(batch.trajectories):
+            s.z = z[i, :, : s.frames]
+            s.index += 1
+            if s.finished:
+                s.z = s.z.clone()  # a finished sample must not keep the whole batch tensor alive
+
+    # ------------------------------------------------------------------ the end
+    @torch.inference_mode()
+    def decode(self, latents: list[Tensor], durations: list[float]) -> list[Tensor]:
+        """Latents [C, T_i] -> float waveforms [2, round(duration * sample_rate)] on the CPU."""
+        return decode_grouped(latents, durations, self.sample_rate, self.networks.decode_latents,
+                              decode_batch_limit(self.networks.device))
+
+    # ------------------------------------------------------------------ whole generations
+    def run(self, trajectories: Sequence[Trajectory]) -> None:
+        """Step every trajectory to its end, unfinished ones sharing each forward."""
+        active = [s for s in trajectories if not s.finished]
+        batch = None
+        while active:
+            batch = batch if batch is not None and batch.holds(active) else DenoiseBatch(active)
+            self.step(batch)
+            active = [s for s in active if not s.finished]
+
+    def requests(self, prompts: list[str], durations: list[float], seeds: list[int], steps: int | None = None,
+                 guidance: float | None = None) -> list[SampleRequest]:
+        """Requests with the model's default steps and guidance where not given."""
+        steps = steps or self.config.default_steps
+        scale = self.config.default_guidance if guidance is None else guidance
+        return [SampleRequest(p, float(d), int(steps), float(scale), int(s))
+                for p, d, s in zip(prompts, durations, seeds, strict=True)]
+
+    @torch.inference_mode()
+    def generate_latents(self, prompts: list[str], durations: list[float], seeds: list[int], steps: int | None = None,
+                         guidance: float | None = None) -> list[Tensor]:
+        trajectories = self.start(self.requests(prompts, durations, seeds, steps, guidance))
+        self.run(trajectories)
+        return [s.z for s in trajectories]
+
+    def generate(self, prompts: list[str], durations: list[float], seeds: list[int], steps: int | None = None,
+                 guidance: float | None = None) -> list[Tensor]:
+        """Waveforms [2, round(duration * sample_rate)] for these prompts, one seed each."""
+        return self.decode(self.generate_latents(prompts, durations, seeds, steps, guidance), durations)
+
+
+def initial_noise(latent_dim: int, seed: int, frames: int) -> tuple[Tensor, torch.Generator]:
+    """A sample's starting noise [C, frames] and the generator its later step noise comes from: every random number
+    of a sample depends only on its own seed, never on its batch companions or the backend."""
+    g = torch.Generator().manual_seed(int(seed))
+    return torch.randn(latent_dim, frames, generator=g), g
+
+
+def step_noise(generator: torch.Generator, latent_dim: int, frames: int) -> Tensor:
+    """Fresh noise for one step of a stochastic sampler (ping-pong), from the sample's own generator."""
+    return torch.randn(latent_dim, frames, generator=generator)
+
+
+def guided_forward(denoise: Callable[..., Tensor], z: Tensor, t: Tensor, cond: Conditioning, guidance: Tensor,
+                   frame_mask: Tensor, unconditional_text: Callable[[int], TextEmbedding],
+                   guidance_in_model: bool) -> Tensor:
+    """Classifier-free guidance batched into ONE denoiser call: samples with guidance != 1 get an unconditional row
+    (``unconditional_text(n)``) appended to the same batch, and their raw outputs are combined by
+    ``apply_guidance``; a model that takes guidance as an input (a guidance-distilled student) gets it directly."""
+    text = cond.text
+    if guidance_in_model:
+        return denoise(z, t, text.tokens, text.mask, text.pooled, cond.seconds, frame_mask, guidance=guidance)
+    guided = torch.nonzero(guidance != 1.0).flatten()
+    n, g = z.shape[0], guided.numel()
+    if not g:
+        return denoise(z, t, text.tokens, text.mask, text.pooled, cond.seconds, frame_mask)
+    u = unconditional_text(g)
+    length = max(text.tokens.shape[1], u.tokens.shape[1])
+    out = denoise(torch.cat([z, z[guided]]), torch.cat([t, t[guided]]),
+                  torch.cat([pad_tokens(text.tokens, length), pad_tokens(u.tokens, length)]),
+                  torch.cat([pad_tokens(text.mask, length), pad_tokens(u.mask, length)]),
+                  torch.cat([text.pooled, u.pooled]), torch.cat([cond.seconds, cond.seconds[guided]]),
+                  torch.cat([frame_mask, frame_mask[guided]]))
+    cond_out = out[:n].clone()
+    cond_out[guided] = apply_guidance(out[:n][guided], out[n:], guidance[guided].to(out.device))
+    return cond_out
+
+
+def decode_batch_limit(device) -> int:
+    """Clips per decoder call. The decoder's intermediates grow with the batch; on a CPU its time per clip does not
+    fall (the embedded codec, 10 s clips, 2 cores: 64 / 67 / 94 ms per clip at 1 / 2 / 4 under PyTorch, 75 / 72 / 83
+    under ONNX Runtime), so one clip per call there, which also keeps the peak memory of a large tick low. A GPU's
+    decoder gains from a batch."""
+    return 1 if torch.device(device).type == "cpu" else 4
+
+
+def decode_grouped(latents: list[Tensor], durations: list[float], sample_rate: int,
+                   decode_batch: Callable[[Tensor], Tensor], max_batch: int) -> list[Tensor]:
+    """Waveforms [2, round(duration * sample_rate)] from latents [D, T] through ``decode_batch`` ([B, D, T] ->
+    [B, 2, N]). Latents of equal length decode together, at most ``max_batch`` per call; lengths are not padded
+    together because the decoder's convolutions would let padding leak into a clip's last frames."""
+    out: list[Tensor | None] = [None] * len(latents)
+    groups: dict[int, list[int]] = {}
+    for i, x in enumerate(latents):
+        groups.setdefault(x.shape[-1], []).append(i)
+    for idx in groups.values():
+        for start in range(0, len(idx), max_batch):
+            part = idx[start: start + max_batch]
+            wave = decode_batch(torch.stack([latents[i] for i in part]))
+            for j, i in enumerate(part):
+                out[i] = wave[j, :, : round(durations[i] * sample_rate)]
+    return out

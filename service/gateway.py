@@ -1,0 +1,112 @@
+"""Between the HTTP routes and the engine: a validated request becomes a job with the model's defaults and limits
+(``resolve_request``, which the offline CLI uses too), and ``Gateway.run`` submits it, awaits it on the event loop
+within its deadline, cancels it when the client goes away, and maps every way a job can end to an ``ApiError``."""
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass
+
+from models.config import BundleConfig
+from models.pipeline import SampleRequest
+from service.engine import Engine
+from service.errors import ApiError
+from service.jobs import Cancelled, EngineError, GenerationJob, JobResult, QueueFull
+from service.schemas import GenerateRequest
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """A request with every default filled in from its model's config: the model and what its sample is asked to
+    be."""
+
+    model: str
+    sample: SampleRequest
+
+    def fields(self) -> dict:
+        """``GenerationJob``'s request fields."""
+        return {"model": self.model, **asdict(self.sample)}
+
+    def job(self, request_id: str, deadline: float, on_done, arrival: float) -> GenerationJob:
+        return GenerationJob(id=request_id, deadline=deadline, on_done=on_done, arrival=arrival, **self.fields())
+
+
+def resolve_request(body: GenerateRequest, configs: dict[str, BundleConfig], default_model: str) -> JobSpec:
+    """The job a request asks for: its model (404 when unknown), the model's defaults for what it leaves out, and
+    the model's limits (422 naming the field). A missing seed is drawn here, so the answer can report it."""
+    name = body.model or default_model
+    cfg = configs.get(name)
+    if cfg is None:
+        raise ApiError(404, "unknown_model", f"unknown model {name!r}; GET /models lists {sorted(configs)}",
+                       field="model")
+    duration = cfg.default_duration if body.duration is None else body.duration
+    if duration > cfg.max_duration:
+        raise ApiError(422, "invalid_input", f"duration: {duration} s exceeds model {name}'s maximum of "
+                       f"{cfg.max_duration} s", field="duration")
+    steps = cfg.default_steps if body.steps is None else body.steps
+    if steps > cfg.max_steps:
+        raise ApiError(422, "invalid_input", f"steps: {steps} exceeds model {name}'s maximum of {cfg.max_steps}",
+                       field="steps")
+    guidance = cfg.default_guidance if body.guidance is None else body.guidance
+    seed = body.seed if body.seed is not None else secrets.randbelow(2**63)
+    return JobSpec(name, SampleRequest(body.prompt, float(duration), int(steps), float(guidance), int(seed)))
+
+
+class Gateway:
+    """The asyncio side of one engine."""
+
+    def __init__(self, engine: Engine, request_timeout: float, disconnect_poll_s: float = 0.05):
+        self.engine = engine
+        self.request_timeout = request_timeout
+        self.disconnect_poll_s = disconnect_poll_s
+
+    def timeout(self, asked: float | None) -> float:
+        """A request's deadline in seconds: what it asks for, capped by the server's."""
+        return min(asked or self.request_timeout, self.request_timeout)
+
+    async def run(self, spec: JobSpec, request_id: str, timeout: float, arrival: float,
+                  is_disconnected: Callable[[], Awaitable[bool]]) -> JobResult:
+        """Submit the job and wait for its result; every other ending raises ``ApiError``."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future = loop.create_future()
+
+        def settle(result: JobResult | None, error: BaseException | None) -> None:
+            if fut.done():
+                return
+            if error is not None:
+                fut.set_exception(error)
+            else:
+                fut.set_result(result)
+
+        def on_done(result, error):  # the engine's thread, or this loop's (a disconnect)
+            loop.call_soon_threadsafe(settle, result, error)
+
+        job = spec.job(request_id, arrival + timeout, on_done, arrival)
+        try:
+            self.engine.submit(job)
+        except QueueFull as exc:
+            raise ApiError(429, exc.code, str(exc), headers={"Retry-After": str(exc.retry_after)}) from None
+        except EngineError as exc:
+            raise ApiError(exc.status, exc.code, str(exc)) from None
+        watcher = asyncio.create_task(self._watch(job, is_disconnected))
+        try:
+            return await asyncio.wait_for(fut, timeout=max(0.0, job.deadline - time.monotonic()))
+        except asyncio.TimeoutError:
+            job.cancel("timeout")
+            raise ApiError(504, "timeout", f"request {request_id} did not finish within its {timeout:g} s "
+                           "deadline") from None
+        except EngineError as exc:
+            raise ApiError(exc.status, exc.code, str(exc)) from None
+        finally:
+            watcher.cancel()
+
+    async def _watch(self, job: GenerationJob, is_disconnected: Callable[[], Awaitable[bool]]) -> None:
+        """Cancels the job when the client goes away: its sample leaves the batch at the next tick."""
+        while not job.resolved:
+            if await is_disconnected():
+                job.cancel("client disconnected")
+                job.resolve(None, Cancelled(f"client of request {job.id} disconnected"))
+                return
+            await asyncio.sleep(self.disconnect_poll_s)

@@ -1,0 +1,137 @@
+"""The request types the HTTP layer, the engine and the scheduler share: a generation job, its state and result, the
+running sample that carries it through the denoise set, and the errors a job can end with."""
+from __future__ import annotations
+
+import enum
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+    from models.pipeline import Trajectory
+
+
+# ---------------------------------------------------------------------------------------------------- errors
+class EngineError(Exception):
+    """A job's end other than success: ``status`` and ``code`` are what the HTTP layer answers with."""
+
+    code = "internal_error"
+    status = 500
+
+
+class QueueFull(EngineError):
+    code, status = "queue_full", 429
+
+    def __init__(self, message: str, retry_after: int):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class DeadlineExceeded(EngineError):
+    code, status = "timeout", 504
+
+
+class Cancelled(EngineError):
+    code, status = "client_closed_request", 499
+
+
+class BatchFailed(EngineError):
+    """A stage raised for the batch this job was in; the message is safe to show a client (no internals), the
+    cause is kept for the log."""
+
+    code, status = "internal_error", 500
+
+
+class ShuttingDown(EngineError):
+    code, status = "not_ready", 503
+
+
+# ---------------------------------------------------------------------------------------------------- jobs
+class JobState(str, enum.Enum):
+    WAITING = "waiting"  # submitted, not yet admitted into the denoise set
+    RUNNING = "running"  # admitted: encoded, taking steps, or being decoded
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"  # by the client, or its deadline passed
+
+    @property
+    def final(self) -> bool:
+        return self in (JobState.DONE, JobState.FAILED, JobState.CANCELLED)
+
+
+@dataclass
+class JobResult:
+    latents: Tensor  # [C, frames]
+    wave: Tensor  # [2, round(duration * sample_rate)] float
+    sample_rate: int
+    timings: dict[str, float]  # seconds: queue, encode, denoise, decode
+    steps_done: int
+
+
+@dataclass(eq=False)
+class GenerationJob:
+    """One request = one sample. ``on_done(result, error)`` is called exactly once, by ``resolve``, from the engine
+    thread (or from whoever cancels first); the HTTP layer's callback hops back to the event loop."""
+
+    id: str
+    model: str
+    prompt: str
+    duration: float
+    steps: int
+    guidance: float
+    seed: int
+    deadline: float  # time.monotonic() by which the answer is due
+    on_done: Callable[[JobResult | None, BaseException | None], Any]
+    arrival: float = field(default_factory=time.monotonic)
+    state: JobState = JobState.WAITING
+    cancel_reason: str | None = None
+    steps_done: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def cancel(self, reason: str) -> None:
+        """Thread-safe flag; the scheduler drops the job at its next tick, so it stops consuming steps."""
+        self.cancel_reason = self.cancel_reason or reason
+
+    def resolve(self, result: JobResult | None = None, error: BaseException | None = None) -> bool:
+        """The job's one terminal transition (thread-safe; False when it had already ended)."""
+        with self._lock:
+            if self.state.final:
+                return False
+            if error is None:
+                self.state = JobState.DONE
+            elif isinstance(error, (Cancelled, DeadlineExceeded)):
+                self.state = JobState.CANCELLED
+            else:
+                self.state = JobState.FAILED
+        self.on_done(result, error)
+        return True
+
+    @property
+    def resolved(self) -> bool:
+        return self.state.final
+
+
+@dataclass(eq=False)
+class Sample:
+    """A running job in the denoise set: what the scheduler reads (its length in latent frames, its progress in
+    ``job.steps_done``) and what the runner advances (``trajectory``, the pipeline's denoising state)."""
+
+    job: GenerationJob
+    frames: int
+    admitted: float
+    trajectory: Trajectory | None = None
+    encode_s: float = 0.0
+    denoise_start: float = 0.0
+    denoise_end: float = 0.0
+
+    @property
+    def remaining(self) -> int:
+        return self.job.steps - self.job.steps_done
+
+    @property
+    def finished(self) -> bool:
+        return self.job.steps_done >= self.job.steps

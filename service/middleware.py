@@ -1,0 +1,114 @@
+"""ASGI middleware of the generation routes: the body limit before parsing, and one place where every generation
+request is counted, timed and logged, whatever answered it (the route, validation, the body limit, auth,
+readiness)."""
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+
+from starlette.datastructures import MutableHeaders
+
+from service.errors import error_response
+from service.metrics import Metrics
+
+log = logging.getLogger("tta.http")
+REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+
+
+class RequestAccounting:
+    """For ``POST`` to ``paths``: gives the request an id (the client's ``X-Request-Id`` when well formed, else a
+    new one) in ``request.state.request_id`` and on every response; afterwards records ``tta_requests_total``,
+    ``tta_request_duration_seconds`` (requests the engine took, any status but 429), the audio seconds of a 200 and
+    one log line. The routes leave what they know in ``request.state``: ``model``, ``submitted``,
+    ``audio_seconds`` and ``log`` (extra fields for the log line)."""
+
+    def __init__(self, app, metrics: Metrics, paths: tuple[str, ...] = ("/generate",)):
+        self.app, self.metrics, self.paths = app, metrics, paths
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in self.paths:
+            return await self.app(scope, receive, send)
+        arrival = time.monotonic()
+        state = scope.setdefault("state", {})
+        given = dict(scope.get("headers") or []).get(b"x-request-id", b"").decode("latin-1")
+        rid = given if REQUEST_ID.match(given) else uuid.uuid4().hex
+        state.update(request_id=rid, arrival=arrival)
+        status = None
+
+        async def send_with_id(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                headers = MutableHeaders(scope=message)
+                if "x-request-id" not in headers:
+                    headers.append("X-Request-Id", rid)
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        except BaseException:
+            status = status or 500  # the server's error handler answers it
+            raise
+        finally:
+            # no answer at all: the client went away before one was due (nginx's 499)
+            self.record(state, status or 499, time.monotonic() - arrival)
+
+    def record(self, state: dict, status: int, elapsed: float) -> None:
+        m, model = self.metrics, state.get("model", "unknown")
+        m.requests.labels(model, str(status)).inc()
+        if state.get("submitted") and status != 429:
+            m.request_duration.labels(model).observe(elapsed)
+        if status == 200:
+            m.audio_seconds.labels(model).inc(state.get("audio_seconds", 0.0))
+        log.info("request", extra={"request_id": state["request_id"], "model": model, "status": status,
+                                   "latency_ms": round(elapsed * 1000, 2), **state.get("log", {})})
+
+
+class BodyLimitMiddleware:
+    """413 before parsing: a Content-Length over the limit is refused at once; a chunked body is counted."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        length = headers.get(b"content-length")
+        too_big = False
+        if length is not None:
+            try:
+                too_big = int(length) > self.limit
+            except ValueError:
+                too_big = False
+        if too_big:
+            return await self._reject(scope, receive, send)
+        # Bodies here are small: read the whole body (up to the limit) before the app parses anything.
+        chunks, received = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunks.append(message.get("body", b""))
+            received += len(chunks[-1])
+            if received > self.limit:
+                return await self._reject(scope, receive, send)
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _reject(self, scope, receive, send):
+        resp = error_response(413, "payload_too_large", f"request body exceeds {self.limit} bytes")
+        await resp(scope, receive, send)

@@ -1,0 +1,58 @@
+"""The model runner: executes the three stages of a tick for one model through its pipeline. No metrics, no policy,
+no request state; its only state is the pipeline and the current ``DenoiseBatch`` of each length group."""
+from __future__ import annotations
+
+import time
+
+from torch import Tensor
+
+from models.pipeline import DenoiseBatch, Pipeline, SampleRequest
+from service.jobs import GenerationJob, Sample
+from service.runtimes import Runtime
+
+
+class ModelRunner:
+    def __init__(self, runtime: Runtime):
+        self.rt = runtime
+        self.pipeline = Pipeline(runtime)
+        self._batches: list[DenoiseBatch] = []  # one per length group of the last tick
+
+    def encode(self, jobs: list[GenerationJob], now: float) -> list[Sample]:
+        """The jobs' samples at their first step: ONE batched text-encoder call (the encoder caches prompts)."""
+        t0 = time.perf_counter()
+        trajectories = self.pipeline.start([SampleRequest(j.prompt, j.duration, j.steps, j.guidance, j.seed)
+                                            for j in jobs])
+        elapsed = time.perf_counter() - t0
+        start = time.perf_counter()
+        return [Sample(job, tr.frames, now, tr, encode_s=elapsed, denoise_start=start)
+                for job, tr in zip(jobs, trajectories)]
+
+    def batch(self, samples: list[Sample]) -> DenoiseBatch:
+        """The batch tensors for this group of samples: the previous tick's when nobody joined or left, else
+        rebuilt."""
+        trajectories = [s.trajectory for s in samples]
+        for b in self._batches:
+            if b.holds(trajectories):
+                return b
+        return DenoiseBatch(trajectories)
+
+    def keep(self, batches: list[DenoiseBatch]) -> None:
+        """The batches of this tick, for the next one (the others are freed)."""
+        self._batches = batches
+
+    def release(self) -> None:
+        """Drop the cached batches (after a failed tick, or when the denoise set empties)."""
+        self._batches = []
+
+    def denoise_step(self, samples: list[Sample]) -> DenoiseBatch:
+        """One pipeline step over these samples (one denoiser forward); returns the batch, for ``keep``."""
+        b = self.batch(samples)
+        self.pipeline.step(b)
+        for s in samples:
+            s.job.steps_done = s.trajectory.index
+            if s.finished:
+                s.denoise_end = time.perf_counter()
+        return b
+
+    def decode(self, samples: list[Sample]) -> list[Tensor]:
+        return self.pipeline.decode([s.trajectory.z for s in samples], [s.job.duration for s in samples])

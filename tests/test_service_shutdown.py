@@ -1,0 +1,72 @@
+"""Shutdown: SIGTERM to a real server process with requests running and queued. Each request gets a clean answer
+(its audio, or a JSON 503), nothing hangs, and the process exits."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+
+from service_support import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.slow
+
+
+def metric(url: str, name: str) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(url + "/metrics", timeout=5).text
+    return sum(s.value for fam in text_string_to_metric_families(text) for s in fam.samples if s.name == name)
+
+
+def test_sigterm_answers_running_and_queued_requests_and_exits(model_dir):
+    port = free_port()
+    env = dict(os.environ, TTA_HOST="127.0.0.1", TTA_PORT=str(port), TTA_MODEL_DIR=str(model_dir),
+               TTA_DEFAULT_MODEL="tiny", TTA_THREADS="1", TTA_LOG_LEVEL="warning", TTA_DEBUG_FAULTS="1",
+               TTA_RUNTIME="torch", TTA_POLICY="none", PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen([sys.executable, "-m", "service"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while _status(url + "/health/ready") != 200:
+            assert proc.poll() is None and time.monotonic() < deadline, "the server did not get ready"
+            time.sleep(0.1)
+        bodies = [{"prompt": f"[[slow=60]] rain {i}", "steps": 6, "duration": 0.5, "seed": i} for i in range(4)]
+        with ThreadPoolExecutor(len(bodies)) as pool:
+            futures = [pool.submit(httpx.post, url + "/generate", json=b, timeout=60) for b in bodies]
+            # one request running (policy none), the others queued behind it
+            while not (metric(url, "tta_inflight_requests") == 1 and metric(url, "tta_queue_depth") >= 2):
+                assert time.monotonic() < deadline, "the requests never queued"
+                time.sleep(0.02)
+            proc.send_signal(signal.SIGTERM)
+            answers = [f.result(timeout=90) for f in futures]
+        for r in answers:
+            if r.status_code == 200:
+                assert r.headers["content-type"] == "audio/wav" and len(r.content) > 44
+            else:
+                assert r.status_code == 503 and r.json()["error"]["code"] == "not_ready", r.text
+                assert r.headers["x-request-id"]
+        # uvicorn finishes its shutdown, then re-raises the signal: the exit status says SIGTERM, not a crash
+        assert proc.wait(timeout=60) in (0, -signal.SIGTERM), proc.stdout.read().decode()
+        with pytest.raises(httpx.TransportError):  # gone: no listener is left behind
+            httpx.get(url + "/health/live", timeout=2)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=10)
+
+
+def _status(url: str) -> int | None:
+    try:
+        return httpx.get(url, timeout=2).status_code
+    except httpx.TransportError:
+        return None
