@@ -315,7 +315,10 @@ def test_other_policies_serve_the_same_audio(server, base_settings, policy):
     bodies = [{"prompt": f"policy {i}", "duration": 0.5 + i * 0.4, "steps": 2 + i, "seed": 50 + i,
                "guidance": 1.0 + i} for i in range(4)]
     reference = post_many(server.url, bodies)
-    srv = LiveServer(base_settings.model_copy(update={"policy": policy, "max_queue_delay_ms": 150, "warmup": False}))
+    # the request-level policy starts its batch when max_batch (4) jobs wait; its delay is long enough never to fire
+    # first, so the batch does not depend on how fast a loaded machine delivers the four requests
+    srv = LiveServer(base_settings.model_copy(update={"policy": policy, "max_batch": 4, "max_queue_delay_ms": 30000,
+                                                      "warmup": False}))
     try:
         responses = post_many(srv.url, bodies)
         assert [r.status_code for r in responses] == [200] * 4
