@@ -55,6 +55,10 @@ class ModelBundle(Networks):
     def latent_dim(self) -> int:
         return self.codec.latent_dim
 
+    @property
+    def samples_per_latent(self) -> int:
+        return self.codec.samples_per_latent
+
     # ------------------------------------------------------------------ loading
     @classmethod
     def load(cls, path: str | Path, device: str = "cpu", text_encoder=None) -> ModelBundle:
@@ -98,10 +102,16 @@ class ModelBundle(Networks):
 
     @torch.inference_mode()
     def denoise(self, z: Tensor, t: Tensor, tokens: Tensor, token_mask: Tensor, pooled: Tensor, seconds: Tensor,
-                frame_mask: Tensor, guidance: Tensor | None = None) -> Tensor:
+                frame_mask: Tensor, guidance: Tensor | None = None, local_cond: Tensor | None = None) -> Tensor:
         dev = self.device
+        extra = {} if local_cond is None else {"local_cond": local_cond.to(dev)}
         return self.denoiser(z.to(dev), t.to(dev), tokens.to(dev), token_mask.to(dev), pooled.to(dev),
-                             seconds.to(dev), frame_mask.to(dev), guidance=None if guidance is None else guidance.to(dev))
+                             seconds.to(dev), frame_mask.to(dev), guidance=None if guidance is None else guidance.to(dev),
+                             **extra)
+
+    @torch.inference_mode()
+    def encode_audio(self, wave: Tensor) -> Tensor:
+        return self.codec.encode(wave.to(self.device)).cpu()
 
     @torch.inference_mode()
     def decode_latents(self, latents: Tensor) -> Tensor:

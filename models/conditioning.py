@@ -27,9 +27,16 @@ class Conditioning:
 
 def concat_conditioning(items: list[Conditioning]) -> Conditioning:
     """One batch from several, each row's tokens re-padded to the longest prompt of the new batch."""
-    tokens, mask = pad_stack([t for c in items for t in unpad(c.text)])
-    pooled = torch.cat([c.text.pooled for c in items])
-    return Conditioning(TextEmbedding(tokens, mask, pooled), torch.cat([c.seconds for c in items]))
+    return Conditioning(concat_text([c.text for c in items]), torch.cat([c.seconds for c in items]))
+
+
+def concat_text(items: list[TextEmbedding]) -> TextEmbedding:
+    """One text batch from several, each row's tokens re-padded to the longest of the new batch (a row without a
+    real token, a null condition, stays all masked)."""
+    rows = [t for text in items for t in unpad(text)]
+    length = max(1, max(t.shape[0] for t in rows))
+    tokens, mask = pad_stack(rows, length)
+    return TextEmbedding(tokens, mask, torch.cat([text.pooled for text in items]))
 
 
 def unpad(text: TextEmbedding) -> list[Tensor]:

@@ -39,10 +39,18 @@ class BundleConfig:
     schedule: dict = field(default_factory=lambda: {"name": "vp-cosine"})
     parameterization: str = "v"
     sampler: str = "ddim"
+    sampler_options: dict = field(default_factory=dict)  # the sampler's keyword arguments (a ping-pong grid's range)
     default_steps: int = 200
     max_steps: int = 500
     default_guidance: float = 3.0
     guidance_in_model: bool = False  # student learned the guided output: one forward per step, guidance as input
+    # the denoiser has a trained inpainting input (``local_cond``: keep mask + known latents, Stable Audio 3); without
+    # one the pipeline inpaints by replacing the known region's x0 prediction with the known latents at every step
+    inpaint_conditioning: bool = False
+    # audio-to-audio at init_noise_level < 1: "enter" joins the model's own grid at its first time at or below the
+    # level (fewer steps, the times the model was trained to sample at); "compress" runs the full step count on a grid
+    # squeezed into [level, 0] (Stable Audio 3's reference sampling)
+    audio_to_audio_grid: str = "enter"
     default_duration: float = 5.0
     max_duration: float = 10.0
     text_encoder: dict = field(default_factory=lambda: {"name": "minilm"})
@@ -69,7 +77,11 @@ class BundleConfig:
             raise ConfigError(f"{source}: unknown config keys {unknown}")
         if "name" not in data:
             raise ConfigError(f"{source}: the required key 'name' is missing")
-        return cls(**data)
+        config = cls(**data)
+        if config.audio_to_audio_grid not in ("enter", "compress"):
+            raise ConfigError(f"{source}: audio_to_audio_grid must be 'enter' or 'compress', got "
+                              f"{config.audio_to_audio_grid!r}")
+        return config
 
     @classmethod
     def load(cls, path: str | Path) -> BundleConfig:

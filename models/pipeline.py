@@ -10,7 +10,12 @@ Everything between the networks lives here and nowhere else:
 - classifier-free guidance batched into the same forward (unconditional rows appended, ``guided_forward``);
 - the conversion of the network's raw output to x0 (``Parameterization.to_x0``);
 - the masked per-sample sampler step (padded frames stay zero);
-- the grouped decode (equal lengths share a decoder call, ``decode_grouped``).
+- the grouped decode (equal lengths share a decoder call, ``decode_grouped``);
+- the generation modes, as per-sample data that never force a batch of their own: audio-to-audio (the sample's
+  grid starts part-way, at ``init_noise_level``, from its init clip's latents noised to that level), inpainting and
+  outpainting (known latents and a keep mask: the model's trained inpainting input where it has one, else the known
+  region's x0 prediction replaced by the known latents at every step), and a negative prompt (the condition of the
+  sample's unconditional guidance row).
 
 The backends (``Networks``: eager PyTorch in ``models.bundle.ModelBundle``, the service's compiled / CUDA-graph /
 ONNX Runtime runtimes) only run the text encoder, the denoiser and the decoder. The serving engine drives
@@ -30,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from models.conditioning import Conditioning, concat_conditioning, pad_tokens
+from models.conditioning import Conditioning, concat_conditioning, concat_text, pad_tokens
 from models.config import BundleConfig
 from models.diffusion import NoiseSchedule, apply_guidance, make_parameterization, make_sampler
 from models.text import TextEmbedding
@@ -46,6 +51,7 @@ class Networks(ABC):
     config: BundleConfig
     schedule: NoiseSchedule  # the schedule the denoiser was trained on (its time conditioning depends on it)
     sample_rate: int
+    samples_per_latent: int
     latent_dim: int
     device: torch.device | str
 
@@ -68,27 +74,68 @@ class Networks(ABC):
 
     @abstractmethod
     def denoise(self, z: Tensor, t: Tensor, tokens: Tensor, token_mask: Tensor, pooled: Tensor, seconds: Tensor,
-                frame_mask: Tensor, guidance: Tensor | None = None) -> Tensor:
-        """One forward of the denoiser: z [B, C, T] at times t [B] -> raw output [B, C, T]."""
+                frame_mask: Tensor, guidance: Tensor | None = None, local_cond: Tensor | None = None) -> Tensor:
+        """One forward of the denoiser: z [B, C, T] at times t [B] -> raw output [B, C, T]. ``local_cond``
+        [B, 1 + C, T] (only for a model with ``config.inpaint_conditioning``): the keep mask, then the known
+        latents times the mask; a row that is all zero has no local conditioning."""
 
     @abstractmethod
     def decode_latents(self, latents: Tensor) -> Tensor:
         """Latents [B, C, T] of one length -> float32 waveforms [B, 2, N] on the CPU (N >= T x samples per
         latent; the pipeline cuts each clip to its duration)."""
 
+    def encode_audio(self, wave: Tensor) -> Tensor:
+        """Waveforms [B, 2, N] at ``sample_rate`` -> latents [B, C, ceil(N / samples_per_latent)] (the codec's
+        encoder: audio-to-audio and inpainting need it). A backend without an encoder says so here."""
+        raise NotImplementedError(f"the {type(self).__name__} backend of {self.model_name} has no audio encoder")
+
+    @property
+    def encodes_audio(self) -> bool:
+        return type(self).encode_audio is not Networks.encode_audio
+
     def prepare(self) -> None:
         """Work to do once before serving (compilation, graph capture): nothing, unless a backend has some."""
 
 
-@dataclass(frozen=True)
+MODES = ("text-to-audio", "audio-to-audio", "inpainting", "negative-prompt")
+
+
+class RequestError(ValueError):
+    """A request the model cannot run as asked; ``field`` names the request field at fault."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
+@dataclass(frozen=True, eq=False)
 class SampleRequest:
-    """What one sample is asked to be."""
+    """What one sample is asked to be. With ``init_audio`` (a float waveform [2, N] at the model's sample rate, cut
+    or zero-padded to ``duration``): audio-to-audio from ``init_noise_level`` (in (0, 1]; 1 is plain generation),
+    and / or inpainting of the span ``inpaint`` = (start, end) seconds, the rest of the clip kept (a span past the
+    init clip's end, with a longer duration, outpaints). ``negative_prompt`` is what guidance steers away from."""
 
     prompt: str
     duration: float
     steps: int
     guidance: float
     seed: int
+    negative_prompt: str | None = None
+    init_audio: Tensor | None = None
+    init_noise_level: float = 1.0
+    inpaint: tuple[float, float] | None = None
+
+    @property
+    def modes(self) -> list[str]:
+        """The modes this request uses beyond text-to-audio."""
+        out = []
+        if self.init_audio is not None and self.init_noise_level < 1.0:
+            out.append("audio-to-audio")
+        if self.inpaint is not None:
+            out.append("inpainting")
+        if self.negative_prompt is not None:
+            out.append("negative-prompt")
+        return out
 
 
 @dataclass(eq=False)
@@ -103,6 +150,9 @@ class Trajectory:
     generator: torch.Generator  # the request's own: per-step noise of a stochastic sampler comes from it
     cond: Conditioning  # batch of one
     index: int = 0  # steps taken
+    known: Tensor | None = None  # [C, frames] latents to keep (inpainting), where ``keep`` is True
+    keep: Tensor | None = None  # [frames] bool
+    negative: TextEmbedding | None = None  # batch of one: the unconditional row's condition
 
     @property
     def steps(self) -> int:
@@ -134,6 +184,22 @@ compiled denoiser's graphs are specialised on that). Latents are padded to the l
         self.index = torch.tensor([s.index for s in self.trajectories])
         self.guidance = torch.tensor([float(s.request.guidance) for s in self.trajectories], dtype=torch.float32)
         self.cond = concat_conditioning([s.cond for s in self.trajectories])
+        self.negatives = [s.negative for s in self.trajectories]
+        self.known = self.keep_known = None  # [B, C, L] and [B, 1, L] when a sample inpaints
+        if any(s.keep is not None for s in self.trajectories):
+            self.known = torch.stack([F.pad(s.known, (0, self.length - s.frames)) if s.keep is not None
+                                      else torch.zeros_like(self.z[0]) for s in self.trajectories])
+            self.keep_known = torch.stack([F.pad(s.keep, (0, self.length - s.frames)) if s.keep is not None
+                                           else torch.zeros(self.length, dtype=torch.bool)
+                                           for s in self.trajectories])[:, None]
+
+    def local_cond(self) -> Tensor | None:
+        """The trained inpainting input [B, 1 + C, L] (keep mask, then the known latents times it); rows of
+        samples that do not inpaint are zero."""
+        if self.keep_known is None:
+            return None
+        mask = self.keep_known.to(self.z.dtype)
+        return torch.cat([mask, self.known * mask], dim=1)
 
     def __len__(self) -> int:
         return len(self.trajectories)
@@ -156,8 +222,8 @@ class Pipeline:
         self.config = networks.config
         self.schedule = networks.schedule
         self.parameterization = make_parameterization(self.config.parameterization, self.schedule)
-        self.sampler = make_sampler(self.config.sampler, self.schedule)
-        self._grids: dict[int, Tensor] = {}
+        self.sampler = make_sampler(self.config.sampler, self.schedule, self.config.sampler_options)
+        self._grids: dict[tuple[int, float], Tensor] = {}
 
     @property
     def sample_rate(self) -> int:
@@ -166,11 +232,54 @@ class Pipeline:
     def latent_frames(self, duration: float) -> int:
         return self.networks.latent_frames(duration)
 
-    def grid(self, steps: int) -> Tensor:
-        """The sampler's time grid for ``steps`` steps (cached: every sample with that step count shares it)."""
-        if steps not in self._grids:
-            self._grids[steps] = self.sampler.timesteps(steps)
-        return self._grids[steps]
+    def grid(self, steps: int, start: float = 1.0) -> Tensor:
+        """The sampler's time grid for ``steps`` steps from ``start`` (cached: samples with the same ones share
+        it)."""
+        key = (steps, float(start))
+        if key not in self._grids:
+            self._grids[key] = self.sampler.timesteps(steps, start)
+        return self._grids[key]
+
+    @property
+    def modes(self) -> list[str]:
+        """What this model and backend can do (``MODES``): init audio needs an audio encoder, a negative prompt
+        needs an unconditional branch (not a model that takes guidance as an input)."""
+        out = ["text-to-audio"]
+        if self.networks.encodes_audio:
+            out += ["audio-to-audio", "inpainting"]
+        if not self.config.guidance_in_model:
+            out.append("negative-prompt")
+        return out
+
+    def check(self, r: SampleRequest) -> None:
+        """A ``RequestError`` (naming the field) for a request this model cannot run as asked; the HTTP layer
+        answers it with a 422."""
+        missing = [m for m in r.modes if m not in self.modes]
+        if r.init_audio is not None and "audio-to-audio" not in self.modes:
+            missing.append("init audio")
+        if missing:
+            field = {"negative-prompt": "negative_prompt", "inpainting": "inpaint_start"}.get(missing[0], "init_audio")
+            raise RequestError(field, f"model {self.config.name} ({getattr(self.networks, 'name', 'torch')} runtime) "
+                                      f"does not support {', '.join(missing)}; it supports {', '.join(self.modes)}")
+        if not 0.0 < r.init_noise_level <= 1.0:
+            raise RequestError("init_noise_level", f"init_noise_level: {r.init_noise_level} is outside (0, 1]")
+        if r.init_noise_level < 1.0 and r.init_audio is None:
+            raise RequestError("init_noise_level", "init_noise_level needs init_audio (the clip to start from)")
+        if r.inpaint is not None:
+            start, end = r.inpaint
+            if r.init_audio is None:
+                raise RequestError("init_audio", "inpainting needs init_audio (the clip whose span is regenerated)")
+            if not 0.0 <= start < end:
+                raise RequestError("inpaint_end", f"inpaint: the span must have 0 <= start < end, got {start} .. {end} s")
+            if end > r.duration:
+                raise RequestError("inpaint_end", f"inpaint: the span ends at {end} s, after the clip's {r.duration} s")
+        if r.init_audio is not None and (r.init_audio.dim() != 2 or r.init_audio.shape[0] != 2
+                                         or r.init_audio.shape[1] == 0):
+            raise RequestError("init_audio", "init_audio: expected a stereo waveform [2, samples], got "
+                                             f"{tuple(r.init_audio.shape)}")
+        if r.negative_prompt is not None and r.guidance == 1.0:
+            raise RequestError("negative_prompt", "negative_prompt needs guidance other than 1 (guidance 1 has no "
+                                                  "unconditional branch)")
 
     # ------------------------------------------------------------------ starting samples
     def conditioning(self, prompts: list[str], durations: list[float]) -> Conditioning:
@@ -181,14 +290,56 @@ class Pipeline:
 
     @torch.inference_mode()
     def start(self, requests: Sequence[SampleRequest]) -> list[Trajectory]:
-        """Trajectories for these requests at their first step, with ONE batched text-encoder call."""
-        cond = self.conditioning([r.prompt for r in requests], [r.duration for r in requests])
-        out = []
+        """Trajectories for these requests at their first step: ONE batched text-encoder call for the prompts and
+        the negative prompts, one encoder call per init clip. Raises ``ValueError`` (``check``) first."""
+        for r in requests:
+            self.check(r)
+        negatives = [r.negative_prompt for r in requests if r.negative_prompt is not None]
+        text = self.networks.encode_text([r.prompt for r in requests] + negatives)
+        cond = Conditioning(text.select(list(range(len(requests)))),
+                            torch.tensor([r.duration for r in requests], dtype=torch.float32))
+        out, k = [], len(requests)
         for i, r in enumerate(requests):
             frames = self.latent_frames(r.duration)
             z, generator = self.initial_noise(r.seed, frames)
-            out.append(Trajectory(r, frames, self.grid(r.steps), z, generator, cond.select([i])))
+            tr = Trajectory(r, frames, self.grid(r.steps), z, generator, cond.select([i]))
+            if r.negative_prompt is not None:
+                tr.negative, k = text.select([k]), k + 1
+            if r.init_audio is not None:
+                known = self.init_latents(r.init_audio, frames)
+                if r.init_noise_level < 1.0:
+                    self.enter(tr, known, r.init_noise_level)
+                if r.inpaint is not None:
+                    tr.known, tr.keep = known, self.keep_mask(r, frames)
+            out.append(tr)
         return out
+
+    def enter(self, tr: Trajectory, known: Tensor, level: float) -> None:
+        """Audio-to-audio: the trajectory starts from the clip's latents noised, with its own initial noise, to the
+        first time of its grid: the model's own grid entered at its first time at or below ``level`` (at least one
+        step is left), or the full step count compressed into [level, 0] (``BundleConfig.audio_to_audio_grid``)."""
+        if self.config.audio_to_audio_grid == "compress":
+            tr.grid = self.grid(tr.steps, level)
+        else:
+            below = torch.nonzero(tr.grid <= level).flatten()
+            tr.index = min(int(below[0]), tr.steps - 1)
+        a, s = self.schedule.alpha_sigma(tr.grid[tr.index: tr.index + 1].to(tr.z.dtype))
+        tr.z = a * known + s * tr.z
+
+    def init_latents(self, wave: Tensor, frames: int) -> Tensor:
+        """An init clip's latents [C, frames]: encoded, then cut or zero-padded to the sample's length."""
+        latents = self.networks.encode_audio(wave[None].float())[0].to("cpu", torch.float32)
+        return F.pad(latents, (0, max(0, frames - latents.shape[-1])))[:, :frames]
+
+    def keep_mask(self, r: SampleRequest, frames: int) -> Tensor:
+        """[frames] bool: True where the init clip is kept: outside the inpaint span (frame of a time = floor(time
+        x latent rate), as Stable Audio 3 maps its mask) and within the clip."""
+        rate = self.networks.sample_rate / self.networks.samples_per_latent
+        start, end = (int(x * rate) for x in r.inpaint)
+        keep = torch.ones(frames, dtype=torch.bool)
+        keep[start: min(end, frames)] = False
+        keep[-(-r.init_audio.shape[-1] // self.networks.samples_per_latent):] = False  # past the init clip
+        return keep
 
     # ------------------------------------------------------------------ one step
     def forward_count(self, guidance: Tensor) -> int:
@@ -198,19 +349,34 @@ class Pipeline:
         return guidance.numel() + int((guidance != 1.0).sum())
 
     @torch.inference_mode()
-    def predict_x0(self, z: Tensor, t: Tensor, cond: Conditioning, guidance: Tensor, frame_mask: Tensor) -> Tensor:
+    def predict_x0(self, z: Tensor, t: Tensor, cond: Conditioning, guidance: Tensor, frame_mask: Tensor,
+                   negatives: Sequence[TextEmbedding | None] | None = None,
+                   local_cond: Tensor | None = None) -> Tensor:
         """x0 predictions for a heterogeneous batch in ONE denoiser forward: z [B, C, T] (padded), t [B],
-        guidance [B], frame_mask [B, T]; the result has z's device and type, whatever the backend computed in."""
+        guidance [B], frame_mask [B, T]; the result has z's device and type, whatever the backend computed in.
+        ``negatives``: per sample, the condition of its unconditional row (None: the model's own); ``local_cond``:
+        the trained inpainting input (``Networks.denoise``)."""
         t = t.float()
-        out = guided_forward(self.networks.denoise, z, t, cond, guidance, frame_mask, self.networks.unconditional_text,
-                             self.config.guidance_in_model)
+
+        def unconditional(rows: Tensor) -> TextEmbedding:
+            own = [negatives[i] for i in rows.tolist()] if negatives is not None else []
+            if not any(x is not None for x in own):
+                return self.networks.unconditional_text(rows.numel())
+            return concat_text([x if x is not None else self.networks.unconditional_text(1) for x in own])
+
+        out = guided_forward(self.networks.denoise, z, t, cond, guidance, frame_mask, unconditional,
+                             self.config.guidance_in_model, local_cond)
         return self.parameterization.to_x0(out.to(z.device, z.dtype), z, t)
 
     @torch.inference_mode()
     def step(self, batch: DenoiseBatch) -> None:
         """One denoiser forward over the batch, then one sampler step for each of its trajectories (in place)."""
         t, t_next = batch.times()
-        x0 = self.predict_x0(batch.z, t, batch.cond, batch.guidance, batch.frame_mask)
+        trained = self.config.inpaint_conditioning
+        x0 = self.predict_x0(batch.z, t, batch.cond, batch.guidance, batch.frame_mask, batch.negatives,
+                             batch.local_cond() if trained else None)
+        if batch.keep_known is not None and not trained:  # the known region's prediction is the known latents
+            x0 = torch.where(batch.keep_known, batch.known, x0)
         noise = None
         if self.sampler.stochastic:
             noise = torch.stack([F.pad(step_noise(s.generator, self.networks.latent_dim, s.frames),
@@ -274,25 +440,29 @@ def step_noise(generator: torch.Generator, latent_dim: int, frames: int) -> Tens
 
 
 def guided_forward(denoise: Callable[..., Tensor], z: Tensor, t: Tensor, cond: Conditioning, guidance: Tensor,
-                   frame_mask: Tensor, unconditional_text: Callable[[int], TextEmbedding],
-                   guidance_in_model: bool) -> Tensor:
+                   frame_mask: Tensor, unconditional: Callable[[Tensor], TextEmbedding],
+                   guidance_in_model: bool, local_cond: Tensor | None = None) -> Tensor:
     """Classifier-free guidance batched into ONE denoiser call: samples with guidance != 1 get an unconditional row
-    (``unconditional_text(n)``) appended to the same batch, and their raw outputs are combined by
-    ``apply_guidance``; a model that takes guidance as an input (a guidance-distilled student) gets it directly."""
+    (``unconditional(rows)``: the condition of those samples' unconditional branch) appended to the same batch, and
+    their raw outputs are combined by ``apply_guidance``; a model that takes guidance as an input (a
+    guidance-distilled student) gets it directly. ``local_cond`` goes to the denoiser only when given."""
     text = cond.text
+    extra = {} if local_cond is None else {"local_cond": local_cond}
     if guidance_in_model:
-        return denoise(z, t, text.tokens, text.mask, text.pooled, cond.seconds, frame_mask, guidance=guidance)
+        return denoise(z, t, text.tokens, text.mask, text.pooled, cond.seconds, frame_mask, guidance=guidance, **extra)
     guided = torch.nonzero(guidance != 1.0).flatten()
     n, g = z.shape[0], guided.numel()
     if not g:
-        return denoise(z, t, text.tokens, text.mask, text.pooled, cond.seconds, frame_mask)
-    u = unconditional_text(g)
+        return denoise(z, t, text.tokens, text.mask, text.pooled, cond.seconds, frame_mask, **extra)
+    u = unconditional(guided)
     length = max(text.tokens.shape[1], u.tokens.shape[1])
+    if local_cond is not None:
+        extra = {"local_cond": torch.cat([local_cond, local_cond[guided]])}
     out = denoise(torch.cat([z, z[guided]]), torch.cat([t, t[guided]]),
                   torch.cat([pad_tokens(text.tokens, length), pad_tokens(u.tokens, length)]),
                   torch.cat([pad_tokens(text.mask, length), pad_tokens(u.mask, length)]),
                   torch.cat([text.pooled, u.pooled]), torch.cat([cond.seconds, cond.seconds[guided]]),
-                  torch.cat([frame_mask, frame_mask[guided]]))
+                  torch.cat([frame_mask, frame_mask[guided]]), **extra)
     cond_out = out[:n].clone()
     cond_out[guided] = apply_guidance(out[:n][guided], out[n:], guidance[guided].to(out.device))
     return cond_out

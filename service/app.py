@@ -27,12 +27,13 @@ from models.registry import available_models
 from service.audio import encode_audio
 from service.engine import Engine
 from service.errors import ERROR_RESPONSES, ApiError, error_response
+from service.forms import read_generate_request, request_body_openapi
 from service.gateway import Gateway, resolve_request
 from service.logging_setup import setup_logging
 from service.metrics import Metrics
 from service.middleware import BodyLimitMiddleware, RequestAccounting
 from service.runtimes import Runtime, load_runtime
-from service.schemas import ErrorResponse, GenerateRequest, ModelInfo
+from service.schemas import ErrorResponse, ModelInfo
 from service.settings import Settings
 
 log = logging.getLogger("tta.http")
@@ -126,7 +127,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                   description="POST /generate returns 44.1 kHz stereo PCM16 audio for a text prompt.")
     app.state.tta = state
     # the last added runs first: accounting sees every answer, the body limit's 413 included
-    app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes)
+    app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes, upload_limit=settings.max_upload_bytes)
     app.add_middleware(RequestAccounting, metrics=metrics)
 
     # ---------------------------------------------------------------- errors: always {"error": {...}}
@@ -207,18 +208,25 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                           max_steps=rt.config.max_steps, default_guidance=rt.config.default_guidance,
                           max_duration=rt.config.max_duration, default_duration=rt.config.default_duration,
                           runtime=rt.name, sample_rate=rt.sample_rate, sampler=rt.config.sampler,
-                          default=name == settings.default_model) for name, rt in st.runtimes.items()]
+                          default=name == settings.default_model, modes=st.engine.runners[name].pipeline.modes)
+                for name, rt in st.runtimes.items()]
 
     @app.post("/generate", tags=["generation"], responses={200: {"content": {"audio/wav": {}, "audio/flac": {},
                                                                             "audio/ogg": {}}}, **ERROR_RESPONSES},
-              response_class=Response, dependencies=[Depends(require_api_key)])
-    async def generate(body: GenerateRequest, request: Request, st: ServiceState = Depends(require_ready)):
+              response_class=Response, dependencies=[Depends(require_api_key)],
+              openapi_extra={"requestBody": request_body_openapi()})
+    async def generate(request: Request, st: ServiceState = Depends(require_ready)):
+        """Text-to-audio, audio-to-audio (``init_audio`` + ``init_noise_level``), inpainting and outpainting
+        (``init_audio`` + ``inpaint_start`` / ``inpaint_end``), negative prompts: JSON, or the same fields as a
+        multipart form with ``init_audio`` as a file."""
         rid, arrival = request.state.request_id, request.state.arrival
-        spec = resolve_request(body, {n: rt.config for n, rt in st.runtimes.items()}, settings.default_model)
+        body, clip = await read_generate_request(request, settings.max_upload_bytes)
+        pipelines = {n: runner.pipeline for n, runner in st.engine.runners.items()}
+        spec = await asyncio.to_thread(resolve_request, body, pipelines, settings.default_model, clip)
         request.state.model = spec.model
         sample = spec.sample
         request.state.log = {"duration_s": sample.duration, "steps": sample.steps, "guidance": sample.guidance,
-                             "seed": sample.seed}
+                             "seed": sample.seed, "modes": sample.modes}
         request.state.submitted = True
         result = await st.gateway.run(spec, rid, st.gateway.timeout(body.timeout), arrival,
                                       request.is_disconnected)

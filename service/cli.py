@@ -92,20 +92,27 @@ def cmd_generate(args) -> None:
     if fmt not in FORMATS:
         raise SystemExit(f"--format {fmt!r}: expected one of {', '.join(FORMATS)} (or an output file ending in one)")
     try:
+        inpaint = [float(x) for x in args.inpaint.split(",")] if args.inpaint else [None, None]
+        if len(inpaint) != 2:
+            raise ValueError(f"--inpaint {args.inpaint!r}: expected START,END in seconds")
         body = GenerateRequest(prompt=args.prompt, duration=args.duration, steps=args.steps, guidance=args.guidance,
-                               seed=args.seed, format=fmt)
+                               seed=args.seed, format=fmt, negative_prompt=args.negative_prompt,
+                               init_noise_level=args.init_noise_level, inpaint_start=inpaint[0],
+                               inpaint_end=inpaint[1])
+        clip = Path(args.init_audio).read_bytes() if args.init_audio else None
         path = resolve_model(args.model, args.model_dir)
-    except (pydantic.ValidationError, FileNotFoundError) as exc:
+    except (pydantic.ValidationError, ValueError, OSError) as exc:
         raise SystemExit(str(exc)) from None
     runtime = load_runtime(path, args.runtime, args.device)
+    engine = Engine({runtime.model_name: runtime}, Metrics(), max_batch=1, queue_size=1)
     try:
-        spec = resolve_request(body, {runtime.model_name: runtime.config}, runtime.model_name)
+        spec = resolve_request(body, {runtime.model_name: engine.runners[runtime.model_name].pipeline},
+                               runtime.model_name, clip)
     except ApiError as exc:
         raise SystemExit(exc.message) from None
-    engine = Engine({runtime.model_name: runtime}, Metrics(), max_batch=1, queue_size=1)
     engine.start()
     try:
-        result = engine.generate_sync(dict(id="cli", **spec.fields()), timeout=args.timeout)
+        result = engine.generate_sync(dict(id="cli", **spec.job_fields()), timeout=args.timeout)
     finally:
         engine.stop()
     data, _ = encode_audio(result.wave, result.sample_rate, fmt)
@@ -234,6 +241,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--timeout", type=float, default=600.0, help="seconds before the generation is given up")
+    p.add_argument("--negative-prompt", default=None, help="what guidance steers away from (guidance other than 1)")
+    p.add_argument("--init-audio", default=None, help="a WAV / FLAC / Ogg clip to start from (any rate, channels)")
+    p.add_argument("--init-noise-level", type=float, default=None,
+                   help="audio-to-audio: how far the clip is noised, in (0, 1]; 1 ignores it")
+    p.add_argument("--inpaint", default=None, metavar="START,END",
+                   help="regenerate this span of the init clip (seconds); past its end it outpaints")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("serve", help="run the HTTP service (flags override TTA_* environment settings)")

@@ -7,10 +7,10 @@ import asyncio
 import secrets
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 
-from models.config import BundleConfig
-from models.pipeline import SampleRequest
+from models.pipeline import Pipeline, RequestError, SampleRequest
+from service.audio import AudioInputError, decode_audio
 from service.engine import Engine
 from service.errors import ApiError
 from service.jobs import Cancelled, EngineError, GenerationJob, JobResult, QueueFull
@@ -25,22 +25,25 @@ class JobSpec:
     model: str
     sample: SampleRequest
 
-    def fields(self) -> dict:
+    def job_fields(self) -> dict:
         """``GenerationJob``'s request fields."""
-        return {"model": self.model, **asdict(self.sample)}
+        return {"model": self.model, **{f.name: getattr(self.sample, f.name) for f in fields(SampleRequest)}}
 
     def job(self, request_id: str, deadline: float, on_done, arrival: float) -> GenerationJob:
-        return GenerationJob(id=request_id, deadline=deadline, on_done=on_done, arrival=arrival, **self.fields())
+        return GenerationJob(id=request_id, deadline=deadline, on_done=on_done, arrival=arrival, **self.job_fields())
 
 
-def resolve_request(body: GenerateRequest, configs: dict[str, BundleConfig], default_model: str) -> JobSpec:
-    """The job a request asks for: its model (404 when unknown), the model's defaults for what it leaves out, and
-    the model's limits (422 naming the field). A missing seed is drawn here, so the answer can report it."""
+def resolve_request(body: GenerateRequest, pipelines: dict[str, Pipeline], default_model: str,
+                    init_audio: bytes | None = None) -> JobSpec:
+    """The job a request asks for: its model (404 when unknown), the model's defaults for what it leaves out, the
+    model's limits and modes (422 naming the field), the init clip decoded at the model's sample rate (``init_audio``:
+    the uploaded file's bytes). A missing seed is drawn here, so the answer can report it."""
     name = body.model or default_model
-    cfg = configs.get(name)
-    if cfg is None:
-        raise ApiError(404, "unknown_model", f"unknown model {name!r}; GET /models lists {sorted(configs)}",
+    pipeline = pipelines.get(name)
+    if pipeline is None:
+        raise ApiError(404, "unknown_model", f"unknown model {name!r}; GET /models lists {sorted(pipelines)}",
                        field="model")
+    cfg = pipeline.config
     duration = cfg.default_duration if body.duration is None else body.duration
     if duration > cfg.max_duration:
         raise ApiError(422, "invalid_input", f"duration: {duration} s exceeds model {name}'s maximum of "
@@ -51,7 +54,23 @@ def resolve_request(body: GenerateRequest, configs: dict[str, BundleConfig], def
                        field="steps")
     guidance = cfg.default_guidance if body.guidance is None else body.guidance
     seed = body.seed if body.seed is not None else secrets.randbelow(2**63)
-    return JobSpec(name, SampleRequest(body.prompt, float(duration), int(steps), float(guidance), int(seed)))
+    try:
+        inpaint = body.inpaint
+    except ValueError as exc:
+        raise ApiError(422, "invalid_input", f"inpaint_end: {exc}", field="inpaint_end") from None
+    wave = None
+    if init_audio is not None:
+        try:
+            wave = decode_audio(init_audio, pipeline.sample_rate, max_seconds=duration)
+        except AudioInputError as exc:
+            raise ApiError(422, "invalid_input", str(exc), field="init_audio") from None
+    sample = SampleRequest(body.prompt, float(duration), int(steps), float(guidance), int(seed), body.negative_prompt,
+                           wave, 1.0 if body.init_noise_level is None else float(body.init_noise_level), inpaint)
+    try:
+        pipeline.check(sample)
+    except RequestError as exc:
+        raise ApiError(422, "invalid_input", str(exc), field=exc.field) from None
+    return JobSpec(name, sample)
 
 
 class Gateway:

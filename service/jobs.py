@@ -86,6 +86,10 @@ class GenerationJob:
     seed: int
     deadline: float  # time.monotonic() by which the answer is due
     on_done: Callable[[JobResult | None, BaseException | None], Any]
+    negative_prompt: str | None = None
+    init_audio: Tensor | None = None  # [2, N] float at the model's sample rate (audio-to-audio, inpainting)
+    init_noise_level: float = 1.0
+    inpaint: tuple[float, float] | None = None  # seconds regenerated, the rest of init_audio kept
     arrival: float = field(default_factory=time.monotonic)
     state: JobState = JobState.WAITING
     cancel_reason: str | None = None

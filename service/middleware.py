@@ -67,25 +67,28 @@ class RequestAccounting:
 
 
 class BodyLimitMiddleware:
-    """413 before parsing: a Content-Length over the limit is refused at once; a chunked body is counted."""
+    """413 before parsing. A request body may hold ``limit`` bytes, or ``upload_limit`` when it carries an audio clip
+    (a multipart form, or JSON with an ``init_audio`` field); a Content-Length over the larger limit is refused at
+    once, a body without one is counted as it arrives."""
 
-    def __init__(self, app, limit: int):
+    def __init__(self, app, limit: int, upload_limit: int | None = None):
         self.app, self.limit = app, limit
+        self.upload_limit = max(limit, upload_limit or limit)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
             return await self.app(scope, receive, send)
         headers = dict(scope.get("headers") or [])
+        multipart = headers.get(b"content-type", b"").lower().startswith(b"multipart/form-data")
+        ceiling = self.upload_limit
         length = headers.get(b"content-length")
-        too_big = False
-        if length is not None:
-            try:
-                too_big = int(length) > self.limit
-            except ValueError:
-                too_big = False
+        try:
+            too_big = length is not None and int(length) > ceiling
+        except ValueError:
+            too_big = False
         if too_big:
-            return await self._reject(scope, receive, send)
-        # Bodies here are small: read the whole body (up to the limit) before the app parses anything.
+            return await self._reject(scope, receive, send, ceiling)
+        # Bodies are read whole (up to the ceiling) before the app parses anything.
         chunks, received = [], 0
         while True:
             message = await receive()
@@ -93,11 +96,13 @@ class BodyLimitMiddleware:
                 return
             chunks.append(message.get("body", b""))
             received += len(chunks[-1])
-            if received > self.limit:
-                return await self._reject(scope, receive, send)
+            if received > ceiling:
+                return await self._reject(scope, receive, send, ceiling)
             if not message.get("more_body", False):
                 break
         body = b"".join(chunks)
+        if received > self.limit and not multipart and b'"init_audio"' not in body:
+            return await self._reject(scope, receive, send, self.limit)
         replayed = False
 
         async def replay():
@@ -109,6 +114,7 @@ class BodyLimitMiddleware:
 
         await self.app(scope, replay, send)
 
-    async def _reject(self, scope, receive, send):
-        resp = error_response(413, "payload_too_large", f"request body exceeds {self.limit} bytes")
+    async def _reject(self, scope, receive, send, limit: int):
+        what = "with an audio clip " if limit > self.limit else ""
+        resp = error_response(413, "payload_too_large", f"request body {what}exceeds {limit} bytes")
         await resp(scope, receive, send)

@@ -20,8 +20,7 @@ class ModelRunner:
     def encode(self, jobs: list[GenerationJob], now: float) -> list[Sample]:
         """The jobs' samples at their first step: ONE batched text-encoder call (the encoder caches prompts)."""
         t0 = time.perf_counter()
-        trajectories = self.pipeline.start([SampleRequest(j.prompt, j.duration, j.steps, j.guidance, j.seed)
-                                            for j in jobs])
+        trajectories = self.pipeline.start([sample_request(j) for j in jobs])
         elapsed = time.perf_counter() - t0
         start = time.perf_counter()
         return [Sample(job, tr.frames, now, tr, encode_s=elapsed, denoise_start=start)
@@ -56,3 +55,9 @@ class ModelRunner:
 
     def decode(self, samples: list[Sample]) -> list[Tensor]:
         return self.pipeline.decode([s.trajectory.z for s in samples], [s.job.duration for s in samples])
+
+
+def sample_request(job: GenerationJob) -> SampleRequest:
+    """What the pipeline is asked to make for this job."""
+    return SampleRequest(job.prompt, job.duration, job.steps, job.guidance, job.seed, job.negative_prompt,
+                         job.init_audio, job.init_noise_level, job.inpaint)

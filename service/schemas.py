@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 
 class GenerateRequest(BaseModel):
@@ -17,6 +17,30 @@ class GenerateRequest(BaseModel):
     model: str | None = Field(None, description="a name from GET /models; the default model when absent")
     format: Literal["wav", "flac", "ogg"] = "wav"
     timeout: float | None = Field(None, gt=0, le=600, description="seconds; capped by the server's request_timeout")
+    negative_prompt: str | None = Field(None, max_length=500, description="what guidance steers away from (models "
+                                        "with classifier-free guidance, guidance other than 1)")
+    init_audio: str | None = Field(None, description="a WAV / FLAC / Ogg clip to start from, base64-encoded (in "
+                                   "multipart/form-data: a file); any sample rate and channel count")
+    init_noise_level: float | None = Field(None, gt=0.0, le=1.0, description="audio-to-audio: how far init_audio is "
+                                           "noised before sampling, in (0, 1]; 1 (the default) ignores it")
+    inpaint_start: float | None = Field(None, ge=0.0, description="inpainting: the span of init_audio to "
+                                        "regenerate starts here (seconds); past the clip's end it outpaints")
+    inpaint_end: float | None = Field(None, gt=0.0, description="inpainting: the span ends here (seconds)")
+
+    @field_validator("inpaint_end")
+    @classmethod
+    def _after_start(cls, end: float | None, info: ValidationInfo) -> float | None:
+        start = info.data.get("inpaint_start")
+        if end is not None and start is not None and end <= start:
+            raise ValueError(f"must be after inpaint_start ({start} s)")
+        return end
+
+    @property
+    def inpaint(self) -> tuple[float, float] | None:
+        """The span to regenerate; ``ValueError`` when only one end of it is given."""
+        if (self.inpaint_start is None) != (self.inpaint_end is None):
+            raise ValueError("inpaint_start and inpaint_end come together")
+        return None if self.inpaint_start is None else (self.inpaint_start, self.inpaint_end)
 
 
 class ModelInfo(BaseModel):
@@ -33,6 +57,7 @@ class ModelInfo(BaseModel):
     sample_rate: int
     sampler: str
     default: bool
+    modes: list[str] = Field(description="text-to-audio, and which of audio-to-audio, inpainting, negative-prompt")
 
 
 class ErrorBody(BaseModel):

@@ -43,7 +43,9 @@ class Settings(BaseSettings):
     max_queue_delay_ms: float = Field(20.0, ge=0, description="request-level policy: wait this long to fill a batch")
     threads: int | None = Field(None, ge=1, description="torch intra-op threads (default: torch's choice)")
     log_level: str = "info"
-    max_body_bytes: int = Field(16 * 1024, ge=256)
+    max_body_bytes: int = Field(16 * 1024, ge=256, description="largest request body without an audio clip")
+    max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1024, description="largest request body that carries an "
+                                  "init_audio clip (JSON with base64, or a multipart form)")
     warmup: bool = True
     # Test/debug only: a runtime wrapper that raises or sleeps for prompts carrying [[fail]] / [[slow=MS]] markers.
     debug_faults: bool = False

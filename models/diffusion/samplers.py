@@ -22,8 +22,9 @@ class Sampler(ABC):
         self.schedule = schedule
 
     @abstractmethod
-    def timesteps(self, n_steps: int) -> Tensor:
-        """n_steps + 1 times from 1 (noise) down to 0 (data), float64 for exact grids."""
+    def timesteps(self, n_steps: int, start: float = 1.0) -> Tensor:
+        """n_steps + 1 times from ``start`` down to 0 (data), float64 for exact grids. ``start`` < 1 is the grid of
+        a sample that begins part-way (audio-to-audio: a clip noised to that level), with the full step count."""
 
     @abstractmethod
     def step(self, z: Tensor, x0: Tensor, t: Tensor, t_next: Tensor, noise: Tensor | None = None) -> Tensor:
@@ -36,10 +37,9 @@ class DDIMSampler(Sampler):
 
     name = "ddim"
 
-    def timesteps(self, n_steps: int) -> Tensor:
-        if n_steps < 1:
-            raise ValueError("n_steps must be >= 1")
-        return torch.linspace(1.0, 0.0, n_steps + 1, dtype=torch.float64)
+    def timesteps(self, n_steps: int, start: float = 1.0) -> Tensor:
+        check_grid(n_steps, start)
+        return torch.linspace(start, 0.0, n_steps + 1, dtype=torch.float64)
 
     def step(self, z, x0, t, t_next, noise=None):
         a_t, s_t = self.schedule.alpha_sigma(t.to(z.dtype))
@@ -62,7 +62,9 @@ class DDIMSampler(Sampler):
 class PingPongSampler(Sampler):
     """Ping-pong sampling (the ARC sampler): denoise fully to x0, then re-noise with fresh noise to the next time.
     Grid: half-logSNR l = linspace(-6, 2, N + 1), t = t_of(logsnr = 2 l), t_0 = 1, t_N = 0; for rectified flow
-    this is t = sigmoid(-l), as in stable-audio-tools."""
+    this is t = sigmoid(-l), as in stable-audio-tools. A grid that starts part-way, at ``start`` < 1, keeps the N
+    steps: l = hi - s (hi - lo) for s = linspace(start, 0, N + 1), with t_0 forced to exactly ``start`` (the level
+    the starting latents were noised to), as Stable Audio 3's audio-to-audio sampling does."""
 
     name = "pingpong"
     stochastic = True
@@ -71,12 +73,15 @@ class PingPongSampler(Sampler):
         super().__init__(schedule)
         self.lo, self.hi = half_logsnr_min, half_logsnr_max
 
-    def timesteps(self, n_steps: int) -> Tensor:
-        if n_steps < 1:
-            raise ValueError("n_steps must be >= 1")
-        half = torch.linspace(self.lo, self.hi, n_steps + 1, dtype=torch.float64)
+    def timesteps(self, n_steps: int, start: float = 1.0) -> Tensor:
+        check_grid(n_steps, start)
+        if start == 1.0:
+            half = torch.linspace(self.lo, self.hi, n_steps + 1, dtype=torch.float64)
+        else:
+            s = torch.linspace(start, 0.0, n_steps + 1, dtype=torch.float64)
+            half = self.hi - s * (self.hi - self.lo)
         t = self.schedule.t_from_logsnr(2 * half).clamp(0, 1)
-        t[0], t[-1] = 1.0, 0.0
+        t[0], t[-1] = start, 0.0
         return t
 
     def step(self, z, x0, t, t_next, noise=None):
@@ -87,9 +92,20 @@ class PingPongSampler(Sampler):
         return torch.where(_bc(t_next, z) <= 0, x0, z_next)
 
 
-def make_sampler(name: str, schedule: NoiseSchedule) -> Sampler:
-    if name == DDIMSampler.name:
-        return DDIMSampler(schedule)
-    if name == PingPongSampler.name:
-        return PingPongSampler(schedule)
-    raise ValueError(f"unknown sampler {name!r}; expected 'ddim' or 'pingpong'")
+def check_grid(n_steps: int, start: float) -> None:
+    if n_steps < 1:
+        raise ValueError("n_steps must be >= 1")
+    if not 0.0 < start <= 1.0:
+        raise ValueError(f"a grid starts in (0, 1], got {start}")
+
+
+def make_sampler(name: str, schedule: NoiseSchedule, options: dict | None = None) -> Sampler:
+    """The sampler ``name`` on ``schedule``; ``options``: its keyword arguments (``BundleConfig.sampler_options``,
+    e.g. a ping-pong grid's ``half_logsnr_min``)."""
+    samplers = {DDIMSampler.name: DDIMSampler, PingPongSampler.name: PingPongSampler}
+    if name not in samplers:
+        raise ValueError(f"unknown sampler {name!r}; expected 'ddim' or 'pingpong'")
+    try:
+        return samplers[name](schedule, **(options or {}))
+    except TypeError as exc:
+        raise ValueError(f"sampler {name!r}: bad options {options}: {exc}") from None

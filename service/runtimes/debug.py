@@ -31,6 +31,7 @@ class FaultInjectingRuntime(Runtime):
         self.name = inner.name
         self.config, self.schedule, self.device = inner.config, inner.schedule, inner.device
         self.sample_rate, self.latent_dim = inner.sample_rate, inner.latent_dim
+        self.samples_per_latent = inner.samples_per_latent
         self._marked: list[tuple[Tensor, str, float]] = []  # (pooled embedding, action, argument)
         self._lock = threading.Lock()
 
@@ -65,7 +66,7 @@ class FaultInjectingRuntime(Runtime):
                 found.append((action, arg))
         return found
 
-    def denoise(self, z, t, tokens, token_mask, pooled, seconds, frame_mask, guidance=None):
+    def denoise(self, z, t, tokens, token_mask, pooled, seconds, frame_mask, guidance=None, local_cond=None):
         actions = self._actions(pooled)
         for action, arg in actions:
             if action == "fail":
@@ -73,7 +74,14 @@ class FaultInjectingRuntime(Runtime):
         delay = max((arg for action, arg in actions if action == "slow"), default=0.0)
         if delay:
             time.sleep(delay)
-        return self.inner.denoise(z, t, tokens, token_mask, pooled, seconds, frame_mask, guidance)
+        return self.inner.denoise(z, t, tokens, token_mask, pooled, seconds, frame_mask, guidance, local_cond)
+
+    @property
+    def encodes_audio(self) -> bool:
+        return self.inner.encodes_audio
+
+    def encode_audio(self, wave):
+        return self.inner.encode_audio(wave)
 
     def decode_latents(self, latents):
         return self.inner.decode_latents(latents)

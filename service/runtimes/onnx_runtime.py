@@ -128,8 +128,10 @@ class OnnxRuntime(Runtime):
     # ------------------------------------------------------------------ denoiser
     @torch.inference_mode()
     def denoise(self, z: Tensor, t: Tensor, tokens: Tensor, token_mask: Tensor, pooled: Tensor, seconds: Tensor,
-                frame_mask: Tensor, guidance: Tensor | None = None) -> Tensor:
+                frame_mask: Tensor, guidance: Tensor | None = None, local_cond: Tensor | None = None) -> Tensor:
         """One session run (a per-length graph: one run per distinct length)."""
+        if local_cond is not None:
+            raise ValueError(f"the exported denoiser of {self.model_name} takes no inpainting input")
         z, t, frame_mask = z.float().cpu(), t.float().cpu(), frame_mask.cpu()
         if self._fixed_length is not None:
             return per_length(self._fixed_length, z, self.schedule.model_timestep(t), tokens, token_mask, frame_mask)

@@ -54,6 +54,7 @@ class TorchRuntime(Runtime):
         self.schedule = bundle.schedule
         self.device = bundle.device
         self.sample_rate = bundle.sample_rate
+        self.samples_per_latent = bundle.samples_per_latent
         self.latent_dim = bundle.latent_dim
         self.precision, self.compiled, self.cuda_graphs = precision, bool(compile), bool(cuda_graphs)
         if compile:
@@ -96,14 +97,17 @@ class TorchRuntime(Runtime):
         return self.bundle.unconditional_text(n)
 
     def denoise(self, z: Tensor, t: Tensor, tokens: Tensor, token_mask: Tensor, pooled: Tensor, seconds: Tensor,
-                frame_mask: Tensor, guidance: Tensor | None = None) -> Tensor:
-        args = (z, t, tokens, token_mask, pooled, seconds, frame_mask, guidance)
+                frame_mask: Tensor, guidance: Tensor | None = None, local_cond: Tensor | None = None) -> Tensor:
+        args = (z, t, tokens, token_mask, pooled, seconds, frame_mask, guidance, local_cond)
         dtype = PRECISIONS[self.precision]
         if dtype is None:
             return self.bundle.denoise(*args)
         # autocast's cache of cast weights must stay off while a CUDA graph is captured (cuda_graphs)
         with torch.autocast(self.device.type, dtype=dtype, cache_enabled=not self.cuda_graphs):
             return self.bundle.denoise(*args)
+
+    def encode_audio(self, wave: Tensor) -> Tensor:
+        return self.bundle.encode_audio(wave)
 
     def decode_latents(self, latents: Tensor) -> Tensor:
         return self.bundle.decode_latents(latents)

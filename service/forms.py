@@ -1,0 +1,80 @@
+"""The ``POST /generate`` body in its two forms: JSON (an init clip as base64 in ``init_audio``) and a form
+(``multipart/form-data``: the same fields as form fields, the clip as a file; a form without a file may also be
+url-encoded), both validated by the one pydantic model, ``GenerateRequest``; and their OpenAPI description."""
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+
+import pydantic
+from fastapi import Request
+from fastapi.exceptions import RequestValidationError
+from starlette.datastructures import UploadFile
+
+from service.schemas import GenerateRequest
+
+
+FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
+
+
+def invalid(field: str, message: str, kind: str = "value_error") -> RequestValidationError:
+    return RequestValidationError([{"loc": ("body", field), "msg": message, "type": kind}])
+
+
+async def read_generate_request(request: Request, max_upload_bytes: int) -> tuple[GenerateRequest, bytes | None]:
+    """The request and its init clip's bytes (None without one); ``RequestValidationError`` (422) otherwise."""
+    if request.headers.get("content-type", "").lower().startswith(FORM_TYPES):
+        return await _read_form(request, max_upload_bytes)
+    raw = await request.body()
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise RequestValidationError([{"loc": ("body",), "msg": f"not valid JSON ({exc})",
+                                       "type": "json_invalid"}]) from None
+    body = _validate(data)
+    clip = None
+    if body.init_audio is not None:
+        try:
+            clip = base64.b64decode(body.init_audio, validate=True)
+        except (binascii.Error, ValueError):
+            raise invalid("init_audio", "not valid base64 (a WAV, FLAC or Ogg file, base64-encoded)") from None
+    return body, clip
+
+
+async def _read_form(request: Request, max_upload_bytes: int) -> tuple[GenerateRequest, bytes | None]:
+    try:
+        form = await request.form(max_files=1, max_fields=32, max_part_size=max_upload_bytes)
+    except Exception as exc:  # noqa: BLE001 - starlette raises its own parse errors (and HTTPException subclasses)
+        raise RequestValidationError([{"loc": ("body",), "msg": f"not a valid multipart form ({exc})",
+                                       "type": "value_error"}]) from None
+    fields, clip = {}, None
+    for key, value in form.multi_items():
+        if isinstance(value, UploadFile):
+            if key != "init_audio":
+                raise invalid(key, "only init_audio may be a file")
+            clip = await value.read()
+        elif key in fields:
+            raise invalid(key, "given more than once")
+        else:
+            fields[key] = value
+    if "init_audio" in fields:  # a form may also carry it as base64 text
+        raise invalid("init_audio", "send the clip as a file in a multipart form")
+    return _validate(fields), clip
+
+
+def _validate(data) -> GenerateRequest:
+    try:
+        return GenerateRequest.model_validate(data)
+    except pydantic.ValidationError as exc:
+        raise RequestValidationError(exc.errors(include_url=False)) from None
+
+
+def request_body_openapi() -> dict:
+    """The two request forms for the OpenAPI schema."""
+    schema = GenerateRequest.model_json_schema()
+    form = json.loads(json.dumps(schema))
+    form["properties"]["init_audio"] = {"type": "string", "format": "binary",
+                                        "description": "a WAV / FLAC / Ogg clip to start from (a file)"}
+    return {"required": True, "content": {"application/json": {"schema": schema},
+                                          "multipart/form-data": {"schema": form}}}
