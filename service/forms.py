@@ -27,12 +27,10 @@ async def read_generate_request(request: Request, max_upload_bytes: int) -> tupl
     if request.headers.get("content-type", "").lower().startswith(FORM_TYPES):
         return await _read_form(request, max_upload_bytes)
     raw = await request.body()
-    try:
-        data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise RequestValidationError([{"loc": ("body",), "msg": f"not valid JSON ({exc})",
-                                       "type": "json_invalid"}]) from None
-    body = _validate(data)
+    try:  # strict: a JSON number is no bool and a JSON string no number (a form's fields are strings, below)
+        body = GenerateRequest.model_validate_json(raw, strict=True)
+    except pydantic.ValidationError as exc:
+        raise RequestValidationError(exc.errors(include_url=False)) from None
     clip = None
     if body.init_audio is not None:
         try:

@@ -14,7 +14,8 @@ class GenerateRequest(BaseModel):
     steps: int | None = Field(None, ge=1, description="sampler steps; at most the model's max_steps")
     guidance: float | None = Field(None, ge=0.0, le=20.0, description="classifier-free guidance scale (1 = off)")
     seed: int | None = Field(None, ge=0, le=2**63 - 1, description="random when absent; returned in X-Seed")
-    model: str | None = Field(None, description="a name from GET /models; the default model when absent")
+    model: str | None = Field(None, min_length=1, description="a name from GET /models; the default model when "
+                              "absent")
     format: Literal["wav", "flac", "ogg"] = "wav"
     timeout: float | None = Field(None, gt=0, le=600, description="seconds; capped by the server's request_timeout")
     negative_prompt: str | None = Field(None, max_length=500, description="what guidance steers away from (models "

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import os
 import shutil
 
@@ -19,6 +20,7 @@ WAIT = 90  # seconds; generous, the CI machine has two cores and may be busy
 
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install -e '.[test]')")
 from selenium.common.exceptions import TimeoutException
+from selenium.webdriver.common.action_chains import ActionChains
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
@@ -317,3 +319,249 @@ def test_api_key_and_errors(base_settings, browser):
         assert audio["decoded"]["length"] == SR  # the tiny model's default duration, 1 s
     finally:
         srv.stop()
+
+
+# ------------------------------------------------------------------------------------------------ generation modes
+# Runs in the page before a generation: records what each POST /generate carries (the page calls the global fetch).
+RECORD_REQUESTS_JS = r"""
+window.sentForms = [];
+const send = window.fetch;
+window.fetch = (url, options = {}) => {
+  if (String(url).endsWith("/generate")) {
+    const body = options.body, entry = { multipart: body instanceof FormData };
+    if (body instanceof FormData) {
+      for (const [k, v] of body) entry[k] = v instanceof Blob ? { file: v.name, size: v.size } : v;
+    }
+    sentForms.push(entry);
+  }
+  return send(url, options);
+};
+"""
+
+# Added to every new document while a test needs it: GET /models answers with other modes than the server's.
+STUB_MODES_JS = r"""
+const realFetch = window.fetch;
+window.fetch = async (url, options) => {
+  const resp = await realFetch(url, options);
+  if (String(url) !== "/models" || !resp.ok) return resp;
+  const list = await resp.json();
+  for (const m of list) m.modes = %s[m.name];
+  return new Response(JSON.stringify(list), { status: 200, headers: { "content-type": "application/json" } });
+};
+"""
+
+PIXEL_JS = r"""
+const c = document.getElementById(arguments[0]);
+return Array.from(c.getContext("2d").getImageData(Math.round(arguments[1] * c.width), c.height / 2, 1, 1).data);
+"""
+
+
+def write_clip(path, seconds: float = 1.0, rate: int = 22050, freq: float = 440.0) -> bytes:
+    """A mono 16-bit WAV tone at its own rate (the server resamples it); returns its bytes."""
+    import numpy as np
+    import soundfile as sf
+
+    t = np.arange(int(seconds * rate)) / rate
+    sf.write(path, (0.3 * np.sin(2 * np.pi * freq * t)).astype(np.float32), rate, subtype="PCM_16")
+    return path.read_bytes()
+
+
+def post_form(server, fields: dict, clip: bytes | None = None) -> bytes:
+    """What the API returns for the same multipart request as the page's."""
+    files = {"init_audio": ("clip.wav", clip, "audio/wav")} if clip is not None else None
+    with server.client() as c:
+        r = c.post("/generate", data=fields, files=files)
+    assert r.status_code == 200, r.text
+    return r.content
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def page_audio(driver) -> bytes:
+    audio = driver.execute_async_script(CHECK_AUDIO_JS)
+    assert "error" not in audio, f"{audio['error']}\n{console(driver)}"
+    return base64.b64decode(audio["base64"])
+
+
+def open_page(driver, url: str) -> None:
+    driver.get(url + "/")
+    wait_for(driver, models_loaded, "the model list from GET /models")
+    driver.execute_script(RECORD_REQUESTS_JS)
+
+
+def choose_mode(driver, mode: str) -> None:
+    Select(driver.find_element(By.ID, "mode")).select_by_value(mode)
+
+
+def upload_clip(driver, path) -> None:
+    driver.find_element(By.ID, "init_audio").send_keys(str(path))
+    wait_for(driver, lambda d: " s, " in d.find_element(By.ID, "init-info").text, "the uploaded clip's preview")
+
+
+def mode_options(driver) -> list[str]:
+    return [o.get_attribute("value") for o in Select(driver.find_element(By.ID, "mode")).options]
+
+
+def shown(driver, element_id: str) -> bool:
+    return driver.find_element(By.ID, element_id).is_displayed()
+
+
+def test_mode_picker_offers_only_the_models_modes(server, browser):
+    with server.client() as c:
+        listed = {m["name"]: m["modes"] for m in c.get("/models").json()}
+    browser.get(server.url + "/")
+    wait_for(browser, models_loaded, "the model list from GET /models")
+    model = Select(browser.find_element(By.ID, "model"))
+    for name in ("tiny", "tiny-arc"):
+        model.select_by_value(name)
+        assert mode_options(browser) == [m for m in ("text-to-audio", "audio-to-audio", "inpainting")
+                                         if m in listed[name]]
+        assert shown(browser, "negative_prompt") == ("negative-prompt" in listed[name])
+
+    # What each mode shows: nothing more for text, the clip and its level, then the span too.
+    assert not shown(browser, "init-box")
+    choose_mode(browser, "audio-to-audio")
+    assert shown(browser, "init-box") and shown(browser, "init_noise_level") and not shown(browser, "inpaint_start")
+    assert browser.find_element(By.ID, "init_noise_level").get_attribute("value") == "0.6"
+    assert not browser.find_element(By.ID, "use-last").is_enabled()  # nothing generated yet
+    choose_mode(browser, "inpainting")
+    assert shown(browser, "inpaint_start") and shown(browser, "inpaint_end")
+    assert browser.find_element(By.ID, "init_noise_level").get_attribute("value") == "1"
+
+    # Models listed with fewer modes: the picker offers only theirs, and falls back to text-to-audio.
+    stub = {"tiny": ["text-to-audio", "audio-to-audio", "negative-prompt"], "tiny-arc": ["text-to-audio"]}
+    script = browser.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument",
+                                     {"source": STUB_MODES_JS % json.dumps(stub)})
+    try:
+        browser.get(server.url + "/")
+        wait_for(browser, models_loaded, "the stubbed model list")
+        model = Select(browser.find_element(By.ID, "model"))
+        assert mode_options(browser) == ["text-to-audio", "audio-to-audio"]
+        choose_mode(browser, "audio-to-audio")
+        assert shown(browser, "init-box") and shown(browser, "negative_prompt")
+        model.select_by_value("tiny-arc")
+        assert mode_options(browser) == ["text-to-audio"]
+        assert not browser.find_element(By.ID, "mode").is_enabled()
+        assert not shown(browser, "init-box") and not shown(browser, "negative_prompt")
+    finally:
+        browser.execute_cdp_cmd("Page.removeScriptToEvaluateOnNewDocument", {"identifier": script["identifier"]})
+
+
+def test_audio_to_audio_from_an_upload_then_from_the_last_result(server, browser, tmp_path):
+    clip = write_clip(tmp_path / "clip.wav")
+    open_page(browser, server.url)
+    set_value(browser, "prompt", "a bell rings")
+    set_value(browser, "steps", "3")
+    set_value(browser, "seed", "11")
+    choose_mode(browser, "audio-to-audio")
+    upload_clip(browser, tmp_path / "clip.wav")
+    assert "clip.wav" in browser.find_element(By.ID, "init-info").text
+    assert browser.find_element(By.ID, "duration").get_attribute("value") == "1"  # fitted to the clip
+    wait_for(browser, lambda d: d.execute_script(PIXEL_JS, "init-spectrogram", 0.5)[:3] != [34, 34, 34],
+             "the clip's spectrogram")
+    set_value(browser, "init_noise_level", "0.5")
+    assert browser.find_element(By.ID, "level-slider").get_attribute("value") == "0.5"
+
+    browser.find_element(By.ID, "generate").click()
+    first_src = wait_for_audio(browser)
+    first = page_audio(browser)
+    sent = browser.execute_script("return window.sentForms")[-1]
+    assert sent["multipart"] and sent["init_noise_level"] == "0.5"
+    assert sent["init_audio"] == {"file": "clip.wav", "size": len(clip)}
+    assert "inpaint_start" not in sent and "inpaint_end" not in sent
+    fields = {"prompt": "a bell rings", "model": "tiny", "duration": "1", "steps": "3", "seed": "11",
+              "format": "wav", "init_noise_level": "0.5"}
+    assert sha(first) == sha(post_form(server, fields, clip))  # the server got the clip and the level
+    assert sha(first) != sha(post_form(server, {**fields, "init_noise_level": "0.9"}, clip))
+
+    # "Use the last result" starts the next run from the clip just generated.
+    use_last = browser.find_element(By.ID, "use-last")
+    assert use_last.is_enabled()
+    use_last.click()
+    wait_for(browser, lambda d: "a-bell-rings-seed11.wav" in d.find_element(By.ID, "init-info").text
+             and " s, " in d.find_element(By.ID, "init-info").text, "the last result as the init clip")
+    set_value(browser, "init_noise_level", "0.3")
+    browser.find_element(By.ID, "generate").click()
+    wait_for_audio(browser, first_src)
+    second = page_audio(browser)
+    sent = browser.execute_script("return window.sentForms")[-1]
+    assert sent["init_audio"] == {"file": "a-bell-rings-seed11.wav", "size": len(first)}
+    assert sent["init_noise_level"] == "0.3"
+    assert sha(second) == sha(post_form(server, {**fields, "init_noise_level": "0.3"}, first))
+
+
+def test_inpainting_span_marked_by_dragging_on_the_spectrogram(server, browser, tmp_path):
+    clip = write_clip(tmp_path / "clip.wav", freq=300.0)
+    open_page(browser, server.url)
+    set_value(browser, "prompt", "thunder")
+    set_value(browser, "steps", "3")
+    set_value(browser, "seed", "5")
+    choose_mode(browser, "inpainting")
+    upload_clip(browser, tmp_path / "clip.wav")
+    set_value(browser, "duration", "2")  # one second past the clip: the span may outpaint
+
+    canvas = browser.find_element(By.ID, "init-spectrogram")
+    browser.execute_script("arguments[0].scrollIntoView({block: 'center'})", canvas)
+    width = canvas.rect["width"]
+    # From a quarter to three quarters of the 2 s timeline (offsets are from the canvas's centre).
+    ActionChains(browser).move_to_element_with_offset(canvas, -width / 4, 0).click_and_hold() \
+        .move_by_offset(width / 4, 5).move_by_offset(width / 4, 0).release().perform()
+    start = float(browser.find_element(By.ID, "inpaint_start").get_attribute("value"))
+    end = float(browser.find_element(By.ID, "inpaint_end").get_attribute("value"))
+    assert abs(start - 0.5) <= 0.02 and abs(end - 1.5) <= 0.02, (start, end)
+    info = browser.find_element(By.ID, "span-info").text
+    assert f"{start:.2f}-{end:.2f} s" in info and "outpainting" in info, info
+    # The span is highlighted: past the clip's end, inside it (1.25 s) differs from outside it (1.75 s).
+    inside, outside = (browser.execute_script(PIXEL_JS, "init-spectrogram", x) for x in (0.625, 0.875))
+    assert outside[:3] == [34, 34, 34] and inside[:3] != outside[:3], (inside, outside)
+
+    set_value(browser, "inpaint_end", "1.6")  # the numbers stay editable
+    assert "-1.60 s" in browser.find_element(By.ID, "span-info").text
+    browser.find_element(By.ID, "generate").click()
+    wait_for_audio(browser)
+    audio = page_audio(browser)
+    sent = browser.execute_script("return window.sentForms")[-1]
+    assert sent["multipart"] and (sent["inpaint_start"], sent["inpaint_end"]) == (f"{start:.2f}", "1.6")
+    fields = {"prompt": "thunder", "model": "tiny", "duration": "2", "steps": "3", "seed": "5", "format": "wav",
+              "init_noise_level": "1", "inpaint_start": f"{start:.2f}", "inpaint_end": "1.6"}
+    assert sha(audio) == sha(post_form(server, fields, clip))
+    decoded = browser.execute_async_script(CHECK_AUDIO_JS)["decoded"]
+    assert decoded["length"] == 2 * SR
+
+
+def test_bad_level_and_span_show_the_api_error(server, browser, tmp_path):
+    write_clip(tmp_path / "clip.wav")
+    open_page(browser, server.url)
+    set_value(browser, "prompt", "a bell")
+    set_value(browser, "steps", "2")
+    error = browser.find_element(By.ID, "error")
+
+    def expect_error(field: str, words: str) -> None:
+        browser.find_element(By.ID, "generate").click()
+        wait_for(browser, lambda d: error.is_displayed() and words in error.text, f"an error saying {words!r}")
+        assert "422" in error.text and "invalid_input" in error.text, error.text
+        assert browser.find_element(By.ID, field).get_attribute("aria-invalid") == "true"
+
+    choose_mode(browser, "audio-to-audio")
+    browser.find_element(By.ID, "generate").click()  # no clip yet: the page says so itself
+    wait_for(browser, lambda d: "upload one or use the last result" in error.text, "the missing clip")
+    upload_clip(browser, tmp_path / "clip.wav")
+    set_value(browser, "init_noise_level", "0")
+    expect_error("init_noise_level", "init_noise_level: Input should be greater than 0")
+    set_value(browser, "init_noise_level", "1.5")
+    expect_error("init_noise_level", "less than or equal to 1")
+
+    choose_mode(browser, "inpainting")
+    set_value(browser, "inpaint_start", "0.8")
+    set_value(browser, "inpaint_end", "0.4")
+    expect_error("inpaint_end", "must be after inpaint_start")
+    set_value(browser, "inpaint_end", "3")
+    expect_error("inpaint_end", "after the clip's 1.0 s")
+
+    choose_mode(browser, "text-to-audio")
+    Select(browser.find_element(By.ID, "model")).select_by_value("tiny-arc")  # guidance 1: no negative prompt
+    set_value(browser, "negative_prompt", "a siren")
+    expect_error("negative_prompt", "guidance other than 1")
+    assert browser.execute_script("return window.sentForms.every((f) => f.multipart)")

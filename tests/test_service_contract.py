@@ -98,6 +98,9 @@ def test_other_model_and_edge_values(server):
     ({"prompt": "a", "format": "mp3"}, "format"),
     ({"prompt": "a", "timeout": 0}, "timeout"),
     ({"prompt": "a", "colour": "blue"}, "colour"),
+    ({"prompt": "a", "steps": "2"}, "steps"),  # strict JSON types: no number as a string,
+    ({"prompt": "a", "duration": True}, "duration"),  # no bool as a number,
+    ({"prompt": "a", "model": ""}, "model"),  # and an empty model name is not the default
 ])
 def test_invalid_input_is_422_naming_the_field(server, body, field):
     with server.client() as c:
@@ -108,12 +111,14 @@ def test_invalid_input_is_422_naming_the_field(server, body, field):
     assert field in err["message"] and err["field"] == field
 
 
-@pytest.mark.parametrize("content", [b"{not json", b"[1, 2]", b"", b"\xff\xfe"])
+@pytest.mark.parametrize("content", [b"{not json", b"[1, 2]", b"", b"\xff\xfe", b"[" * 7000 + b"]" * 7000,
+                                     b'{"prompt": "a", "seed": ' + b"9" * 5000 + b"}"])
 def test_malformed_body_is_422_not_500(server, content):
     with server.client() as c:
         r = c.post("/generate", content=content, headers={"Content-Type": "application/json"})
     assert r.status_code == 422, r.text
-    assert r.json()["error"]["code"] == "invalid_input"
+    err = r.json()["error"]
+    assert err["code"] == "invalid_input" and err["field"] in ("body", "seed"), err  # never an offset
 
 
 def test_unknown_model_is_404(server):

@@ -10,16 +10,26 @@ const ui = {
   progressLabel: $("progress-label"), elapsed: $("elapsed"), status: $("status"), error: $("error"),
   result: $("result"), player: $("player"), download: $("download"), seedOut: $("seed-out"),
   reuseSeed: $("reuse-seed"), canvas: $("spectrogram"), timingBody: document.querySelector("#timing tbody"),
-  timingHelp: $("timing-help"),
+  timingHelp: $("timing-help"), mode: $("mode"), modeHelp: $("mode-help"), negativeRow: $("negative-row"),
+  negative: $("negative_prompt"), initBox: $("init-box"), initFile: $("init_audio"), useLast: $("use-last"),
+  initInfo: $("init-info"), initCanvas: $("init-spectrogram"), spanInfo: $("span-info"),
+  levelSlider: $("level-slider"), level: $("init_noise_level"), inpaintStart: $("inpaint_start"),
+  inpaintEnd: $("inpaint_end"),
 };
 const KEY_STORAGE = "tta-api-key";  // sessionStorage: the key lives as long as the tab, never on disk
 const MAX_SEED = 2n ** 63n - 1n;    // the API's seed range; BigInt because seeds exceed 2^53
 const STAGES = ["queue", "encode", "denoise", "decode"];
+const PICKABLE_MODES = ["text-to-audio", "audio-to-audio", "inpainting"];  // the fourth, negative-prompt, is a field
+const DEFAULT_LEVEL = { "audio-to-audio": 0.6, "inpainting": 1 };  // inpainting: the span from pure noise
 
 let models = {};       // name -> ModelInfo from GET /models
 const lastRuns = {};   // model name -> its previous successful request, the basis of the next progress estimate
 let audioUrl = null;   // current blob: URL, revoked when a new result replaces it
 let inflight = null;   // AbortController of the running request
+let lastResult = null; // {blob, name} of the latest generated clip, for "Use the last result"
+let initClip = null;   // {blob, name, seconds, image}: the clip audio-to-audio and inpainting start from
+let dragFrom = null;   // seconds where a drag on the init spectrogram started, while it lasts
+let shownMode = null;  // the mode the inputs were last laid out for
 
 // ------------------------------------------------------------------------------------------------ API helpers
 function authHeaders() {
@@ -113,23 +123,65 @@ function applyModelDefaults() {
   ui.guidance.placeholder = `default ${m.default_guidance}`;
   ui.modelHelp.textContent = `${m.kind} · ${m.sampler} sampler · default ${m.default_steps} steps (max ` +
     `${m.max_steps}) · up to ${m.max_duration} s · ${m.runtime}`;
+  showModelModes(m);
+}
+
+// ------------------------------------------------------------------------------------------------ modes
+const modelModes = () => models[ui.model.value]?.modes || ["text-to-audio"];
+
+// The mode picker offers only what the model lists in `modes`; the negative prompt shows where it has one.
+function showModelModes(m) {
+  const offered = PICKABLE_MODES.filter((mode) => m.modes.includes(mode));
+  const chosen = ui.mode.value;
+  ui.mode.replaceChildren(...offered.map((mode) => new Option(mode, mode)));
+  ui.mode.value = offered.includes(chosen) ? chosen : "text-to-audio";
+  ui.mode.disabled = offered.length < 2;
+  ui.modeHelp.textContent = offered.length < 2 ? "this model only generates from text" : "";
+  ui.negativeRow.hidden = !m.modes.includes("negative-prompt");
+  showModeInputs();
+}
+
+// What the chosen mode needs: an init clip and noise level (audio-to-audio, inpainting), a span (inpainting).
+function showModeInputs() {
+  const mode = ui.mode.value, inpainting = mode === "inpainting";
+  ui.initBox.hidden = mode === "text-to-audio";
+  for (const el of ui.initBox.querySelectorAll(".inpaint-only")) el.hidden = !inpainting;
+  ui.initCanvas.classList.toggle("draggable", inpainting);
+  ui.spanInfo.hidden = !inpainting;
+  if (mode !== shownMode && mode in DEFAULT_LEVEL) setLevel(DEFAULT_LEVEL[mode]);
+  shownMode = mode;
+  drawInitTimeline();
+}
+
+function setLevel(value) {
+  ui.level.value = value;
+  ui.levelSlider.value = value;
 }
 
 // ------------------------------------------------------------------------------------------------ generate
-function requestJson() {
-  const body = {
-    prompt: ui.prompt.value,
-    model: ui.model.value,
-    duration: Number(ui.duration.value),
-    steps: Number(ui.steps.value),
-    format: "wav",
-  };
-  if (ui.guidance.value !== "") body.guidance = Number(ui.guidance.value);
-  let json = JSON.stringify(body);
-  // Seeds go up to 2^63 - 1, beyond what a JS number holds exactly, so the digits are spliced in verbatim.
-  const seed = ui.seed.value.trim();
-  if (seed !== "") json = json.slice(0, -1) + `,"seed":${seed}}`;
-  return json;
+// The request as a multipart form (fetch sets the content type and boundary): every value is sent as typed, so
+// seeds up to 2^63 - 1 arrive exactly and the API judges every range; the init clip goes as a file.
+function requestForm() {
+  const mode = ui.mode.value;
+  const form = new FormData();
+  const add = (name, value) => { if (value.trim() !== "") form.append(name, value.trim()); };
+  form.append("prompt", ui.prompt.value);
+  form.append("model", ui.model.value);
+  add("duration", ui.duration.value);
+  add("steps", ui.steps.value);
+  add("guidance", ui.guidance.value);
+  add("seed", ui.seed.value);
+  form.append("format", "wav");
+  if (modelModes().includes("negative-prompt")) add("negative_prompt", ui.negative.value);
+  if (mode !== "text-to-audio") {
+    form.append("init_audio", initClip.blob, initClip.name);
+    add("init_noise_level", ui.level.value);
+  }
+  if (mode === "inpainting") {
+    add("inpaint_start", ui.inpaintStart.value);
+    add("inpaint_end", ui.inpaintEnd.value);
+  }
+  return form;
 }
 
 function checkSeed() {
@@ -180,6 +232,11 @@ async function generate(event) {
   clearError();
   checkSeed();
   if (!ui.form.reportValidity()) return;
+  if (ui.mode.value !== "text-to-audio" && !initClip) {
+    showError({ message: `${ui.mode.value} starts from a clip: upload one or use the last result.`,
+                field: "init_audio" });
+    return;
+  }
   const model = ui.model.value, steps = Number(ui.steps.value), duration = Number(ui.duration.value);
   inflight = new AbortController();
   ui.generate.disabled = true;
@@ -190,8 +247,8 @@ async function generate(event) {
   try {
     const resp = await fetch("/generate", {
       method: "POST",
-      headers: { "Content-Type": "application/json", ...authHeaders() },
-      body: requestJson(),
+      headers: authHeaders(),
+      body: requestForm(),
       signal: inflight.signal,
     });
     if (!resp.ok) {
@@ -243,6 +300,8 @@ async function showResult(wav, headers, timings, totalMs, duration) {
   ui.download.download = `${slug(ui.prompt.value)}-seed${seed}.wav`;
   ui.download.textContent = `Download ${ui.download.download}`;
   ui.seedOut.value = seed;
+  lastResult = { blob: wav, name: ui.download.download };
+  ui.useLast.disabled = false;
   ui.reuseSeed.dataset.seed = seed;
   showTimings(timings, totalMs, duration, headers);
   ui.result.hidden = false;
@@ -347,18 +406,23 @@ function colour(v) {
 
 const RANGE_DB = 80;
 
-async function drawSpectrogram(canvas, wavBytes, sampleRate) {
-  // An OfflineAudioContext at the file's own rate decodes without resampling and needs no user gesture.
-  const ctx = new OfflineAudioContext(1, 1, sampleRate);
-  const audio = await ctx.decodeAudioData(wavBytes);
+// An audio file's bytes -> its mono mix and the decoded AudioBuffer. An OfflineAudioContext decodes without a user
+// gesture; at the file's own rate it also decodes without resampling.
+async function decodeMono(bytes, sampleRate) {
+  const audio = await new OfflineAudioContext(1, 1, sampleRate).decodeAudioData(bytes);
   const mono = new Float32Array(audio.length);
   for (let ch = 0; ch < audio.numberOfChannels; ch++) {
     const data = audio.getChannelData(ch);
     for (let i = 0; i < data.length; i++) mono[i] += data[i] / audio.numberOfChannels;
   }
-  const { db, bins, columns } = stftDb(mono, 1024, Math.min(canvas.width, Math.max(1, Math.floor(mono.length / 256))));
+  return { mono, audio };
+}
+
+// The spectrogram as a small canvas of frames x bins pixels (high frequencies at the top), to be stretched onto a
+// bigger one with drawImage; `top` is its peak in dBFS.
+function spectrogramImage(mono, maxColumns) {
+  const { db, bins, columns } = stftDb(mono, 1024, Math.min(maxColumns, Math.max(1, Math.floor(mono.length / 256))));
   const top = db.reduce((m, v) => Math.max(m, v), -Infinity);
-  // Paint frames x bins pixels (high frequencies at the top) then let drawImage stretch them onto the canvas.
   const image = new ImageData(columns, bins);
   for (let c = 0; c < columns; c++) {
     for (let k = 0; k < bins; k++) {
@@ -371,18 +435,134 @@ async function drawSpectrogram(canvas, wavBytes, sampleRate) {
   small.width = columns;
   small.height = bins;
   small.getContext("2d").putImageData(image, 0, 0);
+  return { image: small, top };
+}
+
+async function drawSpectrogram(canvas, wavBytes, sampleRate) {
+  const { mono, audio } = await decodeMono(wavBytes, sampleRate);
+  const { image, top } = spectrogramImage(mono, canvas.width);
   const g = canvas.getContext("2d");
   g.imageSmoothingEnabled = true;
   g.clearRect(0, 0, canvas.width, canvas.height);
-  g.drawImage(small, 0, 0, canvas.width, canvas.height);
+  g.drawImage(image, 0, 0, canvas.width, canvas.height);
   canvas.setAttribute("aria-label", `Spectrogram of ${(audio.length / audio.sampleRate).toFixed(2)} s of ` +
     `${audio.numberOfChannels}-channel audio at ${audio.sampleRate} Hz; peak ${top.toFixed(0)} dBFS`);
+}
+
+// ------------------------------------------------------------------------------------------------ init clip
+// The clip that audio-to-audio and inpainting start from: an uploaded file or the last result. Its spectrogram is
+// drawn on a timeline of the requested duration, so a duration longer than the clip shows room to outpaint.
+async function useInitClip(blob, name) {
+  const clip = { blob, name, seconds: null, image: null };
+  initClip = clip;
+  ui.initInfo.textContent = `${name} (${(blob.size / 1024).toFixed(1)} KiB)`;
+  try {
+    const { mono, audio } = await decodeMono(await blob.arrayBuffer(), 44100);
+    if (initClip !== clip) return;  // another clip was chosen meanwhile
+    clip.seconds = audio.length / audio.sampleRate;
+    clip.image = spectrogramImage(mono, ui.initCanvas.width).image;
+    ui.initInfo.textContent += ` · ${clip.seconds.toFixed(2)} s, ${audio.numberOfChannels} channel(s)`;
+    ui.initCanvas.setAttribute("aria-label", `Spectrogram of the init clip ${name}, ${clip.seconds.toFixed(2)} s`);
+    fitDurationToClip(clip.seconds);
+  } catch (e) {
+    if (initClip === clip) ui.initInfo.textContent += ` · no preview (${e.message}); the server decodes it itself`;
+  }
+  drawInitTimeline();
+}
+
+// Start from the clip's own length (to 0.1 s, within the model's maximum); a longer duration outpaints.
+function fitDurationToClip(seconds) {
+  const max = Number(ui.duration.max) || Infinity;
+  ui.duration.value = Math.min(max, Math.max(0.5, Math.round(seconds * 10) / 10));
+}
+
+function timelineSeconds() {
+  return Number(ui.duration.value) > 0 ? Number(ui.duration.value) : initClip?.seconds || 1;
+}
+
+function drawInitTimeline() {
+  const canvas = ui.initCanvas, g = canvas.getContext("2d"), { width, height } = canvas;
+  const total = timelineSeconds();
+  g.fillStyle = "#222";  // past the clip's end: silence, or what outpainting fills
+  g.fillRect(0, 0, width, height);
+  if (initClip?.image) {  // the part of the clip within the duration; the server cuts the rest
+    const shown = Math.min(1, total / initClip.seconds);
+    g.drawImage(initClip.image, 0, 0, initClip.image.width * shown, initClip.image.height,
+                0, 0, width * Math.min(1, initClip.seconds / total), height);
+  }
+  if (ui.mode.value === "inpainting") drawSpan(g, total);
+}
+
+// The span to regenerate as a highlighted region with its start and end seconds.
+function drawSpan(g, total) {
+  const start = Number(ui.inpaintStart.value), end = Number(ui.inpaintEnd.value);
+  const { width, height } = g.canvas;
+  if (ui.inpaintStart.value === "" || ui.inpaintEnd.value === "") {
+    ui.spanInfo.textContent = "Drag across the spectrogram to mark the span to regenerate.";
+    return;
+  }
+  const x0 = width * start / total, x1 = width * end / total;
+  g.fillStyle = "rgba(143, 166, 255, 0.35)";
+  g.fillRect(x0, 0, x1 - x0, height);
+  g.fillStyle = "#fff";
+  g.fillRect(x0 - 1, 0, 2, height);
+  g.fillRect(x1 - 1, 0, 2, height);
+  g.font = "14px system-ui, sans-serif";
+  g.fillText(`${start.toFixed(2)} s`, x0 + 4, 16);
+  g.fillText(`${end.toFixed(2)} s`, x1 + 4, height - 8);
+  const past = initClip?.seconds != null && end > initClip.seconds ? " (past the clip's end: outpainting)" : "";
+  ui.spanInfo.textContent = `Regenerates ${start.toFixed(2)}-${end.toFixed(2)} s of ${total} s and keeps the ` +
+    `rest${past}. Drag across the spectrogram to mark another span.`;
+}
+
+// A pointer's position on the init spectrogram in seconds of the timeline (to 0.01 s).
+function pointerSeconds(event) {
+  const rect = ui.initCanvas.getBoundingClientRect();
+  const fraction = Math.min(1, Math.max(0, (event.clientX - rect.left) / rect.width));
+  return Math.round(fraction * timelineSeconds() * 100) / 100;
+}
+
+function startSpanDrag(event) {
+  if (ui.mode.value !== "inpainting") return;
+  dragFrom = pointerSeconds(event);
+  ui.initCanvas.setPointerCapture(event.pointerId);
+  setSpan(dragFrom, dragFrom);
+}
+
+function moveSpanDrag(event) {
+  if (dragFrom === null) return;
+  const here = pointerSeconds(event);
+  setSpan(Math.min(dragFrom, here), Math.max(dragFrom, here));
+}
+
+function setSpan(start, end) {
+  ui.inpaintStart.value = start.toFixed(2);
+  ui.inpaintEnd.value = end.toFixed(2);
+  drawInitTimeline();
 }
 
 // ------------------------------------------------------------------------------------------------ wiring
 ui.form.addEventListener("submit", generate);
 ui.cancel.addEventListener("click", () => inflight && inflight.abort());
 ui.model.addEventListener("change", applyModelDefaults);
+ui.mode.addEventListener("change", showModeInputs);
+ui.duration.addEventListener("input", drawInitTimeline);
+ui.initFile.addEventListener("change", () => {
+  const file = ui.initFile.files[0];
+  if (file) useInitClip(file, file.name);
+});
+ui.useLast.addEventListener("click", () => {
+  ui.initFile.value = "";
+  useInitClip(lastResult.blob, lastResult.name);
+});
+ui.levelSlider.addEventListener("input", () => { ui.level.value = ui.levelSlider.value; });
+ui.level.addEventListener("input", () => { ui.levelSlider.value = ui.level.value; });
+ui.inpaintStart.addEventListener("input", drawInitTimeline);
+ui.inpaintEnd.addEventListener("input", drawInitTimeline);
+ui.initCanvas.addEventListener("pointerdown", startSpanDrag);
+ui.initCanvas.addEventListener("pointermove", moveSpanDrag);
+ui.initCanvas.addEventListener("pointerup", () => { dragFrom = null; });
+ui.initCanvas.addEventListener("pointercancel", () => { dragFrom = null; });
 ui.seed.addEventListener("input", checkSeed);
 ui.prompt.addEventListener("keydown", (e) => {
   if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) ui.form.requestSubmit();
