@@ -13,7 +13,7 @@ from functools import cached_property
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor
 
 from models.codec import load_codec
@@ -21,6 +21,7 @@ from models.codec.base import AudioCodec
 from models.config import BundleConfig
 from models.diffusion import make_parameterization, make_sampler, make_schedule
 from models.dit import DiT
+from models.files import read_weights
 from models.pipeline import Networks, Pipeline
 from models.text import TextEmbedding, load_text_encoder
 from models.text.encoders import NumberChannels
@@ -68,7 +69,7 @@ class ModelBundle(Networks):
         config = BundleConfig.load(path / "config.json")
         denoiser = DiT.from_config(config.denoiser)
         denoiser.config.check_numbers(NumberChannels.from_config(config.text_encoder), f"{path}: ")
-        denoiser.load_state_dict(load_file(path / "denoiser.safetensors"))
+        denoiser.load_state_dict(read_weights(path / "denoiser.safetensors"))
         codec_dir = (path / config.codec_from).resolve() if config.codec_from else path
         codec = load_codec(codec_dir, config.codec or None)
         text_encoder = text_encoder or load_text_encoder(config.text_encoder, device=device)

@@ -5,11 +5,12 @@ diffusion maths (schedule, parameterisation, sampler), the request defaults and 
 """
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from models.files import read_json
 
 log = logging.getLogger("tta.models")
 
@@ -87,7 +88,7 @@ class BundleConfig:
     def load(cls, path: str | Path) -> BundleConfig:
         path = Path(path)
         try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"{path}: not valid JSON ({exc})") from exc
+            data = read_json(path)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         return cls.from_dict(data, str(path))

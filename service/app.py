@@ -49,6 +49,7 @@ class ServiceState:
     gateway: Gateway | None = None
     ready: bool = False
     load_error: str | None = None
+    failed: dict[str, str] = field(default_factory=dict)  # model directory name -> why it did not load
 
 
 # ---------------------------------------------------------------------------------------------------- loading
@@ -66,20 +67,33 @@ def load_model(path: Path, s: Settings) -> Runtime:
 
 
 def load_models(state: ServiceState) -> None:
-    """Runs in a background thread so /health/live answers while weights load; ready after a warm-up generation."""
+    """Runs in a background thread so /health/live answers while weights load; ready after a warm-up generation.
+    A model that fails to load is reported (``ServiceState.failed``, ``GET /models``, ``tta_model_loaded`` 0, an
+    error log line naming it) and the others serve; the service is ready when the default model and every model the
+    settings name are up."""
     s, m = state.settings, state.metrics
     try:
         if s.threads:
             torch.set_num_threads(s.threads)
         runtimes: dict[str, Runtime] = {}
         for path in discover_models(s):
-            rt = load_model(path, s)
+            try:
+                rt = load_model(path, s)
+            except Exception as exc:  # noqa: BLE001 - one bad model directory must not take the others down
+                state.failed[path.name] = f"{type(exc).__name__}: {exc}"
+                m.model_loaded.labels(path.name, s.runtime).set(0)
+                log.error("model failed to load", exc_info=(type(exc), exc, exc.__traceback__),
+                          extra={"model": path.name, "path": str(path)})
+                continue
             runtimes[rt.model_name] = rt
             m.model_loaded.labels(rt.model_name, rt.name).set(1)
             log.info("model loaded", extra={"model": rt.model_name, "runtime": rt.name, "path": str(path)})
-        if s.default_model not in runtimes:
-            raise RuntimeError(f"default model {s.default_model!r} not found in {s.model_dir} "
-                               f"(found: {sorted(runtimes) or 'none'})")
+        missing = [name for name in [s.default_model, *s.model_names] if name not in runtimes]
+        if missing:
+            failed = [n for n in missing if n in state.failed]
+            raise RuntimeError("required model(s) " + ", ".join(repr(n) for n in missing) + " not available: "
+                               + (f"{', '.join(failed)} failed to load (GET /models and the log say why)" if failed
+                                  else f"not found in {s.model_dir} (found: {sorted(runtimes) or 'none'})"))
         engine = Engine(runtimes, m, policy=s.policy, max_batch=s.max_batch, queue_size=s.queue_size,
                         max_queue_delay_ms=s.max_queue_delay_ms, max_padding=s.max_padding)
         if s.warmup:
@@ -98,7 +112,8 @@ def load_models(state: ServiceState) -> None:
                 log.info("model warmed up", extra={"model": name, "seconds": round(time.perf_counter() - t0, 3)})
         state.ready = True
         m.ready.set(1)
-        log.info("ready", extra={"models": sorted(runtimes), "policy": s.policy, "max_batch": s.max_batch})
+        log.info("ready", extra={"models": sorted(runtimes), "failed": sorted(state.failed), "policy": s.policy,
+                                 "max_batch": s.max_batch})
     except Exception as exc:  # stays not-ready; /health/ready explains why
         state.load_error = f"{type(exc).__name__}: {exc}"
         log.exception("model loading failed")
@@ -204,12 +219,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.get("/models", tags=["generation"], response_model=list[ModelInfo], responses=ERROR_RESPONSES,
              dependencies=[Depends(require_api_key)])
     async def list_models(st: ServiceState = Depends(require_ready)):
-        return [ModelInfo(name=name, kind=rt.config.kind, default_steps=rt.config.default_steps,
-                          max_steps=rt.config.max_steps, default_guidance=rt.config.default_guidance,
-                          max_duration=rt.config.max_duration, default_duration=rt.config.default_duration,
-                          runtime=rt.name, sample_rate=rt.sample_rate, sampler=rt.config.sampler,
-                          default=name == settings.default_model, modes=st.engine.runners[name].pipeline.modes)
-                for name, rt in st.runtimes.items()]
+        served = [ModelInfo(name=name, kind=rt.config.kind, default_steps=rt.config.default_steps,
+                            max_steps=rt.config.max_steps, default_guidance=rt.config.default_guidance,
+                            max_duration=rt.config.max_duration, default_duration=rt.config.default_duration,
+                            runtime=rt.name, sample_rate=rt.sample_rate, sampler=rt.config.sampler,
+                            default=name == settings.default_model, modes=st.engine.runners[name].pipeline.modes)
+                  for name, rt in st.runtimes.items()]
+        return served + [ModelInfo(name=name, status="failed", error=why) for name, why in st.failed.items()]
 
     @app.post("/generate", tags=["generation"], responses={200: {"content": {"audio/wav": {}, "audio/flac": {},
                                                                             "audio/ogg": {}}}, **ERROR_RESPONSES},

@@ -45,20 +45,26 @@ class GenerateRequest(BaseModel):
 
 
 class ModelInfo(BaseModel):
+    """A model in ``model_dir``: a served one with its defaults and limits, or one that failed to load (``status``
+    "failed", ``error`` says which file and why; the other fields are absent)."""
+
     model_config = ConfigDict(protected_namespaces=())
 
     name: str
-    kind: str
-    default_steps: int
-    max_steps: int
-    default_guidance: float
-    max_duration: float
-    default_duration: float
-    runtime: str
-    sample_rate: int
-    sampler: str
-    default: bool
-    modes: list[str] = Field(description="text-to-audio, and which of audio-to-audio, inpainting, negative-prompt")
+    status: Literal["ready", "failed"] = "ready"
+    error: str | None = None
+    kind: str | None = None
+    default_steps: int | None = None
+    max_steps: int | None = None
+    default_guidance: float | None = None
+    max_duration: float | None = None
+    default_duration: float | None = None
+    runtime: str | None = None
+    sample_rate: int | None = None
+    sampler: str | None = None
+    default: bool = False
+    modes: list[str] = Field(default_factory=list, description="text-to-audio, and which of audio-to-audio, "
+                             "inpainting, negative-prompt")
 
 
 class ErrorBody(BaseModel):
