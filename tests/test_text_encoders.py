@@ -129,3 +129,19 @@ def test_number_channels_read_back_the_config_they_write(config):
     assert numbers.to_config() == config
     assert numbers.width == 2 * config["number_freqs"] + 2 * config.get("number_linear", False)
     assert NumberChannels.from_config(numbers.to_config()) == numbers
+
+
+def test_the_prompt_cache_is_bounded_in_bytes_and_owns_its_tensors(text_encoder):
+    from models.text.encoders import CachedTextEncoder, entry_bytes
+
+    cache = CachedTextEncoder(text_encoder.encoder, maxsize=1000, max_bytes=150_000)
+    prompts = [f"prompt number {i}: " + "rain on a tin roof and distant thunder " * 8 for i in range(12)]
+    first = cache.encode(prompts[:6])
+    cache.encode(prompts[6:])
+    one = entry_bytes(next(iter(cache._cache.values())))
+    assert one > 20_000  # long prompts: tens of kB each
+    assert cache.bytes <= 150_000 and len(cache._cache) == 150_000 // one < 12
+    assert cache.bytes == sum(entry_bytes(e) for e in cache._cache.values())
+    assert all(t._base is None for e in cache._cache.values() for t in e)  # not views of a whole batch
+    again = cache.encode(prompts[:6])  # evicted ones are encoded again, to the same values
+    assert torch.equal(again.tokens, first.tokens) and torch.equal(again.pooled, first.pooled)

@@ -286,14 +286,18 @@ def assemble(items: list[tuple[Tensor, Tensor]]) -> TextEmbedding:
 
 
 class CachedTextEncoder(TextEncoder):
-    """An LRU cache of prompt embeddings in front of an encoder; misses are encoded together in one batch."""
+    """An LRU cache of prompt embeddings in front of an encoder; misses are encoded together in one batch. Bounded
+    by entries (``maxsize``) and by the bytes its tensors hold (``max_bytes``: a 500-character prompt's token states
+    are ~100 kB, so a count alone let 4096 long prompts hold 0.4 GB). Each entry owns its tensors (a copy, not a
+    view of its batch), so the bytes counted are the bytes held."""
 
-    def __init__(self, encoder: HFTextEncoder, maxsize: int = 4096):
+    def __init__(self, encoder: HFTextEncoder, maxsize: int = 4096, max_bytes: int = 32 * 2**20):
         self.encoder = encoder
-        self.maxsize = maxsize
+        self.maxsize, self.max_bytes = maxsize, max_bytes
         self.dim, self.pooled_dim, self.name = encoder.dim, encoder.pooled_dim, encoder.name
         self._cache: OrderedDict[str, tuple[Tensor, Tensor]] = OrderedDict()
         self._lock = threading.Lock()
+        self.bytes = 0
         self.hits = 0
         self.misses = 0
 
@@ -304,16 +308,22 @@ class CachedTextEncoder(TextEncoder):
                 self._cache.move_to_end(p)
         missing = list(dict.fromkeys(p for p in prompts if p not in found))
         if missing:
-            for p, item in zip(missing, self.encoder.encode_unpadded(missing)):
-                found[p] = item
+            for p, (tokens, pooled) in zip(missing, self.encoder.encode_unpadded(missing)):
+                found[p] = (tokens.clone(), pooled.clone())
             with self._lock:
                 for p in missing:
-                    self._cache[p] = found[p]
-                while len(self._cache) > self.maxsize:
-                    self._cache.popitem(last=False)
+                    if p not in self._cache:
+                        self._cache[p] = found[p]
+                        self.bytes += entry_bytes(found[p])
+                while self._cache and (len(self._cache) > self.maxsize or self.bytes > self.max_bytes):
+                    self.bytes -= entry_bytes(self._cache.popitem(last=False)[1])
         self.hits += len(prompts) - len(missing)
         self.misses += len(missing)
         return assemble([found[p] for p in prompts])
+
+
+def entry_bytes(entry: tuple[Tensor, Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in entry)
 
 
 def load_text_encoder(config: dict, device: str | torch.device = "cpu", cache_size: int = 4096) -> CachedTextEncoder:
