@@ -9,12 +9,23 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 def serve(**overrides) -> None:
     import uvicorn
 
-    from service.app import create_app
+    from service.app import begin_drain, create_app
     from service.settings import Settings
 
     settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
-                access_log=False)
+    app = create_app(settings)
+
+    class DrainingServer(uvicorn.Server):
+        """On SIGTERM / SIGINT the service starts draining (``begin_drain``) as uvicorn stops listening."""
+
+        def handle_exit(self, sig, frame) -> None:
+            begin_drain(app.state.tta)
+            super().handle_exit(sig, frame)
+
+    # uvicorn's own limit is a backstop: the drain answers everything before it
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                            access_log=False, timeout_graceful_shutdown=settings.drain_timeout + 5)
+    DrainingServer(config).run()
 
 
 if __name__ == "__main__":

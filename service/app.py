@@ -50,6 +50,27 @@ class ServiceState:
     ready: bool = False
     load_error: str | None = None
     failed: dict[str, str] = field(default_factory=dict)  # model directory name -> why it did not load
+    draining: bool = False
+
+
+def begin_drain(state: ServiceState) -> None:
+    """Shutdown has begun: new work gets 503 at once (and readiness fails, so balancers stop sending), work in
+    flight may finish for ``drain_timeout`` seconds, then the engine stops and what is left gets a clean 503."""
+    if state.draining:
+        return
+    state.draining, state.ready = True, False
+    state.metrics.ready.set(0)
+    log.info("draining", extra={"seconds": state.settings.drain_timeout})
+    engine = state.engine
+
+    def stop_when_due() -> None:
+        deadline = time.monotonic() + state.settings.drain_timeout
+        while time.monotonic() < deadline and engine is not None and engine.busy():
+            time.sleep(0.05)
+        if engine is not None:
+            engine.stop()
+
+    threading.Thread(target=stop_when_due, name="tta-drain", daemon=True).start()
 
 
 # ---------------------------------------------------------------------------------------------------- loading
@@ -189,7 +210,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     def require_ready() -> ServiceState:
         if not state.ready or state.gateway is None:
-            why = state.load_error or "models are loading"
+            why = "it is shutting down" if state.draining else state.load_error or "models are loading"
             raise ApiError(503, "not_ready", f"the service is not ready: {why}", headers={"Retry-After": "5"})
         return state
 
@@ -201,15 +222,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def root():
         return FileResponse(STATIC_DIR / "index.html")
 
-    @app.get("/health/live", tags=["health"])
+    @app.get("/health/live", tags=["health"], responses={503: {"model": ErrorResponse}})
     async def live():
+        """200 while the process serves and its engine's worker is alive and coming round its loop; 503 when the
+        worker has died or stalled for ``TTA_ENGINE_STALL_SECONDS`` (an orchestrator should restart it)."""
+        engine = state.engine
+        if engine is not None and not state.draining and not engine.alive(settings.engine_stall_seconds):
+            return error_response(503, "engine_stalled", "the engine's worker has stopped or stalled")
         return {"status": "alive"}
 
     @app.get("/health/ready", tags=["health"], responses={503: {"model": ErrorResponse}})
     async def ready():
         if not state.ready:
-            return error_response(503, "not_ready", state.load_error or "models are loading or warming up",
-                                  headers={"Retry-After": "5"})
+            why = "shutting down" if state.draining else state.load_error or "models are loading or warming up"
+            return error_response(503, "not_ready", why, headers={"Retry-After": "5"})
         return {"status": "ready", "models": sorted(state.runtimes)}
 
     @app.get("/metrics", tags=["ops"], include_in_schema=True)

@@ -74,6 +74,7 @@ class Engine:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._latency_ema = 1.0  # seconds per request, for Retry-After
+        self._heartbeat = time.monotonic()  # the worker's last time round its loop
         self.ticks = 0
 
     # ------------------------------------------------------------------ before start
@@ -124,6 +125,17 @@ class Engine:
     def queue_depth(self) -> int:
         return sum(s.depth() for s in self.schedulers.values())
 
+    def busy(self) -> bool:
+        """True while any job waits or runs."""
+        return any(s.has_work() for s in self.schedulers.values())
+
+    def alive(self, stall_seconds: float) -> bool:
+        """The worker runs and came round its loop within ``stall_seconds`` (a tick is one forward per length
+        group and a decode: seconds at most on a loaded CPU; a hang shows here)."""
+        if self._thread is None:
+            return True  # not started yet (loading)
+        return self._thread.is_alive() and time.monotonic() - self._heartbeat < stall_seconds
+
     def retry_after(self) -> int:
         depth = self.queue_depth()
         return int(min(60, max(1, math.ceil(self._latency_ema * (1 + depth / self.max_batch)))))
@@ -164,6 +176,7 @@ class Engine:
     def _run(self) -> None:
         order = deque(self.schedulers)
         while not self._stop.is_set():
+            self._heartbeat = time.monotonic()
             self._wake.clear()  # a submit after this line wakes the wait below at once
             worked = False
             for _ in range(len(order)):

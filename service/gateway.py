@@ -73,6 +73,11 @@ def resolve_request(body: GenerateRequest, pipelines: dict[str, Pipeline], defau
     return JobSpec(name, sample)
 
 
+def api_error(exc: EngineError) -> ApiError:
+    """How a job's end other than success is answered: a 503 (shutting down) says when to retry."""
+    return ApiError(exc.status, exc.code, str(exc), headers={"Retry-After": "5"} if exc.status == 503 else None)
+
+
 class Gateway:
     """The asyncio side of one engine."""
 
@@ -108,7 +113,7 @@ class Gateway:
         except QueueFull as exc:
             raise ApiError(429, exc.code, str(exc), headers={"Retry-After": str(exc.retry_after)}) from None
         except EngineError as exc:
-            raise ApiError(exc.status, exc.code, str(exc)) from None
+            raise api_error(exc) from None
         watcher = asyncio.create_task(self._watch(job, is_disconnected))
         try:
             return await asyncio.wait_for(fut, timeout=max(0.0, job.deadline - time.monotonic()))
@@ -117,7 +122,7 @@ class Gateway:
             raise ApiError(504, "timeout", f"request {request_id} did not finish within its {timeout:g} s "
                            "deadline") from None
         except EngineError as exc:
-            raise ApiError(exc.status, exc.code, str(exc)) from None
+            raise api_error(exc) from None
         finally:
             watcher.cancel()
 

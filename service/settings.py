@@ -38,6 +38,11 @@ class Settings(BaseSettings):
                                "whose padded frames stay within this share of the real ones (large: one forward)")
     queue_size: int = Field(64, ge=0, description="requests waiting for admission before 429")
     request_timeout: float = Field(60.0, gt=0, description="seconds from arrival to answer, else 504")
+    drain_timeout: float = Field(20.0, ge=0, description="after SIGTERM: new work gets 503 at once, work in flight "
+                                 "may finish for this long, then what is left gets 503 (under Kubernetes' 30 s and "
+                                 "above Docker's 10 s grace you may want to lower it)")
+    engine_stall_seconds: float = Field(300.0, gt=0, description="/health/live answers 503 when the engine's worker "
+                                        "has died or not come round its loop for this long")
     api_keys: str = Field("", description="comma-separated; empty = authentication off")
     policy: PolicyName = "continuous"
     max_queue_delay_ms: float = Field(20.0, ge=0, description="request-level policy: wait this long to fill a batch")

@@ -506,8 +506,8 @@ def test_inpainting_span_marked_by_dragging_on_the_spectrogram(server, browser, 
     browser.execute_script("arguments[0].scrollIntoView({block: 'center'})", canvas)
     width = canvas.rect["width"]
     # From a quarter to three quarters of the 2 s timeline (offsets are from the canvas's centre).
-    ActionChains(browser).move_to_element_with_offset(canvas, -width / 4, 0).click_and_hold() \
-        .move_by_offset(width / 4, 5).move_by_offset(width / 4, 0).release().perform()
+    ActionChains(browser).move_to_element_with_offset(canvas, -round(width / 4), 0).click_and_hold() \
+        .move_by_offset(round(width / 4), 5).move_by_offset(round(width / 4), 0).release().perform()
     start = float(browser.find_element(By.ID, "inpaint_start").get_attribute("value"))
     end = float(browser.find_element(By.ID, "inpaint_end").get_attribute("value"))
     assert abs(start - 0.5) <= 0.02 and abs(end - 1.5) <= 0.02, (start, end)

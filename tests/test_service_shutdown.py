@@ -70,3 +70,37 @@ def _status(url: str) -> int | None:
         return httpx.get(url, timeout=2).status_code
     except httpx.TransportError:
         return None
+
+
+def test_sigterm_drains_within_the_drain_timeout_with_a_clean_503_for_what_is_left(model_dir):
+    """Work that cannot finish within TTA_DRAIN_TIMEOUT is answered with a JSON 503 and Retry-After when the drain
+    time is up, instead of holding the shutdown for the request timeout."""
+    port = free_port()
+    env = dict(os.environ, TTA_HOST="127.0.0.1", TTA_PORT=str(port), TTA_MODEL_DIR=str(model_dir),
+               TTA_DEFAULT_MODEL="tiny", TTA_THREADS="1", TTA_LOG_LEVEL="warning", TTA_DEBUG_FAULTS="1",
+               TTA_RUNTIME="torch", TTA_POLICY="none", TTA_DRAIN_TIMEOUT="1", TTA_REQUEST_TIMEOUT="120",
+               PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen([sys.executable, "-m", "service"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while _status(url + "/health/ready") != 200:
+            assert proc.poll() is None and time.monotonic() < deadline, "the server did not get ready"
+            time.sleep(0.1)
+        bodies = [{"prompt": f"[[slow=400]] long {i}", "steps": 40, "duration": 0.5, "seed": i} for i in range(3)]
+        with ThreadPoolExecutor(len(bodies)) as pool:
+            futures = [pool.submit(httpx.post, url + "/generate", json=b, timeout=120) for b in bodies]
+            while not (metric(url, "tta_inflight_requests") == 1 and metric(url, "tta_queue_depth") >= 2):
+                assert time.monotonic() < deadline, "the requests never queued"
+                time.sleep(0.02)
+            proc.send_signal(signal.SIGTERM)
+            answers = [f.result(timeout=60) for f in futures]  # 40 x 400 ms would take 16 s each
+        for r in answers:
+            assert r.status_code == 503 and r.headers["retry-after"] == "5", r.text
+            assert r.json()["error"]["code"] == "not_ready"
+        assert proc.wait(timeout=30) in (0, -signal.SIGTERM)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=10)

@@ -98,7 +98,7 @@ async function loadModels() {
     showError(err);
     return;
   }
-  const list = await resp.json();
+  const list = (await resp.json()).filter((m) => m.status !== "failed");  // failed ones cannot be asked for
   models = Object.fromEntries(list.map((m) => [m.name, m]));
   const chosen = ui.model.value;
   ui.model.replaceChildren(...list.map((m) => new Option(`${m.name} — ${m.kind}, ${m.default_steps} steps`, m.name)));
