@@ -10,6 +10,7 @@ def serve(**overrides) -> None:
     import uvicorn
 
     from service.app import begin_drain, create_app
+    from service.connections import guarded_protocol
     from service.settings import Settings
 
     settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
@@ -24,7 +25,9 @@ def serve(**overrides) -> None:
 
     # uvicorn's own limit is a backstop: the drain answers everything before it
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                            access_log=False, timeout_graceful_shutdown=settings.drain_timeout + 5)
+                            access_log=False, timeout_graceful_shutdown=settings.drain_timeout + 5,
+                            http=guarded_protocol(settings.header_timeout), limit_concurrency=settings.max_connections,
+                            timeout_keep_alive=settings.keep_alive_timeout, server_header=False)
     DrainingServer(config).run()
 
 

@@ -163,7 +163,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                   description="POST /generate returns 44.1 kHz stereo PCM16 audio for a text prompt.")
     app.state.tta = state
     # the last added runs first: accounting sees every answer, the body limit's 413 included
-    app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes, upload_limit=settings.max_upload_bytes)
+    app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes, upload_limit=settings.max_upload_bytes,
+                       body_timeout=settings.body_timeout)
     app.add_middleware(RequestAccounting, metrics=metrics)
 
     # ---------------------------------------------------------------- errors: always {"error": {...}}

@@ -7,7 +7,7 @@ from fastapi.responses import JSONResponse
 from service.schemas import ErrorResponse
 
 # the error statuses the generation routes document in the OpenAPI schema
-ERROR_RESPONSES = {status: {"model": ErrorResponse} for status in (401, 404, 413, 422, 429, 500, 503, 504)}
+ERROR_RESPONSES = {status: {"model": ErrorResponse} for status in (401, 404, 408, 413, 422, 429, 500, 503, 504)}
 
 
 class ApiError(Exception):

@@ -3,6 +3,7 @@ request is counted, timed and logged, whatever answered it (the route, validatio
 readiness)."""
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import time
@@ -69,10 +70,10 @@ class RequestAccounting:
 class BodyLimitMiddleware:
     """413 before parsing. A request body may hold ``limit`` bytes, or ``upload_limit`` when it carries an audio clip
     (a multipart form, or JSON with an ``init_audio`` field); a Content-Length over the larger limit is refused at
-    once, a body without one is counted as it arrives."""
+    once, a body without one is counted as it arrives. A body that stalls for ``body_timeout`` seconds gets 408."""
 
-    def __init__(self, app, limit: int, upload_limit: int | None = None):
-        self.app, self.limit = app, limit
+    def __init__(self, app, limit: int, upload_limit: int | None = None, body_timeout: float | None = None):
+        self.app, self.limit, self.body_timeout = app, limit, body_timeout
         self.upload_limit = max(limit, upload_limit or limit)
 
     async def __call__(self, scope, receive, send):
@@ -91,7 +92,11 @@ class BodyLimitMiddleware:
         # Bodies are read whole (up to the ceiling) before the app parses anything.
         chunks, received = [], 0
         while True:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), self.body_timeout)
+            except asyncio.TimeoutError:
+                resp = error_response(408, "request_timeout", f"the request body stalled for {self.body_timeout:g} s")
+                return await resp(scope, receive, send)
             if message["type"] == "http.disconnect":
                 return
             chunks.append(message.get("body", b""))

@@ -48,6 +48,12 @@ class Settings(BaseSettings):
     max_queue_delay_ms: float = Field(20.0, ge=0, description="request-level policy: wait this long to fill a batch")
     threads: int | None = Field(None, ge=1, description="torch intra-op threads (default: torch's choice)")
     log_level: str = "info"
+    header_timeout: float = Field(10.0, gt=0, description="seconds a connection has to send a complete request head "
+                                  "(after opening, or after its previous response), else it is closed")
+    body_timeout: float = Field(30.0, gt=0, description="longest silence while a request body arrives, else 408")
+    keep_alive_timeout: float = Field(5.0, gt=0, description="an idle keep-alive connection is closed after this")
+    max_connections: int = Field(128, ge=1, description="connections and requests served at once; beyond, new "
+                                 "requests get 503 (uvicorn's limit_concurrency)")
     max_body_bytes: int = Field(16 * 1024, ge=256, description="largest request body without an audio clip")
     max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1024, description="largest request body that carries an "
                                   "init_audio clip (JSON with base64, or a multipart form)")
