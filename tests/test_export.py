@@ -3,7 +3,9 @@ parity with PyTorch, staleness, the runtime registry, ONE parity test that every
 ``tta export`` command, and the service serving /generate with runtime=onnxruntime."""
 from __future__ import annotations
 
+import base64
 import copy
+import dataclasses
 import io
 import json
 import logging
@@ -25,13 +27,15 @@ from service_support import (
     derived_student,
     run_jobs,
 )
+from test_checkpoints import tango  # noqa: F401 - the tiny Tango checkpoint (skips without the checkpoints extra)
 
 onnx = pytest.importorskip("onnx", reason="the 'onnx' extra is not installed")
 ort = pytest.importorskip("onnxruntime", reason="the 'onnx' extra is not installed")
 
 from models.dit import DiTConfig
 from models.export import TOLERANCES, ensure_onnx_export, export_onnx
-from models.export.graphs import finish_native, native_tail
+from models.export.graphs import finish_native, native_head, native_tail, start_native
+from models.export.onnx_export import encoder_test_waves
 from models.export.parity import (
     max_abs_error,
     max_rel_error,
@@ -84,9 +88,14 @@ def test_export_writes_checked_graphs_and_manifest(zoo):
              for g in m["graphs"]}
     assert names == {"text_encoder": (["input_ids", "attention_mask"], ["tokens", "pooled"]),
                      "denoiser": (["z", "t", "tokens", "token_mask", "pooled", "seconds", "frame_mask"], ["out"]),
-                     "decoder": (["latents"], ["decoded"])}
-    # the decoder graph stops before the inverse STFT (ONNX Runtime has no fast one): the runtime finishes with it
+                     "decoder": (["latents"], ["decoded"]), "encoder": (["analysis"], ["latents"])}
+    # the decoder graph stops before the inverse STFT (ONNX Runtime has no fast one): the runtime finishes with it;
+    # the encoder graph starts after the STFT, which the runtime computes before it
     assert m["codec"]["istft"] == {"n_fft": 2048, "hop": 512}
+    assert m["codec"]["native_head"] == {"stft": {"n_fft": 2048, "hop": 512}} and "no_encoder" not in m["codec"]
+    analysis = m["graphs"]["encoder"]["inputs"][0]["shape"]  # [B, C, K, F, (real, imaginary)]
+    assert analysis == ["batch", 2, 1025, "frames", 2]
+    assert m["graphs"]["encoder"]["outputs"][0]["shape"][::2] == ["batch", "frames"]
     spectrum = m["graphs"]["decoder"]["outputs"][0]["shape"]  # [B, C, K, F, (real, imaginary)]
     assert len(spectrum) == 5 and spectrum[0] == "batch" and spectrum[3] == "frames" and spectrum[4] == 2
     z = m["graphs"]["denoiser"]["inputs"][0]
@@ -149,6 +158,37 @@ def test_each_graph_matches_pytorch_on_new_shapes(zoo, text_encoder):
         if frames > 11:
             ref64 = exact.decode(z.double())
             assert rms_rel_error(wave, ref64) <= 2 * rms_rel_error(ref, ref64) + 1e-5
+
+
+def encoder_errors(path, codec, head: dict, shapes, seed: int) -> float:
+    """max_rel of the encoder graph at ``path``, fed what the runtime feeds it (``start_native`` with the manifest
+    codec's ``head``), against ``codec.encode`` on tones over noise of these (batch, samples) shapes."""
+    from models.export.ort import session
+
+    sess = session(path)
+    g = torch.Generator().manual_seed(seed)
+    worst = 0.0
+    for batch, samples in shapes:
+        wave = encoder_test_waves(batch, samples, codec.sample_rate, g)
+        analysis = start_native(wave, head, codec.sample_rate, codec.samples_per_latent)
+        got = sess.run(["latents"], {"analysis": analysis.numpy()})[0]
+        with torch.no_grad():
+            want = codec.encode(wave)
+        assert got.shape == tuple(want.shape) == (batch, codec.latent_dim, -(-samples // codec.samples_per_latent))
+        assert want.abs().max() > 0.1
+        worst = max(worst, max_rel_error(got, want))
+    return worst
+
+
+def test_the_encoder_graph_matches_pytorch_on_new_shapes(zoo, text_encoder):
+    """The harmonic codec's encoder (pitch analyser, posterior, analytic channels; the STFT before it in torch) on a
+    batch and lengths the export never saw, one of them shorter than a latent frame."""
+    ex = zoo[1][TINY]
+    codec = bundle(zoo, TINY, text_encoder).codec
+    worst = encoder_errors(ex.path("encoder"), codec, ex.manifest["codec"]["native_head"], ((4, 50000), (1, 1500)),
+                           seed=8)
+    print(f"encoder, tiny codec: max_rel {worst:.2e}")
+    assert worst <= TOLERANCES["encoder"]["max_rel"]
 
 
 @pytest.mark.parametrize("masked", [False, True])
@@ -234,6 +274,29 @@ def test_decoder_graph_matches_pytorch_with_sounding_partials(tmp_path):
     assert rms < 1e-3 and worst < 1e-3
 
 
+def test_atan2_is_exported_with_pytorchs_values_at_zero(tmp_path):
+    """The encoder's phase: the exporter's own atan2 gives NaN at 0 / 0 (a silent bin), which turned every latent of
+    a clip with a silent stretch into NaN; and a NaN must fail a parity check, not pass it."""
+    from models.export.onnx_export import _trace_to_onnx
+    from models.export.ort import session
+    from models.export.parity import worst
+
+    class Atan2(torch.nn.Module):
+        def forward(self, y, x):
+            return torch.atan2(y, x)
+
+    values = torch.tensor([0.0, -0.0, 1.0, -1.0, 1e-30, -2.5, 1e20, -1e20])
+    y, x = (v.flatten().contiguous() for v in torch.meshgrid(values, values, indexing="ij"))
+    axes = {"y": {0: "n"}, "x": {0: "n"}, "angle": {0: "n"}}
+    _trace_to_onnx(Atan2(), (y, x), tmp_path / "atan2.onnx", ["y", "x"], ["angle"], axes, 17)
+    got = session(tmp_path / "atan2.onnx").run(["angle"], {"y": y.numpy(), "x": x.numpy()})[0]
+    assert np.abs(got - torch.atan2(y, x).numpy()).max() <= 1e-6  # atan2(+-0, -0) = +-pi, atan2(0, 0) = 0, ...
+    y, x = torch.randn(2, 10000, generator=torch.Generator().manual_seed(0))
+    got = session(tmp_path / "atan2.onnx").run(["angle"], {"y": y.numpy(), "x": x.numpy()})[0]
+    assert np.abs(got - torch.atan2(y, x).numpy()).max() <= 1e-6
+    assert math.isnan(worst(0.0, float("nan"))) and worst(1e-7, 3e-7) == 3e-7
+
+
 def test_guidance_input_is_exported(tmp_path):
     from models.dit import DiT, DiTConfig
     from models.export.onnx_export import export_denoiser
@@ -303,6 +366,65 @@ def test_changed_weights_make_the_export_stale(zoo):
     assert after.manifest["graphs"]["decoder"]["sha256"] == before.manifest["graphs"]["decoder"]["sha256"]
 
 
+def test_an_export_made_before_the_encoder_graph_is_made_again(zoo, tmp_path, caplog):
+    """An export of the previous format (three graphs, no encoder) is stale even with all its files in place:
+    ``ensure_onnx_export`` makes a new one, with the encoder graph."""
+    import os
+
+    from models.export.manifest import EXPORT_FORMAT, fingerprint, stale_reason
+
+    root, exports = zoo
+    old = copy.deepcopy(exports[TINY].manifest)
+    old["format"] = 1
+    del old["graphs"]["encoder"], old["codec"]["native_head"]
+    out = tmp_path / "onnx"
+    out.mkdir()
+    for entry in old["graphs"].values():
+        os.link(exports[TINY].dir / entry["file"], out / entry["file"])
+    (out / "manifest.json").write_text(json.dumps(old))
+    assert stale_reason(out, old, fingerprint(root / TINY)) == f"export format 1 != {EXPORT_FORMAT}"
+    with caplog.at_level(logging.INFO, logger="tta.export"):
+        again = ensure_onnx_export(root / TINY, out)
+    assert "export format 1" in caplog.text
+    assert again.manifest["format"] == EXPORT_FORMAT and again.manifest["graphs"]["encoder"]["parity"]["passed"]
+    assert (out / "encoder.onnx").is_file() and again.manifest["codec"]["native_head"] == {"stft": {"n_fft": 2048,
+                                                                                                  "hop": 512}}
+
+
+def test_an_export_without_an_encoder_graph_serves_no_audio_to_audio(zoo, text_encoder, tmp_path, monkeypatch):
+    """An encoder that fails its checks leaves the export without an encoder graph (the manifest says why) instead
+    of failing it; the runtime of such an export reports no audio-to-audio or inpainting, and refuses them."""
+    from models.export import ExportError, OnnxExport, onnx_export
+    from models.pipeline import Pipeline, RequestError, SampleRequest
+    from service.runtimes.onnx_runtime import OnnxRuntime
+
+    def fails(codec, path, *args, **kwargs):
+        path.write_bytes(b"half a graph")
+        raise ExportError("encoder: ONNX Runtime differs from PyTorch: max_rel 0.3 > 0.0001")
+
+    monkeypatch.setattr(onnx_export, "export_encoder", fails)
+    entry, reason = onnx_export._try_export_encoder(bundle(zoo, TINY, text_encoder).codec, tmp_path / "encoder.onnx",
+                                                    8, onnx_export.OPSET)
+    assert entry is None and "max_rel 0.3" in reason and not (tmp_path / "encoder.onnx").exists()
+    ex = zoo[1][TINY]
+    manifest = copy.deepcopy(ex.manifest)
+    del manifest["graphs"]["encoder"], manifest["codec"]["native_head"]
+    manifest["codec"]["no_encoder"] = reason
+    rt = OnnxRuntime(zoo[0] / TINY, OnnxExport(ex.dir, manifest))
+    p = Pipeline(rt)
+    assert not rt.encodes_audio and p.modes == ["text-to-audio", "negative-prompt"]
+    for mode in (dict(init_noise_level=0.5), dict(inpaint=(0.2, 0.4))):
+        with pytest.raises(RequestError, match="does not support"):
+            p.check(SampleRequest("x", 1.0, 2, 1.0, 0, init_audio=torch.zeros(2, 100), **mode))
+    with pytest.raises(NotImplementedError, match="no audio encoder"):
+        rt.encode_audio(torch.zeros(1, 2, 100))
+    # with the encoder graph, but a denoiser trained with an inpainting input that its graph does not take
+    rt = OnnxRuntime(zoo[0] / TINY, ex)
+    assert rt.encodes_audio
+    rt.config = dataclasses.replace(rt.config, inpaint_conditioning=True)
+    assert not rt.encodes_audio and "inpainting" not in Pipeline(rt).modes
+
+
 # ------------------------------------------------------------------------------------------ runtime selection
 def test_registry_resolves_runtimes(zoo, monkeypatch, caplog):
     from pydantic import ValidationError
@@ -360,19 +482,53 @@ def test_runtime_matches_eager_torch(zoo, runtime, model):
 
     candidate = load_runtime(zoo[0] / model, runtime)
     assert candidate.name == runtime
-    reference = load_runtime(zoo[0] / model, "torch")
-    jobs = PARITY_JOBS[model]
-    tol = PARITY[runtime]
+    assert_matches_torch(candidate, load_runtime(zoo[0] / model, "torch"), PARITY_JOBS[model])
+
+
+def assert_matches_torch(candidate, reference, jobs: list[dict]) -> list:
+    """``jobs`` through the engine on both runtimes: every sample's latents and audio within the candidate
+    runtime's parity tolerance of eager torch's. Returns the candidate's results."""
+    tol = PARITY[candidate.name]
     want, got = run_jobs(reference, jobs), run_jobs(candidate, jobs)
     for spec, a, b in zip(jobs, want, got):
         assert b.wave.shape == a.wave.shape == (2, round(spec["duration"] * SR))
         assert a.wave.abs().max() > 1e-3
         latents, rms, spectral = (max_rel_error(b.latents, a.latents), rms_rel_error(b.wave, a.wave),
                                   spectral_rel_error(b.wave, a.wave))
-        print(f"{runtime} {model} guidance {spec['guidance']}: latents max_rel {latents:.2e}, audio rms_rel {rms:.2e}, "
-              f"spectral_rel {spectral:.2e}")
+        shown = {k: spec[k] for k in ("guidance", "init_noise_level", "inpaint") if k in spec}
+        print(f"{candidate.name} {candidate.model_name} {shown}: latents max_rel {latents:.2e}, audio rms_rel "
+              f"{rms:.2e}, spectral_rel {spectral:.2e}")
         assert latents <= tol["latents_max_rel"], spec
         assert rms <= tol["audio_rms_rel"] and spectral <= tol["audio_spectral_rel"], spec
+    return got
+
+
+def test_onnxruntime_runs_audio_to_audio_and_inpainting_like_torch(zoo):
+    """The modes that start from a clip, under ONNX Runtime: reported by the pipeline, and through the engine (an
+    audio-to-audio sample guided and one not, an inpainting one and a plain one sharing every forward) the same
+    latents and audio as eager torch, the init clip encoded by the encoder graph in one case and by the codec in
+    the other."""
+    from models.pipeline import Pipeline
+    from service.runtimes import load_runtime
+
+    candidate, reference = load_runtime(zoo[0] / TINY, "onnxruntime"), load_runtime(zoo[0] / TINY, "torch")
+    assert candidate.name == "onnxruntime" and candidate.encodes_audio
+    modes = ["text-to-audio", "audio-to-audio", "inpainting", "negative-prompt"]
+    assert Pipeline(candidate).modes == Pipeline(reference).modes == modes
+    clips = encoder_test_waves(2, round(1.2 * SR), SR, torch.Generator().manual_seed(6))
+    direct = max_rel_error(candidate.encode_audio(clips), reference.encode_audio(clips))  # a batch of two
+    assert direct <= TOLERANCES["encoder"]["max_rel"]
+    clip = clips[0]
+    jobs = [{"prompt": "a dog barks twice", "duration": 1.0, "steps": 4, "guidance": 3.0, "seed": 11,
+             "init_audio": clip[:, : SR], "init_noise_level": 0.5},
+            {"prompt": "rain on a tin roof", "duration": 1.2, "steps": 4, "guidance": 1.0, "seed": 12,
+             "init_audio": clip, "init_noise_level": 0.3},
+            {"prompt": "thunder", "duration": 1.2, "steps": 3, "guidance": 2.0, "seed": 13, "init_audio": clip,
+             "inpaint": (0.4, 0.8)},
+            {"prompt": "a dog barks twice", "duration": 1.0, "steps": 4, "guidance": 3.0, "seed": 11}]
+    print(f"onnxruntime {TINY} encode_audio, batch of two: max_rel {direct:.2e}")
+    got = assert_matches_torch(candidate, reference, jobs)
+    assert (got[0].latents - got[3].latents).abs().max() > 0.1  # the init clip mattered: same seed, other result
 
 
 # ------------------------------------------------------------------------------------------ CLI and service
@@ -398,9 +554,19 @@ def test_service_serves_with_onnxruntime(zoo, base_settings, text_encoder):
     srv = LiveServer(settings)
     try:
         with srv.client() as c:
-            assert [(m["name"], m["runtime"]) for m in c.get("/models").json()] == [(TINY, "onnxruntime")]
+            models = c.get("/models").json()
+            assert [(m["name"], m["runtime"]) for m in models] == [(TINY, "onnxruntime")]
+            assert models[0]["modes"] == ["text-to-audio", "audio-to-audio", "inpainting", "negative-prompt"]
             r = c.post("/generate", json={"prompt": "a dog barks", "duration": 1.1, "steps": 3, "seed": 5})
+            clip = io.BytesIO()
+            sf.write(clip, encoder_test_waves(1, SR, SR, torch.Generator().manual_seed(1))[0].T.numpy(), SR,
+                     format="WAV", subtype="PCM_16")
+            a2a = c.post("/generate", json={"prompt": "a dog barks", "duration": 1.0, "steps": 3, "seed": 5,
+                                            "init_noise_level": 0.5,
+                                            "init_audio": base64.b64encode(clip.getvalue()).decode()})
         assert r.status_code == 200, r.text
+        assert a2a.status_code == 200, a2a.text  # the default CPU runtime encodes an init clip too
+        assert sf.read(io.BytesIO(a2a.content), dtype="int16")[0].shape == (SR, 2)
         data, sr = sf.read(io.BytesIO(r.content), dtype="int16")
         assert sr == SR and data.shape == (round(1.1 * SR), 2)
         assert srv.metric("tta_model_loaded", model=TINY, runtime="onnxruntime") == 1
@@ -487,3 +653,37 @@ def test_the_number_conditioners_are_exported(tmp_path, text_encoder, form):
     for other in (without_values, without):
         assert (want[0] - other[0]).abs().max() > 1e-3 and torch.allclose(want[1], other[1], atol=1e-6)
     assert (without_values[0] - without[0]).abs().max() > 1e-3
+
+
+def test_the_stable_audio_encoder_graph_matches_pytorch_and_serves_audio_to_audio(sao_tiny):
+    """Oobleck's encoder is plain convolutions: the runtime only pads the clip to a whole latent frame. On new
+    shapes it matches the codec; under ONNX Runtime the checkpoint serves audio-to-audio and inpainting as torch
+    does."""
+    from models.checkpoints import load_checkpoint_dir
+
+    ex = ensure_onnx_export(sao_tiny)
+    assert ex.manifest["codec"]["native_head"] == {} and ex.manifest["graphs"]["encoder"]["parity"]["passed"]
+    codec = load_checkpoint_dir(sao_tiny).codec
+    worst = encoder_errors(ex.path("encoder"), codec, ex.manifest["codec"]["native_head"], ((2, 37), (5, 128)),
+                           seed=3)
+    print(f"encoder, Stable Audio Open Small (tiny): max_rel {worst:.2e}")
+    assert worst <= TOLERANCES["encoder"]["max_rel"]
+    clip = encoder_test_waves(1, 128, codec.sample_rate, torch.Generator().manual_seed(4))[0]
+    compare_runtimes(sao_tiny, [{**CHECKPOINT_JOBS[0], "init_audio": clip, "init_noise_level": 0.5},
+                                {**CHECKPOINT_JOBS[1], "init_audio": clip[:, :80], "inpaint": (0.002, 0.006)}])
+
+
+def test_the_tango_encoder_graph_matches_pytorch(tango, tmp_path):
+    """The mel codec's encoder: resampling to 16 kHz, loudness normalisation and the STFT in torch before the graph;
+    the mel projection, the log and the VAE encoder in it."""
+    from models.export.onnx_export import export_encoder
+
+    b = tango["bundle"]
+    codec, frames = b.codec, b.latent_frames(b.config.max_duration)
+    entry = export_encoder(codec, tmp_path / "encoder.onnx", frames)
+    head = native_head(codec)
+    assert head == {"mel": {"native_rate": 16000, "n_fft": 1024, "hop": 160, "frames_per_latent": 2}}
+    spl = codec.samples_per_latent
+    worst = encoder_errors(tmp_path / "encoder.onnx", codec, head, ((2, 5 * spl - 300), (4, 2000)), seed=5)
+    print(f"encoder, Tango (tiny): max_rel {worst:.2e} (export check: {entry['parity']['max_rel']:.2e})")
+    assert entry["parity"]["passed"] and worst <= TOLERANCES["encoder"]["max_rel"]

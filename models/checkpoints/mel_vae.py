@@ -298,9 +298,30 @@ class LogMel(nn.Module):
         self.register_buffer("window", torch.hann_window(n_fft, periodic=True), persistent=False)
 
     def forward(self, wave: Tensor) -> Tensor:  # [B, N] -> [B, frames, n_mels]
-        spec = torch.stft(wave.float(), self.n_fft, self.hop, window=self.window, center=True, pad_mode="reflect",
-                          return_complex=True).abs()
-        return torch.log(torch.clamp(self.mel_basis @ spec, min=1e-5)).transpose(1, 2)
+        return self.log_mel(stft_magnitude(wave, self.n_fft, self.hop))
+
+    def log_mel(self, magnitude: Tensor) -> Tensor:  # [B, K, frames] -> [B, frames, n_mels]
+        return torch.log(torch.clamp(self.mel_basis @ magnitude, min=1e-5)).transpose(1, 2)
+
+
+def stft_magnitude(wave: Tensor, n_fft: int, hop: int) -> Tensor:
+    """AudioLDM's STFT magnitude [B, K, frames]: reflect-padded, periodic Hann."""
+    window = torch.hann_window(n_fft, periodic=True, dtype=torch.float32, device=wave.device)
+    return torch.stft(wave.float(), n_fft, hop, window=window, center=True, pad_mode="reflect",
+                      return_complex=True).abs()
+
+
+def encoder_input(wave: Tensor, sample_rate: int, native_rate: int, n_fft: int, hop: int, frames_per_latent: int,
+                  samples_per_latent: int) -> Tensor:
+    """What ``MelLatentCodec``'s encoder network reads: STFT magnitudes [B, K, frames x frames_per_latent] of the
+    clip as mono at the vocoder's rate, centred and peak-normalised to 0.5, cut or padded to whole latent frames."""
+    frames = -(-wave.shape[-1] // samples_per_latent)
+    mono = resample(wave.mean(dim=1), sample_rate, native_rate)
+    mono = mono - mono.mean(dim=-1, keepdim=True)
+    mono = 0.5 * mono / (mono.abs().amax(dim=-1, keepdim=True) + 1e-8)
+    need = frames * hop * frames_per_latent
+    mono = F.pad(mono, (0, max(0, need - mono.shape[-1])))[:, :need]
+    return stft_magnitude(mono, n_fft, hop)[..., : frames * frames_per_latent]
 
 
 class MelLatentCodec(AudioCodec):
@@ -348,12 +369,11 @@ class MelLatentCodec(AudioCodec):
         return {"native_rate": self.native_rate}
 
     def encode(self, wave: Tensor) -> Tensor:
-        frames = self.latent_frames(wave.shape[-1])
-        mono = resample(wave.mean(dim=1), self.sample_rate, self.native_rate)
-        mono = mono - mono.mean(dim=-1, keepdim=True)
-        mono = 0.5 * mono / (mono.abs().amax(dim=-1, keepdim=True) + 1e-8)
-        need = frames * self.vocoder.config.hop * self.vae.config.factor
-        mono = F.pad(mono, (0, max(0, need - mono.shape[-1])))[:, :need]
-        mel = self.analysis(mono)[:, : frames * self.vae.config.factor]
-        z = self.vae.encode_mean(mel[:, None]) * self.vae.config.scaling_factor
-        return self.from_mel_latents(z)
+        return self.encode_native(encoder_input(wave, self.sample_rate, self.native_rate, self.analysis.n_fft,
+                                                self.vocoder.config.hop, self.vae.config.factor,
+                                                self.samples_per_latent))
+
+    def encode_native(self, magnitude: Tensor) -> Tensor:
+        """The encoder network on ``encoder_input``'s magnitudes: log mel, the VAE's posterior mean, scaled."""
+        mel = self.analysis.log_mel(magnitude)
+        return self.from_mel_latents(self.vae.encode_mean(mel[:, None]) * self.vae.config.scaling_factor)

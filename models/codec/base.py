@@ -10,7 +10,10 @@ class AudioCodec(nn.Module):
 
     A codec whose decoder ends in a step that an ONNX graph cannot hold, or only slowly (an inverse FFT, a polyphase
     resampler), also has ``decode_native`` (the part before it: what the exported decoder graph computes) and
-    ``native_tail`` (the manifest's description of the rest, which ``models.export.graphs.finish_native`` applies)."""
+    ``native_tail`` (the manifest's description of the rest, which ``models.export.graphs.finish_native`` applies).
+    Likewise a codec whose encoder starts with such a step (an STFT) has ``encode_native`` (the rest of ``encode``:
+    what the exported encoder graph computes) and ``native_head`` (the step, which
+    ``models.export.graphs.start_native`` applies before the graph)."""
 
     sample_rate: int
     audio_channels: int

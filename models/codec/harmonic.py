@@ -171,16 +171,21 @@ class PitchAnalyser:
     @torch.no_grad()
     def __call__(self, spec: Tensor, mag: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """[B, C, K, F] complex (and its magnitude, if at hand) -> (tonality [B, S, F], frequency in Hz [B, S, F])."""
+        # the phase of the channels' sum: a panned source keeps its phase in both channels
+        return self.from_phase(torch.angle(spec.sum(1)), spec.abs() if mag is None else mag)
+
+    @torch.no_grad()
+    def from_phase(self, phase: Tensor, mag: Tensor) -> tuple[Tensor, Tensor]:
+        """The same from real tensors: the phase of the channels' summed spectrum [B, K, F] and the magnitudes
+        [B, C, K, F] (what the exported encoder graph computes, ONNX having no complex tensors)."""
         c = self.config
-        mixed = spec.sum(1)  # [B, K, F]: a panned source keeps its phase in both channels
-        mag = (spec.abs() if mag is None else mag).mean(1)
+        mag = mag.mean(1)
         logmag = torch.log(mag + 1e-7)
         local = F.avg_pool1d(logmag.transpose(1, 2).flatten(0, 1)[:, None], 41, 1, 20, count_include_pad=False)
         local = local.view(mag.shape[0], mag.shape[2], -1).transpose(1, 2)
-        phase = torch.angle(mixed)
-        advance = torch.diff(phase, dim=-1)
+        advance = phase[..., 1:] - phase[..., :-1]  # torch.diff, which ONNX export lacks
         advance = torch.cat([advance[..., :1], advance], dim=-1)  # frame 0 borrows frame 1's advance
-        k_all = torch.arange(c.bins, dtype=torch.float32, device=spec.device)
+        k_all = torch.arange(c.bins, dtype=torch.float32, device=mag.device)
         dev_all = torch.remainder(advance - 2 * math.pi * k_all[:, None] * c.hop / c.n_fft + math.pi, 2 * math.pi)
         dev_all = (dev_all - math.pi) * c.n_fft / (2 * math.pi * c.hop)  # bins, in (-n_fft/(2 hop), n_fft/(2 hop)]
         search = mag.clone()
@@ -258,9 +263,7 @@ class HarmonicAutoencoder(AudioCodec):
     # ---------------------------------------------------------------- encoder
     def analyse(self, wave: Tensor) -> Tensor:
         """Complex STFT frames aligned with latents: [B, C, K, T * frames_per_latent]."""
-        c = self.config
-        wave = pad_to_multiple(wave, c.samples_per_latent)
-        return stft(wave, c.n_fft, c.hop)[..., : wave.shape[-1] // c.hop]
+        return analysis_spectrum(wave, self.config.n_fft, self.config.hop, self.config.samples_per_latent)
 
     def pitch_features(self, tau: Tensor, freq: Tensor) -> Tensor:
         """Per-frame analytic channels [B, 2S, F]: (tau_s, tau_s * pitch_scale * log(f_s / ref)) per slot."""
@@ -272,10 +275,14 @@ class HarmonicAutoencoder(AudioCodec):
                             pitch: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
         """Unnormalised posterior (mean, logvar) [B, latent_dim, T]; the analytic channels have logvar -inf.
         ``spec`` and ``pitch`` (the analyser's output) may be passed in when the caller has them already."""
-        c = self.config
         spec = self.analyse(wave) if spec is None else spec
         mag = spec.abs()
-        pitch = self.pitch_features(*(self.analyser(spec, mag) if pitch is None else pitch))
+        return self.posterior(mag, self.analyser(spec, mag) if pitch is None else pitch)
+
+    def posterior(self, mag: Tensor, pitch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        """``encode_distribution`` from the STFT magnitudes [B, C, K, F] and the analyser's (tonality, frequency)."""
+        c = self.config
+        pitch = self.pitch_features(*pitch)
         h = self.enc_in(torch.cat([analysis_features(mag), pitch], dim=1))
         h = self.enc_latent(self.enc_down(self.enc_frame(h)))
         mean, logvar = self.enc_out(h).chunk(2, dim=1)
@@ -296,6 +303,20 @@ class HarmonicAutoencoder(AudioCodec):
     @torch.no_grad()
     def encode(self, wave: Tensor) -> Tensor:
         return self.normalize(self.encode_distribution(wave)[0])
+
+    @torch.no_grad()
+    def encode_native(self, native: Tensor) -> Tensor:
+        """``encode`` after its STFT, from ``native_from_wave``'s [B, C, K, F, 2] with real-valued operations only:
+        what the ONNX encoder graph holds (the pitch analyser, the learned posterior, the analytic channels). ONNX
+        has no complex tensors, and a runtime computes the STFT before the graph (manifest codec "native_head")."""
+        real, imag = native[..., 0], native[..., 1]
+        mag = torch.sqrt(real * real + imag * imag)
+        pitch = self.analyser.from_phase(torch.atan2(imag.sum(1), real.sum(1)), mag)
+        return self.normalize(self.posterior(mag, pitch)[0])
+
+    @property
+    def native_head(self) -> dict:
+        return {"stft": {"n_fft": self.config.n_fft, "hop": self.config.hop}}
 
     def shift_pitch(self, latents: Tensor, ratio: float | Tensor) -> Tensor:
         """Normalised latents [B, D, T] of the same sound transposed by ``ratio`` (a scalar or one per clip, [B]):
@@ -461,6 +482,19 @@ def spectrum_to_wave(spec: Tensor, n_fft: int, hop: int) -> Tensor:
     completed by an empty frame."""
     spec = F.pad(spec, (0, 1))
     return istft(spec, n_fft, hop, length=spec.shape[-1] * hop - hop)
+
+
+def analysis_spectrum(wave: Tensor, n_fft: int, hop: int, samples_per_latent: int) -> Tensor:
+    """Waveform [..., N] -> the encoder's complex STFT frames [..., K, T * samples_per_latent / hop], T the latent
+    frames of N samples (the clip zero-padded to a whole latent frame)."""
+    wave = pad_to_multiple(wave, samples_per_latent)
+    return stft(wave, n_fft, hop)[..., : wave.shape[-1] // hop]
+
+
+def native_from_wave(wave: Tensor, n_fft: int, hop: int, samples_per_latent: int) -> Tensor:
+    """Waveform [B, C, N] -> ``analysis_spectrum`` as [B, C, K, F, 2] (real, imaginary): the start of ``encode``,
+    and what a runtime computes before the exported encoder graph (``HarmonicAutoencoder.encode_native``)."""
+    return torch.view_as_real(analysis_spectrum(wave, n_fft, hop, samples_per_latent))
 
 
 def wave_from_native(native: Tensor, n_fft: int, hop: int) -> Tensor:

@@ -1,4 +1,4 @@
-"""Export: a model directory -> ONNX graphs (text encoder, denoiser, decoder) with a manifest, for the
+"""Export: a model directory -> ONNX graphs (text encoder, denoiser, decoder, encoder) with a manifest, for the
 ONNX Runtime (and, later, TensorRT) serving runtimes. See ``onnx_export`` for the procedure, ``parity`` for the
 tolerances and ``manifest`` for when an export counts as current."""
 from models.export.manifest import ExportError, fingerprint, load_manifest

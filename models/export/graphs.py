@@ -1,8 +1,9 @@
-"""The three graphs a serving runtime runs, as nn.Modules with flat tensor signatures that trace to ONNX.
+"""The four graphs a serving runtime runs, as nn.Modules with flat tensor signatures that trace to ONNX.
 
 Each wrapper calls the model's own code (no re-implementation), so an exported graph computes what the PyTorch
 runtime computes; only the shapes of the interface are fixed here: tokenisation stays in Python (the text graph takes
-token ids), the denoiser takes the padded batch the scheduler builds, and the decoder takes normalised latents.
+token ids), the denoiser takes the padded batch the scheduler builds, the decoder takes normalised latents and the
+encoder (audio-to-audio, inpainting) what ``start_native`` makes of a waveform.
 """
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ DENOISER_OUTPUTS = ["out"]
 PER_LENGTH_INPUTS = ["z", "timestep", "tokens", "token_mask"]
 DECODER_INPUTS = ["latents"]
 DECODER_OUTPUTS = ["decoded"]
+ENCODER_INPUTS = ["analysis"]
+ENCODER_OUTPUTS = ["latents"]
 
 
 class TextEncoderGraph(nn.Module):
@@ -123,3 +126,67 @@ def finish_native(out: Tensor, tail: dict, sample_rate: int) -> Tensor:
 
         return native_to_output(out, int(tail["native_rate"]), sample_rate)
     return out
+
+
+class EncoderGraph(nn.Module):
+    """``start_native``'s output -> normalised latents [B, C, T]: the codec's ``encode`` after the steps that no
+    graph holds well, which a runtime computes before the graph (``start_native`` with the manifest codec's
+    ``native_head``): the harmonic codec's STFT (the graph holds its pitch analyser, posterior and analytic
+    channels: ``encode_native``), the mel codec's resampler, loudness normalisation and STFT (the graph holds the
+    mel projection, the log and the VAE encoder), and for a codec of plain convolutions (Oobleck) only the padding to
+    a whole latent frame."""
+
+    def __init__(self, codec: nn.Module):
+        super().__init__()
+        self.codec = codec
+        self.head = native_head(codec)
+
+    def forward(self, analysis: Tensor) -> Tensor:
+        if hasattr(self.codec, "encode_native"):  # the harmonic and mel codecs
+            return self.codec.encode_native(analysis)
+        return self.codec.encode(analysis)  # a padded waveform: ``encode``'s own padding adds nothing
+
+
+def _mel_codec(codec: nn.Module) -> bool:
+    from models.checkpoints.mel_vae import MelLatentCodec
+
+    return isinstance(codec, MelLatentCodec)
+
+
+def native_head(codec: nn.Module) -> dict:
+    """What a runtime computes before the encoder graph (the manifest codec's "native_head"): {} to pad the waveform
+    to a whole latent frame, {"stft": {"n_fft", "hop"}} (the harmonic codec) or {"mel": {"native_rate", "n_fft",
+    "hop", "frames_per_latent"}} (a mel codec: ``MelLatentCodec.encode`` up to its STFT magnitudes)."""
+    if hasattr(codec, "native_head"):
+        return dict(codec.native_head)
+    if _mel_codec(codec):
+        return {"mel": {"native_rate": codec.native_rate, "n_fft": codec.analysis.n_fft, "hop": codec.analysis.hop,
+                        "frames_per_latent": codec.vae.config.factor}}
+    return {}
+
+
+def encoder_input_axes(head: dict) -> dict[int, str]:
+    """The encoder graph's dynamic input axes for a ``native_head``."""
+    if "stft" in head:
+        return {0: "batch", 3: "frames"}  # [B, C, K, F, 2]
+    if "mel" in head:
+        return {0: "batch", 2: "frames"}  # mono magnitudes [B, K, F]
+    return {0: "batch", 2: "samples"}  # [B, C, N]
+
+
+def start_native(wave: Tensor, head: dict, sample_rate: int, samples_per_latent: int) -> Tensor:
+    """A waveform [B, 2, N] at ``sample_rate`` -> the encoder graph's input, as ``head`` (a ``native_head``, or the
+    manifest codec's entry "native_head") names it."""
+    from models.audio.spectral import pad_to_multiple
+
+    if "stft" in head:
+        from models.codec.harmonic import native_from_wave
+
+        return native_from_wave(wave, int(head["stft"]["n_fft"]), int(head["stft"]["hop"]), samples_per_latent)
+    if "mel" in head:
+        from models.checkpoints.mel_vae import encoder_input
+
+        mel = head["mel"]
+        return encoder_input(wave, sample_rate, int(mel["native_rate"]), int(mel["n_fft"]), int(mel["hop"]),
+                             int(mel["frames_per_latent"]), samples_per_latent)
+    return pad_to_multiple(wave, samples_per_latent)

@@ -1,8 +1,10 @@
-"""Export a model directory to ONNX: text encoder, denoiser and decoder, each checked by ``onnx.checker`` and
-compared with PyTorch through ONNX Runtime on inputs of other shapes than the trace's (so the dynamic axes are
-exercised too). An export that misses a tolerance (``models.export.parity``) is not written.
+"""Export a model directory to ONNX: text encoder, denoiser, decoder and the codec's encoder (audio-to-audio and
+inpainting), each checked by ``onnx.checker`` and compared with PyTorch through ONNX Runtime on inputs of other shapes
+than the trace's (so the dynamic axes are exercised too). An export that misses a tolerance
+(``models.export.parity``) is not written; only the encoder is optional: without it the export is written with no
+encoder graph, and the manifest says why.
 
-    export_onnx("models/zoo/tta-teacher")          # -> <model_dir>/onnx/{text_encoder,denoiser,decoder}.onnx
+    export_onnx("models/zoo/tta-teacher")          # -> <model_dir>/onnx/{text_encoder,denoiser,decoder,encoder}.onnx
     ensure_onnx_export("models/zoo/tta-teacher")   # the same, unless a current export is already there
 
 The TorchScript-based exporter (``dynamo=False``) is used: it needs no packages beyond torch and onnx.
@@ -13,6 +15,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import time
@@ -27,16 +30,22 @@ from models.export.graphs import (
     DECODER_INPUTS,
     DECODER_OUTPUTS,
     DENOISER_OUTPUTS,
+    ENCODER_INPUTS,
+    ENCODER_OUTPUTS,
     PER_LENGTH_INPUTS,
     TEXT_INPUTS,
     TEXT_OUTPUTS,
     DecoderGraph,
     DenoiserGraph,
+    EncoderGraph,
     PerLengthDenoiserGraph,
     TextEncoderGraph,
     decoder_output_axes,
+    encoder_input_axes,
     finish_native,
+    native_head,
     native_tail,
+    start_native,
 )
 from models.export.manifest import (
     EXPORT_FORMAT,
@@ -109,7 +118,28 @@ def _cumsum_symbolic(g, x, dim, dtype):
     return g.op("Cast", g.op("CumSum", wide, axis), to_i=1)  # FLOAT
 
 
-_SYMBOLICS = {"aten::remainder": _remainder_symbolic, "aten::cumsum": _cumsum_symbolic}
+def _atan2_symbolic(g, y, x):
+    """``torch.atan2`` with its values where the exporter's translation, Atan(y / x) moved by pi, has none or other
+    ones: 0 / 0 (a silent bin; the default gives NaN, which the harmonic codec's analyser would carry into the
+    pitch of every silent frame) and signed zeros (atan2(+-0, -0) = +-pi, atan2(y, -0) = +-pi / 2). A zero's sign is
+    read from 1 / x. Elsewhere it is Atan(y / x), within a few float32 roundings of PyTorch's."""
+    zero = g.op("Constant", value_t=torch.tensor(0.0))
+    one = g.op("Constant", value_t=torch.tensor(1.0))
+    pi = g.op("Constant", value_t=torch.tensor(math.pi))
+    minus_pi = g.op("Constant", value_t=torch.tensor(-math.pi))
+
+    def negative(v):  # v < 0, or v = -0
+        return g.op("Or", g.op("Less", v, zero), g.op("Less", g.op("Div", one, v), zero))
+
+    neg_x, half_turn = negative(x), g.op("Where", negative(y), minus_pi, pi)
+    ratio = g.op("Atan", g.op("Div", y, x))
+    out = g.op("Where", neg_x, g.op("Add", ratio, half_turn), ratio)
+    both_zero = g.op("And", g.op("Equal", x, zero), g.op("Equal", y, zero))
+    return g.op("Where", both_zero, g.op("Where", neg_x, half_turn, y), out)
+
+
+_SYMBOLICS = {"aten::remainder": _remainder_symbolic, "aten::cumsum": _cumsum_symbolic,
+              "aten::atan2": _atan2_symbolic}
 
 
 @contextlib.contextmanager
@@ -232,8 +262,8 @@ def export_text_encoder(encoder, path: Path, opset: int = OPSET) -> dict:
     got_t = torch.cat([torch.from_numpy(states[i, :n]) for i, n in enumerate(lengths)])
     want_t = torch.cat([t[:, :base] for t, _ in reference])
     got_p, want_p = torch.from_numpy(pooled), torch.stack([p[:base] for _, p in reference])
-    errors = {"max_rel": max(parity.max_rel_error(got_t, want_t), parity.max_rel_error(got_p, want_p)),
-              "max_abs": max(parity.max_abs_error(got_t, want_t), parity.max_abs_error(got_p, want_p))}
+    errors = {"max_rel": parity.worst(parity.max_rel_error(got_t, want_t), parity.max_rel_error(got_p, want_p)),
+              "max_abs": parity.worst(parity.max_abs_error(got_t, want_t), parity.max_abs_error(got_p, want_p))}
     return _graph_entry(path, errors, "text_encoder", checked_on=f"{len(VERIFY_PROMPTS)} prompts, one padded batch")
 
 
@@ -315,8 +345,8 @@ def _denoiser_errors(spec: DenoiserSpec, g: torch.Generator, run_graph, referenc
         args = _denoiser_inputs(spec, batch, frames, length, g)
         with torch.no_grad():
             got, want = run_graph(args), reference(*args)
-        worst["max_rel"] = max(worst["max_rel"], parity.max_rel_error(got, want))
-        worst["max_abs"] = max(worst["max_abs"], parity.max_abs_error(got, want))
+        worst["max_rel"] = parity.worst(worst["max_rel"], parity.max_rel_error(got, want))
+        worst["max_abs"] = parity.worst(worst["max_abs"], parity.max_abs_error(got, want))
     return worst
 
 
@@ -371,15 +401,84 @@ def export_decoder(codec, path: Path, max_latent_frames: int, opset: int = OPSET
             nudged = codec.decode(z * (1 + 1e-7 * torch.randn(z.shape, generator=g)))
         for i in range(batch):
             rms = parity.rms_rel_error(got[i], want[i])
-            errors["rms_rel"] = max(errors["rms_rel"], rms)
+            errors["rms_rel"] = parity.worst(errors["rms_rel"], rms)
             if frames == short:
-                errors["rms_rel_short"] = max(errors["rms_rel_short"], rms)
-            errors["spectral_rel"] = max(errors["spectral_rel"], parity.spectral_rel_error(got[i], want[i]))
-            sensitivity = max(sensitivity, parity.rms_rel_error(nudged[i], want[i]))
-        errors["max_abs"] = max(errors["max_abs"], parity.max_abs_error(got, want))
+                errors["rms_rel_short"] = parity.worst(errors["rms_rel_short"], rms)
+            errors["spectral_rel"] = parity.worst(errors["spectral_rel"], parity.spectral_rel_error(got[i], want[i]))
+            sensitivity = parity.worst(sensitivity, parity.rms_rel_error(nudged[i], want[i]))
+        errors["max_abs"] = parity.worst(errors["max_abs"], parity.max_abs_error(got, want))
     return _graph_entry(path, errors, "decoder", float32_sensitivity=sensitivity,
                         checked_on=f"batch 2 x {short} latent frames (short), batch 1 x {max_latent_frames} "
                                    "(the maximum)")
+
+
+# ---------------------------------------------------------------------------------------------------- encoder
+def encoder_test_waves(batch: int, samples: int, sample_rate: int, generator: torch.Generator) -> torch.Tensor:
+    """Stereo clips [batch, 2, samples] to check an encoder on: two tones at random pitches (100 Hz - 2 kHz), each
+    panned at random, over a noise floor 40 dB down, the last 15 % silent (a clip's padded end). Tones give the
+    harmonic codec's pitch analyser peaks to find; noise alone would leave its tonality at zero."""
+    t = torch.arange(samples, dtype=torch.float64) / sample_rate
+    clips = []
+    for _ in range(batch):
+        freq = 100 + 1900 * torch.rand(2, generator=generator, dtype=torch.float64)
+        gain = (0.05 + 0.3 * torch.rand(2, 1, generator=generator, dtype=torch.float64)) * torch.rand(
+            2, 2, generator=generator, dtype=torch.float64)  # [tone, channel]
+        wave = (gain[:, :, None] * torch.sin(2 * math.pi * freq[:, None, None] * t)).sum(0)
+        wave = wave + 0.005 * torch.randn(2, samples, generator=generator, dtype=torch.float64)
+        wave[:, int(0.85 * samples):] = 0.0
+        clips.append(wave.float())
+    return torch.stack(clips)
+
+
+def export_encoder(codec, path: Path, max_latent_frames: int, opset: int = OPSET) -> dict:
+    """Dynamic batch and length axes; the graph, fed what a runtime feeds it (``start_native`` of a waveform), is
+    compared with ``codec.encode`` on a batch of three short clips that end mid-frame and on one clip of the model's
+    maximum length, both other shapes than the trace's."""
+    graph = EncoderGraph(codec).eval()
+    head = native_head(codec)
+    rate, spl = codec.sample_rate, codec.samples_per_latent
+    g = torch.Generator().manual_seed(2)
+
+    def analysis(wave: torch.Tensor) -> torch.Tensor:
+        return start_native(wave, head, rate, spl)
+
+    axes = {ENCODER_INPUTS[0]: encoder_input_axes(head), ENCODER_OUTPUTS[0]: {0: "batch", 2: "frames"}}
+    _trace_to_onnx(graph, (analysis(encoder_test_waves(2, 4 * spl, rate, g)),), path, ENCODER_INPUTS,
+                   ENCODER_OUTPUTS, axes, opset)
+    sess = session(path)
+    errors = {"max_rel": 0.0, "max_abs": 0.0}
+    short = min(max_latent_frames, 7)
+    checks = ((3, short * spl - spl // 3), (1, max_latent_frames * spl))
+    for batch, samples in checks:
+        wave = encoder_test_waves(batch, samples, rate, g)
+        got = sess.run(ENCODER_OUTPUTS, {ENCODER_INPUTS[0]: analysis(wave).numpy()})[0]
+        with torch.no_grad():
+            want = codec.encode(wave)
+        if got.shape != tuple(want.shape):
+            raise ExportError(f"encoder: the graph gives latents of shape {got.shape}, PyTorch {tuple(want.shape)} "
+                              f"for {samples} samples")
+        errors["max_rel"] = parity.worst(errors["max_rel"], parity.max_rel_error(got, want))
+        errors["max_abs"] = parity.worst(errors["max_abs"], parity.max_abs_error(got, want))
+    return _graph_entry(path, errors, "encoder", checked_on=", ".join(f"batch {b} x {n} samples" for b, n in checks)
+                        + " (tones over noise, silent ends)")
+
+
+def _try_export_encoder(codec, path: Path, max_latent_frames: int, opset: int) -> tuple[dict | None, str | None]:
+    """(the encoder graph's manifest entry, None), or (None, why there is none). Unlike the other three graphs, an
+    encoder that cannot be exported or misses its tolerance does not fail the export: the model is served without
+    audio-to-audio and inpainting under ONNX Runtime (the runtime reports the modes it has) instead of not at all,
+    and never with an encoder that computes something else than PyTorch's."""
+    from models.codec.base import AudioCodec
+
+    if type(codec).encode is AudioCodec.encode:
+        return None, f"the codec {type(codec).__name__} has no encoder"
+    try:
+        return export_encoder(codec, path, max_latent_frames, opset), None
+    except Exception as exc:  # noqa: BLE001 - any failure leaves the graph out, and says why
+        path.unlink(missing_ok=True)
+        reason = f"{type(exc).__name__}: {exc}"
+        log.warning("the codec's encoder is not exported (no audio-to-audio under ONNX Runtime): %s", reason)
+        return None, reason
 
 
 # ---------------------------------------------------------------------------------------------------- whole model
@@ -474,6 +573,10 @@ def export_onnx(bundle_dir: str | Path, out_dir: str | Path | None = None, opset
                                             opset),
                 "decoder": export_decoder(bundle.codec, partial / "decoder.onnx", max_frames, opset),
             }
+            audio_encoder, no_encoder = _try_export_encoder(bundle.codec, partial / "encoder.onnx", max_frames,
+                                                            opset)
+            if audio_encoder is not None:
+                graphs["encoder"] = audio_encoder
         codec = bundle.codec
         manifest = {
             "format": EXPORT_FORMAT,
@@ -490,7 +593,10 @@ def export_onnx(bundle_dir: str | Path, out_dir: str | Path | None = None, opset
             "codec": {"sample_rate": codec.sample_rate, "audio_channels": codec.audio_channels,
                       "latent_dim": codec.latent_dim, "samples_per_latent": codec.samples_per_latent,
                       # what the runtime applies to the decoder graph's output (``DecoderGraph``)
-                      **native_tail(codec)},
+                      **native_tail(codec),
+                      # what the runtime computes before the encoder graph (``EncoderGraph``), or why there is none
+                      **({"native_head": native_head(codec)} if audio_encoder is not None
+                         else {"no_encoder": no_encoder})},
             "limits": {"max_latent_frames": max_frames},
             **checkpoint_entry(bundle),
             "parity_metrics": {"max_rel": "max|onnx - torch| / max|torch|",

@@ -8,6 +8,12 @@ Metrics (float64 arithmetic on float32 outputs):
 
 Tolerances:
 - text encoder and denoiser: ``max_rel`` <= 1e-4.
+- encoder (the codec's, fed what the runtime computes before it): ``max_rel`` <= 1e-4 on the latents of clips of
+  tones over noise with silent ends, short ones and one of the model's maximum length. The harmonic codec's pitch
+  analyser makes discrete choices (the peak bin, the harmonics it masks), but its phase-advance refinement puts the
+  pitch of a peak that two bins share at the same place whichever bin wins, so the graph stays as close as the
+  other graphs: about 2e-6 for the embedded codec at 10 s, on silence, DC, exact-bin and half-bin tones and
+  anti-phase stereo too.
 - decoder: ``spectral_rel`` <= 1e-2 on every clip up to the model's maximum length (magnitude error 40 dB below
   the signal) and ``rms_rel`` <= 1e-2 on a short clip (about 0.5 s), which pins the phases and the real-valued
   iSTFT sample by sample.
@@ -28,10 +34,11 @@ slots of random or generated latents can hold frequencies of 1e12 Hz; integrated
 such a frequency (ONNX Runtime's logf or exp one ulp off PyTorch's) moved every later phase by radians, and the
 trained codec's short clips differed by rms_rel 1.7 (spectral_rel 3 %) with magnitudes intact.
 
-The export translates two operators itself (``onnx_export._SYMBOLICS``) because the exporter's defaults are less
+The export translates three operators itself (``onnx_export._SYMBOLICS``) because the exporter's defaults are less
 accurate than PyTorch exactly where the codec needs it: ``cumsum`` accumulates in float64 (as PyTorch's CPU kernel
 does) and ``remainder`` uses an exact fmod. With the defaults the 10 s decode was 5-10 times further from float64
-than PyTorch's (5.6 % rms against 0.5 %).
+than PyTorch's (5.6 % rms against 0.5 %). ``atan2`` (the encoder's phase) gets PyTorch's values at 0 / 0, where the
+default gives NaN: every silent frame's pitch would have been NaN.
 """
 from __future__ import annotations
 
@@ -42,6 +49,7 @@ TOLERANCES = {
     "text_encoder": {"max_rel": 1e-4},
     "denoiser": {"max_rel": 1e-4},
     "decoder": {"spectral_rel": 1e-2, "rms_rel_short": 1e-2},
+    "encoder": {"max_rel": 1e-4},
 }
 
 
@@ -76,6 +84,12 @@ def spectral_rel_error(actual, expected, n_fft: int = 2048, hop: int = 512) -> f
         hop = max(1, min(hop, n_fft // 4))
     ma, me = stft(a, n_fft, hop).abs(), stft(e, n_fft, hop).abs()
     return float((ma - me).norm() / me.norm().clamp(min=1e-30))
+
+
+def worst(*errors: float) -> float:
+    """The largest of these errors, NaN if any is NaN (a graph that gives NaN where PyTorch does not): Python's
+    ``max`` keeps whichever comes first, so a running maximum would drop it and pass the check."""
+    return float("nan") if any(np.isnan(e) for e in errors) else max(errors)
 
 
 def within(graph: str, errors: dict) -> bool:

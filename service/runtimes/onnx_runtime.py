@@ -1,4 +1,5 @@
-"""The ONNX Runtime runtime: text encoder, denoiser and decoder run as exported graphs in onnxruntime sessions.
+"""The ONNX Runtime runtime: text encoder, denoiser, decoder and the codec's encoder (audio-to-audio, inpainting) run
+as exported graphs in onnxruntime sessions.
 
 Exports are made on first use (``models.export.ensure_onnx_export``: ``<model_dir>/onnx``, re-made when the model's
 weights or the graph-defining code change). Tokenisation and the prompt-embedding cache stay in Python; the sampling
@@ -22,9 +23,12 @@ from models.export import OnnxExport, ensure_onnx_export
 from models.export.graphs import (
     DECODER_OUTPUTS,
     DENOISER_OUTPUTS,
+    ENCODER_INPUTS,
+    ENCODER_OUTPUTS,
     TEXT_INPUTS,
     TEXT_OUTPUTS,
     finish_native,
+    start_native,
 )
 from models.export.manifest import tokenizer_dir
 from models.export.ort import import_onnxruntime, per_length_call, run_session, session
@@ -87,11 +91,15 @@ class OnnxRuntime(Runtime):
         codec = export.manifest["codec"]
         self.sample_rate, self.latent_dim = int(codec["sample_rate"]), int(codec["latent_dim"])
         self.samples_per_latent = int(codec["samples_per_latent"])
-        self.codec_entry = codec  # names what follows the decoder graph (``finish_native``)
+        # names what follows the decoder graph (``finish_native``) and what precedes the encoder graph
+        # (``start_native``)
+        self.codec_entry = codec
         self.max_latent_frames = int(export.manifest["limits"]["max_latent_frames"])
         self.text_encoder = shared_onnx_text_encoder(export, {"text_encoder": self.config.text_encoder}, device)
         self.denoiser = session(export.path("denoiser"), device)
         self.decoder = session(export.path("decoder"), device)
+        # an export without an encoder graph (its manifest's codec entry says why) serves no audio-to-audio
+        self.encoder = session(export.path("encoder"), device) if "encoder" in export.manifest["graphs"] else None
         self.denoiser_inputs = [i.name for i in self.denoiser.get_inputs()]
         # a UNet's graph holds one length's forward; the runtime loops over lengths (``PerLengthDenoiserGraph``)
         per_length_graph = export.manifest["graphs"]["denoiser"].get("layout") == "per-length"
@@ -147,3 +155,25 @@ class OnnxRuntime(Runtime):
                              f"for ({self.max_latent_frames}, the model's max_duration)")
         out = torch.from_numpy(self.decoder.run(DECODER_OUTPUTS, {"latents": latents.float().cpu().numpy()})[0])
         return finish_native(out, self.codec_entry, self.sample_rate)
+
+    # ------------------------------------------------------------------ encoder
+    @property
+    def encodes_audio(self) -> bool:
+        """An encoder graph is there, and the denoiser graph can inpaint: a model trained with an inpainting input
+        (``config.inpaint_conditioning``) needs it, which the exported denoiser does not take, and the pipeline
+        offers audio-to-audio and inpainting together."""
+        return self.encoder is not None and not self.config.inpaint_conditioning
+
+    @torch.inference_mode()
+    def encode_audio(self, wave: Tensor) -> Tensor:
+        """The codec's analysis before the graph in torch (``start_native``: an STFT, a resampler, loudness
+        normalisation, or padding to a whole latent frame, as the manifest's codec entry names it), then one
+        session run over the batch as given."""
+        if self.encoder is None:
+            return super().encode_audio(wave)  # NotImplementedError: this export has no encoder graph
+        if -(-wave.shape[-1] // self.samples_per_latent) > self.max_latent_frames:
+            raise ValueError(f"{wave.shape[-1]} samples is longer than the exported encoder was checked for "
+                             f"({self.max_latent_frames} latent frames, the model's max_duration)")
+        analysis = start_native(wave.float().cpu(), self.codec_entry["native_head"], self.sample_rate,
+                                self.samples_per_latent)
+        return run_session(self.encoder, ENCODER_INPUTS, ENCODER_OUTPUTS[0], {ENCODER_INPUTS[0]: analysis})
