@@ -6,11 +6,23 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
+def uvicorn_config(app, settings):
+    """How the service runs under uvicorn: its connection limits and timeouts (``service.connections``), no server
+    banner, and uvicorn's own shutdown limit as a backstop behind the drain."""
+    import uvicorn
+
+    from service.connections import guarded_protocol
+
+    return uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                          access_log=False, timeout_graceful_shutdown=settings.drain_timeout + 5,
+                          http=guarded_protocol(settings.header_timeout), limit_concurrency=settings.max_connections,
+                          timeout_keep_alive=settings.keep_alive_timeout, server_header=False)
+
+
 def serve(**overrides) -> None:
     import uvicorn
 
     from service.app import begin_drain, create_app
-    from service.connections import guarded_protocol
     from service.settings import Settings
 
     settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
@@ -23,12 +35,7 @@ def serve(**overrides) -> None:
             begin_drain(app.state.tta)
             super().handle_exit(sig, frame)
 
-    # uvicorn's own limit is a backstop: the drain answers everything before it
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                            access_log=False, timeout_graceful_shutdown=settings.drain_timeout + 5,
-                            http=guarded_protocol(settings.header_timeout), limit_concurrency=settings.max_connections,
-                            timeout_keep_alive=settings.keep_alive_timeout, server_header=False)
-    DrainingServer(config).run()
+    DrainingServer(uvicorn_config(app, settings)).run()
 
 
 if __name__ == "__main__":

@@ -18,10 +18,13 @@ from pathlib import Path
 import torch
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import FileResponse, Response
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from swagger_ui_bundle import swagger_ui_path
 
 from models.registry import available_models
 from service.audio import encode_audio
@@ -31,7 +34,7 @@ from service.forms import read_generate_request, request_body_openapi
 from service.gateway import Gateway, resolve_request
 from service.logging_setup import setup_logging
 from service.metrics import Metrics
-from service.middleware import BodyLimitMiddleware, RequestAccounting
+from service.middleware import BodyLimitMiddleware, RequestAccounting, SecurityHeaders
 from service.runtimes import Runtime, load_runtime
 from service.schemas import ErrorResponse, ModelInfo
 from service.settings import Settings
@@ -160,12 +163,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await asyncio.to_thread(state.engine.stop)
 
     app = FastAPI(title="tta: text-to-audio diffusion service", version="0.1.0", lifespan=lifespan,
-                  description="POST /generate returns 44.1 kHz stereo PCM16 audio for a text prompt.")
+                  description="POST /generate returns 44.1 kHz stereo PCM16 audio for a text prompt.",
+                  docs_url=None, redoc_url=None, openapi_url=None)
+    app.router.redirect_slashes = False  # a redirect would be built from the request's Host header
     app.state.tta = state
     # the last added runs first: accounting sees every answer, the body limit's 413 included
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes, upload_limit=settings.max_upload_bytes,
                        body_timeout=settings.body_timeout)
     app.add_middleware(RequestAccounting, metrics=metrics)
+    if settings.cors_origin_list:
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origin_list, allow_methods=["GET", "POST"],
+                           allow_headers=["Content-Type", "Authorization", "X-API-Key", "X-Request-Id"],
+                           expose_headers=["X-Request-Id", "X-Seed", "X-Model", "X-Steps", "X-Guidance",
+                                           "Server-Timing", "Retry-After"], max_age=600)
+    app.add_middleware(SecurityHeaders)
 
     # ---------------------------------------------------------------- errors: always {"error": {...}}
     @app.exception_handler(ApiError)
@@ -201,11 +212,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         keys = settings.api_key_set
         if not keys:
             return
-        given = request.headers.get("x-api-key")
         auth = request.headers.get("authorization", "")
-        if not given and auth[:7].lower() == "bearer ":
-            given = auth[7:].strip()
-        if not given or not any(secrets.compare_digest(given.encode(), k.encode()) for k in keys):
+        given = [request.headers.get("x-api-key") or "", auth[7:].strip() if auth[:7].lower() == "bearer " else ""]
+        # either header may carry it; each candidate is compared with every key in constant time
+        if not any(secrets.compare_digest(g.encode(), k.encode()) for g in given if g for k in keys):
             raise ApiError(401, "unauthorized", "missing or invalid API key (Authorization: Bearer <key> or X-API-Key)",
                            headers={"WWW-Authenticate": "Bearer"})
 
@@ -239,9 +249,25 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             return error_response(503, "not_ready", why, headers={"Retry-After": "5"})
         return {"status": "ready", "models": sorted(state.runtimes)}
 
-    @app.get("/metrics", tags=["ops"], include_in_schema=True)
+    ops = [Depends(require_api_key)] if settings.protect_ops else []
+
+    @app.get("/metrics", tags=["ops"], dependencies=ops, response_class=Response,
+             responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text format"}})
     async def metrics_endpoint():
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/openapi.json", include_in_schema=False, dependencies=ops)
+    async def openapi():
+        return app.openapi()
+
+    # the OpenAPI page's assets come from this service (swagger-ui-bundle), not a CDN: it works offline
+    app.mount("/docs-assets", StaticFiles(directory=swagger_ui_path), name="docs-assets")
+
+    @app.get("/docs", include_in_schema=False, dependencies=ops)
+    async def docs():
+        return get_swagger_ui_html(openapi_url="/openapi.json", title=app.title + " - API",
+                                   swagger_js_url="/docs-assets/swagger-ui-bundle.js",
+                                   swagger_css_url="/docs-assets/swagger-ui.css", swagger_favicon_url="data:,")
 
     @app.get("/models", tags=["generation"], response_model=list[ModelInfo], responses=ERROR_RESPONSES,
              dependencies=[Depends(require_api_key)])

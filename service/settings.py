@@ -44,6 +44,10 @@ class Settings(BaseSettings):
     engine_stall_seconds: float = Field(300.0, gt=0, description="/health/live answers 503 when the engine's worker "
                                         "has died or not come round its loop for this long")
     api_keys: str = Field("", description="comma-separated; empty = authentication off")
+    protect_ops: bool = Field(False, description="with API keys: /metrics, /docs and /openapi.json need a key too "
+                              "(Prometheus then sends it as a bearer token)")
+    cors_origins: str = Field("", description="comma-separated origins whose browser pages may call the API ('*' for "
+                              "any); empty = no CORS headers")
     policy: PolicyName = "continuous"
     max_queue_delay_ms: float = Field(20.0, ge=0, description="request-level policy: wait this long to fill a batch")
     threads: int | None = Field(None, ge=1, description="torch intra-op threads (default: torch's choice)")
@@ -64,6 +68,10 @@ class Settings(BaseSettings):
     @property
     def api_key_set(self) -> frozenset[str]:
         return frozenset(k.strip() for k in self.api_keys.split(",") if k.strip())
+
+    @property
+    def cors_origin_list(self) -> list[str]:
+        return [o.strip() for o in self.cors_origins.split(",") if o.strip()]
 
     @property
     def model_names(self) -> list[str]:

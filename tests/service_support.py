@@ -50,13 +50,13 @@ class LiveServer:
     def __init__(self, settings, wait_ready: bool = True, timeout: float = 120.0):
         import uvicorn
 
+        from service.__main__ import uvicorn_config
         from service.app import create_app
 
         self.port = free_port()
         self.settings = settings.model_copy(update={"host": "127.0.0.1", "port": self.port})
         self.app = create_app(self.settings)
-        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning",
-                                                    access_log=False, lifespan="on"))
+        self.server = uvicorn.Server(uvicorn_config(self.app, self.settings))  # as python -m service runs it
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         self.url = f"http://127.0.0.1:{self.port}"

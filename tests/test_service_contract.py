@@ -7,6 +7,7 @@ import re
 import httpx
 import pytest
 import soundfile as sf
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from service_support import LiveServer
 
@@ -225,8 +226,19 @@ def test_api_keys(base_settings):
             assert c.post("/generate", json=body, headers={"Authorization": "Bearer k1"}).status_code == 200
             assert c.post("/generate", json=body, headers={"X-API-Key": "secret-2"}).status_code == 200
             assert c.get("/models", headers={"X-API-Key": "k1"}).status_code == 200
-            for open_path in ("/health/live", "/health/ready", "/metrics"):
+            # a stale X-API-Key beside a valid bearer token (a proxy adds one, the client the other) is accepted
+            assert c.get("/models", headers={"X-API-Key": "old", "Authorization": "Bearer k1"}).status_code == 200
+            for open_path in ("/health/live", "/health/ready", "/metrics", "/docs", "/openapi.json"):
                 assert c.get(open_path).status_code == 200
+    finally:
+        srv.stop()
+    srv = LiveServer(base_settings.model_copy(update={"api_keys": "k1", "protect_ops": True, "warmup": False}))
+    try:
+        with srv.client() as c:
+            for ops_path in ("/metrics", "/docs", "/openapi.json"):
+                assert c.get(ops_path).status_code == 401
+                assert c.get(ops_path, headers={"Authorization": "Bearer k1"}).status_code == 200
+            assert c.get("/health/live").status_code == 200  # probes stay open
     finally:
         srv.stop()
 
@@ -250,3 +262,43 @@ def test_a_500_body_names_no_internals(server, monkeypatch):
     assert secret not in r.text and "RuntimeError" not in r.text and "Traceback" not in r.text
     assert "fault-2" in r.json()["error"]["message"]
     assert server.metric("tta_requests_total", model="tiny", status="500") >= 2
+
+
+def test_every_response_carries_security_headers_and_no_banner(server):
+    with server.client() as c:
+        for r in (c.get("/health/live"), c.get("/"), c.post("/generate", json={"prompt": ""}),
+                  c.post("/generate", json={"prompt": "a bell", "steps": 1, "duration": 0.5})):
+            assert r.headers["x-content-type-options"] == "nosniff" and r.headers["x-frame-options"] == "DENY"
+            assert "frame-ancestors 'none'" in r.headers["content-security-policy"]
+            assert "server" not in r.headers or "uvicorn" not in r.headers["server"]
+
+
+def test_the_api_page_works_offline_and_nothing_redirects_to_the_requests_host(server):
+    with server.client() as c:
+        page = c.get("/docs")
+        assert page.status_code == 200 and "/docs-assets/swagger-ui-bundle.js" in page.text
+        assert "cdn" not in page.text.lower() and "https://" not in page.text.split("<body>")[0]
+        assert c.get("/docs-assets/swagger-ui-bundle.js").status_code == 200
+        r = c.get("/static", headers={"Host": "evil.example"}, follow_redirects=False)
+        assert "evil.example" not in r.headers.get("location", "") and r.status_code != 307
+        metrics_doc = c.get("/openapi.json").json()["paths"]["/metrics"]["get"]["responses"]["200"]["content"]
+        assert list(metrics_doc) == [CONTENT_TYPE_LATEST]  # Prometheus text, not JSON
+
+
+def test_cors_is_off_by_default_and_configurable(server, base_settings):
+    preflight = {"Origin": "https://app.example", "Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "content-type"}
+    with server.client() as c:
+        assert "access-control-allow-origin" not in c.options("/generate", headers=preflight).headers
+    srv = LiveServer(base_settings.model_copy(update={"cors_origins": "https://app.example", "warmup": False}))
+    try:
+        with srv.client() as c:
+            r = c.options("/generate", headers=preflight)
+            assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "https://app.example"
+            r = c.post("/generate", json={"prompt": "a bell", "steps": 1, "duration": 0.5},
+                       headers={"Origin": "https://app.example"})
+            assert r.status_code == 200 and "x-seed" in r.headers["access-control-expose-headers"].lower()
+            other = c.options("/generate", headers={**preflight, "Origin": "https://other.example"})
+            assert "access-control-allow-origin" not in other.headers
+    finally:
+        srv.stop()
