@@ -152,7 +152,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        setup_logging(settings.log_level)
+        setup_logging(settings.log_level, settings.replica_name)
         loader = threading.Thread(target=load_models, args=(state,), name="tta-loader", daemon=True)
         loader.start()
         app.state.loader = loader
@@ -176,7 +176,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                            allow_headers=["Content-Type", "Authorization", "X-API-Key", "X-Request-Id"],
                            expose_headers=["X-Request-Id", "X-Seed", "X-Model", "X-Steps", "X-Guidance",
                                            "Server-Timing", "Retry-After"], max_age=600)
-    app.add_middleware(SecurityHeaders)
+    app.add_middleware(SecurityHeaders, replica=settings.replica_name)
 
     # ---------------------------------------------------------------- errors: always {"error": {...}}
     @app.exception_handler(ApiError)

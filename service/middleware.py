@@ -128,7 +128,7 @@ class BodyLimitMiddleware:
 class SecurityHeaders:
     """Headers every response carries: no MIME sniffing, no framing, no referrer, and a content security policy that
     lets pages load only this service's own scripts, styles and media (the OpenAPI page's one inline script
-    included)."""
+    included); ``X-Replica`` when the process is one of several replicas."""
 
     HEADERS = [(b"x-content-type-options", b"nosniff"), (b"x-frame-options", b"DENY"),
                (b"referrer-policy", b"no-referrer"),
@@ -136,8 +136,9 @@ class SecurityHeaders:
                                             b"style-src 'self' 'unsafe-inline'; img-src 'self' data: blob:; "
                                             b"media-src 'self' blob:; connect-src 'self' blob:; frame-ancestors 'none'")]
 
-    def __init__(self, app):
+    def __init__(self, app, replica: str = ""):
         self.app = app
+        self.headers = self.HEADERS + ([(b"x-replica", replica.encode("latin-1"))] if replica else [])
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -147,7 +148,7 @@ class SecurityHeaders:
             if message["type"] == "http.response.start":
                 message.setdefault("headers", [])
                 names = {k.lower() for k, _ in message["headers"]}
-                message["headers"] = list(message["headers"]) + [h for h in self.HEADERS if h[0] not in names]
+                message["headers"] = list(message["headers"]) + [h for h in self.headers if h[0] not in names]
             await send(message)
 
         await self.app(scope, receive, send_with_headers)

@@ -52,6 +52,8 @@ class Settings(BaseSettings):
     max_queue_delay_ms: float = Field(20.0, ge=0, description="request-level policy: wait this long to fill a batch")
     threads: int | None = Field(None, ge=1, description="torch intra-op threads (default: torch's choice)")
     log_level: str = "info"
+    replica_name: str = Field("", description="this process's name among replicas (Ray Serve, Kubernetes): sent as "
+                              "X-Replica on every response and put on the log lines; empty = none")
     header_timeout: float = Field(10.0, gt=0, description="seconds a connection has to send a complete request head "
                                   "(after opening, or after its previous response), else it is closed")
     body_timeout: float = Field(30.0, gt=0, description="longest silence while a request body arrives, else 408")

@@ -302,3 +302,13 @@ def test_cors_is_off_by_default_and_configurable(server, base_settings):
             assert "access-control-allow-origin" not in other.headers
     finally:
         srv.stop()
+
+
+def test_a_replica_names_itself_on_every_response(base_settings):
+    srv = LiveServer(base_settings.model_copy(update={"replica_name": "replica-7", "warmup": False}))
+    try:
+        with srv.client() as c:
+            assert c.get("/health/live").headers["x-replica"] == "replica-7"
+            assert c.post("/generate", json={"prompt": "x" * 600}).headers["x-replica"] == "replica-7"
+    finally:
+        srv.stop()
