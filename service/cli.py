@@ -163,14 +163,13 @@ def cmd_export(args) -> None:
 
 
 def cmd_sized(args) -> None:
-    from models.checkpoints.sized import MODELS, write_random_checkpoint
+    from models.checkpoints.sized import describe, write_random_checkpoint
 
     try:
         counts = write_random_checkpoint(args.out, args.what, scale=args.scale, seed=args.seed, overwrite=args.force)
     except FileExistsError as exc:
         raise SystemExit(str(exc)) from None
-    print(f"{args.out}: {MODELS[args.what][1]} ({args.scale} size) in stable-audio-tools format, random weights "
-          f"(seed {args.seed})")
+    print(f"{args.out}: {describe(args.what)} ({args.scale} size), random weights (seed {args.seed})")
     for part, n in counts.items():
         print(f"  {part.replace('_', ' '):<14} {n / 1e6:9.2f} M parameters")
 
@@ -279,7 +278,11 @@ def build_parser() -> argparse.ArgumentParser:
     for what, scales, about in (
             ("sao-small", ["full", "tiny"], "Stable Audio Open Small (stable-audio-tools format, T5 beside it)"),
             ("sao-1.0", ["full"], ("Stable Audio Open 1.0 (stable-audio-tools format, T5 beside it; ~4 GiB DiT, "
-                                   "its ONNX export keeps the weights in an external file)"))):
+                                   "its ONNX export keeps the weights in an external file)")),
+            ("sa3-small", ["full", "tiny"], "Stable Audio 3 Small (diffusers StableAudio3Pipeline layout: DiT 459 M, "
+                                            "SAME-S, a T5Gemma-sized encoder)"),
+            ("sa3-medium", ["full", "tiny"], "Stable Audio 3 Medium (diffusers layout: DiT 1.45 B, SAME-L 852 M; about "
+                                             "10 GiB of float32 weights)")):
         p = sized.add_parser(what, help=about)
         p.add_argument("--out", default=f"runs/{what}-sized", help="the checkpoint directory to write")
         p.add_argument("--scale", choices=scales, default="full", help="published size" + (

@@ -5,6 +5,7 @@
 
 | format | recognised by | models |
 | --- | --- | --- |
+| ``stable-audio-3`` | ``model_index.json`` for ``StableAudio3Pipeline``; a T5Gemma ``model_config.json`` | Stable Audio 3 |
 | ``stable-audio-tools`` | ``model_config.json`` (+ ``model.safetensors`` / ``model.ckpt``) | Stable Audio Open Small, 1.0 |
 | ``diffusers-stable-audio`` | ``model_index.json`` naming ``StableAudioPipeline`` | Stable Audio Open 1.0 |
 | ``tango`` | ``model_index.json`` with ``unet``, ``vae`` and ``vocoder`` components | Tango (AudioLDM-style) |
@@ -49,8 +50,9 @@ def load_checkpoint_dir(path: str | Path, device: str = "cpu", text_encoder=None
         present = sorted(p.name for p in path.iterdir())[:12]
         raise CheckpointError(
             f"{path}: not a checkpoint directory of any supported format ({', '.join(FORMATS)}): expected "
-            f"model_config.json (stable-audio-tools) or a diffusers model_index.json for StableAudioPipeline or with "
-            f"unet/vae/vocoder components, or derived.json (a model trained here from one of those); found {present}")
+            f"model_config.json (stable-audio-tools, or Stable Audio 3's own layout with a T5Gemma conditioner), a "
+            f"diffusers model_index.json for StableAudioPipeline or StableAudio3Pipeline or with unet/vae/vocoder "
+            f"components, or derived.json (a model trained here from one of those); found {present}")
     return FORMATS[name].load(path, device=device, text_encoder=text_encoder)
 
 

@@ -22,7 +22,12 @@ from pathlib import Path
 
 from torch import nn
 
-from models.checkpoints import format_diffusers_stable_audio, format_stable_audio_tools, format_tango
+from models.checkpoints import (
+    format_diffusers_stable_audio,
+    format_stable_audio_3,
+    format_stable_audio_tools,
+    format_tango,
+)
 from models.checkpoints.bundle import CheckpointBundle, bundle_config, read_json
 from models.checkpoints.weights import CheckpointError, check_fit, expected_shapes, read_state_dict, tensor_shapes
 from models.config import BundleConfig
@@ -31,8 +36,11 @@ NAME = "derived"
 MANIFEST = "derived.json"
 WEIGHTS = "denoiser.safetensors"
 FIXED = ("schedule", "parameterization", "text_encoder", "denoiser", "codec", "codec_from")
-# the formats a derived model's base can have (a derived model of a derived model points at the original base)
-BASE_FORMATS = {m.NAME: m for m in (format_stable_audio_tools, format_diffusers_stable_audio, format_tango)}
+# the formats a derived model's base can have (a derived model of a derived model points at the original base), in
+# the order they are tried: Stable Audio 3's own layout is a model_config.json too, so it is asked before
+# stable-audio-tools
+BASE_FORMATS = {m.NAME: m for m in (format_stable_audio_3, format_stable_audio_tools, format_diffusers_stable_audio,
+                                    format_tango)}
 
 
 def detect(path: Path) -> bool:

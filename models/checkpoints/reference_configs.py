@@ -89,3 +89,48 @@ def sao_1_config(scale: str = "full") -> dict:
                        project_cond_tokens=False)
     d["config"].pop("attn_kwargs")
     return cfg
+
+
+def sa3_config(model: str = "sa3-small", scale: str = "full") -> dict:
+    """Stable Audio 3's components as diffusers' ``StableAudio3Pipeline`` configures them: ``transformer``
+    (StableAudio3DiTModel), ``vae`` (AutoencoderSAME), ``duration_embedder``, ``text_encoder`` (the T5Gemma encoder's
+    module config), ``scheduler`` (FlowMatchEulerDiscreteScheduler, stochastic: the distilled model) and
+    ``text_len`` (the tokenizer's length). Small: DiT 1024 wide, 20 layers, 16 heads, plain attention, SAME-S
+    (768 wide, 6 layers); Medium: DiT 1536 wide, 24 layers, 24 heads, differential attention, SAME-L (1536 wide,
+    12 layers, sin-gated feed-forward in its last 8 decoder layers). Both: 256 latent channels at 4096 samples per
+    latent (patch 256 x stride 16), 64 memory tokens, 768-wide T5Gemma (google/t5gemma-b-b-ul2's encoder: 12 layers,
+    12 heads of 64, GeGLU 2048, 256000 tokens) and duration embedding (0 .. 384 s). "tiny" keeps every structural
+    option at test size (8 latent channels, 16 samples per latent at 8 kHz)."""
+    if model not in ("sa3-small", "sa3-medium") or scale not in ("full", "tiny"):
+        raise ValueError(f"unknown Stable Audio 3 model / scale {model!r} / {scale!r}")
+    medium, full = model == "sa3-medium", scale == "full"
+    if full:
+        width, depth, heads = (1536, 24, 24) if medium else (1024, 20, 16)
+        latent, cond, features, memory = 256, 768, 256, 64
+        vae = {"patch_size": 256, "encoder_channels": 256 if medium else 128, "encoder_strides": [16],
+               "encoder_transformer_depths": [12 if medium else 6], "dim_heads": 64, "sampling_rate": 44100}
+        text = {"vocab_size": 256000, "hidden_size": 768, "intermediate_size": 2048, "num_hidden_layers": 12,
+                "num_attention_heads": 12, "num_key_value_heads": 12, "head_dim": 64, "query_pre_attn_scalar": 64}
+    else:
+        width, depth, heads = 128, 2, 2  # heads of 64 channels: the rotary width both layouts agree on
+        latent, cond, features, memory = 8, 24, 32, 4
+        vae = {"patch_size": 4, "encoder_channels": 8, "encoder_strides": [4], "encoder_transformer_depths": [2],
+               "dim_heads": 16, "sampling_rate": 8000}
+        text = {"vocab_size": 64, "hidden_size": cond, "intermediate_size": 48, "num_hidden_layers": 2,
+                "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 12, "query_pre_attn_scalar": 12}
+    return {
+        "transformer": {"io_channels": latent, "patch_size": 1, "embed_dim": width, "depth": depth, "num_heads": heads,
+                        "cond_token_dim": cond, "global_cond_dim": cond, "local_add_cond_dim": 1 + latent,
+                        "timestep_features_dim": features, "ff_mult": 4.0 if full else 2.0,
+                        "num_memory_tokens": memory, "use_differential_attention": medium},
+        "vae": {"audio_channels": 2, "encoder_c_mults": [6 if full else 4], "latent_dim": latent,
+                "use_differential_attention": True, "ff_mult": 3, "sliding_window": 1,
+                "encoder_sinusoidal_blocks": [0], "decoder_sinusoidal_blocks": [(8 if full else 1) if medium else 0],
+                **vae},
+        # 256 Fourier features at every scale: Stability's number conditioner has no other width
+        "duration_embedder": {"output_dim": cond, "fourier_dim": 256, "min_val": 0.0, "max_val": 384.0,
+                              "min_freq": 0.5, "max_freq": 10000.0},
+        "text_encoder": {**text, "rms_norm_eps": 1e-6, "pad_token_id": 0, "eos_token_id": 1, "bos_token_id": 2},
+        "scheduler": {"num_train_timesteps": 1, "shift": 1.0, "stochastic_sampling": True},
+        "text_len": 256 if full else 16,
+    }

@@ -34,18 +34,18 @@ from models.checkpoints.format_stable_audio_tools import (
     translate,
 )
 from models.checkpoints.reference_configs import sao_1_config, sao_small_config
+from models.checkpoints.sized_stable_audio_3 import FORMAT as SA3_FORMAT
+from models.checkpoints.sized_stable_audio_3 import MODELS as SA3_MODELS
+from models.checkpoints.sized_stable_audio_3 import sized_parameter_counts as sa3_parameter_counts
+from models.checkpoints.sized_stable_audio_3 import write_random_sa3
 from models.checkpoints.weights import check_fit, expected_shapes, tensor_shapes
+from models.checkpoints.word_tokenizer import word_tokenizer
 
 # T5 encoders standing in for the one the config names: t5-base at full size, a 32-wide one for the tiny scale
 T5_SIZES = {
     "full": {"d_model": 768, "num_layers": 12, "num_heads": 12, "d_kv": 64, "d_ff": 3072, "vocab_size": 32128},
     "tiny": {"d_model": 32, "num_layers": 2, "num_heads": 2, "d_kv": 16, "d_ff": 64, "vocab_size": 64},
 }
-WORDS = ("<pad>", "</s>", "<unk>", ",", ".", "a", "an", "the", "of", "and", "with", "in", "on", "at", "then", "hz",
-         "bpm", "tone", "rain", "tin", "roof", "dog", "barks", "birds", "sing", "engine", "car", "door", "wind",
-         "thunder", "water", "piano", "guitar", "drums", "bass", "synth", "pad", "beat", "house", "techno", "ambient",
-         "warm", "soft", "loud", "fast", "slow", "distant", "footsteps", "crowd", "applause", "bell", "siren",
-         "train", "ocean", "waves", "fire", "crackling", "arpeggios", "melody", "chords", "loop", "kick")
 _ENCODER_BLOCK = {"res_unit1": 0, "res_unit2": 1, "res_unit3": 2, "snake1": 3, "conv1": 4}
 _DECODER_BLOCK = {"snake1": 0, "conv_t1": 1, "res_unit1": 2, "res_unit2": 3, "res_unit3": 4}
 _RESIDUAL_UNIT = {"snake1": 0, "conv1": 1, "snake2": 2, "conv2": 3}
@@ -93,26 +93,14 @@ def build_sao_small(scale: str = "full", seed: int = 0, device: str = "cpu") -> 
 
 def sized_parameter_counts(model: str = "sao-small", scale: str = "full") -> dict[str, int]:
     """Parameter counts at this scale, from modules on the meta device (no weights allocated)."""
+    if model in SA3_MODELS:
+        return sa3_parameter_counts(model, scale)
     _, parts, t5 = build_sized(model, scale, device="meta")
     return parameter_counts(parts, t5)
 
 
 def sao_small_parameter_counts(scale: str = "full") -> dict[str, int]:
     return sized_parameter_counts("sao-small", scale)
-
-
-def word_tokenizer(max_length: int):
-    """A T5-style tokenizer without T5's vocabulary: lower-cased words and punctuation, unknown words -> <unk>,
-    every prompt ended by </s> (pad 0, eos 1, unk 2 as in T5)."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
-    tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
-                                   model_max_length=max_length)
 
 
 def to_stable_audio_tools(state: dict[str, Tensor], plan: Plan) -> dict[str, Tensor]:
@@ -183,10 +171,13 @@ def write_random_sao_small(out_dir: str | Path, scale: str = "full", seed: int =
 def write_random_checkpoint(out_dir: str | Path, model: str = "sao-small", scale: str = "full", seed: int = 0,
                             overwrite: bool = False) -> dict[str, int]:
     """Write ``model`` (``MODELS``: Stable Audio Open Small or 1.0) with random weights as a stable-audio-tools
-    checkpoint directory. Returns the parameter counts of its parts. An existing
-    non-empty directory is refused unless ``overwrite`` (which replaces the files written here, nothing else)."""
+    checkpoint directory (``SA3_MODELS``: Stable Audio 3, in diffusers' layout, ``sized_stable_audio_3``). Returns the
+    parameter counts of its parts. An existing non-empty directory is refused unless ``overwrite`` (which replaces the
+    files written here, nothing else)."""
     from safetensors.torch import save_file
 
+    if model in SA3_MODELS:
+        return write_random_sa3(out_dir, model, scale, seed, overwrite)
     out = Path(out_dir)
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"{out} exists and is not empty (overwrite=True / --force replaces its checkpoint)")
@@ -208,6 +199,13 @@ def write_random_checkpoint(out_dir: str | Path, model: str = "sao-small", scale
     return parameter_counts(parts, t5)
 
 
-__all__ = ["MODELS", "build_sao_small", "build_sized", "parameter_counts", "sao_small_parameter_counts",
-           "sized_parameter_counts", "to_stable_audio_tools", "word_tokenizer", "write_random_checkpoint",
-           "write_random_sao_small"]
+def describe(model: str) -> str:
+    """The published model ``model`` names and the layout ``write_random_checkpoint`` writes it in."""
+    if model in SA3_MODELS:
+        return f"{SA3_MODELS[model]} ({SA3_FORMAT})"
+    return f"{MODELS[model][1]} (stable-audio-tools format)"
+
+
+__all__ = ["MODELS", "SA3_MODELS", "build_sao_small", "build_sized", "describe", "parameter_counts",
+           "sao_small_parameter_counts", "sized_parameter_counts", "to_stable_audio_tools",
+           "write_random_checkpoint", "write_random_sao_small"]
