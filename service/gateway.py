@@ -117,6 +117,9 @@ class Gateway:
         watcher = asyncio.create_task(self._watch(job, is_disconnected))
         try:
             return await asyncio.wait_for(fut, timeout=max(0.0, job.deadline - time.monotonic()))
+        except asyncio.CancelledError:  # a server in front cancelled the request (Ray Serve when its client leaves)
+            job.cancel("cancelled")
+            raise
         except asyncio.TimeoutError:
             job.cancel("timeout")
             raise ApiError(504, "timeout", f"request {request_id} did not finish within its {timeout:g} s "

@@ -49,6 +49,9 @@ class RequestAccounting:
 
         try:
             await self.app(scope, receive, send_with_id)
+        except asyncio.CancelledError:  # cancelled by what serves us (its client left): nginx's 499
+            status = status or 499
+            raise
         except BaseException:
             status = status or 500  # the server's error handler answers it
             raise

@@ -54,7 +54,8 @@ CONTRACT: dict[str, tuple[str, frozenset[str]]] = {
 }
 # Series Prometheus itself makes, and labels it attaches to every scraped series.
 BUILTIN_SERIES = {"up", "scrape_duration_seconds", "scrape_samples_scraped", "ALERTS", "ALERTS_FOR_STATE"}
-TARGET_LABELS = {"job", "instance", "device"}
+# `replica`: attached per target (Ray Serve: from GET /metrics/targets; Kubernetes: the pod name).
+TARGET_LABELS = {"job", "instance", "device", "replica"}
 
 
 # ----------------------------------------------------------------- helpers
@@ -564,7 +565,7 @@ def _error_only(expr: str) -> bool:
 
 def _grafana_to_promql(expr: str) -> str:
     return (expr.replace("$__rate_interval", "30s").replace("$__interval", "5s")
-            .replace("$__range", "5m").replace("$model", ".*"))
+            .replace("$__range", "5m").replace("$model", ".*").replace("$replica", ".*"))
 
 
 @pytest.fixture
@@ -678,3 +679,221 @@ def test_prometheus_evaluates_queries(tmp_path, scrape_target):
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(timeout=5)
+
+
+# ------------------------------------------------- scale-out: replicas on Ray Serve and Kubernetes (issue 33)
+RAY_DIR = ROOT / "deploy" / "ray"
+K8S_DIR = ROOT / "deploy" / "kubernetes"
+SERVE_CONFIG = RAY_DIR / "serve.yaml"
+PROM_RAY_CONFIG = PROM_DIR / "prometheus-ray.yml"
+K8S_VERSION = "1.32.0"  # the Kubernetes release the manifests are checked against (kubernetes-validate's schemas)
+
+
+def _capacity():
+    """deploy/ray/capacity.py (pure Python: no Ray needed)."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    from deploy.ray import capacity
+
+    return capacity
+
+
+def _measured_target(result: str, runtime: str) -> int:
+    data = json.loads((ROOT / "benchmarks" / "results" / result).read_text())
+    return _capacity().target_ongoing_requests(next(r for r in data["results"] if r["runtime"] == runtime))
+
+
+def _check_serve_app(config: dict, where: str) -> dict:
+    """An application of a Ray Serve config: the replica builder, and the sizes that must follow from the
+    engine's settings (the admission bound, the drain); returns its deployment."""
+    [app] = config["applications"]
+    assert app["import_path"] == "deploy.ray.app:build" and app["route_prefix"] == "/", where
+    env = app["runtime_env"]["env_vars"]
+    assert env["HF_HUB_OFFLINE"] == "1", where
+    [dep] = app["deployments"]
+    assert dep["name"] == "TTA", where
+    assert dep["max_ongoing_requests"] == int(env["TTA_MAX_BATCH"]) + int(env["TTA_QUEUE_SIZE"]), \
+        f"{where}: max_ongoing_requests is the replica's admission bound, TTA_MAX_BATCH + TTA_QUEUE_SIZE"
+    assert dep["graceful_shutdown_timeout_s"] == float(env["TTA_DRAIN_TIMEOUT"]), where
+    assert dep["backpressure_config"] == {"status_code": 429, "retry_after_s": 1}, where
+    auto = dep["autoscaling_config"]
+    assert 1 <= auto["min_replicas"] <= auto["initial_replicas"] <= auto["max_replicas"], where
+    assert auto["target_ongoing_requests"] <= int(env["TTA_MAX_BATCH"]), where
+    assert dep["health_check_period_s"] <= 10 and dep["max_queued_requests"] > 0, where
+    try:  # Ray's own schema, where the optional ray[serve] is installed
+        from ray.serve.schema import ServeDeploySchema
+    except ImportError:
+        pass
+    else:
+        ServeDeploySchema.model_validate(config)
+    return dep
+
+
+def test_ray_serve_config_follows_the_engine_and_its_measured_capacity():
+    config = yaml.safe_load(SERVE_CONFIG.read_text())
+    assert config["http_options"]["port"] == 8000 and config["proxy_location"] == "EveryNode"
+    assert "request_timeout_s" not in config["http_options"], "the service's own deadline answers (504 JSON)"
+    dep = _check_serve_app(config, "serve.yaml")
+    auto = dep["autoscaling_config"]
+    assert auto["initial_replicas"] == 2 and auto["max_replicas"] == 2  # make serve-ray: 2 replicas here
+    assert auto["target_ongoing_requests"] == _measured_target("latency-cpu-tta-arc.json", "onnxruntime") == 4
+    env = config["applications"][0]["runtime_env"]["env_vars"]
+    assert dep["ray_actor_options"]["num_cpus"] == int(env["TTA_THREADS"])
+
+
+def test_make_serve_ray_starts_a_head_and_deploys_the_config():
+    text = (ROOT / "Makefile").read_text()
+    recipe = re.search(r"^serve-ray:.*\n((?:\t.*\n)+)", text, re.MULTILINE)
+    assert recipe, "no serve-ray target"
+    body = recipe.group(1)
+    assert "ray start --head" in body and "--node-ip-address=127.0.0.1" in body
+    assert "serve run" in body and "deploy/ray/serve.yaml" in body and "ray stop" in body
+    ray_env = re.search(r"^RAY_ENV :=((?:.*\\\n)*.*)", text, re.MULTILINE).group(1)
+    assert "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=deploy.ray.proxy:middlewares" in ray_env
+    assert "PYTHONPATH=$(CURDIR)" in ray_env
+    assert '$(PIP) install -q -e ".[ray]"' in body  # the version is pyproject's [ray] extra
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    version = re.search(r'^ray = \["ray\[serve\]==(\S+)"\]', pyproject, re.MULTILINE).group(1)
+    assert f"ARG RAY_VERSION={version}" in (RAY_DIR / "Dockerfile").read_text()
+    rayservice = yaml.safe_load((K8S_DIR / "rayservice.yaml").read_text())
+    assert rayservice["spec"]["rayClusterConfig"]["rayVersion"] == version
+
+
+def _k8s_docs() -> dict[str, list[dict]]:
+    """kind -> the documents of that kind in deploy/kubernetes/ (each with its file under `_file`)."""
+    out: dict[str, list[dict]] = {}
+    for path in sorted(K8S_DIR.glob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            if doc and "kind" in doc:
+                out.setdefault(doc["kind"], []).append(dict(doc, _file=path.name))
+    return out
+
+
+def _env(container: dict) -> dict:
+    return {e["name"]: e for e in container.get("env", [])}
+
+
+def test_kubernetes_manifests_fit_together():
+    docs = _k8s_docs()
+    for kind in ("Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget", "ServiceMonitor",
+                 "RayService", "Kustomization"):
+        assert len(docs.get(kind, [])) == 1, f"one {kind} expected in deploy/kubernetes, found {docs.get(kind)}"
+    (dep,), (svc,), (hpa,), (pdb,), (mon,), (kust,) = (docs[k] for k in (
+        "Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget", "ServiceMonitor", "Kustomization"))
+    assert (dep["apiVersion"], svc["apiVersion"], hpa["apiVersion"], pdb["apiVersion"], mon["apiVersion"]) == (
+        "apps/v1", "v1", "autoscaling/v2", "policy/v1", "monitoring.coreos.com/v1")
+    assert sorted(kust["resources"]) == sorted(d[0]["_file"] for k, d in docs.items()
+                                               if k not in ("RayService", "Kustomization"))
+
+    pod = dep["spec"]["template"]
+    labels = pod["metadata"]["labels"]
+    selector = dep["spec"]["selector"]["matchLabels"]
+    assert selector.items() <= labels.items()
+    [c] = pod["spec"]["containers"]
+    assert c["image"].startswith("tta-serve:")
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    assert ports == {"http": 8000}
+    # probes on the service's health routes
+    assert (c["readinessProbe"]["httpGet"]["path"], c["livenessProbe"]["httpGet"]["path"]) == (
+        "/health/ready", "/health/live")
+    assert {c["readinessProbe"]["httpGet"]["port"], c["livenessProbe"]["httpGet"]["port"]} <= {"http", 8000}
+    # the replica's name is the pod's
+    env = _env(c)
+    assert env["TTA_REPLICA_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    # shutdown fits the grace period: preStop, then the drain, then uvicorn's backstop (drain + 5 s)
+    pre_stop = c["lifecycle"]["preStop"]["exec"]["command"]
+    assert pre_stop[0] == "sleep"
+    drain = float(env["TTA_DRAIN_TIMEOUT"]["value"])
+    assert pod["spec"]["terminationGracePeriodSeconds"] >= float(pre_stop[1]) + drain + 5
+    # one GPU per pod, the CUDA settings with it
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == c["resources"]["requests"]["nvidia.com/gpu"] == 1
+    assert env["TTA_DEVICE"]["value"] == "cuda" and c["image"].endswith(":cuda")
+    assert pod["spec"]["securityContext"]["runAsNonRoot"] and pod["spec"]["securityContext"]["runAsUser"] == 10001
+    assert pod["metadata"]["annotations"]["prometheus.io/port"] == "8000"
+
+    assert svc["spec"]["selector"].items() <= labels.items()
+    assert [(p["port"], p["targetPort"]) for p in svc["spec"]["ports"]] == [(8000, "http")]
+    assert pdb["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    assert pdb["spec"].get("maxUnavailable") == 1 or pdb["spec"].get("minAvailable", 0) >= 1
+    target = hpa["spec"]["scaleTargetRef"]
+    assert (target["kind"], target["name"]) == ("Deployment", dep["metadata"]["name"])
+    assert 1 <= hpa["spec"]["minReplicas"] <= hpa["spec"]["maxReplicas"]
+    [metric] = hpa["spec"]["metrics"]
+    assert metric["type"] == "Pods" and metric["pods"]["metric"]["name"] == "tta_queue_depth"
+    assert metric["pods"]["target"]["type"] == "AverageValue"
+    # the adapter serves that metric (from the series the ServiceMonitor scrapes)
+    adapter = yaml.safe_load((K8S_DIR / "prometheus-adapter-values.yaml").read_text())
+    rules = {r["name"]["as"]: r for r in adapter["rules"]["custom"]}
+    assert "tta_queue_depth" in rules["tta_queue_depth"]["seriesQuery"]
+    assert set(rules["tta_queue_depth"]["resources"]["overrides"]) == {"namespace", "pod"}
+    # the ServiceMonitor scrapes the Service's named port with the pod as `replica` (the dashboard's variable)
+    assert mon["spec"]["selector"]["matchLabels"].items() <= svc["metadata"]["labels"].items()
+    [endpoint] = mon["spec"]["endpoints"]
+    assert endpoint["port"] == svc["spec"]["ports"][0]["name"] and endpoint["path"] == "/metrics"
+    assert {"sourceLabels": ["__meta_kubernetes_pod_name"], "targetLabel": "replica"} in endpoint["relabelings"]
+
+
+def test_kuberay_rayservice_example():
+    (rs,) = _k8s_docs()["RayService"]
+    assert rs["apiVersion"] == "ray.io/v1"
+    serve_config = yaml.safe_load(rs["spec"]["serveConfigV2"])
+    dep = _check_serve_app(serve_config, "rayservice.yaml serveConfigV2")
+    assert dep["ray_actor_options"]["num_gpus"] == 1
+    env = serve_config["applications"][0]["runtime_env"]["env_vars"]
+    assert env["TTA_DEVICE"] == "cuda"
+    assert dep["autoscaling_config"]["target_ongoing_requests"] == _measured_target(
+        "latency-gpu-tta-arc.json", "torch-bf16-cudagraphs")
+    cluster = rs["spec"]["rayClusterConfig"]
+    groups = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
+    for group in groups:
+        [c] = group["template"]["spec"]["containers"]
+        assert c["image"].startswith("tta-serve-ray:")
+        assert _env(c)["RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"]["value"] == "deploy.ray.proxy:middlewares"
+    workers = cluster["workerGroupSpecs"]
+    assert any(w["template"]["spec"]["containers"][0]["resources"]["limits"].get("nvidia.com/gpu") == 1
+               for w in workers)
+    assert cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"  # no replica on the head
+    auto = dep["autoscaling_config"]
+    assert max(w["maxReplicas"] for w in workers) >= auto["max_replicas"]
+
+
+def test_kubernetes_manifests_validate_against_the_schemas():
+    """The built-in kinds against Kubernetes' OpenAPI schemas, strictly (no unknown fields); the CRDs
+    (ServiceMonitor, RayService) are checked structurally above."""
+    kv = pytest.importorskip("kubernetes_validate", reason="kubernetes-validate (PyPI) is not installed")
+    checked = 0
+    for kind, docs in _k8s_docs().items():
+        if kind in ("ServiceMonitor", "RayService", "Kustomization"):
+            continue
+        for doc in docs:
+            doc = {k: v for k, v in doc.items() if k != "_file"}
+            kv.validate(doc, K8S_VERSION, strict=True)
+            checked += 1
+    assert checked == 4
+
+
+def test_ray_prometheus_config_discovers_replicas():
+    config = yaml.safe_load(PROM_RAY_CONFIG.read_text())
+    jobs = {j["job_name"]: j for j in config["scrape_configs"]}
+    [sd] = jobs["tta-ray"]["http_sd_configs"]
+    assert sd["url"].endswith("/metrics/targets")
+    assert sorted(config["rule_files"]) == sorted(str(p.relative_to(PROM_DIR)) for p in RULE_FILES)
+    proc = subprocess.run([_promtool(), "check", "config", str(PROM_RAY_CONFIG)],
+                          capture_output=True, text=True, timeout=60, cwd=PROM_DIR)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_dashboard_has_a_replica_dimension():
+    dash = load_dashboard()
+    variables = {v["name"]: v for v in dash["templating"]["list"]}
+    assert "label_values(tta_ready, replica)" in variables["replica"]["definition"]
+    assert variables["replica"]["includeAll"] and variables["replica"]["allValue"] == ".*"
+    exprs = dashboard_exprs(dash)
+    per_replica = [e for _, e in exprs if "replica" in referenced_labels(e) and re.search(r"by \((replica)\b", e)]
+    assert any("tta_requests_total" in e for e in per_replica), "requests per replica"
+    assert any("histogram_quantile(0.99," in e and "tta_request_duration_seconds_bucket" in e and "replica, le" in e
+               for e in per_replica), "p99 per replica"
+    assert any(re.search(r"\bup\{", e) for _, e in exprs) and any("tta_ready" in e for _, e in exprs), "replicas up"
+    for title, expr in exprs:  # the variable filters every tta_* panel that the model variable filters
+        if '$model' in expr:
+            assert 'replica=~"$replica"' in expr, f"{title}: not filtered by $replica"
