@@ -332,7 +332,7 @@ def test_autoscaling_up_under_load_and_down_when_idle(ray_url, replica_settings)
     """Short windows: under sustained load above the target of 2 ongoing requests per replica the deployment grows
     from 1 replica to its maximum of 2 and the new replica serves; idle, it shrinks back to 1."""
     deploy(replica_settings, min_replicas=1, max_replicas=2, initial_replicas=1, target_ongoing_requests=2,
-           upscale_delay_s=0.5, downscale_delay_s=2, look_back_period_s=1)
+           upscale_delay_s=0.5, downscale_delay_s=2, look_back_period_s=1, metrics_interval_s=0.5)
     seen: set[str] = set()
     stop = time.monotonic() + 60
 
