@@ -46,3 +46,18 @@ def test_repeated_runs_pool_into_medians_and_paired_wins(tmp_path):
     assert "| continuous | 4 | 3.00, 1.00, 2.00 | 1.00, 4.00, 2.00 |" in md
     # adaptive against continuous, run by run: goodput 3.5 > 3, 0.5 < 1, 2.5 > 2; p99 0.8 < 1, none, 1.9 < 2
     assert "| adaptive | 4 | 2/3 | 2/3 |" in md
+
+
+def test_soak_summary_reads_growth_after_five_minutes_and_counts_answers():
+    import random
+
+    from benchmarks.soak import prompt, summary
+
+    windows = [{"t_s": t, "rss_mib": m, "statuses": {"200": 3, "429": 1 if t > 600 else 0}}
+               for t, m in ((10, 900.0), (290, 1000.0), (300, 1100.0), (900, 1150.0), (1800, 1155.0))]
+    s = summary(windows, idle_mib=880.0, peak_mib=1200.0)
+    assert s["rss_after_5_min_mib"] == 1100.0 and s["rss_end_mib"] == 1155.0
+    assert s["growth_after_5_min"] == 0.05 and s["statuses"] == {"200": 15, "429": 2} and s["answered"] == 17
+    rng = random.Random(0)
+    prompts = {prompt(rng, i) for i in range(50)}
+    assert len(prompts) == 50 and all(len(p) <= 500 for p in prompts)  # unique, within the API's limit
