@@ -687,3 +687,61 @@ def test_the_tango_encoder_graph_matches_pytorch(tango, tmp_path):
     worst = encoder_errors(tmp_path / "encoder.onnx", codec, head, ((2, 5 * spl - 300), (4, 2000)), seed=5)
     print(f"encoder, Tango (tiny): max_rel {worst:.2e} (export check: {entry['parity']['max_rel']:.2e})")
     assert entry["parity"]["passed"] and worst <= TOLERANCES["encoder"]["max_rel"]
+
+
+# ------------------------------------------------------------------------------------------ Stable Audio 3
+@pytest.fixture(scope="module")
+def sa3_tiny(tmp_path_factory):
+    """``tta sized sa3-small --scale tiny``: Stable Audio 3 Small's structure (T5Gemma, the DiT with its trained
+    inpainting input, SAME) at test size, 8 kHz, 16 samples per latent frame."""
+    from models.checkpoints.sized import write_random_checkpoint
+
+    root = tmp_path_factory.mktemp("sa3-export") / "sa3-tiny"
+    with float32_default():
+        write_random_checkpoint(root, "sa3-small", scale="tiny", seed=5)
+    return root
+
+
+def test_stable_audio_3_exports_split_at_the_request_and_serves_every_mode_like_torch(sa3_tiny):
+    """Stable Audio 3's DiT exports as three graphs: the request's part (the conditioning's cross-attention keys and
+    values, the duration's global embedding), the trained inpainting input's block embeddings and the step; the
+    runtime runs the first two once per request. Under ONNX Runtime the checkpoint serves text-to-audio,
+    audio-to-audio, inpainting and a guided row with a negative prompt, all sharing the engine's forwards, with the
+    latents and audio of eager torch (the SAME encoder graph encoding the init clips)."""
+    from models.export.graphs import CONTEXT_INPUTS, CONTEXT_OUTPUTS, STEP_INPUTS
+    from models.pipeline import MODES, Pipeline
+    from service.runtimes import load_runtime
+
+    m = export_onnx(sa3_tiny).manifest
+    assert list(m["graphs"]) == ["text_encoder", "context", "denoiser", "inpaint", "decoder", "encoder"]
+    names = {g: ([i["name"] for i in e["inputs"]], [o["name"] for o in e["outputs"]]) for g, e in m["graphs"].items()}
+    assert names["context"] == (CONTEXT_INPUTS, CONTEXT_OUTPUTS) and names["denoiser"] == (STEP_INPUTS, ["out"])
+    assert names["inpaint"] == (["local_cond"], ["local"]) and m["graphs"]["denoiser"]["layout"] == "request-split"
+    assert m["codec"]["native_head"] == {} and m["checkpoint"]["config"]["inpaint_conditioning"] is True
+    for name, entry in m["graphs"].items():
+        print(f"{name}: {entry['parity']}")
+        assert entry["parity"]["passed"] and entry["parity"]["tolerance"] == TOLERANCES[name]
+    candidate, reference = load_runtime(sa3_tiny, "onnxruntime"), load_runtime(sa3_tiny, "torch")
+    assert candidate.name == "onnxruntime" and candidate.encodes_audio
+    assert Pipeline(candidate).modes == Pipeline(reference).modes == list(MODES)
+    rate = candidate.sample_rate
+    clip = encoder_test_waves(1, 400, rate, torch.Generator().manual_seed(4))[0]
+    jobs = [{"prompt": "a dog barks twice", "duration": 0.032, "steps": 8, "guidance": 1.0, "seed": 31},
+            {"prompt": "rain on a tin roof", "duration": 0.02, "steps": 8, "guidance": 1.0, "seed": 32},
+            {"prompt": "thunder", "duration": 0.032, "steps": 8, "guidance": 1.0, "seed": 33, "init_audio": clip,
+             "init_noise_level": 0.6},
+            {"prompt": "thunder", "duration": 0.04, "steps": 8, "guidance": 1.0, "seed": 34, "init_audio": clip,
+             "inpaint": (0.008, 0.02)},
+            {"prompt": "a dog barks twice", "duration": 0.032, "steps": 6, "guidance": 2.5, "seed": 35,
+             "negative_prompt": "rain"}]
+    tol = PARITY["onnxruntime"]
+    want, got = run_jobs(reference, jobs), run_jobs(candidate, jobs)
+    for spec, a, b in zip(jobs, want, got):
+        assert b.wave.shape == a.wave.shape == (2, round(spec["duration"] * rate)) and a.wave.abs().max() > 1e-3
+        latents, rms = max_rel_error(b.latents, a.latents), rms_rel_error(b.wave, a.wave)
+        shown = {k: spec[k] for k in ("guidance", "init_noise_level", "inpaint") if k in spec}
+        print(f"onnxruntime sa3-tiny {shown}: latents max_rel {latents:.2e}, audio rms_rel {rms:.2e}")
+        assert latents <= tol["latents_max_rel"] and rms <= tol["audio_rms_rel"], spec
+    assert (got[2].latents - got[0].latents).abs().max() > 0.1  # the init clip mattered
+    # each request's part ran once per request, not per step (the guided row's batch is rebuilt at every step)
+    assert candidate.request_cache.hits > 0 and candidate.local_cache.row_hits > 0

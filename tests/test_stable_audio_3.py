@@ -443,3 +443,99 @@ def test_tiny_random_checkpoint_is_served_and_loads_in_diffusers_too(tmp_path):
         pipe.set_progress_bar_config(disable=True)
         audio = pipe("rain on a tin roof", duration=0.032, generator=torch.Generator().manual_seed(0)).audios[0]
         assert audio.shape == (2, 256) and bool(torch.isfinite(audio).all())
+
+
+# ------------------------------------------------------------------------------------------ per-request results
+@torch.no_grad()
+def test_a_requests_conditioning_is_computed_once_and_changes_nothing(sa3):
+    """The conditioning's cross-attention keys and values (and the inpainting input's block embeddings) are computed
+    once per request and kept while its batch lives (``RequestCache``): with samples joining and leaving between
+    steps, every sample's latents equal those of a run that computes them at every step, and each request's part was
+    computed once (a joining sample costs its own row; a leaving one a gather)."""
+    from models.pipeline import DenoiseBatch, SampleRequest
+
+    bundle = sa3["bundle"]
+    denoiser, pipeline = bundle.denoiser, bundle.pipeline
+    wave = torch.randn(2, 256, generator=torch.Generator().manual_seed(8)) * 0.3
+    requests = [SampleRequest(PROMPTS[0], 0.032, 5, 1.0, 1),
+                SampleRequest(PROMPTS[1], 0.024, 8, 1.0, 2, init_audio=wave, inpaint=(0.008, 0.016)),
+                SampleRequest(PROMPTS[1], 0.032, 6, 1.0, 3)]
+
+    def run(cached: bool) -> list[torch.Tensor]:
+        denoiser.cache_requests = cached
+        denoiser.request_cache.clear()
+        a, b, c = pipeline.start(requests)
+        # as the engine runs them: c joins after 3 steps, a leaves after its 5th, b after its 8th
+        for members, steps in (([a, b], 3), ([a, b, c], 2), ([b, c], 3), ([c], 1)):
+            batch = DenoiseBatch(members)
+            for _ in range(steps):
+                pipeline.step(batch)
+        assert all(s.finished for s in (a, b, c))
+        return [s.z for s in (a, b, c)]
+
+    try:
+        with float32_default():
+            reference = run(cached=False)
+            before = (denoiser.request_cache.computed_rows, denoiser.local_cache.computed_rows)
+            got = run(cached=True)
+    finally:
+        denoiser.cache_requests = True
+    for x, y in zip(got, reference):
+        assert rel_err(x, y) < 1e-6
+    cache = denoiser.request_cache
+    assert cache.computed_rows - before[0] == 3 and cache.hits > 0 and cache.row_hits > 0  # each request once
+    assert denoiser.local_cache.computed_rows - before[1] <= 4 and denoiser.local_cache.row_hits > 0
+
+
+def test_kept_conditioning_follows_the_weights_and_stays_out_of_training(sa3):
+    """A kept result is valid for the weights it was made with (an in-place change, such as an optimiser step, makes
+    it stale even for the same input tensors); with gradients nothing is kept and the context's projections get
+    their gradients; a copied module starts empty."""
+    import copy
+
+    bundle = sa3["bundle"]
+    with float32_default():
+        denoiser = copy.deepcopy(bundle.denoiser)
+        assert denoiser.request_cache is not bundle.denoiser.request_cache and denoiser.request_cache.hits == 0
+        text = bundle.encode_text(PROMPTS)
+        g = torch.Generator().manual_seed(9)
+        z, t, seconds = torch.randn(2, LATENT, 16, generator=g), torch.tensor([0.7, 0.2]), torch.tensor([0.03, 0.02])
+        args = (z, t, text.tokens, text.mask, text.pooled, seconds)
+        with torch.no_grad():
+            first = denoiser(*args)
+            assert torch.equal(denoiser(*args), first) and denoiser.request_cache.hits == 1
+            denoiser.dit.transformer_blocks[0].cross_attn.to_kv.weight.mul_(1.5)
+            second = denoiser(*args)
+            denoiser.cache_requests = False
+            uncached = denoiser(*args)
+            denoiser.cache_requests = True
+        assert torch.equal(second, uncached) and rel_err(second, first) > 1e-3
+        counts = (denoiser.request_cache.hits, denoiser.request_cache.row_hits, denoiser.request_cache.computed_rows)
+        denoiser(*args).square().mean().backward()
+    assert (denoiser.request_cache.hits, denoiser.request_cache.row_hits,
+            denoiser.request_cache.computed_rows) == counts
+    assert denoiser.dit.transformer_blocks[0].cross_attn.to_kv.weight.grad.abs().max() > 0
+
+
+@pytest.mark.slow
+def test_the_speed_benchmark_runs_every_runner_side_by_side(tmp_path):
+    """``python -m benchmarks.sa3_speed --smoke`` on a tiny checkpoint: diffusers' pipeline, the torch and the ONNX
+    Runtime runtimes each in its own process, with end-to-end timings, the stage profile, the peak RSS and the load
+    average in the JSON and the Markdown table."""
+    pytest.importorskip("onnxruntime", reason="the 'onnx' extra is not installed")
+    diffusers = pytest.importorskip("diffusers", reason=EXTRA)
+    if not hasattr(diffusers, "StableAudio3Pipeline"):
+        pytest.skip(EXTRA)
+    from benchmarks.sa3_speed import main
+
+    with float32_default():
+        root = tmp_path / "sa3-small-sized"
+        write_random_checkpoint(root, "sa3-small", scale="tiny", seed=3)
+        data = main(["--model", str(root), "--smoke", "--results-dir", str(tmp_path / "results")])
+    assert not data["failed"] and [r["runner"] for r in data["results"]] == ["diffusers", "torch", "onnxruntime"]
+    for r in data["results"]:
+        assert r["end_to_end"]["median_s"] > 0 and r["peak_rss_mb"] > 0 and r["load_average"][0]["start"]
+        assert r["stages"]["denoiser_step"]["median_s"] > 0 and r["stages"]["decode"]["median_s"] > 0
+        assert (r["stages"]["request_part"] is None) == (r["runner"] == "diffusers")
+    md = (tmp_path / "results" / "sa3-speed-smoke.md").read_text()
+    assert "speed-up vs diffusers" in md and "peak RSS MB" in md and "load average" in md

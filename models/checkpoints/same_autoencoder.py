@@ -34,6 +34,7 @@ from torch import Tensor, nn
 
 from models.checkpoints.stable_audio_dit import apply_rotary, rotary_tables
 from models.checkpoints.stable_audio_3_dit import (
+    Linear,
     attention_heads,
     check_frequency_table,
     inverse_frequencies,
@@ -109,8 +110,8 @@ class SAMEAttention(nn.Module):
     def __init__(self, dim: int, dim_heads: int, differential: bool):
         super().__init__()
         self.heads, self.differential = dim // dim_heads, differential
-        self.to_qkv = nn.Linear(dim, dim * (5 if differential else 3), bias=False)
-        self.to_out = nn.Linear(dim, dim, bias=False)
+        self.to_qkv = Linear(dim, dim * (5 if differential else 3), bias=False)
+        self.to_out = Linear(dim, dim, bias=False)
         self.q_norm = DynamicTanh(dim_heads)
         self.k_norm = DynamicTanh(dim_heads)
 
@@ -134,8 +135,8 @@ class GatedFeedForward(nn.Module):
         super().__init__()
         inner = int(dim * mult)
         self.sinusoidal = sinusoidal
-        self.proj_in = nn.Linear(dim, 2 * inner)
-        self.proj_out = nn.Linear(inner, dim)
+        self.proj_in = Linear(dim, 2 * inner)
+        self.proj_out = Linear(inner, dim)
 
     def forward(self, x: Tensor) -> Tensor:
         a, gate = self.proj_in(x).chunk(2, dim=-1)
@@ -222,7 +223,7 @@ class SAMEEncoder(nn.Module):
         self.blocks = nn.ModuleList(
             ResamplingBlock(c, w[i], w[i + 1], c.strides[i], c.depths[i], per_level(c.encoder_sinusoidal_blocks, i),
                             "encoder") for i in range(len(c.strides)))
-        self.proj = nn.Linear(w[-1], c.latent_dim)
+        self.proj = Linear(w[-1], c.latent_dim)
 
     def forward(self, x: Tensor) -> Tensor:
         for block in self.blocks:
@@ -234,7 +235,7 @@ class SAMEDecoder(nn.Module):
     def __init__(self, c: SAMEConfig):
         super().__init__()
         w = c.widths()
-        self.proj = nn.Linear(c.latent_dim, w[-1])
+        self.proj = Linear(c.latent_dim, w[-1])
         self.blocks = nn.ModuleList(
             ResamplingBlock(c, w[i + 1], w[i], c.strides[i], c.depths[i], per_level(c.decoder_sinusoidal_blocks, i),
                             "decoder") for i in reversed(range(len(c.strides))))

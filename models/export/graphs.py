@@ -20,6 +20,12 @@ DECODER_INPUTS = ["latents"]
 DECODER_OUTPUTS = ["decoded"]
 ENCODER_INPUTS = ["analysis"]
 ENCODER_OUTPUTS = ["latents"]
+# a denoiser split at the request boundary (``RequestSplitGraphs``: Stable Audio 3)
+CONTEXT_INPUTS = ["tokens", "token_mask", "seconds"]
+CONTEXT_OUTPUTS = ["keys", "values", "global_embed"]
+INPAINT_INPUTS = ["local_cond"]
+INPAINT_OUTPUTS = ["local"]
+STEP_INPUTS = ["z", "t", "frame_mask", "keys", "values", "global_embed", "local"]
 
 
 class TextEncoderGraph(nn.Module):
@@ -68,6 +74,51 @@ class DenoiserGraph(nn.Module):
                 frame_mask: Tensor, *guidance: Tensor) -> Tensor:
         return self.dit(z, t, tokens, token_mask, pooled, seconds, frame_mask,
                         guidance=guidance[0] if guidance else None)
+
+
+class ContextGraph(nn.Module):
+    """A request-split denoiser's per-request part (``request_state``: Stable Audio 3's every block's
+    cross-attention keys and values and the global embedding) from ``CONTEXT_INPUTS``. The runtime runs it once per
+    request (``RequestCache``), not at every step."""
+
+    def __init__(self, denoiser: nn.Module):
+        super().__init__()
+        self.denoiser = denoiser
+
+    def forward(self, tokens: Tensor, token_mask: Tensor, seconds: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        return self.denoiser.request_state(tokens, token_mask, seconds)
+
+
+class InpaintGraph(nn.Module):
+    """The blocks' embeddings of the trained inpainting input [depth, B, T, D] from ``local_cond`` [B, 1 + C, T]
+    (``local_embeddings``; an all-zero row gives zeros), once per inpainting request."""
+
+    def __init__(self, denoiser: nn.Module):
+        super().__init__()
+        self.denoiser = denoiser
+
+    def forward(self, local_cond: Tensor) -> Tensor:
+        return self.denoiser.local_embeddings(local_cond)
+
+
+class StepGraph(nn.Module):
+    """A request-split denoiser's per-step part (``run``) from ``STEP_INPUTS``: the latents, time and frame mask of
+    the step, the request's ``ContextGraph`` outputs and its ``InpaintGraph`` output (zeros for a request without
+    one: adding them changes nothing) -> the raw prediction [B, C, T]. ``with_local``: False for a network without
+    an inpainting input (the graph then has no ``local`` input). Manifest layout: "request-split"."""
+
+    def __init__(self, denoiser: nn.Module, with_local: bool):
+        super().__init__()
+        self.denoiser = denoiser
+        self.with_local = with_local
+
+    @property
+    def input_names(self) -> list[str]:
+        return STEP_INPUTS if self.with_local else STEP_INPUTS[:-1]
+
+    def forward(self, z: Tensor, t: Tensor, frame_mask: Tensor, keys: Tensor, values: Tensor, global_embed: Tensor,
+                *local: Tensor) -> Tensor:
+        return self.denoiser.run(z, t, keys, values, global_embed, frame_mask, local[0] if local else None)
 
 
 class PerLengthDenoiserGraph(nn.Module):

@@ -27,18 +27,25 @@ import torch
 
 from models.export import parity
 from models.export.graphs import (
+    CONTEXT_INPUTS,
+    CONTEXT_OUTPUTS,
     DECODER_INPUTS,
     DECODER_OUTPUTS,
     DENOISER_OUTPUTS,
     ENCODER_INPUTS,
     ENCODER_OUTPUTS,
+    INPAINT_INPUTS,
+    INPAINT_OUTPUTS,
     PER_LENGTH_INPUTS,
     TEXT_INPUTS,
     TEXT_OUTPUTS,
+    ContextGraph,
     DecoderGraph,
     DenoiserGraph,
     EncoderGraph,
+    InpaintGraph,
     PerLengthDenoiserGraph,
+    StepGraph,
     TextEncoderGraph,
     decoder_output_axes,
     encoder_input_axes,
@@ -60,7 +67,7 @@ from models.export.manifest import (
     stale_reason,
     writable,
 )
-from models.export.ort import import_onnx, import_onnxruntime, per_length_call, session
+from models.export.ort import import_onnx, import_onnxruntime, per_length_call, request_split_call, session
 from models.text.encoders import tokenize
 
 log = logging.getLogger("tta.export")
@@ -375,6 +382,77 @@ def export_per_length_denoiser(denoiser, path: Path, spec: DenoiserSpec, opset: 
     return {**entry, "layout": "per-length"}
 
 
+def export_request_split_denoiser(denoiser, out_dir: Path, spec: DenoiserSpec, opset: int = OPSET) -> dict:
+    """A denoiser split at the request boundary (``splits_request_state``: Stable Audio 3) as three graphs, so that
+    the runtime computes a request's part once (``RequestCache``) instead of at every step:
+    ``context.onnx`` (``ContextGraph``: the conditioning's cross-attention keys and values and global embedding),
+    ``inpaint.onnx`` (``InpaintGraph``: the trained inpainting input's block embeddings; none for a network without
+    that input) and ``denoiser.onnx`` (``StepGraph``: one step from those). Each is checked against its own PyTorch
+    part, and the three together, driven as the runtime drives them (zeros for a batch without inpainting), against
+    the whole denoiser on ragged batches of other shapes than the trace's, with and without an inpainting input
+    (rows of it all zero as well). Returns the manifest entries {"context", "denoiser", "inpaint"}; the denoiser's
+    has layout "request-split"."""
+    local_dim = int(getattr(denoiser, "local_cond_dim", 0))
+    g = torch.Generator().manual_seed(0)
+    z, t, tokens, token_mask, _, seconds, frame_mask = _denoiser_inputs(spec, 2, 8, 5, g)[:7]
+
+    def local_input(batch: int, frames: int) -> torch.Tensor:
+        local = torch.randn(batch, local_dim, frames, generator=g)
+        local[-1] = 0.0  # a batch companion without inpainting (a plain request beside an inpainting one)
+        return local
+
+    text_axes = {"tokens": {0: "batch", 1: "text_length"}, "token_mask": {0: "batch", 1: "text_length"},
+                 "seconds": {0: "batch"}, "keys": {1: "batch"}, "values": {1: "batch"}, "global_embed": {0: "batch"}}
+    frame_axes = {"z": {0: "batch", 2: "frames"}, "t": {0: "batch"}, "frame_mask": {0: "batch", 1: "frames"},
+                  "local_cond": {0: "batch", 2: "frames"}, "local": {1: "batch", 2: "frames"},
+                  "out": {0: "batch", 2: "frames"}}
+    axes = {**text_axes, **frame_axes}
+    paths = {name: out_dir / f"{name}.onnx" for name in ("context", "inpaint", "denoiser")}
+    with torch.no_grad():
+        state = denoiser.request_state(tokens, token_mask, seconds)
+        local = denoiser.local_embeddings(local_input(2, 8)) if local_dim else None
+    _trace_to_onnx(ContextGraph(denoiser).eval(), (tokens, token_mask, seconds), paths["context"], CONTEXT_INPUTS,
+                   CONTEXT_OUTPUTS, {k: v for k, v in text_axes.items()}, opset)
+    if local_dim:
+        _trace_to_onnx(InpaintGraph(denoiser).eval(), (local_input(2, 8),), paths["inpaint"], INPAINT_INPUTS,
+                       INPAINT_OUTPUTS, {k: axes[k] for k in INPAINT_INPUTS + INPAINT_OUTPUTS}, opset)
+    step = StepGraph(denoiser, with_local=bool(local_dim)).eval()
+    _trace_to_onnx(step, (z, t, frame_mask, *state, *([local] if local_dim else [])), paths["denoiser"],
+                   step.input_names, DENOISER_OUTPUTS, {k: axes[k] for k in step.input_names + DENOISER_OUTPUTS},
+                   opset)
+    sessions = {name: session(path) for name, path in paths.items() if path.is_file()}
+    call = request_split_call(sessions["context"], sessions["denoiser"], sessions.get("inpaint"))
+    errors = {name: {"max_rel": 0.0, "max_abs": 0.0} for name in sessions}
+
+    def record(name: str, got, want) -> None:
+        errors[name]["max_rel"] = parity.worst(errors[name]["max_rel"], parity.max_rel_error(got, want))
+        errors[name]["max_abs"] = parity.worst(errors[name]["max_abs"], parity.max_abs_error(got, want))
+
+    for batch, frames, length in ((3, 13, 9), (1, 5, 2)):
+        z, t, tokens, token_mask, _, seconds, frame_mask = _denoiser_inputs(spec, batch, frames, length, g)[:7]
+        local_cond = local_input(batch, frames) if local_dim else None
+        with torch.no_grad():
+            context = call.context(tokens, token_mask, seconds)
+            for got, want in zip(context, denoiser.request_state(tokens, token_mask, seconds)):
+                record("context", got, want)
+            if local_dim:
+                record("inpaint", call.inpaint(local_cond), denoiser.local_embeddings(local_cond))
+            for lc in ([None, local_cond] if local_dim else [None]):
+                local = call.inpaint(lc) if lc is not None else call.no_inpainting(z.shape[0], z.shape[-1])
+                got = call.step(z, t, frame_mask, context, local)
+                record("denoiser", got, denoiser(z, t, tokens, token_mask, None, seconds, frame_mask, local_cond=lc))
+    checks = DENOISER_CHECKS + (", each with and without an inpainting input (one row of it all zero)"
+                                if local_dim else "")
+    out = {"context": {**_graph_entry(paths["context"], errors["context"], "context", checked_on=DENOISER_CHECKS),
+                       "text_len": int(denoiser.text_len)}}  # what a request's context depends on (``context_rows``)
+    out["denoiser"] = {**_graph_entry(paths["denoiser"], errors["denoiser"], "denoiser",
+                                      checked_on=checks + "; the three graphs together against the whole denoiser"),
+                       "layout": "request-split"}
+    if local_dim:
+        out["inpaint"] = _graph_entry(paths["inpaint"], errors["inpaint"], "inpaint", checked_on=checks)
+    return out
+
+
 # ---------------------------------------------------------------------------------------------------- decoder
 def export_decoder(codec, path: Path, max_latent_frames: int, opset: int = OPSET) -> dict:
     """Dynamic batch and frame axes; the graph's output, finished as a runtime finishes it (``finish_native``), is
@@ -569,10 +647,13 @@ def export_onnx(bundle_dir: str | Path, out_dir: str | Path | None = None, opset
             graphs = {
                 "text_encoder": (_reuse_text_encoder(bundle_dir, te_digest, partial / "text_encoder.onnx")
                                  or export_text_encoder(encoder, partial / "text_encoder.onnx", opset)),
-                "denoiser": export_denoiser(bundle.denoiser, partial / "denoiser.onnx", DenoiserSpec.of(bundle),
-                                            opset),
-                "decoder": export_decoder(bundle.codec, partial / "decoder.onnx", max_frames, opset),
             }
+            if getattr(bundle.denoiser, "splits_request_state", False):
+                graphs.update(export_request_split_denoiser(bundle.denoiser, partial, DenoiserSpec.of(bundle), opset))
+            else:
+                graphs["denoiser"] = export_denoiser(bundle.denoiser, partial / "denoiser.onnx",
+                                                     DenoiserSpec.of(bundle), opset)
+            graphs["decoder"] = export_decoder(bundle.codec, partial / "decoder.onnx", max_frames, opset)
             audio_encoder, no_encoder = _try_export_encoder(bundle.codec, partial / "encoder.onnx", max_frames,
                                                             opset)
             if audio_encoder is not None:

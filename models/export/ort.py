@@ -10,7 +10,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from models.export.graphs import DENOISER_OUTPUTS, PER_LENGTH_INPUTS
+from models.export.graphs import (
+    CONTEXT_INPUTS,
+    CONTEXT_OUTPUTS,
+    DENOISER_OUTPUTS,
+    INPAINT_INPUTS,
+    INPAINT_OUTPUTS,
+    PER_LENGTH_INPUTS,
+)
 
 log = logging.getLogger("tta.export")
 
@@ -77,12 +84,7 @@ def session(path: Path, device: str = "cpu", threads: int | None = None):
 def run_session(sess, inputs: list[str], output: str, values: dict[str, Tensor]) -> Tensor:
     """``output`` of ``sess`` fed the named ``inputs`` from ``values`` (torch tensors: bool stays bool, the rest goes
     in as float32)."""
-    feed = {}
-    for name in inputs:
-        x = values[name]
-        dtype = np.bool_ if x.dtype == torch.bool else np.float32
-        feed[name] = np.ascontiguousarray(x.detach().cpu().numpy(), dtype=dtype)
-    return torch.from_numpy(sess.run([output], feed)[0])
+    return torch.from_numpy(sess.run([output], _feed(inputs, values))[0])
 
 
 def per_length_call(sess):
@@ -94,3 +96,54 @@ def per_length_call(sess):
         return run_session(sess, PER_LENGTH_INPUTS, DENOISER_OUTPUTS[0], values)
 
     return fixed_length
+
+
+class RequestSplitCall:
+    """A request-split denoiser's three sessions (``models.export.graphs.StepGraph`` and the per-request graphs
+    before it) as torch-in, torch-out calls: ``context`` (once per request), ``inpaint`` (once per inpainting
+    request), ``step`` (every step). A batch without inpainting feeds the step ``no_inpainting``'s zeros."""
+
+    def __init__(self, context, step, inpaint=None):
+        self.context_session, self.step_session, self.inpaint_session = context, step, inpaint
+        self.step_inputs = [i.name for i in step.get_inputs()]
+        local = next((i for i in step.get_inputs() if i.name == "local"), None)
+        # [depth, batch, frames, width]: depth and width are fixed
+        self.local_shape = None if local is None else (int(local.shape[0]), int(local.shape[3]))
+        self._zeros: Tensor | None = None
+
+    def context(self, tokens: Tensor, token_mask: Tensor, seconds: Tensor) -> tuple[Tensor, ...]:
+        feed = {"tokens": tokens.float(), "token_mask": token_mask.bool(), "seconds": seconds.float()}
+        outs = self.context_session.run(CONTEXT_OUTPUTS, _feed(CONTEXT_INPUTS, feed))
+        return tuple(torch.from_numpy(x) for x in outs)
+
+    def inpaint(self, local_cond: Tensor) -> Tensor:
+        if self.inpaint_session is None:
+            raise ValueError("this denoiser graph takes no inpainting input")
+        return run_session(self.inpaint_session, INPAINT_INPUTS, INPAINT_OUTPUTS[0], {"local_cond": local_cond})
+
+    def no_inpainting(self, batch: int, frames: int) -> Tensor | None:
+        """The step's ``local`` input for a batch without inpainting: zeros (None when the graph has no such
+        input). Kept for the next step of the same shape."""
+        if self.local_shape is None:
+            return None
+        depth, width = self.local_shape
+        if self._zeros is None or self._zeros.shape != (depth, batch, frames, width):
+            self._zeros = torch.zeros(depth, batch, frames, width)
+        return self._zeros
+
+    def step(self, z: Tensor, t: Tensor, frame_mask: Tensor, context: tuple[Tensor, ...],
+             local: Tensor | None) -> Tensor:
+        keys, values, global_embed = context
+        values_ = {"z": z, "t": t, "frame_mask": frame_mask.bool(), "keys": keys, "values": values,
+                   "global_embed": global_embed, "local": local}
+        return run_session(self.step_session, self.step_inputs, DENOISER_OUTPUTS[0], values_)
+
+
+def _feed(names: list[str], values: dict[str, Tensor]) -> dict:
+    """numpy inputs for a session (no copy where the tensor is already contiguous float32 or bool on the CPU)."""
+    return {n: np.ascontiguousarray(values[n].detach().cpu().numpy(),
+                                    dtype=np.bool_ if values[n].dtype == torch.bool else np.float32) for n in names}
+
+
+def request_split_call(context, step, inpaint=None) -> RequestSplitCall:
+    return RequestSplitCall(context, step, inpaint)

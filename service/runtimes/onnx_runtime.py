@@ -1,5 +1,8 @@
 """The ONNX Runtime runtime: text encoder, denoiser, decoder and the codec's encoder (audio-to-audio, inpainting) run
-as exported graphs in onnxruntime sessions.
+as exported graphs in onnxruntime sessions. A denoiser exported split at the request boundary (Stable Audio 3: its
+context, inpainting and step graphs) has its per-request graphs run once per request, their outputs kept while the
+request's batch lives (``RequestCache``), so that a step runs only the step graph; its inpainting graph serves the
+model's trained inpainting input.
 
 Exports are made on first use (``models.export.ensure_onnx_export``: ``<model_dir>/onnx``, re-made when the model's
 weights or the graph-defining code change). Tokenisation and the prompt-embedding cache stay in Python; the sampling
@@ -17,6 +20,7 @@ import torch
 from torch import Tensor
 
 from models.checkpoints.denoisers import per_length
+from models.checkpoints.stable_audio_3 import RequestCache, context_rows, row_digest
 from models.config import BundleConfig
 from models.diffusion import make_schedule
 from models.export import OnnxExport, ensure_onnx_export
@@ -31,7 +35,7 @@ from models.export.graphs import (
     start_native,
 )
 from models.export.manifest import tokenizer_dir
-from models.export.ort import import_onnxruntime, per_length_call, run_session, session
+from models.export.ort import import_onnxruntime, per_length_call, request_split_call, run_session, session
 from models.text import CachedTextEncoder, TextEmbedding
 from models.text.encoders import NumberChannels, null_embedding, tokenize, unpad_with_numbers
 from service.runtimes.base import Runtime
@@ -102,8 +106,17 @@ class OnnxRuntime(Runtime):
         self.encoder = session(export.path("encoder"), device) if "encoder" in export.manifest["graphs"] else None
         self.denoiser_inputs = [i.name for i in self.denoiser.get_inputs()]
         # a UNet's graph holds one length's forward; the runtime loops over lengths (``PerLengthDenoiserGraph``)
-        per_length_graph = export.manifest["graphs"]["denoiser"].get("layout") == "per-length"
-        self._fixed_length = per_length_call(self.denoiser) if per_length_graph else None
+        layout = export.manifest["graphs"]["denoiser"].get("layout")
+        self._fixed_length = per_length_call(self.denoiser) if layout == "per-length" else None
+        # Stable Audio 3: the request's part of the denoiser in graphs of its own, run once per request
+        # (``RequestCache``); the step graph every step
+        self.request_split = None
+        if layout == "request-split":
+            graphs = export.manifest["graphs"]
+            inpaint = session(export.path("inpaint"), device) if "inpaint" in graphs else None
+            self.request_split = request_split_call(session(export.path("context"), device), self.denoiser, inpaint)
+            self.text_len = int(graphs["context"]["text_len"])
+            self.request_cache, self.local_cache = RequestCache(), RequestCache()
         self.providers = self.denoiser.get_providers()
         self._uncond: TextEmbedding | None = None
 
@@ -137,7 +150,11 @@ class OnnxRuntime(Runtime):
     @torch.inference_mode()
     def denoise(self, z: Tensor, t: Tensor, tokens: Tensor, token_mask: Tensor, pooled: Tensor, seconds: Tensor,
                 frame_mask: Tensor, guidance: Tensor | None = None, local_cond: Tensor | None = None) -> Tensor:
-        """One session run (a per-length graph: one run per distinct length)."""
+        """One session run (a per-length graph: one run per distinct length; a request-split one: the step graph,
+        after the per-request graphs for requests not seen before)."""
+        if self.request_split is not None:
+            return self._denoise_split(z.float().cpu(), t.float().cpu(), tokens, token_mask, seconds,
+                                       frame_mask.cpu(), local_cond)
         if local_cond is not None:
             raise ValueError(f"the exported denoiser of {self.model_name} takes no inpainting input")
         z, t, frame_mask = z.float().cpu(), t.float().cpu(), frame_mask.cpu()
@@ -146,6 +163,22 @@ class OnnxRuntime(Runtime):
         values = {"z": z, "t": t, "tokens": tokens, "token_mask": token_mask, "pooled": pooled, "seconds": seconds,
                   "frame_mask": frame_mask, "guidance": None if guidance is None else guidance.float().cpu()}
         return run_session(self.denoiser, self.denoiser_inputs, DENOISER_OUTPUTS[0], values)
+
+    def _denoise_split(self, z: Tensor, t: Tensor, tokens: Tensor, token_mask: Tensor, seconds: Tensor,
+                       frame_mask: Tensor, local_cond: Tensor | None) -> Tensor:
+        """The step graph on the request's keys, values and global embedding (kept per request), and its
+        inpainting embeddings (zeros for a batch without inpainting)."""
+        split, state = self.request_split, ("onnxruntime",)  # the graphs' weights never change under a session
+        context = self.request_cache.get((tokens, token_mask, seconds), state, split.context,
+                                         lambda *x: context_rows(*x, self.text_len), axes=(1, 1, 0))
+        if local_cond is None:
+            local = split.no_inpainting(z.shape[0], z.shape[-1])
+        elif split.inpaint_session is None:
+            raise ValueError(f"the exported denoiser of {self.model_name} takes no inpainting input")
+        else:
+            local = self.local_cache.get((local_cond,), state, split.inpaint, lambda x: [row_digest(r) for r in x],
+                                         axes=(1,))[0]
+        return split.step(z, t, frame_mask, context, local)
 
     # ------------------------------------------------------------------ decoder
     @torch.inference_mode()
@@ -159,10 +192,11 @@ class OnnxRuntime(Runtime):
     # ------------------------------------------------------------------ encoder
     @property
     def encodes_audio(self) -> bool:
-        """An encoder graph is there, and the denoiser graph can inpaint: a model trained with an inpainting input
-        (``config.inpaint_conditioning``) needs it, which the exported denoiser does not take, and the pipeline
-        offers audio-to-audio and inpainting together."""
-        return self.encoder is not None and not self.config.inpaint_conditioning
+        """An encoder graph is there, and the denoiser graphs can inpaint: a model trained with an inpainting input
+        (``config.inpaint_conditioning``) needs an export that takes it (Stable Audio 3's inpaint graph), and the
+        pipeline offers audio-to-audio and inpainting together."""
+        takes_inpainting = self.request_split is not None and self.request_split.inpaint_session is not None
+        return self.encoder is not None and (not self.config.inpaint_conditioning or takes_inpainting)
 
     @torch.inference_mode()
     def encode_audio(self, wave: Tensor) -> Tensor:
