@@ -27,7 +27,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from swagger_ui_bundle import swagger_ui_path
 
 from models.registry import available_models
-from service.audio import encode_audio
+from service.audio import AUDIO_CONTENT, encode_audio
+from service.compat import install_compat_routes
 from service.engine import Engine
 from service.errors import ERROR_RESPONSES, ApiError, error_response
 from service.forms import read_generate_request, request_body_openapi
@@ -280,8 +281,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                   for name, rt in st.runtimes.items()]
         return served + [ModelInfo(name=name, status="failed", error=why) for name, why in st.failed.items()]
 
-    @app.post("/generate", tags=["generation"], responses={200: {"content": {"audio/wav": {}, "audio/flac": {},
-                                                                            "audio/ogg": {}}}, **ERROR_RESPONSES},
+    @app.post("/generate", tags=["generation"], responses={200: {"content": AUDIO_CONTENT}, **ERROR_RESPONSES},
               response_class=Response, dependencies=[Depends(require_api_key)],
               openapi_extra={"requestBody": request_body_openapi()})
     async def generate(request: Request, st: ServiceState = Depends(require_ready)):
@@ -299,7 +299,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         request.state.submitted = True
         result = await st.gateway.run(spec, rid, st.gateway.timeout(body.timeout), arrival,
                                       request.is_disconnected)
-        data, media_type = await asyncio.to_thread(encode_audio, result.wave, result.sample_rate, body.format)
+        data, media_type = await asyncio.to_thread(encode_audio, result.wave, result.sample_rate, body.format,
+                                                   settings.mp3_bitrate_kbps)
         timings = result.timings
         request.state.audio_seconds = sample.duration
         request.state.log.update({f"{k}_ms": round(v * 1000, 2) for k, v in timings.items()})
@@ -309,4 +310,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                    "Server-Timing": server_timing, "X-Steps": str(sample.steps), "X-Guidance": f"{sample.guidance:g}"}
         return Response(content=data, media_type=media_type, headers=headers)
 
+    install_compat_routes(app, state, require_api_key, require_ready)  # vLLM-Omni's POST /v1/audio/generate
     return app

@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 from typing import get_args
 
-from service.settings import PolicyName, Precision
+from service.schemas import FormatName
+from service.settings import DEFAULT_MP3_BITRATE_KBPS, MP3_BITRATES_KBPS, PolicyName, Precision
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -115,7 +116,7 @@ def cmd_generate(args) -> None:
         result = engine.generate_sync(dict(id="cli", **spec.job_fields()), timeout=args.timeout)
     finally:
         engine.stop()
-    data, _ = encode_audio(result.wave, result.sample_rate, fmt)
+    data, _ = encode_audio(result.wave, result.sample_rate, fmt, args.mp3_bitrate)
     Path(args.output).write_bytes(data)
     t, sample = result.timings, spec.sample
     print(f"wrote {args.output}: {sample.duration:.2f} s, model {spec.model} ({runtime.name}), {sample.steps} steps, "
@@ -233,7 +234,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-dir", default=os.environ.get("TTA_MODEL_DIR", str(ZOO)))
     p.add_argument("--runtime", choices=["auto", "torch", "onnxruntime"], default="torch")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--format", choices=["wav", "flac", "ogg"], default=None, help="(default: from --output)")
+    p.add_argument("--format", choices=get_args(FormatName), default=None,
+                   help="(default: from --output; opus is written at 48 kHz, pcm headerless 16-bit)")
+    p.add_argument("--mp3-bitrate", type=int, choices=MP3_BITRATES_KBPS, metavar="KBPS",
+                   default=int(os.environ.get("TTA_MP3_BITRATE_KBPS", DEFAULT_MP3_BITRATE_KBPS)),
+                   help="constant bitrate of --format mp3 (default: TTA_MP3_BITRATE_KBPS or 192)")
     p.add_argument("--duration", type=float, default=None)
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--guidance", type=float, default=None)
@@ -241,7 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--timeout", type=float, default=600.0, help="seconds before the generation is given up")
     p.add_argument("--negative-prompt", default=None, help="what guidance steers away from (guidance other than 1)")
-    p.add_argument("--init-audio", default=None, help="a WAV / FLAC / Ogg clip to start from (any rate, channels)")
+    p.add_argument("--init-audio", default=None, help="a WAV / FLAC / Ogg / MP3 clip to start from (any rate, "
+                   "channels)")
     p.add_argument("--init-noise-level", type=float, default=None,
                    help="audio-to-audio: how far the clip is noised, in (0, 1]; 1 ignores it")
     p.add_argument("--inpaint", default=None, metavar="START,END",

@@ -36,7 +36,7 @@ async def read_generate_request(request: Request, max_upload_bytes: int) -> tupl
         try:
             clip = base64.b64decode(body.init_audio, validate=True)
         except (binascii.Error, ValueError):
-            raise invalid("init_audio", "not valid base64 (a WAV, FLAC or Ogg file, base64-encoded)") from None
+            raise invalid("init_audio", "not valid base64 (a WAV, FLAC, Ogg or MP3 file, base64-encoded)") from None
     return body, clip
 
 
@@ -73,6 +73,6 @@ def request_body_openapi() -> dict:
     schema = GenerateRequest.model_json_schema()
     form = json.loads(json.dumps(schema))
     form["properties"]["init_audio"] = {"type": "string", "format": "binary",
-                                        "description": "a WAV / FLAC / Ogg clip to start from (a file)"}
+                                        "description": "a WAV / FLAC / Ogg / MP3 clip to start from (a file)"}
     return {"required": True, "content": {"application/json": {"schema": schema},
                                           "multipart/form-data": {"schema": form}}}

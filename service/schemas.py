@@ -5,6 +5,10 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
+# the response formats (service.audio.FORMATS encodes each): 16-bit PCM in WAV, FLAC or raw; Ogg Vorbis; MP3 at
+# TTA_MP3_BITRATE_KBPS; Ogg Opus (at 48 kHz)
+FormatName = Literal["wav", "flac", "ogg", "mp3", "opus", "pcm"]
+
 
 class GenerateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
@@ -16,12 +20,13 @@ class GenerateRequest(BaseModel):
     seed: int | None = Field(None, ge=0, le=2**63 - 1, description="random when absent; returned in X-Seed")
     model: str | None = Field(None, min_length=1, description="a name from GET /models; the default model when "
                               "absent")
-    format: Literal["wav", "flac", "ogg"] = "wav"
+    format: FormatName = Field("wav", description="wav / flac (16-bit PCM), pcm (headerless 16-bit little-endian "
+                               "interleaved), ogg (Vorbis), mp3 (TTA_MP3_BITRATE_KBPS), opus (Ogg Opus, always 48 kHz)")
     timeout: float | None = Field(None, gt=0, le=600, description="seconds; capped by the server's request_timeout")
     negative_prompt: str | None = Field(None, max_length=500, description="what guidance steers away from (models "
                                         "with classifier-free guidance, guidance other than 1)")
-    init_audio: str | None = Field(None, description="a WAV / FLAC / Ogg clip to start from, base64-encoded (in "
-                                   "multipart/form-data: a file); any sample rate and channel count")
+    init_audio: str | None = Field(None, description="a WAV / FLAC / Ogg / MP3 clip to start from, base64-encoded "
+                                   "(in multipart/form-data: a file); any sample rate and channel count")
     init_noise_level: float | None = Field(None, gt=0.0, le=1.0, description="audio-to-audio: how far init_audio is "
                                            "noised before sampling, in (0, 1]; 1 (the default) ignores it")
     inpaint_start: float | None = Field(None, ge=0.0, description="inpainting: the span of init_audio to "

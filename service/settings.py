@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # the batching policies (``service.scheduler.POLICIES`` implements each; the CLI offers these)
@@ -12,6 +12,9 @@ PolicyName = Literal["continuous", "adaptive", "request", "none"]
 Precision = Literal["float32", "bfloat16", "float16"]
 
 ZOO = Path(__file__).resolve().parent.parent / "models" / "zoo"
+# MP3's constant bitrates at 32 / 44.1 / 48 kHz (MPEG-1 Layer III); LAME would round any other value to one of these
+MP3_BITRATES_KBPS = (32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320)
+DEFAULT_MP3_BITRATE_KBPS = 192
 
 
 class Settings(BaseSettings):
@@ -63,9 +66,18 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(16 * 1024, ge=256, description="largest request body without an audio clip")
     max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1024, description="largest request body that carries an "
                                   "init_audio clip (JSON with base64, or a multipart form)")
+    mp3_bitrate_kbps: int = Field(DEFAULT_MP3_BITRATE_KBPS, description="format mp3: constant bitrate in kbit/s, one "
+                                  "of " + ", ".join(map(str, MP3_BITRATES_KBPS)))
     warmup: bool = True
     # Test/debug only: a runtime wrapper that raises or sleeps for prompts carrying [[fail]] / [[slow=MS]] markers.
     debug_faults: bool = False
+
+    @field_validator("mp3_bitrate_kbps")
+    @classmethod
+    def _mp3_bitrate(cls, kbps: int) -> int:
+        if kbps not in MP3_BITRATES_KBPS:
+            raise ValueError(f"{kbps} is not an MP3 bitrate; one of {', '.join(map(str, MP3_BITRATES_KBPS))}")
+        return kbps
 
     @property
     def api_key_set(self) -> frozenset[str]:

@@ -63,7 +63,8 @@ def server(base_settings):
 @pytest.fixture(autouse=True)
 def _float32_default(request):
     """Some model tests set a float64 default dtype at import; the service and checkpoints are float32."""
-    if not request.node.fspath.basename.startswith(("test_service", "test_checkpoints", "test_sized", "test_modes")):
+    if not request.node.fspath.basename.startswith(("test_service", "test_checkpoints", "test_sized", "test_modes",
+                                                      "test_formats", "test_compat_route")):
         yield
         return
     with float32_default():
