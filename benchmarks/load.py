@@ -37,6 +37,8 @@ from typing import Self
 
 import httpx
 
+from service.client import ApiError, AsyncClient
+
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["a dog barks twice", "rain on a tin roof", "a church bell rings", "footsteps on gravel",
            "a car passes by", "birds singing at dawn", "a door creaks open", "thunder in the distance"]
@@ -197,15 +199,17 @@ async def run_rate(url: str, rate: float, seconds: float, body: dict, seed: int,
                    audio_seconds: tuple[float, float] = (5.0, 5.0)) -> dict:
     results: list[tuple[int, float]] = []
 
-    async with httpx.AsyncClient(base_url=url, timeout=timeout,
-                                 limits=httpx.Limits(max_connections=1000, max_keepalive_connections=100)) as client:
+    async with AsyncClient(url, timeout=timeout,
+                           limits=httpx.Limits(max_connections=1000, max_keepalive_connections=100)) as client:
         async def one(i: int) -> None:
-            payload = dict(body, prompt=PROMPTS[i % len(PROMPTS)], seed=i,
-                           duration=request_duration(audio_seconds, seed, i))
+            payload = {k: v for k, v in body.items() if k != "prompt"}
+            payload.update(seed=i, duration=request_duration(audio_seconds, seed, i))
             t0 = time.perf_counter()
             try:
-                r = await client.post("/generate", json=payload)
-                status = r.status_code
+                await client.generate(PROMPTS[i % len(PROMPTS)], **payload)
+                status = 200
+            except ApiError as exc:
+                status = exc.status
             except httpx.HTTPError:
                 status = 0
             results.append((status, time.perf_counter() - t0))

@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import io
 import random
 import time
 from pathlib import Path
 
 import httpx
+
+from service.client import ApiError, AsyncClient
 import numpy as np
 
 from benchmarks.common import md_table, write_results
@@ -38,13 +39,13 @@ def prompt(rng: random.Random, i: int) -> str:
     return f"{i}: " + ", ".join(words)[:480]
 
 
-def clip(seconds: float = 2.0, rate: int = 22050) -> str:
+def clip(seconds: float = 2.0, rate: int = 22050) -> bytes:
     import soundfile as sf
 
     t = np.arange(int(seconds * rate)) / rate
     buf = io.BytesIO()
     sf.write(buf, (0.3 * np.sin(2 * np.pi * 330 * t)).astype(np.float32), rate, format="WAV", subtype="PCM_16")
-    return base64.b64encode(buf.getvalue()).decode()
+    return buf.getvalue()
 
 
 def start(args) -> tuple[object, str]:
@@ -85,17 +86,21 @@ async def soak(url: str, memory: ProcessMemory, args) -> list[dict]:
     current = {"results": []}
     t0 = time.perf_counter()
 
-    async with httpx.AsyncClient(base_url=url, timeout=args.timeout) as client:
+    async with AsyncClient(url, timeout=args.timeout) as client:
         async def one(i: int) -> None:
-            body = {"prompt": prompt(rng, i), "duration": round(rng.uniform(lo, hi), 2), "seed": i,
-                    "format": ("wav", "flac", "ogg")[i % 3]}
+            body = {"duration": round(rng.uniform(lo, hi), 2), "seed": i, "format": ("wav", "flac", "ogg")[i % 3]}
+            clip_bytes = None
             if a2a_models and rng.random() < args.a2a:
-                body.update(model=rng.choice(a2a_models), init_audio=init, init_noise_level=0.6)
+                body.update(model=rng.choice(a2a_models), init_noise_level=0.6)
+                clip_bytes = init
             else:
                 body["model"] = rng.choice(models)
             started = time.perf_counter()
             try:
-                status = (await client.post("/generate", json=body)).status_code
+                await client.generate(prompt(rng, i), init_audio=clip_bytes, **body)
+                status = 200
+            except ApiError as exc:
+                status = exc.status
             except httpx.HTTPError:
                 status = 0
             current["results"].append((status, time.perf_counter() - started))

@@ -27,12 +27,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from swagger_ui_bundle import swagger_ui_path
 
 from models.registry import available_models
-from service.audio import AUDIO_CONTENT, encode_audio
+from service.audio import AUDIO_CONTENT
 from service.compat import install_compat_routes
 from service.engine import Engine
 from service.errors import ERROR_RESPONSES, ApiError, error_response
 from service.forms import read_generate_request, request_body_openapi
 from service.gateway import Gateway, resolve_request
+from service.job_routes import install_job_routes
 from service.logging_setup import setup_logging
 from service.metrics import Metrics
 from service.middleware import BodyLimitMiddleware, RequestAccounting, SecurityHeaders
@@ -127,7 +128,7 @@ def load_models(state: ServiceState) -> None:
             engine.calibrate()
         engine.start()
         state.runtimes, state.engine = runtimes, engine
-        state.gateway = Gateway(engine, s.request_timeout)
+        state.gateway = Gateway(engine, s.request_timeout, s.mp3_bitrate_kbps)
         if s.warmup:
             for name, rt in runtimes.items():
                 t0 = time.perf_counter()
@@ -171,12 +172,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # the last added runs first: accounting sees every answer, the body limit's 413 included
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes, upload_limit=settings.max_upload_bytes,
                        body_timeout=settings.body_timeout)
-    app.add_middleware(RequestAccounting, metrics=metrics)
+    app.add_middleware(RequestAccounting, metrics=metrics, paths=("/generate", "/jobs"))
     if settings.cors_origin_list:
-        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origin_list, allow_methods=["GET", "POST"],
-                           allow_headers=["Content-Type", "Authorization", "X-API-Key", "X-Request-Id"],
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origin_list, allow_methods=["GET", "POST", "DELETE"],
+                           allow_headers=["Content-Type", "Authorization", "X-API-Key", "X-Request-Id",
+                                          "Last-Event-ID"],
                            expose_headers=["X-Request-Id", "X-Seed", "X-Model", "X-Steps", "X-Guidance",
-                                           "Server-Timing", "Retry-After"], max_age=600)
+                                           "Server-Timing", "Retry-After", "Location"], max_age=600)
     app.add_middleware(SecurityHeaders, replica=settings.replica_name)
 
     # ---------------------------------------------------------------- errors: always {"error": {...}}
@@ -209,16 +211,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                               + (f" (request {rid})" if rid else ""))
 
     # ---------------------------------------------------------------- dependencies
-    def require_api_key(request: Request) -> None:
+    def require_api_key(request: Request) -> str | None:
+        """The key the request carries (None with authentication off); 401 without a valid one."""
         keys = settings.api_key_set
         if not keys:
-            return
+            return None
         auth = request.headers.get("authorization", "")
         given = [request.headers.get("x-api-key") or "", auth[7:].strip() if auth[:7].lower() == "bearer " else ""]
         # either header may carry it; each candidate is compared with every key in constant time
-        if not any(secrets.compare_digest(g.encode(), k.encode()) for g in given if g for k in keys):
-            raise ApiError(401, "unauthorized", "missing or invalid API key (Authorization: Bearer <key> or X-API-Key)",
-                           headers={"WWW-Authenticate": "Bearer"})
+        for g in given:
+            if g and any(secrets.compare_digest(g.encode(), k.encode()) for k in keys):
+                return g
+        raise ApiError(401, "unauthorized", "missing or invalid API key (Authorization: Bearer <key> or X-API-Key)",
+                       headers={"WWW-Authenticate": "Bearer"})
 
     def require_ready() -> ServiceState:
         if not state.ready or state.gateway is None:
@@ -288,27 +293,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         """Text-to-audio, audio-to-audio (``init_audio`` + ``init_noise_level``), inpainting and outpainting
         (``init_audio`` + ``inpaint_start`` / ``inpaint_end``), negative prompts: JSON, or the same fields as a
         multipart form with ``init_audio`` as a file."""
-        rid, arrival = request.state.request_id, request.state.arrival
         body, clip = await read_generate_request(request, settings.max_upload_bytes)
         pipelines = {n: runner.pipeline for n, runner in st.engine.runners.items()}
         spec = await asyncio.to_thread(resolve_request, body, pipelines, settings.default_model, clip)
-        request.state.model = spec.model
-        sample = spec.sample
-        request.state.log = {"duration_s": sample.duration, "steps": sample.steps, "guidance": sample.guidance,
-                             "seed": sample.seed, "modes": sample.modes}
-        request.state.submitted = True
-        result = await st.gateway.run(spec, rid, st.gateway.timeout(body.timeout), arrival,
-                                      request.is_disconnected)
-        data, media_type = await asyncio.to_thread(encode_audio, result.wave, result.sample_rate, body.format,
-                                                   settings.mp3_bitrate_kbps)
-        timings = result.timings
-        request.state.audio_seconds = sample.duration
-        request.state.log.update({f"{k}_ms": round(v * 1000, 2) for k, v in timings.items()})
-        server_timing = ", ".join(f"{k};dur={timings[k] * 1000:.2f}" for k in ("queue", "encode", "denoise",
-                                                                               "decode"))
-        headers = {"X-Request-Id": rid, "X-Seed": str(sample.seed), "X-Model": spec.model,
-                   "Server-Timing": server_timing, "X-Steps": str(sample.steps), "X-Guidance": f"{sample.guidance:g}"}
-        return Response(content=data, media_type=media_type, headers=headers)
+        return await st.gateway.respond(request, spec, body.format, body.timeout)
 
+    app.state.jobs = install_job_routes(app, state, require_api_key, require_ready)
     install_compat_routes(app, state, require_api_key, require_ready)  # vLLM-Omni's POST /v1/audio/generate
     return app

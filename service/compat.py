@@ -24,7 +24,7 @@ from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.datastructures import MutableHeaders
 
-from service.audio import AUDIO_CONTENT, encode_audio
+from service.audio import AUDIO_CONTENT
 from service.errors import ApiError
 from service.gateway import resolve_request
 from service.middleware import RequestAccounting
@@ -183,7 +183,6 @@ def install_compat_routes(app: FastAPI, state, require_api_key: Callable, requir
                   "application/json": {"schema": AudioGenerateRequest.model_json_schema()}}}})
     async def audio_generate(request: Request, st=Depends(require_ready)):
         """vLLM-Omni's ``/v1/audio/generate``: the audio bytes, with the headers of ``POST /generate``."""
-        rid, arrival = request.state.request_id, request.state.arrival
         try:
             compat = AudioGenerateRequest.model_validate_json(await request.body())
         except pydantic.ValidationError as exc:
@@ -194,19 +193,4 @@ def install_compat_routes(app: FastAPI, state, require_api_key: Callable, requir
             spec = await asyncio.to_thread(resolve_request, body, pipelines, settings.default_model)
         except ApiError as exc:
             raise _renamed(exc) from None
-        sample = spec.sample
-        request.state.model = spec.model
-        request.state.log = {"duration_s": sample.duration, "steps": sample.steps, "guidance": sample.guidance,
-                             "seed": sample.seed, "modes": sample.modes, "route": PATH}
-        request.state.submitted = True
-        result = await st.gateway.run(spec, rid, st.gateway.timeout(None), arrival, request.is_disconnected)
-        data, media_type = await asyncio.to_thread(encode_audio, result.wave, result.sample_rate, body.format,
-                                                   settings.mp3_bitrate_kbps)
-        timings = result.timings
-        request.state.audio_seconds = sample.duration
-        request.state.log.update({f"{k}_ms": round(v * 1000, 2) for k, v in timings.items()})
-        server_timing = ", ".join(f"{k};dur={timings[k] * 1000:.2f}" for k in ("queue", "encode", "denoise",
-                                                                               "decode"))
-        headers = {"X-Request-Id": rid, "X-Seed": str(sample.seed), "X-Model": spec.model,
-                   "Server-Timing": server_timing, "X-Steps": str(sample.steps), "X-Guidance": f"{sample.guidance:g}"}
-        return Response(content=data, media_type=media_type, headers=headers)
+        return await st.gateway.respond(request, spec, body.format, None, route=PATH)

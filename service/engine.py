@@ -33,6 +33,7 @@ from collections import deque
 from service.costmodel import ForwardCost
 from service.jobs import (
     BatchFailed,
+    DeadlineUnreachable,
     EngineError,
     GenerationJob,
     JobResult,
@@ -125,6 +126,16 @@ class Engine:
     def queue_depth(self) -> int:
         return sum(s.depth() for s in self.schedulers.values())
 
+    def cancel(self, job: GenerationJob, reason: str) -> None:
+        """The job leaves the queue or its batch at the worker's next tick (woken for it)."""
+        job.cancel(reason)
+        self._wake.set()
+
+    def position(self, job: GenerationJob) -> int | None:
+        """1 for the next job its model admits, 2 for the one after, ...; None once it has left the queue."""
+        waiting = self.schedulers[job.model].waiting
+        return next((i + 1 for i, j in enumerate(waiting) if j is job), None)
+
     def busy(self) -> bool:
         """True while any job waits or runs."""
         return any(s.has_work() for s in self.schedulers.values())
@@ -140,9 +151,34 @@ class Engine:
         depth = self.queue_depth()
         return int(min(60, max(1, math.ceil(self._latency_ema * (1 + depth / self.max_batch)))))
 
+    # a job is refused when even this share of its predicted minimum time does not fit before its deadline (the
+    # prediction is a lower bound from a fitted model; the margin keeps its error from refusing feasible work)
+    DEADLINE_MARGIN = 0.8
+
+    def least_seconds(self, job: GenerationJob) -> float | None:
+        """A lower bound on the seconds until ``job`` could finish denoising, given its model's running samples and
+        the jobs queued ahead of it, from the model's ``ForwardCost`` (None until it has seen two forward sizes):
+        its own steps alone, plus the per-frame work of every sample that runs before it or shares its ticks (each
+        for at most the job's steps). True under any first-come-first-served policy, whatever it batches: a sample
+        ahead either shares the job's ticks, adding its frames to each, or runs before it, costing at least that."""
+        cost = self.costs[job.model]
+        if not cost.known:
+            return None
+        overhead, per_frame = cost.fit()
+        frames_of = self.runtimes[job.model].latent_frames
+        sched = self.schedulers[job.model]
+        frames = frames_of(job.duration)
+        seconds = job.steps * (overhead + per_frame * frames)
+        for s in sched.running:
+            seconds += per_frame * s.frames * min(job.steps, s.remaining)
+        for other in sched.waiting:
+            seconds += per_frame * frames_of(other.duration) * min(job.steps, other.steps)
+        return seconds
+
     def submit(self, job: GenerationJob, force: bool = False) -> None:
-        """Admission control: raises QueueFull when ``queue_size`` jobs already wait (the 429 path); ``force``
-        (warm-up) skips the bound."""
+        """Admission control: raises QueueFull when ``queue_size`` jobs already wait (the 429 path), or
+        ``DeadlineUnreachable`` (429) when the work ahead cannot leave it time to finish before its deadline;
+        ``force`` (warm-up) skips both."""
         if self._stop.is_set():
             raise ShuttingDown("the service is shutting down; retry on another replica")
         sched = self.schedulers[job.model]
@@ -150,6 +186,13 @@ class Engine:
             if not force and self.queue_depth() >= self.queue_size:
                 raise QueueFull(f"the queue is full ({self.queue_size} requests waiting); retry later",
                                 self.retry_after())
+            least = None if force else self.least_seconds(job)
+            left = job.deadline - time.monotonic()
+            if least is not None and least * self.DEADLINE_MARGIN > left:
+                raise DeadlineUnreachable(
+                    f"this request needs at least {least:.2f} s of denoising on model {job.model} with the "
+                    f"{sched.depth()} request(s) queued and {len(sched.running)} running, and its deadline leaves "
+                    f"{max(left, 0):.2f} s; retry later or allow a longer timeout", self.retry_after())
             sched.enqueue(job)
         self.metrics.queue_depth.labels(job.model).set(sched.depth())
         self._wake.set()
@@ -212,6 +255,7 @@ class Engine:
             worked = True
             for job in out.admitted:
                 m.queue_wait.labels(name).observe(now - job.arrival)
+                job.progress("running", queue_s=now - job.arrival)
             t0 = time.perf_counter()
             try:
                 samples = runner.encode(out.admitted, now)
@@ -236,6 +280,8 @@ class Engine:
                 self._fail(name, sched, "denoise", [s.job for s in batch], exc)
                 continue
             self.costs[name].observe(len(batch) * max(s.frames for s in batch), time.perf_counter() - t_forward)
+            for s in batch:
+                s.job.progress("step", step=s.job.steps_done, steps=s.job.steps)
             m.batch_size.labels(name).observe(len(batch))
             m.denoise_steps.labels(name).inc(len(batch))
         runner.keep(kept)
@@ -252,6 +298,8 @@ class Engine:
 
     def _decode(self, name: str, sched: ModelScheduler, runner: ModelRunner, finished: list[Sample]) -> None:
         m = self.metrics
+        for s in finished:
+            s.job.progress("decoding")
         t0 = time.perf_counter()
         try:
             waves = runner.decode(finished)

@@ -6,8 +6,15 @@ from fastapi.responses import JSONResponse
 
 from service.schemas import ErrorResponse
 
+
+
+def error_responses(*statuses: int) -> dict:
+    """OpenAPI ``responses`` for these error statuses, each with the JSON error body."""
+    return {status: {"model": ErrorResponse} for status in statuses}
+
+
 # the error statuses the generation routes document in the OpenAPI schema
-ERROR_RESPONSES = {status: {"model": ErrorResponse} for status in (401, 404, 408, 413, 422, 429, 500, 503, 504)}
+ERROR_RESPONSES = error_responses(401, 404, 408, 413, 422, 429, 500, 503, 504)
 
 
 class ApiError(Exception):

@@ -22,13 +22,15 @@ def invalid(field: str, message: str, kind: str = "value_error") -> RequestValid
     return RequestValidationError([{"loc": ("body", field), "msg": message, "type": kind}])
 
 
-async def read_generate_request(request: Request, max_upload_bytes: int) -> tuple[GenerateRequest, bytes | None]:
-    """The request and its init clip's bytes (None without one); ``RequestValidationError`` (422) otherwise."""
+async def read_generate_request(request: Request, max_upload_bytes: int,
+                                schema: type[GenerateRequest] = GenerateRequest) -> tuple[GenerateRequest, bytes | None]:
+    """The request (``schema``: ``GenerateRequest`` or an extension of it) and its init clip's bytes (None without
+    one); ``RequestValidationError`` (422) otherwise."""
     if request.headers.get("content-type", "").lower().startswith(FORM_TYPES):
-        return await _read_form(request, max_upload_bytes)
+        return await _read_form(request, max_upload_bytes, schema)
     raw = await request.body()
     try:  # strict: a JSON number is no bool and a JSON string no number (a form's fields are strings, below)
-        body = GenerateRequest.model_validate_json(raw, strict=True)
+        body = schema.model_validate_json(raw, strict=True)
     except pydantic.ValidationError as exc:
         raise RequestValidationError(exc.errors(include_url=False)) from None
     clip = None
@@ -40,7 +42,8 @@ async def read_generate_request(request: Request, max_upload_bytes: int) -> tupl
     return body, clip
 
 
-async def _read_form(request: Request, max_upload_bytes: int) -> tuple[GenerateRequest, bytes | None]:
+async def _read_form(request: Request, max_upload_bytes: int,
+                     schema: type[GenerateRequest]) -> tuple[GenerateRequest, bytes | None]:
     try:
         form = await request.form(max_files=1, max_fields=32, max_part_size=max_upload_bytes)
     except Exception as exc:  # noqa: BLE001 - starlette raises its own parse errors (and HTTPException subclasses)
@@ -58,19 +61,19 @@ async def _read_form(request: Request, max_upload_bytes: int) -> tuple[GenerateR
             fields[key] = value
     if "init_audio" in fields:  # a form may also carry it as base64 text
         raise invalid("init_audio", "send the clip as a file in a multipart form")
-    return _validate(fields), clip
+    return _validate(fields, schema), clip
 
 
-def _validate(data) -> GenerateRequest:
+def _validate(data, schema: type[GenerateRequest]) -> GenerateRequest:
     try:
-        return GenerateRequest.model_validate(data)
+        return schema.model_validate(data)
     except pydantic.ValidationError as exc:
         raise RequestValidationError(exc.errors(include_url=False)) from None
 
 
-def request_body_openapi() -> dict:
+def request_body_openapi(model: type[GenerateRequest] = GenerateRequest) -> dict:
     """The two request forms for the OpenAPI schema."""
-    schema = GenerateRequest.model_json_schema()
+    schema = model.model_json_schema()
     form = json.loads(json.dumps(schema))
     form["properties"]["init_audio"] = {"type": "string", "format": "binary",
                                         "description": "a WAV / FLAC / Ogg / MP3 clip to start from (a file)"}

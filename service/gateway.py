@@ -10,7 +10,10 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, fields
 
 from models.pipeline import Pipeline, RequestError, SampleRequest
-from service.audio import AudioInputError, decode_audio
+from fastapi import Request
+from fastapi.responses import Response
+
+from service.audio import DEFAULT_MP3_BITRATE_KBPS, AudioInputError, decode_audio, encode_audio
 from service.engine import Engine
 from service.errors import ApiError
 from service.jobs import Cancelled, EngineError, GenerationJob, JobResult, QueueFull
@@ -73,6 +76,15 @@ def resolve_request(body: GenerateRequest, pipelines: dict[str, Pipeline], defau
     return JobSpec(name, sample)
 
 
+def result_headers(request_id: str, spec: JobSpec, timings: dict[str, float]) -> dict[str, str]:
+    """What a generated clip's response says about it: the request id, the seed, model, steps and guidance it was
+    made with, and where its time went (``Server-Timing``, milliseconds)."""
+    sample = spec.sample
+    server_timing = ", ".join(f"{k};dur={timings[k] * 1000:.2f}" for k in ("queue", "encode", "denoise", "decode"))
+    return {"X-Request-Id": request_id, "X-Seed": str(sample.seed), "X-Model": spec.model,
+            "Server-Timing": server_timing, "X-Steps": str(sample.steps), "X-Guidance": f"{sample.guidance:g}"}
+
+
 def api_error(exc: EngineError) -> ApiError:
     """How a job's end other than success is answered: a 503 (shutting down) says when to retry."""
     return ApiError(exc.status, exc.code, str(exc), headers={"Retry-After": "5"} if exc.status == 503 else None)
@@ -81,14 +93,49 @@ def api_error(exc: EngineError) -> ApiError:
 class Gateway:
     """The asyncio side of one engine."""
 
-    def __init__(self, engine: Engine, request_timeout: float, disconnect_poll_s: float = 0.05):
+    def __init__(self, engine: Engine, request_timeout: float, mp3_bitrate_kbps: int = DEFAULT_MP3_BITRATE_KBPS,
+                 disconnect_poll_s: float = 0.05):
         self.engine = engine
         self.request_timeout = request_timeout
+        self.mp3_bitrate_kbps = mp3_bitrate_kbps
         self.disconnect_poll_s = disconnect_poll_s
+
+    async def respond(self, request: Request, spec: JobSpec, fmt: str, timeout: float | None,
+                      **log_fields) -> Response:
+        """A synchronous route's answer: run the job within ``timeout`` (the request's own, capped by the server's)
+        and answer with its audio in ``fmt`` and the ``result_headers``; what the accounting middleware records
+        (model, log fields, audio seconds) is left in ``request.state``."""
+        rid = request.state.request_id
+        sample = spec.sample
+        request.state.model = spec.model
+        request.state.log = {"duration_s": sample.duration, "steps": sample.steps, "guidance": sample.guidance,
+                             "seed": sample.seed, "modes": sample.modes, **log_fields}
+        request.state.submitted = True
+        result = await self.run(spec, rid, self.timeout(timeout), request.state.arrival, request.is_disconnected)
+        data, media_type = await asyncio.to_thread(encode_audio, result.wave, result.sample_rate, fmt,
+                                                   self.mp3_bitrate_kbps)
+        request.state.audio_seconds = sample.duration
+        request.state.log.update({f"{k}_ms": round(v * 1000, 2) for k, v in result.timings.items()})
+        return Response(content=data, media_type=media_type, headers=result_headers(rid, spec, result.timings))
 
     def timeout(self, asked: float | None) -> float:
         """A request's deadline in seconds: what it asks for, capped by the server's."""
         return min(asked or self.request_timeout, self.request_timeout)
+
+    def submit(self, spec: JobSpec, request_id: str, timeout: float, arrival: float,
+               on_done: Callable[[JobResult | None, BaseException | None], None],
+               on_progress: Callable[[str, dict], None] | None = None) -> GenerationJob:
+        """Queue the job (429 when the queue is full, 503 when shutting down); ``on_done`` / ``on_progress`` are
+        called from the engine's thread."""
+        job = spec.job(request_id, arrival + timeout, on_done, arrival)
+        job.on_progress = on_progress
+        try:
+            self.engine.submit(job)
+        except QueueFull as exc:
+            raise ApiError(429, exc.code, str(exc), headers={"Retry-After": str(exc.retry_after)}) from None
+        except EngineError as exc:
+            raise api_error(exc) from None
+        return job
 
     async def run(self, spec: JobSpec, request_id: str, timeout: float, arrival: float,
                   is_disconnected: Callable[[], Awaitable[bool]]) -> JobResult:
@@ -107,13 +154,7 @@ class Gateway:
         def on_done(result, error):  # the engine's thread, or this loop's (a disconnect)
             loop.call_soon_threadsafe(settle, result, error)
 
-        job = spec.job(request_id, arrival + timeout, on_done, arrival)
-        try:
-            self.engine.submit(job)
-        except QueueFull as exc:
-            raise ApiError(429, exc.code, str(exc), headers={"Retry-After": str(exc.retry_after)}) from None
-        except EngineError as exc:
-            raise api_error(exc) from None
+        job = self.submit(spec, request_id, timeout, arrival, on_done)
         watcher = asyncio.create_task(self._watch(job, is_disconnected))
         try:
             return await asyncio.wait_for(fut, timeout=max(0.0, job.deadline - time.monotonic()))

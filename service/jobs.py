@@ -6,6 +6,7 @@ import enum
 import threading
 import time
 from collections.abc import Callable
+import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -14,6 +15,7 @@ if TYPE_CHECKING:
 
     from models.pipeline import Trajectory
 
+log = logging.getLogger("tta.engine")
 
 # ---------------------------------------------------------------------------------------------------- errors
 class EngineError(Exception):
@@ -29,6 +31,13 @@ class QueueFull(EngineError):
     def __init__(self, message: str, retry_after: int):
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class DeadlineUnreachable(QueueFull):
+    """Refused at admission: the work already queued and running leaves too little time before the request's
+    deadline (a 429: it may succeed once the queue is shorter)."""
+
+    code = "deadline_unreachable"
 
 
 class DeadlineExceeded(EngineError):
@@ -75,7 +84,9 @@ class JobResult:
 @dataclass(eq=False)
 class GenerationJob:
     """One request = one sample. ``on_done(result, error)`` is called exactly once, by ``resolve``, from the engine
-    thread (or from whoever cancels first); the HTTP layer's callback hops back to the event loop."""
+    thread (or from whoever cancels first); the HTTP layer's callback hops back to the event loop. ``on_progress(event,
+    data)``, when set, hears the engine's progress from its thread: "running" (admitted), "step" (one per denoising
+    step, in order), "decoding"."""
 
     id: str
     model: str
@@ -94,11 +105,21 @@ class GenerationJob:
     state: JobState = JobState.WAITING
     cancel_reason: str | None = None
     steps_done: int = 0
+    on_progress: Callable[[str, dict], Any] | None = field(default=None, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def cancel(self, reason: str) -> None:
         """Thread-safe flag; the scheduler drops the job at its next tick, so it stops consuming steps."""
         self.cancel_reason = self.cancel_reason or reason
+
+    def progress(self, event: str, **data) -> None:
+        """Tell ``on_progress`` (the engine's thread); a listener's fault is logged, never the engine's."""
+        if self.on_progress is None or self.state.final:
+            return
+        try:
+            self.on_progress(event, data)
+        except Exception:  # noqa: BLE001 - e.g. the listener's event loop has closed
+            log.exception("progress listener of request %s failed", self.id)
 
     def resolve(self, result: JobResult | None = None, error: BaseException | None = None) -> bool:
         """The job's one terminal transition (thread-safe; False when it had already ended)."""

@@ -38,5 +38,7 @@ class Metrics:
                                   "adaptive policy decides with): term=overhead (per forward) or per_frame (per "
                                   "batch x padded frame)",
                                   ["model", "term"], registry=r)
+        self.jobs = Gauge("tta_jobs", "Asynchronous jobs (POST /jobs) held, by state", ["state"], registry=r)
+        self.job_result_bytes = Gauge("tta_job_result_bytes", "Bytes of finished jobs' audio held", registry=r)
         self.failed_batches = Counter("tta_failed_batches", "Batches whose stage raised", ["model", "stage"],
                                       registry=r)

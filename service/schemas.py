@@ -49,6 +49,46 @@ class GenerateRequest(BaseModel):
         return None if self.inpaint_start is None else (self.inpaint_start, self.inpaint_end)
 
 
+class JobRequest(GenerateRequest):
+    """``POST /jobs``: the ``/generate`` body, and where to be told when it ends."""
+
+    webhook: str | None = Field(None, max_length=2048, description="an http(s) URL called once when the job ends "
+                                "(POST, the job's status as JSON); only hosts the server allows "
+                                "(TTA_WEBHOOK_HOSTS)")
+
+
+class JobError(BaseModel):
+    status: int
+    code: str
+    message: str
+
+
+class JobInfo(BaseModel):
+    """An asynchronous job: where it stands and where its result is."""
+
+    model_config = ConfigDict(protected_namespaces=())
+
+    id: str
+    status: Literal["queued", "running", "done", "failed", "cancelled"]
+    model: str
+    seed: int
+    steps: int = Field(description="denoising steps the job takes")
+    step: int = Field(description="denoising steps taken so far")
+    stage: Literal["queued", "denoising", "decoding", "finished"]
+    queue_position: int | None = Field(None, description="1 = the next job its model admits (queued jobs only)")
+    duration: float = Field(description="seconds of audio asked for")
+    format: str
+    created_at: float = Field(description="Unix time")
+    started_at: float | None = None
+    finished_at: float | None = None
+    timings: dict[str, float] | None = Field(None, description="seconds: queue, encode, denoise, decode (done jobs)")
+    error: JobError | None = None
+    result_expired: bool = False
+    expires_at: float | None = Field(None, description="Unix time after which the result is gone (410)")
+    webhook: dict | None = Field(None, description="delivery of the webhook: state, attempts, last HTTP status")
+    links: dict[str, str]
+
+
 class ModelInfo(BaseModel):
     """A model in ``model_dir``: a served one with its defaults and limits, or one that failed to load (``status``
     "failed", ``error`` says which file and why; the other fields are absent)."""

@@ -66,6 +66,18 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(16 * 1024, ge=256, description="largest request body without an audio clip")
     max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1024, description="largest request body that carries an "
                                   "init_audio clip (JSON with base64, or a multipart form)")
+    job_timeout: float = Field(3600.0, gt=0, description="POST /jobs: seconds from submission by which a job must "
+                               "finish, else it fails with 504 (a job's own timeout may be shorter)")
+    job_ttl: float = Field(600.0, gt=0, description="seconds a finished job's result is kept, then 410; the job's "
+                           "status stays as long again")
+    job_result_bytes: int = Field(64 * 1024 * 1024, ge=0, description="bytes of finished jobs' audio kept at once; "
+                                  "beyond, the oldest results expire first")
+    max_jobs: int = Field(1024, ge=1, description="jobs whose status is kept (finished ones are forgotten oldest "
+                          "first; unfinished ones are bounded by queue_size)")
+    webhook_hosts: str = Field("", description="comma-separated hosts (host or host:port; '*.example.com' for a "
+                               "domain's subdomains) that job webhooks may call; empty = webhooks refused")
+    webhook_secret: str = Field("", description="HMAC-SHA256 key of the X-TTA-Signature header on webhook calls; "
+                                "empty = unsigned")
     mp3_bitrate_kbps: int = Field(DEFAULT_MP3_BITRATE_KBPS, description="format mp3: constant bitrate in kbit/s, one "
                                   "of " + ", ".join(map(str, MP3_BITRATES_KBPS)))
     warmup: bool = True
@@ -86,6 +98,10 @@ class Settings(BaseSettings):
     @property
     def cors_origin_list(self) -> list[str]:
         return [o.strip() for o in self.cors_origins.split(",") if o.strip()]
+
+    @property
+    def webhook_host_list(self) -> list[str]:
+        return [h.strip().lower() for h in self.webhook_hosts.split(",") if h.strip()]
 
     @property
     def model_names(self) -> list[str]:

@@ -267,12 +267,15 @@ def test_generate_in_the_browser(server, browser):
     assert stats["opaque"] and stats["std"] > 5, stats
     assert "44100 Hz" in browser.find_element(By.ID, "spectrogram").get_attribute("aria-label")
 
-    # A second run is timed against the first: the progress bar becomes determinate (has a value).
+    # The progress bar follows the job's events: one value per denoising step, in order, then decoding.
     browser.execute_script("""
       window.progressValues = [];
-      const bar = document.getElementById("progress");
+      window.progressLabels = [];
+      const bar = document.getElementById("progress"), label = document.getElementById("progress-label");
       new MutationObserver(() => bar.hasAttribute("value") && progressValues.push(bar.value))
         .observe(bar, {attributes: true});
+      new MutationObserver(() => progressLabels.push(label.textContent))
+        .observe(label, {childList: true, characterData: true, subtree: true});
     """)
     browser.find_element(By.ID, "reuse-seed").click()
     set_value(browser, "duration", "2")
@@ -283,7 +286,30 @@ def test_generate_in_the_browser(server, browser):
     assert "error" not in second, second["error"]
     assert second["decoded"]["length"] == 2 * SR and second["header"]["dataBytes"] == 2 * SR * 4
     values = browser.execute_script("return window.progressValues")
-    assert values and all(0 <= v <= 1 for v in values), values
+    labels = browser.execute_script("return window.progressLabels")
+    assert values == sorted(values) and values[-1] == 1, values
+    for step in (1, 2, 3):
+        assert pytest.approx(0.95 * step / 3) in values and f"Denoising: step {step} of 3…" in labels, labels
+    assert "Decoding…" in labels
+
+
+def test_cancel_stops_the_job_on_the_server(server, browser):
+    """Cancel during denoising cancels the job (DELETE /jobs/{id}): the page says so and the engine runs nothing
+    more for it."""
+    browser.get(server.url + "/")
+    wait_for(browser, models_loaded, "the model list from GET /models")
+    set_value(browser, "prompt", "slow wind [[slow=200]]")
+    set_value(browser, "duration", "1")
+    set_value(browser, "steps", "40")
+    browser.find_element(By.ID, "generate").click()
+    label = browser.find_element(By.ID, "progress-label")
+    wait_for(browser, lambda d: "step 2 of 40" in label.text, "the second denoising step")
+    browser.find_element(By.ID, "cancel").click()
+    wait_for(browser, lambda d: d.find_element(By.ID, "status").text == "Cancelled.", "the cancellation")
+    assert browser.find_element(By.ID, "generate").is_enabled()
+    assert not browser.find_element(By.ID, "error").is_displayed()
+    assert sum(len(s.running) + s.depth() for s in server.engine.schedulers.values()) == 0
+    assert server.metric("tta_jobs", state="cancelled") >= 1
 
 
 def test_api_key_and_errors(base_settings, browser):
@@ -322,12 +348,12 @@ def test_api_key_and_errors(base_settings, browser):
 
 
 # ------------------------------------------------------------------------------------------------ generation modes
-# Runs in the page before a generation: records what each POST /generate carries (the page calls the global fetch).
+# Runs in the page before a generation: records what each POST /jobs carries (the page calls the global fetch).
 RECORD_REQUESTS_JS = r"""
 window.sentForms = [];
 const send = window.fetch;
 window.fetch = (url, options = {}) => {
-  if (String(url).endsWith("/generate")) {
+  if (String(url).endsWith("/jobs") && options.method === "POST") {
     const body = options.body, entry = { multipart: body instanceof FormData };
     if (body instanceof FormData) {
       for (const [k, v] of body) entry[k] = v instanceof Blob ? { file: v.name, size: v.size } : v;

@@ -263,15 +263,58 @@ def test_disconnected_client_stops_consuming_steps(server):
     assert steps < 50
 
 
-def test_deadline_is_504_and_the_sample_is_dropped(server):
-    steps0 = server.metric("tta_denoise_steps_total", model="tiny")
-    with server.client() as c:
-        r = c.post("/generate", json={"prompt": "[[slow=30]] too slow", "steps": 50, "timeout": 0.3})
-        assert r.status_code == 504 and r.json()["error"]["code"] == "timeout"
-    assert wait_for(lambda: server.metric("tta_inflight_requests", model="tiny") == 0, 3.0)
-    assert server.metric("tta_denoise_steps_total", model="tiny") - steps0 < 50  # dropped, not run to its end
-    with server.client() as c:  # still serving
-        assert c.post("/generate", json={"prompt": "after timeout", "steps": 2}).status_code == 200
+def test_deadline_is_504_and_the_sample_is_dropped(base_settings):
+    """A request admitted in time whose forwards turn out slower than foreseen: 504 when its deadline passes, and its
+    sample leaves the batch. (A fresh server: its cost model has seen one forward size, the warm-up's, so admission
+    makes no prediction yet and admits it.)"""
+    server = LiveServer(base_settings)
+    try:
+        steps0 = server.metric("tta_denoise_steps_total", model="tiny")
+        with server.client() as c:
+            r = c.post("/generate", json={"prompt": "[[slow=30]] too slow", "steps": 50, "timeout": 0.3})
+            assert r.status_code == 504 and r.json()["error"]["code"] == "timeout"
+        assert wait_for(lambda: server.metric("tta_inflight_requests", model="tiny") == 0, 3.0)
+        assert server.metric("tta_denoise_steps_total", model="tiny") - steps0 < 50  # dropped, not run to its end
+        with server.client() as c:  # still serving
+            assert c.post("/generate", json={"prompt": "after timeout", "steps": 2}).status_code == 200
+    finally:
+        server.stop()
+
+
+def test_admission_refuses_work_that_cannot_meet_its_deadline(runtimes):
+    """With a known cost per forward, a job whose own steps, plus the work queued and running ahead of it, cannot
+    fit before its deadline is refused at once (429 deadline_unreachable, with Retry-After), not run to a 504; the
+    same job with time enough, or with nothing ahead of it, is admitted."""
+    from service.engine import Engine
+    from service.jobs import DeadlineUnreachable, GenerationJob
+    from service.metrics import Metrics
+
+    engine = Engine({TINY: runtimes[TINY]}, Metrics(), max_batch=4, queue_size=64)  # never started: jobs stay queued
+    cost = engine.costs[TINY]
+    frames = runtimes[TINY].latent_frames(1.0)
+    cost.observe(frames, 0.02 + 0.001 * frames)  # 20 ms per forward + 1 ms per batch x frame
+    cost.observe(4 * frames, 0.02 + 0.004 * frames)
+
+    def job(i: int, seconds: float, steps: int = 10) -> GenerationJob:
+        return GenerationJob(id=f"j{i}", model=TINY, prompt="rain", duration=1.0, steps=steps, guidance=1.0, seed=i,
+                             deadline=time.monotonic() + seconds, on_done=lambda r, e: None)
+
+    alone = 10 * (0.02 + 0.001 * frames)
+    assert engine.least_seconds(job(0, 60)) == pytest.approx(alone, rel=1e-3)
+    with pytest.raises(DeadlineUnreachable) as refused:
+        engine.submit(job(1, 0.5 * alone))
+    assert refused.value.status == 429 and refused.value.code == "deadline_unreachable"
+    assert refused.value.retry_after >= 1 and "needs at least" in str(refused.value)
+    engine.submit(job(2, 1.5 * alone))  # alone, it fits
+    for i in range(3, 9):
+        engine.submit(job(i, 60, steps=20))
+    # six 20-step jobs ahead: each adds its frames to at least 10 of this job's ticks
+    ahead = engine.least_seconds(job(9, 60))
+    assert ahead == pytest.approx(alone + 7 * 10 * 0.001 * frames, rel=1e-3)
+    with pytest.raises(DeadlineUnreachable):
+        engine.submit(job(10, 1.5 * alone))
+    engine.submit(job(11, 1.5 * ahead))
+    engine.submit(job(12, 0.01), force=True)  # the warm-up path skips admission
 
 
 def test_injected_fault_fails_only_its_batch(server):

@@ -1,5 +1,6 @@
 // tta playground: plain JS, no build step, no external scripts. It talks to the service that serves it, through
-// the public API only (GET /models, POST /generate), so it shows exactly what any other client gets.
+// the public API only (GET /models, POST /jobs and its events and result), so it shows exactly what any other
+// client gets.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -23,9 +24,8 @@ const PICKABLE_MODES = ["text-to-audio", "audio-to-audio", "inpainting"];  // th
 const DEFAULT_LEVEL = { "audio-to-audio": 0.6, "inpainting": 1 };  // inpainting: the span from pure noise
 
 let models = {};       // name -> ModelInfo from GET /models
-const lastRuns = {};   // model name -> its previous successful request, the basis of the next progress estimate
 let audioUrl = null;   // current blob: URL, revoked when a new result replaces it
-let inflight = null;   // AbortController of the running request
+let inflight = null;   // {controller: AbortController, job: its id once submitted} of the running generation
 let lastResult = null; // {blob, name} of the latest generated clip, for "Use the last result"
 let initClip = null;   // {blob, name, seconds, image}: the clip audio-to-audio and inpainting start from
 let dragFrom = null;   // seconds where a drag on the init spectrogram started, while it lasts
@@ -190,33 +190,37 @@ function checkSeed() {
   ui.seed.setCustomValidity(ok ? "" : `A whole number from 0 to ${MAX_SEED}, or empty for a random seed.`);
 }
 
-// The expected wall time of this request, from the Server-Timing of the previous one on the same model: the
-// denoise stage grows with steps x duration (one DiT forward per step over a latent sequence as long as the clip),
-// decoding with the duration, and the rest (queue, text encoding, HTTP) is taken as fixed. Null before the first.
-function estimateMs(model, steps, duration) {
-  const lastRun = lastRuns[model];
-  if (!lastRun) return null;
-  const t = lastRun.timings;
-  const other = Math.max(0, lastRun.totalMs - STAGES.reduce((s, k) => s + (t[k] || 0), 0));
-  return (t.queue || 0) + (t.encode || 0) + other +
-    (t.denoise || 0) * (steps * duration) / (lastRun.steps * lastRun.duration) +
-    (t.decode || 0) * duration / lastRun.duration;
+// Progress comes from the job's own events (GET /jobs/{id}/events, Server-Sent Events): its place in the queue,
+// one event per denoising step, decoding, then its end. Read with fetch and a stream reader rather than
+// EventSource, which cannot send the API key.
+async function* jobEvents(id, signal) {
+  const resp = await fetch(`/jobs/${id}/events`, { headers: authHeaders(), signal });
+  if (!resp.ok) throw await readError(resp);
+  const reader = resp.body.pipeThrough(new TextDecoderStream()).getReader();
+  let buffer = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) return;
+    buffer += value;
+    for (let cut = buffer.indexOf("\n\n"); cut >= 0; cut = buffer.indexOf("\n\n")) {
+      const block = buffer.slice(0, cut);
+      buffer = buffer.slice(cut + 2);
+      const event = { name: null, data: {} };
+      for (const line of block.split("\n")) {
+        if (line.startsWith("event: ")) event.name = line.slice(7);
+        else if (line.startsWith("data: ")) event.data = JSON.parse(line.slice(6));
+      }
+      if (event.name) yield event;  // lines starting ":" are keep-alives
+    }
+  }
 }
 
-function startProgress(model, steps, duration) {
+function startProgress(steps, duration) {
   const started = performance.now();
-  const expected = estimateMs(model, steps, duration);
   ui.progressBox.hidden = false;
-  if (expected === null) ui.progress.removeAttribute("value");  // indeterminate until one request was timed
-  ui.progressLabel.textContent = expected === null
-    ? `Generating ${duration} s with ${steps} steps…`
-    : `Generating ${duration} s with ${steps} steps (about ${(expected / 1000).toFixed(1)} s, estimated from the previous request)…`;
-  const tick = () => {
-    const ms = performance.now() - started;
-    ui.elapsed.textContent = `${(ms / 1000).toFixed(1)} s`;
-    // Stop short of full: the bar is an estimate, and only the response says that the work is done.
-    if (expected !== null) ui.progress.value = Math.min(0.97, ms / expected);
-  };
+  ui.progress.removeAttribute("value");  // indeterminate until the job is admitted
+  ui.progressLabel.textContent = `Submitting ${duration} s with ${steps} steps…`;
+  const tick = () => { ui.elapsed.textContent = `${((performance.now() - started) / 1000).toFixed(1)} s`; };
   tick();
   const timer = setInterval(tick, 100);
   return () => {
@@ -224,6 +228,25 @@ function startProgress(model, steps, duration) {
     ui.progressBox.hidden = true;
     return performance.now() - started;
   };
+}
+
+// One job event on the progress bar: the steps fill it to 95 %, decoding takes the rest.
+function showEvent(event, steps) {
+  const d = event.data;
+  if (event.name === "queued") {
+    ui.progressLabel.textContent = d.position ? `Queued: position ${d.position}…` : "Queued…";
+  } else if (event.name === "running") {
+    ui.progress.value = 0;
+    ui.progressLabel.textContent = `Denoising: step 0 of ${steps}…`;
+  } else if (event.name === "step") {
+    ui.progress.value = 0.95 * d.step / d.steps;
+    ui.progressLabel.textContent = `Denoising: step ${d.step} of ${d.steps}…`;
+  } else if (event.name === "decoding") {
+    ui.progress.value = 0.95;
+    ui.progressLabel.textContent = "Decoding…";
+  } else if (event.name === "done") {
+    ui.progress.value = 1;
+  }
 }
 
 async function generate(event) {
@@ -237,34 +260,48 @@ async function generate(event) {
                 field: "init_audio" });
     return;
   }
-  const model = ui.model.value, steps = Number(ui.steps.value), duration = Number(ui.duration.value);
-  inflight = new AbortController();
+  const steps = Number(ui.steps.value), duration = Number(ui.duration.value);
+  inflight = { controller: new AbortController(), job: null };
+  const signal = inflight.controller.signal;
   ui.generate.disabled = true;
   ui.cancel.hidden = false;
   ui.form.setAttribute("aria-busy", "true");
   setStatus("");
-  const stopProgress = startProgress(model, steps, duration);
+  const stopProgress = startProgress(steps, duration);
   try {
-    const resp = await fetch("/generate", {
-      method: "POST",
-      headers: authHeaders(),
-      body: requestForm(),
-      signal: inflight.signal,
-    });
+    const resp = await fetch("/jobs", { method: "POST", headers: authHeaders(), body: requestForm(), signal });
     if (!resp.ok) {
       stopProgress();
       if (resp.status === 401) ui.apiKeyRow.hidden = false;
       showError(await readError(resp));
       return;
     }
-    const wav = await resp.blob();
+    const job = await resp.json();
+    inflight.job = job.id;
+    let last = null;
+    for await (const ev of jobEvents(job.id, signal)) {
+      last = ev;
+      showEvent(ev, job.steps);
+    }
+    if (!last || last.name !== "done") {
+      stopProgress();
+      if (last && last.name === "cancelled") setStatus("Cancelled.");
+      else showError(last ? last.data.error : { message: "the job's event stream ended early" });
+      return;
+    }
+    const res = await fetch(`/jobs/${job.id}/result`, { headers: authHeaders(), signal });
+    if (!res.ok) {
+      stopProgress();
+      showError(await readError(res));
+      return;
+    }
+    const wav = await res.blob();
     const totalMs = stopProgress();
-    const timings = parseServerTiming(resp.headers.get("Server-Timing"));
-    lastRuns[model] = { steps, duration, timings, totalMs };
-    await showResult(wav, resp.headers, timings, totalMs, duration);
+    await showResult(wav, res.headers, parseServerTiming(res.headers.get("Server-Timing")), totalMs, duration);
   } catch (e) {
     stopProgress();
-    if (e.name === "AbortError") setStatus("Cancelled.");  // the server drops the job when the client leaves
+    if (e.name === "AbortError") setStatus("Cancelled.");
+    else if (e.status) showError(e);
     else showError({ message: `Request failed: ${e.message}` });
   } finally {
     inflight = null;
@@ -272,6 +309,18 @@ async function generate(event) {
     ui.cancel.hidden = true;
     ui.form.removeAttribute("aria-busy");
   }
+}
+
+// Cancel: a submitted job is cancelled on the server (its stream then ends with "cancelled"); before that, the
+// submission itself is abandoned.
+async function cancel() {
+  if (!inflight) return;
+  if (!inflight.job) {
+    inflight.controller.abort();
+    return;
+  }
+  const resp = await fetch(`/jobs/${inflight.job}`, { method: "DELETE", headers: authHeaders() });
+  if (!resp.ok && resp.status !== 404) showError(await readError(resp));
 }
 
 // "queue;dur=1.20, encode;dur=3.40, ..." -> {queue: 1.2, encode: 3.4, ...} in milliseconds.
@@ -543,7 +592,7 @@ function setSpan(start, end) {
 
 // ------------------------------------------------------------------------------------------------ wiring
 ui.form.addEventListener("submit", generate);
-ui.cancel.addEventListener("click", () => inflight && inflight.abort());
+ui.cancel.addEventListener("click", cancel);
 ui.model.addEventListener("change", applyModelDefaults);
 ui.mode.addEventListener("change", showModeInputs);
 ui.duration.addEventListener("input", drawInitTimeline);
