@@ -20,12 +20,11 @@ import time
 from pathlib import Path
 
 import httpx
-
-from service.client import ApiError, AsyncClient
 import numpy as np
 
 from benchmarks.common import md_table, write_results
 from benchmarks.load import ROOT, ProcessMemory, free_port, percentile
+from service.client import ApiError, AsyncClient
 
 MIB = 1024 * 1024
 WORDS = ("rain", "thunder", "a 440 Hz sine tone", "clicks at 120 BPM", "pink noise", "on the left", "fading out",

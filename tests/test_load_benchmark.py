@@ -61,3 +61,17 @@ def test_soak_summary_reads_growth_after_five_minutes_and_counts_answers():
     rng = random.Random(0)
     prompts = {prompt(rng, i) for i in range(50)}
     assert len(prompts) == 50 and all(len(p) <= 500 for p in prompts)  # unique, within the API's limit
+
+
+def test_poisson_runs_through_the_client_and_count_statuses_and_replicas(server):
+    """``deploy.ray.bench``'s Poisson mode against one real server: every arrival answered, latencies of the 200s,
+    statuses counted (the unknown model's 404s too), no replica header on a single process."""
+    from benchmarks.load import arrival_times
+    from deploy.ray.bench import poisson
+
+    body = {"prompt": "rain", "model": "tiny", "duration": 1.0, "steps": 2}
+    r = poisson(server.url, body, rate=20, seconds=1.0, seed=3)
+    assert r["sent"] == len(arrival_times(20, 1.0, 3)) == r["ok"] == r["statuses"]["200"] > 5
+    assert 0 < r["p50_s"] <= r["p99_s"] and r["per_replica"] == {"-": r["ok"]}
+    bad = poisson(server.url, dict(body, model="nope"), rate=20, seconds=0.5, seed=3)
+    assert bad["ok"] == 0 and bad["statuses"] == {"404": bad["sent"]} and bad["p99_s"] is None
