@@ -279,3 +279,35 @@ def test_best_checkpoint_keeps_the_better_figure_and_survives_a_restart(tmp_path
     assert not higher.offer(ValidationResult(6, {"placement_accuracy": 0.6}), exports.append)
     with pytest.raises(ValueError, match="unknown validation figure"):
         BestCheckpoint(tmp_path, "loss")
+
+
+def test_worst_ratio_scores_a_checkpoint_by_the_axis_it_lost_most():
+    from models.training.validation import worst_ratio
+
+    ref = {"fd_mfcc": 10.0, "pitch_error_median": 0.05, "placement_accuracy": 0.9, "tempo_within_5pct": 0.8}
+    assert worst_ratio(dict(ref), ref) == pytest.approx(1.0)
+    # better FD, tempo lost: scored by the tempo (0.8 / 0.4 = 2)
+    assert worst_ratio(dict(ref, fd_mfcc=5.0, tempo_within_5pct=0.4), ref) == pytest.approx(2.0)
+    # pitch error 15 % worse, everything else better
+    assert worst_ratio({"fd_mfcc": 8.0, "pitch_error_median": 0.0575, "placement_accuracy": 1.0,
+                        "tempo_within_5pct": 0.9}, ref) == pytest.approx(1.15)
+    assert worst_ratio(dict(ref, tempo_within_5pct=0.0), ref) == float("inf")
+    assert worst_ratio(dict(ref, pitch_error_median=None), {"fd_mfcc": 10.0}) == pytest.approx(1.0)
+    assert worst_ratio({}, ref) is None
+    keep = BestCheckpoint("/nonexistent-run-dir", "worst_ratio")  # lower is better
+    assert keep.better(1.3) and keep.lower_is_better
+
+
+@pytest.mark.slow
+def test_arc_run_selects_on_every_axis_against_its_source(tmp_path, teacher, cache):
+    """val_select worst_ratio: the source's own figures are measured once (reference.json) and every checkpoint's
+    worst ratio to them is logged and selects the best."""
+    cfg = ARCConfig(train_steps=4, batch_size=2, lr_g=1e-3, lr_d=1e-3, checkpoint_every=2, log_every=1,
+                    val_clips=4, val_duration=0.5, val_select="worst_ratio")
+    train_arc(teacher, cache, tmp_path / "arc", tmp_path / "run", cfg)
+    reference = json.loads((tmp_path / "run" / "reference.json").read_text())
+    assert reference["model"] == teacher.name and reference["figures"]["fd_mfcc"] >= 0
+    log = [json.loads(line) for line in (tmp_path / "run" / "validation.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [2, 4] and all(r["worst_ratio"] > 0 for r in log)
+    best = json.loads((tmp_path / "run" / "best.json").read_text())
+    assert best["key"] == "worst_ratio" and best["value"] == min(r["worst_ratio"] for r in log)

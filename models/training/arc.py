@@ -98,7 +98,9 @@ class ARCConfig:
     threads: int | None = None
     device: str = "cpu"
     # validation at every checkpoint (models/training/validation.py): 0 clips = none; the best checkpoint by
-    # ``val_select`` is kept in <run-dir>/best
+    # ``val_select`` is kept in <run-dir>/best. "worst_ratio" weighs every axis against the source's own figures on
+    # the validation set (measured once, kept in <run-dir>/reference.json): the checkpoint that lost least of what
+    # the source does on its worst axis
     val_clips: int = 0
     val_duration: float = 3.0
     val_select: str = "fd_mfcc"
@@ -353,12 +355,16 @@ def train_arc(source: ModelBundle, cache: LatentCache, out_dir: str | Path, run_
 
     validator = Validator(cfg.val_clips, cfg.val_duration, seed=cfg.seed) if cfg.val_clips else None
     best = BestCheckpoint(run.dir, cfg.val_select) if validator else None
+    reference = None
+    if validator is not None and cfg.val_select == "worst_ratio":
+        reference = source_reference(validator, source, run.dir)
 
     def checkpoint(step: int) -> None:
         run.save(step, trainer.modules(), trainer.optimizers())
         export(Path(out_dir), step)
         if validator is not None:
-            result = validator.evaluate(load_bundle(out_dir, text_encoder=source.text_encoder), step)
+            result = validator.evaluate(load_bundle(out_dir, text_encoder=source.text_encoder), step,
+                                        reference=reference)
             kept = best.offer(result, lambda dest: export(dest, step))
             print(f"validation at {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in result.figures.items()
                                                            if v is not None) + (" (best so far)" if kept else ""))
@@ -366,6 +372,20 @@ def train_arc(source: ModelBundle, cache: LatentCache, out_dir: str | Path, run_
     train_loop(run, "arc", step, cfg.train_steps, train_step, checkpoint, cfg.log_every, cfg.checkpoint_every,
                stop_at=stop_at, postfix=("d_loss", "g_loss"))
     return Path(out_dir)
+
+
+def source_reference(validator: Validator, source: ModelBundle, run_dir: Path) -> dict:
+    """The source's validation figures at its own default steps and guidance (what ``worst_ratio`` compares
+    against), measured once per run and read back on resume."""
+    path = Path(run_dir) / "reference.json"
+    if path.exists():
+        return json.loads(path.read_text())["figures"]
+    figures = validator.evaluate(source, 0).figures
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"model": source.name, "figures": figures}, indent=2))
+    print("validation reference (the source): " + ", ".join(f"{k} {v:.4g}" for k, v in figures.items()
+                                                            if v is not None))
+    return figures
 
 
 def run_arc(source: str | Path, out_dir: str | Path, run_dir: str | Path, cfg: ARCConfig,

@@ -23,7 +23,24 @@ from models.eval.embeddings import frechet_distance_samples, mfcc_embedding
 from models.eval.pitch import CappedPitch, PitchTracker
 
 # figure name -> True when lower is better; what ``select`` may name
-FIGURES = {"fd_mfcc": True, "pitch_error_median": True, "placement_accuracy": False, "tempo_within_5pct": False}
+FIGURES = {"fd_mfcc": True, "pitch_error_median": True, "placement_accuracy": False, "tempo_within_5pct": False,
+           "worst_ratio": True}
+AXES = [k for k in FIGURES if k != "worst_ratio"]
+
+
+def worst_ratio(figures: dict, reference: dict) -> float | None:
+    """Every axis at once, against a reference model's figures on the same set: the worst of the ratios that say how
+    much worse the candidate is on each axis (FD-MFCC and pitch error: candidate / reference; placement and tempo:
+    reference / candidate). 1 = as good as the reference on every axis, 1.15 = 15 % worse on the worst one; a
+    checkpoint that trades one axis for another scores by the one it lost."""
+    ratios = []
+    for key in AXES:
+        value, ref = figures.get(key), reference.get(key)
+        if value is None or ref is None:
+            continue
+        num, den = (value, ref) if FIGURES[key] else (ref, value)
+        ratios.append(num / den if den > 0 else (1.0 if num <= 0 else float("inf")))
+    return max(ratios) if ratios else None
 
 
 @dataclass
@@ -53,8 +70,10 @@ class Validator:
         self._tracker = None
 
     @torch.no_grad()
-    def evaluate(self, bundle: ModelBundle, step: int, steps: int | None = None,
-                 guidance: float | None = None) -> ValidationResult:
+    def evaluate(self, bundle: ModelBundle, step: int, steps: int | None = None, guidance: float | None = None,
+                 reference: dict | None = None) -> ValidationResult:
+        """The figures of ``bundle`` (at ``steps`` / ``guidance``, else its defaults); with ``reference`` (another
+        model's figures on this set) also ``worst_ratio`` against it."""
         waves = []
         for b in range(0, len(self.clips), self.batch):
             part = self.clips[b: b + self.batch]
@@ -64,7 +83,9 @@ class Validator:
         fake_mfcc = np.stack([mfcc_embedding(a, SAMPLE_RATE) for a in audio])
         figures = {"fd_mfcc": frechet_distance_samples(fake_mfcc, self.real_mfcc)["fd"]}
         adherence = [self._adherence(a, c.params) for a, c in zip(audio, self.clips)]
-        figures.update({k: v for k, v in summarize(adherence).items() if k in FIGURES})
+        figures.update({k: v for k, v in summarize(adherence).items() if k in AXES})
+        if reference is not None:
+            figures["worst_ratio"] = worst_ratio(figures, reference)
         return ValidationResult(step, figures)
 
     def _adherence(self, audio: np.ndarray, params: dict) -> dict:
