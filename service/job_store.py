@@ -182,6 +182,7 @@ class JobStore:
             return
         self._set_status(record, status)
         record.finished_at, record.stage, record.timings = time.time(), "finished", timings
+        record.generation = None  # the engine's job (its init clip, its callbacks) is not kept with the status
         record.expires_at = record.finished_at + self.ttl
         if result is not None:
             record.result, record.media_type, record.headers = result

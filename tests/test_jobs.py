@@ -19,9 +19,11 @@ from service.client import (
     InvalidInput,
     JobNotReady,
     NotFound,
+    PayloadTooLarge,
     QueueFull,
     ServerError,
     Unauthorized,
+    error_from,
 )
 from service.webhooks import SIGNATURE_HEADER, verify
 
@@ -264,3 +266,19 @@ def test_the_client_round_trips_every_error_code(jobs_server):
     finally:
         keyed.stop()
     assert {401, 404, 408, 409, 410, 413, 422, 429, 499, 500, 503, 504} <= set(ERRORS)
+    with Client(jobs_server.url) as c, pytest.raises(PayloadTooLarge) as e:  # refused before parsing
+        c.generate("x" * 20_000)
+    assert e.value.code == "payload_too_large"
+
+
+def test_every_error_body_maps_to_its_type():
+    """The error bodies the service sends, each to its exception type with code, message, field and Retry-After
+    (also a body that is not the service's: a proxy's HTML page)."""
+    for status, cls in ERRORS.items():
+        body = {"error": {"code": f"code{status}", "message": f"m{status}", "field": "duration"}}
+        err = error_from(status, body, {"retry-after": "7"})
+        assert type(err) is cls and isinstance(err, ApiError) and err.status == status
+        assert (err.code, err.message, err.field, err.retry_after) == (f"code{status}", f"m{status}", "duration", 7.0)
+    proxy = error_from(502, None, {})
+    assert isinstance(proxy, ServerError) and proxy.code == "http_error" and proxy.retry_after is None
+    assert type(error_from(418, {"error": "teapot"}, {})) is ApiError
