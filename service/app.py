@@ -30,15 +30,16 @@ from models.registry import available_models
 from service.audio import AUDIO_CONTENT
 from service.compat import install_compat_routes
 from service.engine import Engine
-from service.errors import ERROR_RESPONSES, ApiError, error_response
+from service.errors import GENERATE_ERRORS, OVER_CAPACITY, ApiError, error_response, error_responses
 from service.forms import read_generate_request, request_body_openapi
 from service.gateway import Gateway, resolve_request
 from service.job_routes import install_job_routes
 from service.logging_setup import setup_logging
 from service.metrics import Metrics
-from service.middleware import BodyLimitMiddleware, RequestAccounting, SecurityHeaders
+from service.middleware import BodyLimitMiddleware, CapacityRefusal, RequestAccounting, SecurityHeaders
+from service.openapi import allowed_methods, contract_openapi
 from service.runtimes import Runtime, load_runtime
-from service.schemas import ErrorResponse, ModelInfo
+from service.schemas import ModelInfo
 from service.settings import Settings
 
 log = logging.getLogger("tta.http")
@@ -169,9 +170,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                   docs_url=None, redoc_url=None, openapi_url=None)
     app.router.redirect_slashes = False  # a redirect would be built from the request's Host header
     app.state.tta = state
-    # the last added runs first: accounting sees every answer, the body limit's 413 included
+    # the last added runs first: accounting sees every answer, the body limit's 413 and the connection limit's 503
+    # included
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes, upload_limit=settings.max_upload_bytes,
                        body_timeout=settings.body_timeout)
+    app.add_middleware(CapacityRefusal, limit=settings.max_connections)
     app.add_middleware(RequestAccounting, metrics=metrics, paths=("/generate", "/jobs"))
     if settings.cors_origin_list:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origin_list, allow_methods=["GET", "POST", "DELETE"],
@@ -199,8 +202,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):
         codes = {404: "not_found", 405: "method_not_allowed", 401: "unauthorized"}
+        headers = dict(getattr(exc, "headers", None) or {})
+        if exc.status_code == 405:  # every method of the path (the router names only its first route's)
+            headers["Allow"] = ", ".join(allowed_methods(app.router.routes, request.scope))
         return error_response(exc.status_code, codes.get(exc.status_code, "http_error"), str(exc.detail),
-                              getattr(exc, "headers", None))
+                              headers)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):
@@ -239,7 +245,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def root():
         return FileResponse(STATIC_DIR / "index.html")
 
-    @app.get("/health/live", tags=["health"], responses={503: {"model": ErrorResponse}})
+    @app.get("/health/live", tags=["health"], responses=error_responses(503, descriptions={
+        503: "engine_stalled: the engine's worker has stopped or stalled (restart the process); or over_capacity"}))
     async def live():
         """200 while the process serves and its engine's worker is alive and coming round its loop; 503 when the
         worker has died or stalled for ``TTA_ENGINE_STALL_SECONDS`` (an orchestrator should restart it)."""
@@ -248,7 +255,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             return error_response(503, "engine_stalled", "the engine's worker has stopped or stalled")
         return {"status": "alive"}
 
-    @app.get("/health/ready", tags=["health"], responses={503: {"model": ErrorResponse}})
+    @app.get("/health/ready", tags=["health"], responses=error_responses(503))
     async def ready():
         if not state.ready:
             why = "shutting down" if state.draining else state.load_error or "models are loading or warming up"
@@ -258,9 +265,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     ops = [Depends(require_api_key)] if settings.protect_ops else []
 
     @app.get("/metrics", tags=["ops"], dependencies=ops, response_class=Response,
-             responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text format"}})
+             responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text format"},
+                        **error_responses(401, 503, descriptions={
+                            401: "unauthorized: with TTA_PROTECT_OPS and API keys, a request without one",
+                            503: OVER_CAPACITY})})
     async def metrics_endpoint():
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    app.openapi = lambda: contract_openapi(app)  # FastAPI's, exact (service/openapi.py)
 
     @app.get("/openapi.json", include_in_schema=False, dependencies=ops)
     async def openapi():
@@ -275,7 +287,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                                    swagger_js_url="/docs-assets/swagger-ui-bundle.js",
                                    swagger_css_url="/docs-assets/swagger-ui.css", swagger_favicon_url="data:,")
 
-    @app.get("/models", tags=["generation"], response_model=list[ModelInfo], responses=ERROR_RESPONSES,
+    @app.get("/models", tags=["generation"], response_model=list[ModelInfo], responses=error_responses(401, 503),
              dependencies=[Depends(require_api_key)])
     async def list_models(st: ServiceState = Depends(require_ready)):
         served = [ModelInfo(name=name, kind=rt.config.kind, default_steps=rt.config.default_steps,
@@ -286,7 +298,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                   for name, rt in st.runtimes.items()]
         return served + [ModelInfo(name=name, status="failed", error=why) for name, why in st.failed.items()]
 
-    @app.post("/generate", tags=["generation"], responses={200: {"content": AUDIO_CONTENT}, **ERROR_RESPONSES},
+    @app.post("/generate", tags=["generation"], responses={200: {"content": AUDIO_CONTENT},
+                                                           **error_responses(*GENERATE_ERRORS)},
               response_class=Response, dependencies=[Depends(require_api_key)],
               openapi_extra={"requestBody": request_body_openapi()})
     async def generate(request: Request, st: ServiceState = Depends(require_ready)):

@@ -110,7 +110,8 @@ def decode_audio(data: bytes, sample_rate: int, max_seconds: float) -> Tensor:
             audio = f.read(frames=min(f.frames, math.ceil(max_seconds * rate)) if f.frames > 0 else -1,
                            dtype="float32", always_2d=True)
     except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as exc:
-        raise AudioInputError(f"init_audio: not a readable WAV, FLAC, Ogg or MP3 file ({exc})") from None
+        why = getattr(exc, "error_string", None) or exc  # libsndfile's words, without the reader object's repr
+        raise AudioInputError(f"init_audio: not a readable WAV, FLAC, Ogg or MP3 file ({why})") from None
     if audio.shape[0] == 0:
         raise AudioInputError("init_audio: the clip holds no samples")
     if not np.isfinite(audio).all():

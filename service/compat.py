@@ -21,14 +21,15 @@ import pydantic
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 from starlette.datastructures import MutableHeaders
 
 from service.audio import AUDIO_CONTENT
-from service.errors import ApiError
+from service.errors import GENERATE_ERRORS, ApiError, error_responses
+from service.forms import validate_json
 from service.gateway import resolve_request
 from service.middleware import RequestAccounting
-from service.schemas import GenerateRequest
+from service.schemas import GenerateRequest, integral
 
 PATH = "/v1/audio/generate"
 # this route's field for each GenerateRequest field it sets
@@ -38,38 +39,56 @@ FIELD_NAMES = {"prompt": "input", "duration": "audio_length", "steps": "num_infe
 
 
 class AudioGenerateRequest(BaseModel):
-    """vLLM-Omni's audio generation body. Like vLLM-Omni, fields it does not know are ignored."""
+    """vLLM-Omni's audio generation body. Like vLLM-Omni, fields it does not know are ignored; the types of those
+    it knows are strict, as on ``/generate`` (vLLM-Omni's lax parsing would take ``"seed": false`` as seed 0 and
+    ``"num_inference_steps": "8"`` as 8)."""
 
-    model_config = ConfigDict(extra="ignore", protected_namespaces=())
+    model_config = ConfigDict(extra="ignore", protected_namespaces=(), allow_inf_nan=False)
 
-    input: str = Field(description="what the audio should sound like (this service's prompt: 1-500 characters)")
-    model: str | None = Field(None, description="a name from GET /models; the default model when absent")
+    input: str = Field(min_length=1, max_length=500, description="what the audio should sound like (this "
+                       "service's prompt)")
+    model: str | None = Field(None, min_length=1, description="a name from GET /models; the default model when "
+                              "absent")
     response_format: Literal["wav", "pcm", "flac", "mp3", "aac", "opus"] = Field(
         "wav", description="aac is answered as wav (audio/wav), as vLLM-Omni does: libsndfile has no AAC encoder; "
         "opus comes at 48 kHz")
-    speed: float | None = Field(1.0, ge=0.25, le=4.0, description="only 1: this service does not time-stretch")
-    stream_format: Literal["sse", "audio"] | None = Field("audio", description="audio (the whole clip in one body)")
-    audio_length: float | None = Field(None, description="seconds (this service's duration); the model's default "
-                                       "when absent")
-    audio_start: float | None = Field(0.0, description="only 0: the clip always starts at the beginning")
-    negative_prompt: str | None = Field(None, description="what guidance steers away from")
-    guidance_scale: float | None = Field(None, description="classifier-free guidance scale, 0 .. 20")
-    num_inference_steps: int | None = Field(None, description="sampler steps, 1 .. the model's max_steps")
-    seed: int | None = Field(None, description="0 .. 2^63 - 1; random when absent (X-Seed reports it)")
+    # vLLM-Omni's speed (0.25 .. 4), audio_start and "sse" stream are not offered: the schema admits the one value
+    # served, the validators below say why another is refused
+    speed: float | None = Field(1.0, ge=1.0, le=1.0, description="only 1: this service does not time-stretch")
+    stream_format: Literal["audio"] | None = Field("audio", description="audio (the whole clip in one body)")
+    audio_length: float | None = Field(None, ge=0.5, description="seconds (this service's duration), at most the "
+                                       "model's max_duration; the model's default when absent")
+    audio_start: float | None = Field(0.0, ge=0.0, le=0.0, description="only 0: the clip always starts at the "
+                                      "beginning")
+    negative_prompt: str | None = Field(None, max_length=500, description="what guidance steers away from")
+    guidance_scale: float | None = Field(None, ge=0.0, le=20.0, description="classifier-free guidance scale")
+    num_inference_steps: int | None = Field(None, ge=1, description="sampler steps, at most the model's max_steps")
+    seed: int | None = Field(None, ge=0, le=2**63 - 1, description="random when absent (X-Seed reports it)")
 
-    @field_validator("stream_format")
+    @field_validator("speed", "audio_start", mode="before")
     @classmethod
-    def _no_sse(cls, value: str | None) -> str | None:
+    def _the_one_value(cls, value, info: ValidationInfo):
+        only, why = {"speed": (1.0, "only 1.0 is supported (the service does not time-stretch its output)"),
+                     "audio_start": (0.0, "only 0 is supported (the clip always starts at the beginning)")}[
+            info.field_name]
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value != only:
+            raise ValueError(why)
+        return value
+
+    @field_validator("num_inference_steps", "seed", mode="before")
+    @classmethod
+    def _integral(cls, value):
+        return integral(value)
+
+    @field_validator("stream_format", mode="before")
+    @classmethod
+    def _no_sse(cls, value):
         if value == "sse":
             raise ValueError("'sse' is not supported: use 'audio'")
         return value
 
     def generate_request(self) -> GenerateRequest:
         """The same request in this service's terms; ``RequestValidationError`` naming this route's field."""
-        if self.speed not in (None, 1.0):
-            raise _invalid("speed", "only 1.0 is supported (the service does not time-stretch its output)")
-        if self.audio_start not in (None, 0.0):
-            raise _invalid("audio_start", "only 0 is supported (the clip always starts at the beginning)")
         fields = {"prompt": self.input, "duration": self.audio_length, "steps": self.num_inference_steps,
                   "guidance": self.guidance_scale, "seed": self.seed, "model": self.model,
                   "negative_prompt": self.negative_prompt or None,  # an empty one is none, as in vLLM-Omni
@@ -83,10 +102,6 @@ class AudioGenerateRequest(BaseModel):
 
 def _compat_name(name) -> str:
     return FIELD_NAMES.get(name, name) if isinstance(name, str) else name
-
-
-def _invalid(field: str, message: str) -> RequestValidationError:
-    return RequestValidationError([{"loc": ("body", field), "msg": message, "type": "value_error"}])
 
 
 def _renamed(exc: ApiError) -> ApiError:
@@ -168,6 +183,10 @@ class OpenAIErrors:
         await send({"type": "http.response.body", "body": body})
 
 
+# /generate's error statuses, invalid input a 400 as in vLLM
+ERRORS = tuple(sorted({400, *GENERATE_ERRORS} - {422}))
+
+
 def install_compat_routes(app: FastAPI, state, require_api_key: Callable, require_ready: Callable) -> None:
     """Adds the route to ``app`` (``state``: the app's ``ServiceState``), with its error rewriting and its request
     accounting (the last middleware added runs first: accounting records the status the client gets)."""
@@ -176,17 +195,13 @@ def install_compat_routes(app: FastAPI, state, require_api_key: Callable, requir
     app.add_middleware(RequestAccounting, metrics=state.metrics, paths=(PATH,))
 
     @app.post(PATH, tags=["compatibility"], response_class=Response, dependencies=[Depends(require_api_key)],
-              responses={200: {"content": AUDIO_CONTENT}, **{status: {"model": OpenAIErrorResponse}
-                                                              for status in (400, 401, 404, 408, 413, 429, 500, 503,
-                                                                             504)}},
+              responses={200: {"content": AUDIO_CONTENT},
+                         **error_responses(*ERRORS, model=OpenAIErrorResponse)},
               openapi_extra={"requestBody": {"required": True, "content": {
                   "application/json": {"schema": AudioGenerateRequest.model_json_schema()}}}})
     async def audio_generate(request: Request, st=Depends(require_ready)):
         """vLLM-Omni's ``/v1/audio/generate``: the audio bytes, with the headers of ``POST /generate``."""
-        try:
-            compat = AudioGenerateRequest.model_validate_json(await request.body())
-        except pydantic.ValidationError as exc:
-            raise RequestValidationError(exc.errors(include_url=False)) from None
+        compat = validate_json(await request.body(), AudioGenerateRequest)  # strict types, as on /generate
         body = compat.generate_request()
         pipelines = {n: runner.pipeline for n, runner in st.engine.runners.items()}
         try:

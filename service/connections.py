@@ -2,14 +2,17 @@
 seconds of opening (or of its previous response), else it is closed. uvicorn times out idle keep-alive
 connections but not a connection that never sends anything, nor one that trickles its headers (slowloris), and
 each such socket holds a file descriptor until the process runs out. Request bodies have their own timeout
-(``service.middleware.BodyLimitMiddleware``); the number of connections served at once is uvicorn's
-``limit_concurrency`` (a clean 503 beyond it)."""
+(``service.middleware.BodyLimitMiddleware``). Beyond ``limit_concurrency`` connections or requests at once (uvicorn's
+limit, TTA_MAX_CONNECTIONS) a request is answered 503 by the app itself, in the service's JSON error shape
+(``service.middleware.CapacityRefusal``), where uvicorn would answer a plain-text 503."""
 from __future__ import annotations
 
 import asyncio
 import logging
 
 from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from service.middleware import OVER_CAPACITY
 
 log = logging.getLogger("tta.http")
 
@@ -57,7 +60,32 @@ class HeaderDeadline:
             self.transport.close()
 
 
+class CapacityMark:
+    """Mixed into a uvicorn HTTP protocol class: uvicorn's ``limit_concurrency`` check, made here instead. uvicorn
+    answers a request beyond the limit itself (``text/plain``, "Service Unavailable"); this protocol hands it to the
+    app marked ``OVER_CAPACITY`` on its scope, and the app refuses it in its own error shape, before reading its
+    body. The limit is uvicorn's: the open connections (this one included) reach it, or the requests in progress
+    exceed it."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.capacity, self.limit_concurrency = self.limit_concurrency, None  # uvicorn's own check off
+        app = self.app
+
+        async def admit(scope, receive, send) -> None:
+            # this request's own task is among ``self.tasks`` by now (uvicorn counted the others before adding it)
+            if self.capacity is not None and (len(self.connections) >= self.capacity
+                                              or len(self.tasks) > self.capacity):
+                scope[OVER_CAPACITY] = True
+                log.warning("over the connection limit", extra={"limit": self.capacity, "path": scope.get("path")})
+            await app(scope, receive, send)
+
+        self.app = admit
+
+
 def guarded_protocol(header_timeout: float) -> type:
-    """The HTTP protocol class uvicorn would pick (httptools, else h11) with ``HeaderDeadline``."""
+    """The HTTP protocol class uvicorn would pick (httptools, else h11) with ``HeaderDeadline`` and
+    ``CapacityMark``."""
     base = HttpToolsProtocol or H11Protocol
-    return type(f"Guarded{base.__name__}", (HeaderDeadline, base), {"header_timeout": float(header_timeout)})
+    return type(f"Guarded{base.__name__}", (HeaderDeadline, CapacityMark, base),
+                {"header_timeout": float(header_timeout)})

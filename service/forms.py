@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+from typing import TypeVar
 
 import pydantic
 from fastapi import Request
@@ -13,6 +14,8 @@ from fastapi.exceptions import RequestValidationError
 from starlette.datastructures import UploadFile
 
 from service.schemas import GenerateRequest
+
+M = TypeVar("M", bound=pydantic.BaseModel)
 
 
 FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
@@ -28,11 +31,7 @@ async def read_generate_request(request: Request, max_upload_bytes: int,
     one); ``RequestValidationError`` (422) otherwise."""
     if request.headers.get("content-type", "").lower().startswith(FORM_TYPES):
         return await _read_form(request, max_upload_bytes, schema)
-    raw = await request.body()
-    try:  # strict: a JSON number is no bool and a JSON string no number (a form's fields are strings, below)
-        body = schema.model_validate_json(raw, strict=True)
-    except pydantic.ValidationError as exc:
-        raise RequestValidationError(exc.errors(include_url=False)) from None
+    body = validate_json(await request.body(), schema)
     clip = None
     if body.init_audio is not None:
         try:
@@ -42,12 +41,28 @@ async def read_generate_request(request: Request, max_upload_bytes: int,
     return body, clip
 
 
+def validate_json(raw: bytes, schema: type[M]) -> M:
+    """A JSON body as ``schema``, with strict types (a JSON number is no bool and a JSON string no number; a form's
+    fields are strings, below); ``RequestValidationError`` (422) naming the field at fault, or ``body`` and the
+    problem (not UTF-8, not JSON, nested too deep, a number out of range) with where it is."""
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RequestValidationError([{"loc": ("body",), "msg": f"not UTF-8 text, as JSON must be ({exc.reason} at "
+                                       f"byte {exc.start})", "type": "value_error"}]) from None
+    try:
+        return schema.model_validate_json(raw, strict=True)
+    except pydantic.ValidationError as exc:
+        raise RequestValidationError(exc.errors(include_url=False)) from None
+
+
 async def _read_form(request: Request, max_upload_bytes: int,
                      schema: type[GenerateRequest]) -> tuple[GenerateRequest, bytes | None]:
     try:
         form = await request.form(max_files=1, max_fields=32, max_part_size=max_upload_bytes)
     except Exception as exc:  # noqa: BLE001 - starlette raises its own parse errors (and HTTPException subclasses)
-        raise RequestValidationError([{"loc": ("body",), "msg": f"not a valid multipart form ({exc})",
+        why = getattr(exc, "detail", None) or exc  # an HTTPException's str() starts with its status
+        raise RequestValidationError([{"loc": ("body",), "msg": f"not a valid form ({why})",
                                        "type": "value_error"}]) from None
     fields, clip = {}, None
     for key, value in form.multi_items():
@@ -72,10 +87,21 @@ def _validate(data, schema: type[GenerateRequest]) -> GenerateRequest:
 
 
 def request_body_openapi(model: type[GenerateRequest] = GenerateRequest) -> dict:
-    """The two request forms for the OpenAPI schema."""
+    """The two request forms for the OpenAPI schema. A form's field is there or not, never null: its schema is the
+    JSON one without the null alternatives."""
     schema = model.model_json_schema()
     form = json.loads(json.dumps(schema))
+    form["properties"] = {name: _form_field(prop) for name, prop in form["properties"].items()}
     form["properties"]["init_audio"] = {"type": "string", "format": "binary",
                                         "description": "a WAV / FLAC / Ogg / MP3 clip to start from (a file)"}
     return {"required": True, "content": {"application/json": {"schema": schema},
                                           "multipart/form-data": {"schema": form}}}
+
+
+def _form_field(prop: dict) -> dict:
+    """A field's JSON schema (``X | None``: ``anyOf`` X and null, default null) as a form field's: X."""
+    options = [option for option in prop.get("anyOf", ()) if option != {"type": "null"}]
+    if "anyOf" not in prop or len(options) != 1:
+        return prop
+    rest = {k: v for k, v in prop.items() if k != "anyOf" and not (k == "default" and v is None)}
+    return {**options[0], **rest}

@@ -22,7 +22,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from service.audio import AUDIO_CONTENT, encode_audio
-from service.errors import ApiError, error_responses
+from service.errors import OVER_CAPACITY, UNKNOWN_JOB, ApiError, error_responses
 from service.forms import read_generate_request, request_body_openapi
 from service.gateway import JobSpec, api_error, resolve_request, result_headers
 from service.job_store import JobRecord, JobStore, finished_status, owner_of, timings_of
@@ -111,7 +111,12 @@ def install_job_routes(app: FastAPI, state, require_api_key: Callable, require_r
         store.emit(record, "queued", position=where)
         return JSONResponse(record.info(where), status_code=202, headers={"Location": f"/jobs/{record.id}"})
 
-    @app.get("/jobs/{job_id}", tags=["jobs"], response_model=JobInfo, responses=error_responses(401, 404))
+    # the routes of one job: 404 for an unknown id (or another key's job); they need no readiness, so their 503 is the
+    # connection limit's alone
+    job_errors = {"descriptions": {404: UNKNOWN_JOB, 503: OVER_CAPACITY}}
+
+    @app.get("/jobs/{job_id}", tags=["jobs"], response_model=JobInfo,
+             responses=error_responses(401, 404, 503, **job_errors))
     async def job_status(job_id: str, key: str | None = Depends(require_api_key)):
         record = store.get(job_id, owner_of(key))
         return record.info(position(record))
@@ -120,7 +125,7 @@ def install_job_routes(app: FastAPI, state, require_api_key: Callable, require_r
              responses={200: {"content": {"text/event-stream": {}},
                               "description": "Server-Sent Events: queued, running, step (one per denoising step), "
                                              "decoding, then done / failed / cancelled"},
-                        **error_responses(401, 404)})
+                        **error_responses(401, 404, 503, **job_errors)})
     async def job_events(job_id: str, request: Request, key: str | None = Depends(require_api_key)):
         record = store.get(job_id, owner_of(key))
         try:
@@ -146,7 +151,7 @@ def install_job_routes(app: FastAPI, state, require_api_key: Callable, require_r
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     @app.get("/jobs/{job_id}/result", tags=["jobs"], response_class=Response,
-             responses={200: {"content": AUDIO_CONTENT}, **error_responses(401, 404, 409, 410)})
+             responses={200: {"content": AUDIO_CONTENT}, **error_responses(401, 404, 409, 410, 503, **job_errors)})
     async def job_result(job_id: str, key: str | None = Depends(require_api_key)):
         """The audio of a done job (409 while it is unfinished, or when it failed or was cancelled; 410 once its
         result has expired or was discarded)."""
@@ -165,7 +170,11 @@ def install_job_routes(app: FastAPI, state, require_api_key: Callable, require_r
         raise ApiError(409, f"job_{record.status}", f"job {job_id} {record.status}: {e.get('code')}: "
                        f"{e.get('message')}")
 
-    @app.delete("/jobs/{job_id}", tags=["jobs"], response_model=JobInfo, responses=error_responses(401, 404))
+    @app.delete("/jobs/{job_id}", tags=["jobs"], response_model=JobInfo,
+                responses={200: {"description": "a finished job: its result discarded"},
+                           202: {"model": JobInfo, "description": "an unfinished job: cancelled at the engine's "
+                                 "next tick"},
+                           **error_responses(401, 404, 408, 413, 503, **job_errors)})
     async def cancel_job(job_id: str, key: str | None = Depends(require_api_key)):
         """Cancel an unfinished job (202: it leaves its batch at the engine's next tick, then its status is
         cancelled); for a finished one, discard its result (200)."""

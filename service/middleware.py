@@ -1,6 +1,6 @@
-"""ASGI middleware of the generation routes: the body limit before parsing, and one place where every generation
-request is counted, timed and logged, whatever answered it (the route, validation, the body limit, auth,
-readiness)."""
+"""ASGI middleware of the generation routes: the body limit before parsing, the answer to a request beyond the
+connection limit, and one place where every generation request is counted, timed and logged, whatever answered it
+(the route, validation, the body limit, the connection limit, auth, readiness)."""
 from __future__ import annotations
 
 import asyncio
@@ -125,6 +125,29 @@ class BodyLimitMiddleware:
     async def _reject(self, scope, receive, send, limit: int):
         what = "with an audio clip " if limit > self.limit else ""
         resp = error_response(413, "payload_too_large", f"request body {what}exceeds {limit} bytes")
+        await resp(scope, receive, send)
+
+
+# set on a request's ASGI scope by the server's protocol (``service.connections``) when it arrives beyond the
+# connection limit
+OVER_CAPACITY = "tta.over_capacity"
+
+
+class CapacityRefusal:
+    """Answers a request that arrived beyond the server's connection limit (``OVER_CAPACITY`` on its scope, set by
+    ``service.connections.guarded_protocol``): 503 ``over_capacity`` in the service's JSON (inside the app, so the
+    accounting, the security headers and a route's own error shape apply), before its body is read; the connection
+    is closed after it."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or not scope.get(OVER_CAPACITY):
+            return await self.app(scope, receive, send)
+        resp = error_response(503, "over_capacity", f"the server is serving its maximum of {self.limit} connections "
+                              "and requests at once; retry shortly",
+                              headers={"Retry-After": "1", "Connection": "close"})
         await resp(scope, receive, send)
 
 

@@ -10,8 +10,18 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 FormatName = Literal["wav", "flac", "ogg", "mp3", "opus", "pcm"]
 
 
+def integral(value):
+    """An integer field's JSON value: JSON has one number type, and 8.0 (or 8e0) is the integer 8, as JSON Schema's
+    "integer" says; 8.5, true and "8" stay what they are, and strict validation refuses them."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
 class GenerateRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    # NaN and infinities (which pydantic's JSON parser reads from the NaN / Infinity literals, and a form's fields
+    # from "nan" / "inf") are refused like any other invalid value
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), allow_inf_nan=False)
 
     prompt: str = Field(..., min_length=1, max_length=500, description="what the audio should sound like")
     duration: float | None = Field(None, ge=0.5, description="seconds; at most the model's max_duration")
@@ -32,6 +42,11 @@ class GenerateRequest(BaseModel):
     inpaint_start: float | None = Field(None, ge=0.0, description="inpainting: the span of init_audio to "
                                         "regenerate starts here (seconds); past the clip's end it outpaints")
     inpaint_end: float | None = Field(None, gt=0.0, description="inpainting: the span ends here (seconds)")
+
+    @field_validator("steps", "seed", mode="before")
+    @classmethod
+    def _integral(cls, value):
+        return integral(value)
 
     @field_validator("inpaint_end")
     @classmethod
@@ -113,8 +128,10 @@ class ModelInfo(BaseModel):
 
 
 class ErrorBody(BaseModel):
-    code: str
-    message: str
+    code: str = Field(description="what went wrong, for programs: invalid_input, unknown_model, queue_full, ...")
+    message: str = Field(description="what went wrong, for people")
+    field: str | None = Field(None, description="invalid input: the request field at fault (`body` for a body "
+                              "that is not a valid JSON object or form)")
 
 
 class ErrorResponse(BaseModel):

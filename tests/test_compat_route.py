@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import io
+import socket
+import time
 from http import HTTPStatus
 
 import httpx
@@ -114,6 +116,9 @@ def test_formats_defaults_and_unknown_fields(server):
     ({"input": "x", "speed": 9.0}, "speed"),
     ({"input": "x", "audio_start": 2.0}, "audio_start"),
     ({"input": "x", "stream_format": "sse"}, "stream_format"),
+    ({"input": "x", "seed": False}, "seed"),  # strict types, as on /generate
+    ({"input": "x", "num_inference_steps": "8"}, "num_inference_steps"),
+    ({"input": "x", "audio_length": True}, "audio_length"),
 ])
 def test_invalid_input_is_a_400_naming_the_field(server, body, param):
     with server.client() as c:
@@ -123,9 +128,28 @@ def test_invalid_input_is_a_400_naming_the_field(server, body, param):
 
 
 def test_malformed_json_is_a_400(server):
+    def post(content: bytes) -> httpx.Response:
+        return c.post(PATH, content=content, headers={"content-type": "application/json"})
+
     with server.client() as c:
-        r = c.post(PATH, content=b"{not json", headers={"content-type": "application/json"})
-    assert_openai_error(r, 400, "BadRequestError", "body")
+        assert_openai_error(post(b"{not json"), 400, "BadRequestError", "body")
+        latin1 = assert_openai_error(post('{"input": "café"}'.encode("latin-1")), 400, "BadRequestError", "body")
+        # NaN, which pydantic's JSON parser reads, is no finite number
+        nan = assert_openai_error(post(b'{"input": "x", "guidance_scale": NaN}'), 400, "BadRequestError",
+                                  "guidance_scale")
+    assert "not UTF-8" in latin1["message"] and "finite" in nan["message"]
+
+
+def test_over_the_connection_limit_is_a_503_in_the_same_shape(base_settings):
+    srv = LiveServer(base_settings.model_copy(update={"max_connections": 2, "warmup": False}))
+    try:
+        with socket.create_connection(("127.0.0.1", srv.port)):  # with the request's own, the limit of 2
+            time.sleep(0.2)
+            r = httpx.post(srv.url + PATH, json={"input": "x"})
+    finally:
+        srv.stop()
+    assert "maximum of 2 connections" in assert_openai_error(r, 503, "Service Unavailable", None)["message"]
+    assert r.headers["retry-after"] == "1"
 
 
 def test_unknown_model_is_a_404(server):
@@ -201,3 +225,8 @@ def test_the_openapi_schema_describes_the_route(server):
             "response_format", "model"} <= set(props)
     assert "audio/mpeg" in op["responses"]["200"]["content"]
     assert {"400", "401", "404", "429", "503"} <= set(op["responses"])
+    # the values this server takes, exactly: what the schema admits is not refused for its form
+    assert (props["input"]["minLength"], props["input"]["maxLength"]) == (1, 500)
+    assert props["seed"]["anyOf"][0] == {"type": "integer", "minimum": 0, "maximum": 2**63 - 1}
+    assert props["stream_format"]["anyOf"][0]["const"] == "audio"
+    assert {k: props["speed"]["anyOf"][0][k] for k in ("minimum", "maximum")} == {"minimum": 1.0, "maximum": 1.0}

@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import io
+import json
 import re
+import socket
+import time
 
 import httpx
 import pytest
@@ -75,10 +78,14 @@ def test_other_model_and_edge_values(server):
         r = c.post("/generate", json={"prompt": "x" * 500, "model": "tiny-arc", "duration": 4.0, "steps": 1,
                                       "guidance": 0, "seed": 2**63 - 1})
         assert r.status_code == 200, r.text
-        assert r.headers["x-model"] == "tiny-arc"
+        assert r.headers["x-model"] == "tiny-arc" and r.headers["x-seed"] == "9223372036854775807"
         assert read_audio(r.content)[1].shape == (4 * SR, 2)
         r = c.post("/generate", json={"prompt": "short", "duration": 0.5, "guidance": 20, "steps": 2})
         assert r.status_code == 200 and read_audio(r.content)[1].shape == (round(0.5 * SR), 2)
+        # JSON has one number type: an integral number is an integer however it is written (JSON Schema's view)
+        r = c.post("/generate", content=b'{"prompt": "short", "duration": 0.5, "steps": 2.0, "seed": 7e0}',
+                   headers={"Content-Type": "application/json"})
+        assert r.status_code == 200 and (r.headers["x-steps"], r.headers["x-seed"]) == ("2", "7"), r.text
 
 
 @pytest.mark.parametrize("body,field", [
@@ -101,6 +108,9 @@ def test_other_model_and_edge_values(server):
     ({"prompt": "a", "colour": "blue"}, "colour"),
     ({"prompt": "a", "steps": "2"}, "steps"),  # strict JSON types: no number as a string,
     ({"prompt": "a", "duration": True}, "duration"),  # no bool as a number,
+    ({"prompt": "a", "seed": True}, "seed"),
+    ({"prompt": "a", "seed": 1.5}, "seed"),
+    ({"prompt": "a", "guidance": "1"}, "guidance"),
     ({"prompt": "a", "model": ""}, "model"),  # and an empty model name is not the default
 ])
 def test_invalid_input_is_422_naming_the_field(server, body, field):
@@ -120,6 +130,38 @@ def test_malformed_body_is_422_not_500(server, content):
     assert r.status_code == 422, r.text
     err = r.json()["error"]
     assert err["code"] == "invalid_input" and err["field"] in ("body", "seed"), err  # never an offset
+
+
+@pytest.mark.parametrize("content,problem", [
+    (b"\xff\xfe{}", "not UTF-8"),
+    (b'{"prompt": "caf\xe9"}', "not UTF-8"),
+    (b'{"prompt": "a",}', "trailing comma"),
+    (b"[" * 7000 + b"]" * 7000, "recursion limit"),
+    (b'{"prompt": "a", "seed": ' + b"9" * 5000 + b"}", "number out of range"),
+])
+def test_a_malformed_body_names_its_problem_not_an_offset(server, content, problem):
+    with server.client() as c:
+        r = c.post("/generate", content=content, headers={"Content-Type": "application/json"})
+    assert r.status_code == 422, r.text
+    err = r.json()["error"]
+    assert err["code"] == "invalid_input" and err["field"] == "body" and problem in err["message"], err
+
+
+@pytest.mark.parametrize("content,field", [
+    (b'{"prompt": "a", "duration": NaN}', "duration"),
+    (b'{"prompt": "a", "guidance": Infinity}', "guidance"),
+    (b'{"prompt": "a", "duration": 1e400}', "duration"),
+    (b'{"prompt": "a", "timeout": -Infinity}', "timeout"),
+])
+def test_non_finite_numbers_are_refused_naming_the_field(server, content, field):
+    """pydantic's JSON parser reads NaN and Infinity (which JSON has not), and a form's "nan" / "inf"."""
+    with server.client() as c:
+        r = c.post("/generate", content=content, headers={"Content-Type": "application/json"})
+        form = c.post("/generate", data={"prompt": "a", "inpaint_start": "inf", "inpaint_end": "inf"})
+    for answer, name in ((r, field), (form, "inpaint_start")):
+        assert answer.status_code == 422, answer.text
+        err = answer.json()["error"]
+        assert err["field"] == name and "finite" in err["message"], err
 
 
 def test_unknown_model_is_404(server):
@@ -148,7 +190,11 @@ def test_unknown_route_and_method_are_json(server):
         r = c.get("/nope")
         assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
         r = c.get("/generate")
-        assert r.status_code == 405 and "error" in r.json()
+        assert r.status_code == 405 and "error" in r.json() and r.headers["allow"] == "POST"
+        for method in ("PATCH", "PUT", "OPTIONS"):  # the path serves GET and DELETE, from two routes
+            r = c.request(method, "/jobs/some-id")
+            assert r.status_code == 405 and r.headers["allow"] == "DELETE, GET", method
+            assert r.json()["error"]["code"] == "method_not_allowed"
 
 
 def test_metrics_move(server):
@@ -310,5 +356,73 @@ def test_a_replica_names_itself_on_every_response(base_settings):
         with srv.client() as c:
             assert c.get("/health/live").headers["x-replica"] == "replica-7"
             assert c.post("/generate", json={"prompt": "x" * 600}).headers["x-replica"] == "replica-7"
+    finally:
+        srv.stop()
+
+
+# every operation of the OpenAPI document and the statuses it declares: each one the route can answer (503 on every
+# route: beyond TTA_MAX_CONNECTIONS any request gets over_capacity)
+DOCUMENTED = {
+    ("get", "/health/live"): {200, 503},
+    ("get", "/health/ready"): {200, 503},
+    ("get", "/metrics"): {200, 401, 503},
+    ("get", "/models"): {200, 401, 503},
+    ("post", "/generate"): {200, 401, 404, 408, 413, 422, 429, 500, 503, 504},
+    ("post", "/v1/audio/generate"): {200, 400, 401, 404, 408, 413, 429, 500, 503, 504},
+    ("post", "/jobs"): {202, 401, 404, 408, 413, 422, 429, 503},
+    ("get", "/jobs/{job_id}"): {200, 401, 404, 503},
+    ("get", "/jobs/{job_id}/events"): {200, 401, 404, 503},
+    ("get", "/jobs/{job_id}/result"): {200, 401, 404, 409, 410, 503},
+    ("delete", "/jobs/{job_id}"): {200, 202, 401, 404, 408, 413, 503},
+}
+
+
+def test_the_openapi_document_declares_every_answer_with_its_body(server):
+    doc = httpx.get(server.url + "/openapi.json").json()
+    operations = {(method, path): op for path, ops in doc["paths"].items() for method, op in ops.items()}
+    assert {k: {int(s) for s in op["responses"]} for k, op in operations.items()} == DOCUMENTED
+    for (method, path), op in operations.items():
+        error_body = "OpenAIErrorResponse" if path.startswith("/v1/") else "ErrorResponse"
+        for status, response in op["responses"].items():
+            if int(status) >= 400:
+                assert response["content"]["application/json"]["schema"] == {
+                    "$ref": f"#/components/schemas/{error_body}"}, (method, path, status)
+                assert response["description"] not in ("", "Additional Response"), (method, path, status)
+    # FastAPI's default 422 body is a shape the service never answers
+    assert "HTTPValidationError" not in json.dumps(doc)
+    assert set(doc["components"]["schemas"]["ErrorBody"]["properties"]) == {"code", "message", "field"}
+    # the seed's bound exactly (FastAPI's OpenAPI model would make it the float 9.223372036854776e18, i.e. 2**63)
+    bodies = [(path, op["requestBody"]["content"]) for (_, path), op in operations.items() if "requestBody" in op]
+    assert len(bodies) == 3
+    for path, content in bodies:
+        for media_type, body in content.items():
+            seed = body["schema"]["properties"]["seed"]
+            bound = seed["anyOf"][0] if "anyOf" in seed else seed
+            assert (bound["type"], bound["minimum"], bound["maximum"]) == ("integer", 0, 2**63 - 1), (path, seed)
+            assert type(bound["maximum"]) is int and type(bound["minimum"]) is int
+            if media_type == "multipart/form-data":  # a form field is there or not, never null
+                assert '"null"' not in json.dumps(body["schema"]), path
+    assert '"maximum":9223372036854775807' in httpx.get(server.url + "/openapi.json").text  # the bytes, too
+
+
+def test_over_the_connection_limit_a_request_gets_a_json_503(base_settings):
+    """Beyond TTA_MAX_CONNECTIONS (uvicorn's limit_concurrency) the answer is the service's JSON error (uvicorn's own
+    is plain text), counted in the metrics; the limit counts the open connections, this one included."""
+    srv = LiveServer(base_settings.model_copy(update={"max_connections": 2, "warmup": False}))
+    try:
+        idle = socket.create_connection(("127.0.0.1", srv.port))
+        try:
+            time.sleep(0.2)
+            for r in (httpx.get(srv.url + "/health/live"), httpx.post(srv.url + "/generate", json={"prompt": "a"})):
+                assert r.status_code == 503 and r.headers["content-type"] == "application/json", r.text
+                assert r.json()["error"]["code"] == "over_capacity" and "2 connections" in r.json()["error"]["message"]
+                assert r.headers["retry-after"] == "1" and r.headers["x-content-type-options"] == "nosniff"
+        finally:
+            idle.close()
+        deadline = time.monotonic() + 5
+        while httpx.get(srv.url + "/health/live").status_code != 200:  # the server notices the close
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert srv.metric("tta_requests_total", model="unknown", status="503") == 1
     finally:
         srv.stop()

@@ -87,6 +87,7 @@ def test_bad_mode_input_is_a_clear_error(server, body, status, field, words):
     assert r.status_code == status, r.text
     err = r.json()["error"]
     assert err["code"] == "invalid_input" and err["field"] == field and words in err["message"], err
+    assert " object at 0x" not in err["message"], err  # no reprs of the server's objects
 
 
 def test_bad_forms_and_uploads(base_settings):
