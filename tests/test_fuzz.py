@@ -29,6 +29,8 @@ from service.app import create_app
 from service.settings import Settings
 from service_support import LiveServer
 
+pytestmark = pytest.mark.slow  # about 1,700 requests end to end: `make test-fast` leaves it out
+
 # requests per operation in the fuzzing phase (the coverage phase's enumerated boundary and invalid cases come on
 # top); a job's routes, whose requests carry nothing but the id, get fewer
 MAX_EXAMPLES = 250

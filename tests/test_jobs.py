@@ -139,6 +139,7 @@ def test_results_expire_and_statuses_are_forgotten(jobs_server):
         assert http.get("/jobs/not-a-job/events").status_code == 404
 
 
+@pytest.mark.slow  # a server of its own
 def test_the_result_budget_expires_the_oldest_first(base_settings):
     srv = LiveServer(base_settings.model_copy(update={"job_result_bytes": 120_000}))  # one 1 s WAV (~176 KB) at most
     try:
@@ -168,6 +169,7 @@ class Receiver(http.server.BaseHTTPRequestHandler):
         pass
 
 
+@pytest.mark.slow  # a server of its own
 def test_keys_own_jobs_and_webhooks_are_signed_and_called_once(base_settings):
     receiver = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
     threading.Thread(target=receiver.serve_forever, daemon=True).start()
@@ -207,6 +209,7 @@ def test_keys_own_jobs_and_webhooks_are_signed_and_called_once(base_settings):
         receiver.shutdown()
 
 
+@pytest.mark.slow  # a server of its own
 def test_jobs_and_generate_share_one_queue_bound(base_settings):
     srv = LiveServer(base_settings.model_copy(update={"queue_size": 2, "max_batch": 1}))
     try:

@@ -15,6 +15,8 @@ import pytest
 from conftest import float32_default
 from service_support import LiveServer
 
+pytestmark = pytest.mark.slow  # a real browser end to end: `make test-fast` leaves it out
+
 SR = 44100
 WAIT = 90  # seconds; generous, the CI machine has two cores and may be busy
 
