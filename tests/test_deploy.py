@@ -585,6 +585,7 @@ def scrape_target(request):
     return server.url, True
 
 
+@pytest.mark.slow  # a real Prometheus server
 def test_prometheus_evaluates_queries(tmp_path, scrape_target):
     """Every dashboard and rule expression evaluates against a live service.
 

@@ -117,6 +117,7 @@ def test_mp3_bitrate_setting_sets_the_size(server, base_settings):
     assert audio.shape == (FRAMES, 2)
 
 
+@pytest.mark.slow  # every bitrate encoded
 def test_every_mp3_bitrate_is_what_lame_writes():
     """The compression level for each bitrate setting gives LAME exactly that constant bitrate (libsndfile maps the
     level onto LAME's range by truncation; an off-by-one would land on the neighbouring standard rate)."""

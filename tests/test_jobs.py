@@ -118,6 +118,7 @@ def test_a_failed_job_reports_the_error_generate_would_give(jobs_server):
         assert caught.value.code == "internal_error"
 
 
+@pytest.mark.slow  # waits out the result time twice
 def test_results_expire_and_statuses_are_forgotten(jobs_server):
     """job_ttl 1.5 s: the result is gone (410) after it, the status after twice it (404); DELETE on a finished job
     discards its result at once."""
