@@ -287,21 +287,27 @@ def start_server(policy: str, args) -> tuple[subprocess.Popen, str]:
         env["TTA_THREADS"] = str(args.threads)
     if args.runtime:
         env["TTA_RUNTIME"] = args.runtime
+    return serve(env, port, f"server for policy {policy}", timeout=300, poll_s=0.25)
+
+
+def serve(env: dict, port: int, what: str, timeout: float, poll_s: float) -> tuple[subprocess.Popen, str]:
+    """``python -m service`` with ``env`` on ``port``, once ``/health/ready`` answers 200 (else RuntimeError naming
+    ``what``)."""
     proc = subprocess.Popen([sys.executable, "-m", "service"], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"server for policy {policy} exited with {proc.returncode}")
+            raise RuntimeError(f"{what} exited with {proc.returncode}")
         try:
             if httpx.get(url + "/health/ready", timeout=2).status_code == 200:
                 return proc, url
         except httpx.HTTPError:
             pass
-        time.sleep(0.25)
+        time.sleep(poll_s)
     proc.kill()
-    raise RuntimeError(f"server for policy {policy} did not become ready")
+    raise RuntimeError(f"{what} did not become ready")
 
 
 def served_runtime(url: str, model: str) -> str | None:

@@ -23,7 +23,7 @@ import httpx
 import numpy as np
 
 from benchmarks.common import md_table, write_results
-from benchmarks.load import ROOT, ProcessMemory, free_port, percentile
+from benchmarks.load import ROOT, ProcessMemory, free_port, percentile, serve
 from service.client import ApiError, AsyncClient
 
 MIB = 1024 * 1024
@@ -49,36 +49,20 @@ def clip(seconds: float = 2.0, rate: int = 22050) -> bytes:
 
 def start(args) -> tuple[object, str]:
     import os
-    import subprocess
-    import sys
 
     port = free_port()
     env = dict(os.environ, TTA_HOST="127.0.0.1", TTA_PORT=str(port), TTA_MODEL_DIR=str(args.model_dir),
                TTA_LOG_LEVEL="warning", TTA_REQUEST_TIMEOUT=str(args.timeout), PYTHONPATH=str(ROOT))
     if args.threads:
         env["TTA_THREADS"] = str(args.threads)
-    proc = subprocess.Popen([sys.executable, "-m", "service"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the server exited with {proc.returncode}")
-        try:
-            if httpx.get(url + "/health/ready", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    proc.kill()
-    raise RuntimeError("the server did not become ready")
+    return serve(env, port, "the server", timeout=600, poll_s=0.5)
 
 
 async def soak(url: str, memory: ProcessMemory, args) -> list[dict]:
     rng = random.Random(args.seed)
-    models = [m["name"] for m in httpx.get(url + "/models", timeout=30).json() if m.get("status") != "failed"]
-    a2a_models = [m["name"] for m in httpx.get(url + "/models", timeout=30).json()
-                  if "audio-to-audio" in m.get("modes", [])]
+    served = [m for m in httpx.get(url + "/models", timeout=30).json() if m.get("status") != "failed"]
+    models = [m["name"] for m in served]
+    a2a_models = [m["name"] for m in served if "audio-to-audio" in m.get("modes", [])]
     init = clip()
     lo, hi = args.audio_seconds
     windows: list[dict] = []
