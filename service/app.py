@@ -177,7 +177,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(CapacityRefusal, limit=settings.max_connections)
     app.add_middleware(RequestAccounting, metrics=metrics, paths=("/generate", "/jobs"))
     if settings.cors_origin_list:
-        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origin_list, allow_methods=["GET", "POST", "DELETE"],
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origin_list,
+                           allow_methods=["GET", "POST", "DELETE"],
                            allow_headers=["Content-Type", "Authorization", "X-API-Key", "X-Request-Id",
                                           "Last-Event-ID"],
                            expose_headers=["X-Request-Id", "X-Seed", "X-Model", "X-Steps", "X-Guidance",
@@ -307,8 +308,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         (``init_audio`` + ``inpaint_start`` / ``inpaint_end``), negative prompts: JSON, or the same fields as a
         multipart form with ``init_audio`` as a file."""
         body, clip = await read_generate_request(request, settings.max_upload_bytes)
-        pipelines = {n: runner.pipeline for n, runner in st.engine.runners.items()}
-        spec = await asyncio.to_thread(resolve_request, body, pipelines, settings.default_model, clip)
+        spec = await asyncio.to_thread(resolve_request, body, st.engine.pipelines, settings.default_model, clip)
         return await st.gateway.respond(request, spec, body.format, body.timeout)
 
     app.state.jobs = install_job_routes(app, state, require_api_key, require_ready)

@@ -203,9 +203,8 @@ def install_compat_routes(app: FastAPI, state, require_api_key: Callable, requir
         """vLLM-Omni's ``/v1/audio/generate``: the audio bytes, with the headers of ``POST /generate``."""
         compat = validate_json(await request.body(), AudioGenerateRequest)  # strict types, as on /generate
         body = compat.generate_request()
-        pipelines = {n: runner.pipeline for n, runner in st.engine.runners.items()}
         try:
-            spec = await asyncio.to_thread(resolve_request, body, pipelines, settings.default_model)
+            spec = await asyncio.to_thread(resolve_request, body, st.engine.pipelines, settings.default_model)
         except ApiError as exc:
             raise _renamed(exc) from None
         return await st.gateway.respond(request, spec, body.format, None, route=PATH)

@@ -123,6 +123,11 @@ class Engine:
         if self._thread is None or not self._thread.is_alive():
             self._fail_everything(ShuttingDown("the service is shutting down; retry on another replica"))
 
+    @property
+    def pipelines(self) -> dict:
+        """Each model's pipeline (what ``service.gateway.resolve_request`` checks a request against)."""
+        return {name: runner.pipeline for name, runner in self.runners.items()}
+
     def queue_depth(self) -> int:
         return sum(s.depth() for s in self.schedulers.values())
 

@@ -85,8 +85,7 @@ def install_job_routes(app: FastAPI, state, require_api_key: Callable, require_r
         arrival = request.state.arrival
         body, clip = await read_generate_request(request, settings.max_upload_bytes, JobRequest)
         webhook = check_webhook(body.webhook, settings.webhook_host_list) if body.webhook else None
-        pipelines = {n: runner.pipeline for n, runner in st.engine.runners.items()}
-        spec = await asyncio.to_thread(resolve_request, body, pipelines, settings.default_model, clip)
+        spec = await asyncio.to_thread(resolve_request, body, st.engine.pipelines, settings.default_model, clip)
         sample = spec.sample
         request.state.model = spec.model
         record = store.create(owner=owner_of(key), model=spec.model, seed=sample.seed, steps=sample.steps,
