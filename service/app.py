@@ -34,6 +34,7 @@ from service.errors import GENERATE_ERRORS, OVER_CAPACITY, ApiError, error_respo
 from service.forms import read_generate_request, request_body_openapi
 from service.gateway import Gateway, resolve_request
 from service.job_routes import install_job_routes
+from service import malloc
 from service.logging_setup import setup_logging
 from service.metrics import Metrics
 from service.middleware import BodyLimitMiddleware, CapacityRefusal, RequestAccounting, SecurityHeaders
@@ -156,6 +157,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         setup_logging(settings.log_level, settings.replica_name)
+        if settings.malloc_tuning:
+            malloc.tune()  # before the models load, so that their buffers are allocated under it
         loader = threading.Thread(target=load_models, args=(state,), name="tta-loader", daemon=True)
         loader.start()
         app.state.loader = loader

@@ -80,6 +80,9 @@ class Settings(BaseSettings):
                                 "empty = unsigned")
     mp3_bitrate_kbps: int = Field(DEFAULT_MP3_BITRATE_KBPS, description="format mp3: constant bitrate in kbit/s, one "
                                   "of " + ", ".join(map(str, MP3_BITRATES_KBPS)))
+    malloc_tuning: bool = Field(True, description="on glibc: a fixed mmap threshold, a trim threshold and two malloc "
+                                "arenas, so that freed tensors go back to the system (service/malloc.py); variables "
+                                "MALLOC_*_ or GLIBC_TUNABLES set by the operator win")
     warmup: bool = True
     # Test/debug only: a runtime wrapper that raises or sleeps for prompts carrying [[fail]] / [[slow=MS]] markers.
     debug_faults: bool = False
