@@ -140,20 +140,26 @@ def cmd_export(args) -> None:
         model_path = resolve_model(args.model)
     except FileNotFoundError as exc:
         raise SystemExit(str(exc)) from None
-    if args.format == "tensorrt":
-        try:
-            import tensorrt  # noqa: F401
-        except ImportError:
-            raise SystemExit("--format tensorrt needs the 'tensorrt' package, which is not installed here (NVIDIA "
-                             "GPUs only: pip install tensorrt); --format onnx works everywhere") from None
-        raise SystemExit("building TensorRT engines is not implemented yet; --format onnx is")
     from models.export import ExportError, MissingPackage
     from models.export.onnx_export import ensure_onnx_export, export_onnx
 
+    if args.format == "tensorrt":  # before the ONNX export, which the engines are built from
+        from models.export.tensorrt import import_tensorrt
+
+        try:
+            import_tensorrt("--format tensorrt")
+        except MissingPackage as exc:
+            raise SystemExit(f"{exc}; --format onnx works everywhere") from None
     try:
         done = export_onnx(model_path, args.out) if args.force else ensure_onnx_export(model_path, args.out)
     except (ExportError, MissingPackage) as exc:
         raise SystemExit(f"export failed: {exc}") from None
+    _print_onnx_export(done)
+    if args.format == "tensorrt":
+        _build_tensorrt(model_path, done, args.precision, args.force)
+
+
+def _print_onnx_export(done) -> None:
     m = done.manifest
     print(f"{m['model']}: ONNX opset {m['opset']} in {done.dir} (created {m['created']})")
     for g in m["graphs"].values():
@@ -161,6 +167,25 @@ def cmd_export(args) -> None:
                            for metric, limit in g["parity"]["tolerance"].items())
         size = g["bytes"] + (g.get("external_data") or {}).get("bytes", 0)  # the graph and its external weights
         print(f"  {g['file']:<18} {size / 1e6:7.1f} MB  vs PyTorch: {checks}")
+
+
+def _build_tensorrt(model_path: Path, export, precision: str, force: bool) -> None:
+    """TensorRT engines from the ONNX export (those missing or stale; all with ``force``), one line per graph."""
+    from models.export import ExportError
+    from models.export.tensorrt_engines import engines_dir, ensure_engines
+
+    try:
+        plans = ensure_engines(model_path, export, precision, force=force)
+    except ExportError as exc:
+        raise SystemExit(f"TensorRT build failed: {exc}") from None
+    print(f"TensorRT engines in {engines_dir(export)}:")
+    for graph, plan in plans.items():
+        record, key = plan.record, plan.key
+        if "failed" in record:
+            print(f"  {graph:<14} runs under ONNX Runtime: {record['failed']}")
+        else:
+            print(f"  {plan.engine.name:<18} {record['bytes'] / 1e6:7.1f} MB  {key['precision']}, TensorRT "
+                  f"{key['tensorrt']}, {key['gpu']['name']} (built {record.get('created', '?')})")
 
 
 def cmd_sized(args) -> None:
@@ -232,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=os.environ.get("TTA_DEFAULT_MODEL", "tta-arc"),
                    help="a model name under --model-dir, or a model / checkpoint directory")
     p.add_argument("--model-dir", default=os.environ.get("TTA_MODEL_DIR", str(ZOO)))
-    p.add_argument("--runtime", choices=["auto", "torch", "onnxruntime"], default="torch")
+    p.add_argument("--runtime", choices=["auto", "torch", "onnxruntime", "tensorrt"], default="torch")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--format", choices=get_args(FormatName), default=None,
                    help="(default: from --output; opus is written at 48 kHz, pcm headerless 16-bit)")
@@ -274,9 +299,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="export a model's graphs for another runtime (checked against PyTorch)")
     p.add_argument("model", help="a model directory or a model name in models/zoo")
-    p.add_argument("--format", choices=["onnx", "tensorrt"], default="onnx")
-    p.add_argument("--out", default=None, help="output directory (default: <model>/onnx)")
-    p.add_argument("--force", action="store_true", help="export even when a current export exists")
+    p.add_argument("--format", choices=["onnx", "tensorrt"], default="onnx",
+                   help="tensorrt: engines for this machine's GPU, built from the ONNX export (made first if needed)")
+    p.add_argument("--precision", choices=["fp16", "bf16"], default="fp16",
+                   help="--format tensorrt: the denoiser engines' precision (the text encoder and codec stay float32)")
+    p.add_argument("--out", default=None, help="output directory (default: <model>/onnx; engines in its tensorrt/)")
+    p.add_argument("--force", action="store_true", help="export (and build) even when a current export exists")
     p.set_defaults(func=cmd_export)
 
     sized = sub.add_parser("sized", help="random-weight checkpoints of a published model's size, for speed "

@@ -27,15 +27,17 @@ class Settings(BaseSettings):
     default_model: str = "tta-arc"
     models: str = Field("", description="comma-separated model names to load; empty = every model in model_dir")
     device: Literal["cpu", "cuda"] = "cpu"
-    runtime: Literal["auto", "torch", "onnxruntime"] = Field(
-        "auto", description="auto = onnxruntime on the CPU when it is installed, else torch")
+    runtime: Literal["auto", "torch", "onnxruntime", "tensorrt"] = Field(
+        "auto", description="auto = onnxruntime on the CPU when it is installed, else torch; on cuda, tensorrt when "
+        "it is installed and current engines exist (tta export --format tensorrt), else torch")
     torch_compile: bool = Field(False, description="torch runtime: torch.compile the denoiser (dynamic shapes; the "
                                 "warm-up pays for the first compilation)")
     cuda_graphs: bool = Field(False, description="torch runtime on cuda: replay the denoiser from CUDA graphs "
                               "captured per bucketed batch shape (excludes torch_compile)")
     precision: Precision = Field(
         "float32", description="torch runtime: autocast the denoiser's matrix products to this type (bfloat16 / "
-        "float16 on GPUs; the sampler and decoder stay float32)")
+        "float16 on GPUs; the sampler and decoder stay float32); tensorrt runtime: the denoiser engines' precision "
+        "(float32: the existing engines', else float16)")
     max_batch: int = Field(16, ge=1, le=256, description="samples per denoiser forward")
     max_padding: float = Field(0.25, ge=0, description="a tick splits its samples into forwards of similar length "
                                "whose padded frames stay within this share of the real ones (large: one forward)")

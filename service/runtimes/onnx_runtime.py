@@ -21,7 +21,6 @@ from torch import Tensor
 
 from models.checkpoints.denoisers import per_length
 from models.checkpoints.stable_audio_3 import RequestCache, context_rows, row_digest
-from models.config import BundleConfig
 from models.diffusion import make_schedule
 from models.export import OnnxExport, ensure_onnx_export
 from models.export.graphs import (
@@ -36,6 +35,7 @@ from models.export.graphs import (
 )
 from models.export.manifest import tokenizer_dir
 from models.export.ort import import_onnxruntime, per_length_call, request_split_call, run_session, session
+from models.export.serving import latent_frames, serving_config
 from models.text import CachedTextEncoder, TextEmbedding
 from models.text.encoders import NumberChannels, null_embedding, tokenize, unpad_with_numbers
 from service.runtimes.base import Runtime
@@ -50,11 +50,12 @@ class OnnxTextEncoder:
     """The tokenizer in Python, the encoder graph in onnxruntime; ``encode_unpadded`` as ``HFTextEncoder``'s (the
     ``CachedTextEncoder`` in front of it only needs that method and the dims)."""
 
-    def __init__(self, path: Path, tokenizer_dir: Path, info: dict, device: str):
+    def __init__(self, path: Path, tokenizer_dir: Path, info: dict, device: str, graph_session=None):
         from transformers import AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
-        self.session = session(path, device)
+        # ``graph_session``: an open session for the graph (the TensorRT runtime hands in its engine's)
+        self.session = graph_session if graph_session is not None else session(path, device)
         self.max_length = int(info["max_length"])
         self.dim, self.pooled_dim, self.name = int(info["dim"]), int(info["pooled_dim"]), info.get("name", "text")
         self.numbers = NumberChannels.from_config(info)
@@ -67,15 +68,17 @@ class OnnxTextEncoder:
                                   feed["attention_mask"].sum(1).tolist(), batch.get("offset_mapping"), self.numbers)
 
 
-def shared_onnx_text_encoder(export: OnnxExport, config: dict, device: str) -> CachedTextEncoder:
-    """One encoder session and prompt cache per distinct encoder graph and number channels (models sharing a text
-    encoder share it; the same graph with other number channels, or masking, gives other embeddings)."""
+def shared_onnx_text_encoder(export: OnnxExport, config: dict, device: str, open_graph=None,
+                             backend: str = "onnxruntime") -> CachedTextEncoder:
+    """One encoder session and prompt cache per backend, distinct encoder graph and number channels (models sharing
+    a text encoder share it; the same graph with other number channels, or masking, gives other embeddings).
+    ``open_graph``: the runtime's way to open a graph by name (default: an ONNX Runtime session)."""
     info = export.manifest["text_encoder"]
-    key = f'{export.manifest["graphs"]["text_encoder"]["sha256"]}:{NumberChannels.from_config(info)}@{device}'
+    key = f'{backend}:{export.manifest["graphs"]["text_encoder"]["sha256"]}:{NumberChannels.from_config(info)}@{device}'
     with _ENCODERS_LOCK:
         if key not in _ENCODERS:
-            enc = OnnxTextEncoder(export.path("text_encoder"), tokenizer_dir(config),
-                                  export.manifest["text_encoder"], device)
+            enc = OnnxTextEncoder(export.path("text_encoder"), tokenizer_dir(config), info, device,
+                                  open_graph("text_encoder") if open_graph else None)
             _ENCODERS[key] = CachedTextEncoder(enc)
         return _ENCODERS[key]
 
@@ -87,9 +90,8 @@ class OnnxRuntime(Runtime):
         self.path = Path(path)
         self.export = export
         self.device = device
-        checkpoint = export.manifest.get("checkpoint")  # a checkpoint's config comes from its loader, at export
-        self.config = (BundleConfig.from_dict(checkpoint["config"], f"{export.dir} manifest") if checkpoint else
-                       BundleConfig.load(self.path / "config.json"))
+        self.config = serving_config(self.path, export.manifest, f"{export.dir} manifest")
+        checkpoint = export.manifest.get("checkpoint")
         self.null_condition = bool(checkpoint and checkpoint.get("null_condition"))
         self.schedule = make_schedule(self.config.schedule)
         codec = export.manifest["codec"]
@@ -99,11 +101,12 @@ class OnnxRuntime(Runtime):
         # (``start_native``)
         self.codec_entry = codec
         self.max_latent_frames = int(export.manifest["limits"]["max_latent_frames"])
-        self.text_encoder = shared_onnx_text_encoder(export, {"text_encoder": self.config.text_encoder}, device)
-        self.denoiser = session(export.path("denoiser"), device)
-        self.decoder = session(export.path("decoder"), device)
+        self.text_encoder = shared_onnx_text_encoder(export, {"text_encoder": self.config.text_encoder}, device,
+                                                     self.open_graph, self.name)
+        self.denoiser = self.open_graph("denoiser")
+        self.decoder = self.open_graph("decoder")
         # an export without an encoder graph (its manifest's codec entry says why) serves no audio-to-audio
-        self.encoder = session(export.path("encoder"), device) if "encoder" in export.manifest["graphs"] else None
+        self.encoder = self.open_graph("encoder") if "encoder" in export.manifest["graphs"] else None
         self.denoiser_inputs = [i.name for i in self.denoiser.get_inputs()]
         # a UNet's graph holds one length's forward; the runtime loops over lengths (``PerLengthDenoiserGraph``)
         layout = export.manifest["graphs"]["denoiser"].get("layout")
@@ -113,12 +116,16 @@ class OnnxRuntime(Runtime):
         self.request_split = None
         if layout == "request-split":
             graphs = export.manifest["graphs"]
-            inpaint = session(export.path("inpaint"), device) if "inpaint" in graphs else None
-            self.request_split = request_split_call(session(export.path("context"), device), self.denoiser, inpaint)
+            inpaint = self.open_graph("inpaint") if "inpaint" in graphs else None
+            self.request_split = request_split_call(self.open_graph("context"), self.denoiser, inpaint)
             self.text_len = int(graphs["context"]["text_len"])
             self.request_cache, self.local_cache = RequestCache(), RequestCache()
         self.providers = self.denoiser.get_providers()
         self._uncond: TextEmbedding | None = None
+
+    def open_graph(self, graph: str):
+        """A session for one of the export's graphs (the TensorRT runtime opens its engines here instead)."""
+        return session(self.export.path(graph), self.device)
 
     @classmethod
     def load(cls, path: Path, device: str = "cpu") -> OnnxRuntime:
@@ -131,7 +138,7 @@ class OnnxRuntime(Runtime):
 
     # ------------------------------------------------------------------ text
     def latent_frames(self, duration: float) -> int:
-        return -(-round(duration * self.sample_rate) // self.samples_per_latent)
+        return latent_frames(duration, self.sample_rate, self.samples_per_latent)
 
     def encode_text(self, prompts: list[str]) -> TextEmbedding:
         return self.text_encoder.encode(prompts)
