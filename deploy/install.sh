@@ -54,7 +54,7 @@ case "$target" in
         else
             pip_install "torch==${torch_version}"
         fi
-        pip_install onnx onnxruntime-gpu tensorrt
+        pip_install onnx onnxruntime-gpu 'tensorrt-cu12>=10,<11'  # the runtime uses TensorRT 10's API
         if [ -n "$project" ]; then
             pip_install "$project"
         fi
