@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # The GPU checks, in one short run on a CUDA machine (from the repository root):
-#   1. the tests that need CUDA (tests/test_gpu_options.py: graphs against eager, the runtime's latents with guidance);
+#   1. the tests that need CUDA (tests/test_gpu_options.py: graphs against eager, the runtime's latents with guidance;
+#      tests/test_decoder_fast_path.py: the compiled snake kernel, the runtime's 16-bit decode);
 #   2. latency of the Stable-Audio-Open-Small-sized checkpoint (tta sized sao-small: random weights) at the ARC
 #      paper's scale: 256 latent frames (11.9 s), 8 steps, batches 1, 4, 16, under eager torch float32 / bfloat16,
-#      and bfloat16 with CUDA graphs (SAO_RUNTIMES);
+#      and bfloat16 with CUDA graphs (SAO_RUNTIMES; torch-bf16-cudagraphs-vae-fp16 adds a float16 decoder);
+#   2b. its Oobleck decoder alone (benchmarks.decoder_precision): decode time at batches 1 and 16 and the SNR of the
+#      bfloat16 and float16 decoders against float32 (target 40 dB), beside the decoder as loaded;
 #   3. latency of the embedded models' architectures (EMBEDDED_MODELS, default tta-arc; random weights, the text
 #      encoder's too) under eager torch float32 / bfloat16 and CUDA graphs (EMBEDDED_RUNTIMES), batches 1, 4, 16,
 #      10 s clips at each model's default steps;
@@ -28,7 +31,8 @@ $PY -c "import torch, transformers; print('torch', torch.__version__, 'cuda', to
 'transformers', transformers.__version__, torch.cuda.get_device_name(0))"
 
 stage "tests needing CUDA"
-timeout "${TESTS_S:-150}" $PY -m pytest -q -p no:cacheprovider tests/test_gpu_options.py 2>&1 | tail -n 40
+timeout "${TESTS_S:-240}" $PY -m pytest -q -p no:cacheprovider tests/test_gpu_options.py \
+  tests/test_decoder_fast_path.py 2>&1 | tail -n 40
 
 stage "SAO-small-sized"
 SAO=${SAO_DIR:-/tmp/sao-small-sized}
@@ -38,6 +42,12 @@ timeout "${SAO_S:-240}" $PY -m benchmarks.latency --device cuda --model "$SAO" \
   --runtimes "${SAO_RUNTIMES:-torch,torch-bf16,torch-bf16-cudagraphs}" \
   --batches 1,4,16 --duration 11.888 --repeats 20 --e2e-repeats 5 --name "latency-gpu-sao-small-sized${SUFFIX:-}" \
   --results-dir "$OUT" 2>&1 | grep -v "it/s\]" | tail -n 60
+
+stage "SAO-small-sized decoder: precision and decode time"
+if [ -d "$SAO" ]; then DECODER=(--model "$SAO"); else DECODER=(--sized sao-small); fi
+timeout "${DECODER_S:-200}" $PY -m benchmarks.decoder_precision --device cuda "${DECODER[@]}" --batches 1,16 \
+  --duration 11.888 --repeats 10 --name "decoder-precision-gpu-sao-small-sized${SUFFIX:-}" --results-dir "$OUT" 2>&1 \
+  | tail -n 30
 
 for model in ${EMBEDDED_MODELS:-tta-arc}; do
   stage "embedded $model architecture"

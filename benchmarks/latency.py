@@ -37,7 +37,13 @@ RUNTIMES = ("torch", "onnxruntime")
 VARIANTS = {"torch-compile": ("torch", {"compile": True}), "torch-bf16": ("torch", {"precision": "bfloat16"}),
             "torch-compile-bf16": ("torch", {"compile": True, "precision": "bfloat16"}),
             "torch-cudagraphs": ("torch", {"cuda_graphs": True}),
-            "torch-bf16-cudagraphs": ("torch", {"precision": "bfloat16", "cuda_graphs": True})}
+            "torch-bf16-cudagraphs": ("torch", {"precision": "bfloat16", "cuda_graphs": True}),
+            # the decoder's weights in 16 bits as well (float16: Stable Audio's model_half; benchmarks.decoder_precision
+            # measures what each costs in signal-to-noise ratio)
+            "torch-bf16-vae-fp16": ("torch", {"precision": "bfloat16", "decode_precision": "float16"}),
+            "torch-bf16-vae-bf16": ("torch", {"precision": "bfloat16", "decode_precision": "bfloat16"}),
+            "torch-bf16-cudagraphs-vae-fp16": ("torch", {"precision": "bfloat16", "cuda_graphs": True,
+                                                         "decode_precision": "float16"})}
 STAGES = ("text_encoding", "denoiser_forward", "decode", "end_to_end")
 
 

@@ -3,13 +3,22 @@ the denoiser, the part that runs once per step: ``compile`` (``torch.compile`` w
 size and length changes do not recompile; ``prepare``, called before the service is ready, compiles the two graphs
 that serving needs) and ``precision`` (autocast to bfloat16 or float16 for its matrix products; the sampler's maths,
 the noise and the decoder stay float32). On a CUDA device, ``cuda_graphs`` replays the denoiser's forward from
-captured CUDA graphs (``service.runtimes.cuda_graphs``); it excludes ``compile``."""
+captured CUDA graphs (``service.runtimes.cuda_graphs``); it excludes ``compile``.
+
+The decoder runs its inference form wherever the codec has one (``prepare_inference``: the Oobleck VAE of the Stable
+Audio checkpoints): snake constants computed once at load (exact, so always), and with ``decode_precision``
+bfloat16 or float16 its weights cast to that type once, no autocast (``models.checkpoints.oobleck``). float16 is the
+type Stable Audio's own half-precision VAE flag (``model_half``) means, and the closer of the two to float32
+(benchmarks/decoder_precision.py measures the signal-to-noise ratio of each against float32). On CUDA the decoder's
+snakes are one compiled kernel each and its convolutions run with cuDNN's autotuning (``cudnn.benchmark``), which
+tries the algorithms once per new input shape: a new clip length pays a few milliseconds per layer once."""
 from __future__ import annotations
 
 import json
 import logging
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -44,9 +53,10 @@ class TorchRuntime(Runtime):
     name = "torch"
 
     def __init__(self, bundle: ModelBundle, compile: bool = False, precision: str = "float32",
-                 cuda_graphs: bool = False):
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision {precision!r}: expected one of {sorted(PRECISIONS)}")
+                 cuda_graphs: bool = False, decode_precision: str = "float32"):
+        for what, value in (("precision", precision), ("decode_precision", decode_precision)):
+            if value not in PRECISIONS:
+                raise ValueError(f"{what} {value!r}: expected one of {sorted(PRECISIONS)}")
         if compile and cuda_graphs:
             raise ValueError("choose torch.compile or CUDA graphs for the denoiser, not both")
         self.bundle = bundle
@@ -57,6 +67,7 @@ class TorchRuntime(Runtime):
         self.samples_per_latent = bundle.samples_per_latent
         self.latent_dim = bundle.latent_dim
         self.precision, self.compiled, self.cuda_graphs = precision, bool(compile), bool(cuda_graphs)
+        self.decode_precision, self.fast_decoder = prepare_decoder(bundle, decode_precision)
         if compile:
             compile_denoiser(bundle)
         if cuda_graphs:
@@ -72,7 +83,12 @@ class TorchRuntime(Runtime):
         """With ``compile``: compile before serving. torch.compile specialises a batch of one apart from larger
         ones, so both are run once here (a short clip; lengths are dynamic), instead of the first batched tick
         compiling under load (a minute or more on a small CPU). Under inference mode, as the engine runs: the
-        compiled graphs are guarded on it."""
+        compiled graphs are guarded on it. On CUDA the decoder's inference form decodes a short clip once, so that
+        its snake kernel is compiled before the first request."""
+        if self.fast_decoder and self.device.type == "cuda":
+            with torch.inference_mode():
+                self.decode_latents(torch.zeros(1, self.latent_dim, self.latent_frames(min(1.0,
+                                                                                           self.config.max_duration))))
         if not self.compiled:
             return
         t0 = time.perf_counter()
@@ -110,7 +126,37 @@ class TorchRuntime(Runtime):
         return self.bundle.encode_audio(wave)
 
     def decode_latents(self, latents: Tensor) -> Tensor:
-        return self.bundle.decode_latents(latents)
+        if self.device.type != "cuda":
+            return self.bundle.decode_latents(latents)
+        with cudnn_benchmark():
+            return self.bundle.decode_latents(latents)
+
+
+def prepare_decoder(bundle, precision: str) -> tuple[str, bool]:
+    """The bundle's codec in its inference form (``prepare_inference``) with its decoder weights in ``precision``;
+    returns the precision the decoder runs in and whether it has the inference form. A codec without one decodes in
+    float32, as before, and says so when 16 bits were asked for (one setting serves every model of a process)."""
+    prepare = getattr(bundle.codec, "prepare_inference", None)
+    if prepare is None:
+        if precision != "float32":
+            log.warning("decode precision %s: this model's codec (%s) decodes in float32 only", precision,
+                        type(bundle.codec).__name__, extra={"model": bundle.config.name})
+        return "float32", False
+    prepare(PRECISIONS[precision])
+    actual = getattr(bundle.codec, "decoder_dtype", None)  # a bundle prepared before keeps its 16-bit weights
+    return next((name for name, dtype in PRECISIONS.items() if dtype == actual), precision), True
+
+
+@contextmanager
+def cudnn_benchmark():
+    """cuDNN's autotuning on for the calls inside: the decoder's convolutions, whose shapes repeat for every clip of a
+    length; the denoiser keeps the process's setting."""
+    previous = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = previous
 
 
 def compile_denoiser(bundle) -> None:
