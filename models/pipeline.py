@@ -185,6 +185,7 @@ compiled denoiser's graphs are specialised on that). Latents are padded to the l
         self.guidance = torch.tensor([float(s.request.guidance) for s in self.trajectories], dtype=torch.float32)
         self.cond = concat_conditioning([s.cond for s in self.trajectories])
         self.negatives = [s.negative for s in self.trajectories]
+        self.memo: dict = {}  # what a forward derives from the fixed parts (``guided_forward``), while the batch lives
         self.known = self.keep_known = None  # [B, C, L] and [B, 1, L] when a sample inpaints
         if any(s.keep is not None for s in self.trajectories):
             self.known = torch.stack([F.pad(s.known, (0, self.length - s.frames)) if s.keep is not None
@@ -351,11 +352,11 @@ class Pipeline:
     @torch.inference_mode()
     def predict_x0(self, z: Tensor, t: Tensor, cond: Conditioning, guidance: Tensor, frame_mask: Tensor,
                    negatives: Sequence[TextEmbedding | None] | None = None,
-                   local_cond: Tensor | None = None) -> Tensor:
+                   local_cond: Tensor | None = None, memo: dict | None = None) -> Tensor:
         """x0 predictions for a heterogeneous batch in ONE denoiser forward: z [B, C, T] (padded), t [B],
         guidance [B], frame_mask [B, T]; the result has z's device and type, whatever the backend computed in.
         ``negatives``: per sample, the condition of its unconditional row (None: the model's own); ``local_cond``:
-        the trained inpainting input (``Networks.denoise``)."""
+        the trained inpainting input (``Networks.denoise``); ``memo``: a batch's ``DenoiseBatch.memo``."""
         t = t.float()
 
         def unconditional(rows: Tensor) -> TextEmbedding:
@@ -365,7 +366,7 @@ class Pipeline:
             return concat_text([x if x is not None else self.networks.unconditional_text(1) for x in own])
 
         out = guided_forward(self.networks.denoise, z, t, cond, guidance, frame_mask, unconditional,
-                             self.config.guidance_in_model, local_cond)
+                             self.config.guidance_in_model, local_cond, memo)
         return self.parameterization.to_x0(out.to(z.device, z.dtype), z, t)
 
     @torch.inference_mode()
@@ -374,7 +375,7 @@ class Pipeline:
         t, t_next = batch.times()
         trained = self.config.inpaint_conditioning
         x0 = self.predict_x0(batch.z, t, batch.cond, batch.guidance, batch.frame_mask, batch.negatives,
-                             batch.local_cond() if trained else None)
+                             batch.local_cond() if trained else None, batch.memo)
         if batch.keep_known is not None and not trained:  # the known region's prediction is the known latents
             x0 = torch.where(batch.keep_known, batch.known, x0)
         noise = None
@@ -441,28 +442,37 @@ def step_noise(generator: torch.Generator, latent_dim: int, frames: int) -> Tens
 
 def guided_forward(denoise: Callable[..., Tensor], z: Tensor, t: Tensor, cond: Conditioning, guidance: Tensor,
                    frame_mask: Tensor, unconditional: Callable[[Tensor], TextEmbedding],
-                   guidance_in_model: bool, local_cond: Tensor | None = None) -> Tensor:
+                   guidance_in_model: bool, local_cond: Tensor | None = None, memo: dict | None = None) -> Tensor:
     """Classifier-free guidance batched into ONE denoiser call: samples with guidance != 1 get an unconditional row
     (``unconditional(rows)``: the condition of those samples' unconditional branch) appended to the same batch, and
     their raw outputs are combined by ``apply_guidance``; a model that takes guidance as an input (a
-    guidance-distilled student) gets it directly. ``local_cond`` goes to the denoiser only when given."""
+    guidance-distilled student) gets it directly. ``local_cond`` goes to the denoiser only when given. ``memo``
+    (a dict that lives as long as ``cond``, ``guidance`` and ``frame_mask`` stay the same: a ``DenoiseBatch``'s)
+    keeps the guided rows' conditioning, so that every step hands the denoiser the same tensors (a denoiser that
+    keeps per-request results finds them by identity) and builds them once."""
     text = cond.text
     extra = {} if local_cond is None else {"local_cond": local_cond}
     if guidance_in_model:
         return denoise(z, t, text.tokens, text.mask, text.pooled, cond.seconds, frame_mask, guidance=guidance, **extra)
-    guided = torch.nonzero(guidance != 1.0).flatten()
-    n, g = z.shape[0], guided.numel()
-    if not g:
+    rows = memo.get("guided") if memo is not None else None
+    if rows is None:
+        guided = torch.nonzero(guidance != 1.0).flatten()
+        rows = (guided,)
+        if guided.numel():
+            u = unconditional(guided)
+            length = max(text.tokens.shape[1], u.tokens.shape[1])
+            rows += (torch.cat([pad_tokens(text.tokens, length), pad_tokens(u.tokens, length)]),
+                     torch.cat([pad_tokens(text.mask, length), pad_tokens(u.mask, length)]),
+                     torch.cat([text.pooled, u.pooled]), torch.cat([cond.seconds, cond.seconds[guided]]),
+                     torch.cat([frame_mask, frame_mask[guided]]))
+        if memo is not None:
+            memo["guided"] = rows
+    guided, n = rows[0], z.shape[0]
+    if not guided.numel():
         return denoise(z, t, text.tokens, text.mask, text.pooled, cond.seconds, frame_mask, **extra)
-    u = unconditional(guided)
-    length = max(text.tokens.shape[1], u.tokens.shape[1])
     if local_cond is not None:
         extra = {"local_cond": torch.cat([local_cond, local_cond[guided]])}
-    out = denoise(torch.cat([z, z[guided]]), torch.cat([t, t[guided]]),
-                  torch.cat([pad_tokens(text.tokens, length), pad_tokens(u.tokens, length)]),
-                  torch.cat([pad_tokens(text.mask, length), pad_tokens(u.mask, length)]),
-                  torch.cat([text.pooled, u.pooled]), torch.cat([cond.seconds, cond.seconds[guided]]),
-                  torch.cat([frame_mask, frame_mask[guided]]), **extra)
+    out = denoise(torch.cat([z, z[guided]]), torch.cat([t, t[guided]]), *rows[1:], **extra)
     cond_out = out[:n].clone()
     cond_out[guided] = apply_guidance(out[:n][guided], out[n:], guidance[guided].to(out.device))
     return cond_out

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from pipeline_support import join_and_leave
 
 from models.checkpoints import CheckpointError, detect_format, load_checkpoint_dir
 from models.checkpoints import format_stable_audio_tools as sat_format
@@ -235,6 +236,52 @@ def test_sao_small_batches_of_different_lengths_match_solo_runs(sao_small):
         alone = bundle.pipeline.generate_latents([prompts[i]], [seconds[i]], [seeds[i]], steps=3)[0]
         assert together[i].shape == alone.shape
         assert rel_err(together[i], alone) < 1e-4
+
+
+@torch.no_grad()
+def test_sao_keeps_each_requests_keys_and_values_and_changes_nothing(sao_small):
+    """The conditioning's cross-attention keys and values and the projected global condition are computed once per
+    request and kept while its batch lives (``RequestCache``): with samples joining and leaving between steps, and
+    guided rows beside unguided ones, every sample's latents equal those of a run that computes them at every step;
+    an in-place change of the weights makes what was kept stale."""
+    from models.pipeline import SampleRequest
+
+    bundle = sao_small["bundle"]
+    denoiser, pipeline = bundle.denoiser, bundle.pipeline
+    requests = [SampleRequest("a dog barks", 0.016, 5, 1.0, 1), SampleRequest("rain on the roof", 0.012, 8, 2.5, 2),
+                SampleRequest("loud engine", 0.016, 6, 1.0, 3)]
+
+    def run(cached: bool) -> list[torch.Tensor]:
+        denoiser.cache_requests = cached
+        denoiser.request_cache.clear()
+        return join_and_leave(pipeline, requests)
+
+    try:
+        reference = run(cached=False)
+        before = denoiser.request_cache.computed_rows
+        got = run(cached=True)
+    finally:
+        denoiser.cache_requests = True
+    for x, y in zip(got, reference):
+        assert rel_err(x, y) < 1e-5  # float32 rounding: a kept row was computed in a batch of other rows
+    cache = denoiser.request_cache
+    # each request's conditional row once, and the guided request's unconditional row once
+    assert cache.computed_rows - before == 4 and cache.hits > 0 and cache.row_hits > 0
+
+    cond = pipeline.conditioning(["a dog barks"], [0.016])
+    z, t = torch.randn(1, 8, 16, generator=torch.Generator().manual_seed(4)), torch.tensor([0.6])
+    args = (z, t, cond.text.tokens, cond.text.mask, cond.text.pooled, cond.seconds)
+    first = denoiser(*args)
+    layer = denoiser.dit.layers[0].cross_attn.to_kv
+    saved = layer.weight.clone()
+    try:
+        layer.weight.mul_(1.5)
+        changed = denoiser(*args)
+        denoiser.cache_requests = False
+        assert torch.equal(changed, denoiser(*args)) and rel_err(changed, first) > 1e-3
+    finally:
+        denoiser.cache_requests = True
+        layer.weight.copy_(saved)
 
 
 def test_full_size_sao_small_shapes_are_accepted(sao_small):

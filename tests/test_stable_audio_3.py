@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import float32_default
+from pipeline_support import join_and_leave
 from test_checkpoints import randomize, rel_err
 
 from models.checkpoints import CheckpointError, detect_format, load_checkpoint_dir
@@ -452,7 +453,7 @@ def test_a_requests_conditioning_is_computed_once_and_changes_nothing(sa3):
     once per request and kept while its batch lives (``RequestCache``): with samples joining and leaving between
     steps, every sample's latents equal those of a run that computes them at every step, and each request's part was
     computed once (a joining sample costs its own row; a leaving one a gather)."""
-    from models.pipeline import DenoiseBatch, SampleRequest
+    from models.pipeline import SampleRequest
 
     bundle = sa3["bundle"]
     denoiser, pipeline = bundle.denoiser, bundle.pipeline
@@ -464,14 +465,7 @@ def test_a_requests_conditioning_is_computed_once_and_changes_nothing(sa3):
     def run(cached: bool) -> list[torch.Tensor]:
         denoiser.cache_requests = cached
         denoiser.request_cache.clear()
-        a, b, c = pipeline.start(requests)
-        # as the engine runs them: c joins after 3 steps, a leaves after its 5th, b after its 8th
-        for members, steps in (([a, b], 3), ([a, b, c], 2), ([b, c], 3), ([c], 1)):
-            batch = DenoiseBatch(members)
-            for _ in range(steps):
-                pipeline.step(batch)
-        assert all(s.finished for s in (a, b, c))
-        return [s.z for s in (a, b, c)]
+        return join_and_leave(pipeline, requests)
 
     try:
         with float32_default():

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from models.checkpoints.mel_vae import from_mel_layout, to_mel_layout
+from models.checkpoints.request_cache import RequestCache, cache_state, context_rows
 from models.checkpoints.stable_audio_dit import NumberEmbedder, StableAudioDiT
 from models.checkpoints.unet import UNet2DCondition
 from models.diffusion.discrete import DiscreteVPSchedule
@@ -33,8 +34,11 @@ class StableAudioDenoiser(nn.Module):
     axis (cross-attention) and the channel axis (global condition); ``text_id`` is the T5 conditioner's id. Text
     tokens are zeroed past each prompt's end and padded to ``text_len`` tokens, as the reference tokenizer pads to
     max_length and attends to every position. ``objective`` is "rectified_flow" (model time = t) or "v" (model time
-    = the cosine-schedule time with the same noise level: 2/pi atan(sigma / alpha)).
+    = the cosine-schedule time with the same noise level: 2/pi atan(sigma / alpha)). Under inference the request's
+    part of a forward (``request_state``) is kept per request (``RequestCache``).
     """
+
+    cache_requests = True  # False: compute every request's part at every step (a reference for tests)
 
     def __init__(self, dit: StableAudioDiT, numbers: dict[str, NumberEmbedder], cross_ids: list[str],
                  global_ids: list[str], text_id: str, text_len: int, objective: str, schedule: NoiseSchedule,
@@ -47,6 +51,7 @@ class StableAudioDenoiser(nn.Module):
         self.objective = objective
         self.schedule = schedule
         self.text_proj = text_proj
+        self.request_cache = RequestCache()
 
     def model_time(self, t: Tensor) -> Tensor:
         if self.objective in ("rectified_flow", "rf_denoiser"):
@@ -69,10 +74,21 @@ class StableAudioDenoiser(nn.Module):
         glob = torch.cat([numbers[k] for k in self.global_ids], dim=-1) if self.global_ids else None
         return context, glob
 
+    def request_state(self, tokens: Tensor, token_mask: Tensor, seconds: Tensor) -> tuple[Tensor | None, ...]:
+        """The request's part of a forward (``StableAudioDiT.request_state``): the blocks' cross-attention keys and
+        values and the projected global condition."""
+        return self.dit.request_state(*self.conditioning(tokens, token_mask, seconds))
+
     def forward(self, z: Tensor, t: Tensor, tokens: Tensor, token_mask: Tensor, pooled: Tensor, seconds: Tensor,
                 frame_mask: Tensor | None = None, guidance: Tensor | None = None) -> Tensor:
-        context, glob = self.conditioning(tokens, token_mask, seconds)
-        return self.dit(z, self.model_time(t.to(z.dtype)), context, glob, frame_mask)
+        model_t = self.model_time(t.to(z.dtype))
+        cache = cache_state(self, z) if self.cache_requests and self.cross_ids and self.global_ids else None
+        if cache is None:
+            return self.dit(z, model_t, *self.conditioning(tokens, token_mask, seconds), frame_mask)
+        # kept per request: computed when a request first takes part in a batch, not at every step
+        state = self.request_cache.get((tokens, token_mask, seconds), cache, self.request_state,
+                                       lambda *x: context_rows(*x, self.text_len), axes=(1, 0))
+        return self.dit(z, model_t, frame_mask=frame_mask, state=state)
 
     # the transformer-trunk interface ARC's discriminator builds on (as models.dit.DiT has it)
     @property

@@ -163,12 +163,14 @@ class Attention(nn.Module):
         else:
             self.q_norm = self.k_norm = None
 
-    def forward(self, x: Tensor, context: Tensor | None = None, rope: tuple[Tensor, Tensor] | None = None,
+    def forward(self, x: Tensor, context_kv: Tensor | None = None, rope: tuple[Tensor, Tensor] | None = None,
                 key_mask: Tensor | None = None) -> Tensor:
+        """Self-attention over ``x``, or cross-attention to the keys and values ``to_kv(context)`` (``context_kv``:
+        they depend on the request alone, so the caller may keep them across steps)."""
         b, n, _ = x.shape
         if self.cross:
             q = self.to_q(x)
-            k, v = self.to_kv(context).chunk(2, dim=-1)
+            k, v = context_kv.chunk(2, dim=-1)
         else:
             q, k, v = self.to_qkv(x).chunk(3, dim=-1)
         q = q.view(b, n, self.heads, self.head_dim).transpose(1, 2)
@@ -212,10 +214,10 @@ class Block(nn.Module):
         self.ff_norm = nn.LayerNorm(d, eps=c.norm_eps)
         self.ff = FeedForward(d, c.ff_mult)
 
-    def forward(self, x, context, rope, key_mask):
+    def forward(self, x, context_kv, rope, key_mask):
         x = x + self.self_attn(self.pre_norm(x), rope=rope, key_mask=key_mask)
-        if self.cross_attend and context is not None:
-            x = x + self.cross_attn(self.cross_attend_norm(x), context=context)
+        if self.cross_attend and context_kv is not None:
+            x = x + self.cross_attn(self.cross_attend_norm(x), context_kv)
         return x + self.ff(self.ff_norm(x))
 
 
@@ -246,18 +248,30 @@ class StableAudioDiT(nn.Module):
         self.project_out = nn.Linear(d, c.io_channels, bias=False)
         self.postprocess_conv = nn.Conv1d(c.io_channels, c.io_channels, 1, bias=False)
 
-    def hidden(self, x: Tensor, t: Tensor, context: Tensor | None = None, global_cond: Tensor | None = None,
-               frame_mask: Tensor | None = None) -> Tensor:
-        """The transformer's hidden states after its layers: [B, 1 + T, embed_dim], the prepended global token
-        first."""
+    def request_state(self, context: Tensor | None, global_cond: Tensor | None) -> tuple[Tensor | None, ...]:
+        """The part of a forward that depends on the request alone: every block's cross-attention keys and values
+        ``[depth, B, L, 2 x cond width]`` (None without a context) and the projected global condition ``[B, D]``
+        (None without one)."""
         c = self.config
-        b, _, length = x.shape
-        feats = 2 * math.pi * t.to(x.dtype)[:, None] @ self.timestep_features.T
-        glob = self.to_timestep_embed(torch.cat([feats.cos(), feats.sin()], dim=-1))
-        if global_cond is not None and c.global_cond_dim > 0:
-            glob = self.to_global_embed(global_cond) + glob
+        kv = None
         if context is not None and c.cond_token_dim > 0:
             context = self.to_cond_embed(context)
+            kv = torch.stack([layer.cross_attn.to_kv(context) for layer in self.layers if layer.cross_attend])
+        glob = self.to_global_embed(global_cond) if global_cond is not None and c.global_cond_dim > 0 else None
+        return kv, glob
+
+    def hidden(self, x: Tensor, t: Tensor, context: Tensor | None = None, global_cond: Tensor | None = None,
+               frame_mask: Tensor | None = None, state: tuple[Tensor | None, ...] | None = None) -> Tensor:
+        """The transformer's hidden states after its layers: [B, 1 + T, embed_dim], the prepended global token
+        first. ``state``: the request's ``request_state``, kept from an earlier step (then ``context`` and
+        ``global_cond`` are not read)."""
+        c = self.config
+        b, _, length = x.shape
+        kv, global_embed = state if state is not None else self.request_state(context, global_cond)
+        feats = 2 * math.pi * t.to(x.dtype)[:, None] @ self.timestep_features.T
+        glob = self.to_timestep_embed(torch.cat([feats.cos(), feats.sin()], dim=-1))
+        if global_embed is not None:
+            glob = global_embed + glob
         h = self.project_in((self.preprocess_conv(x) + x).transpose(1, 2))
         h = torch.cat([glob[:, None], h], dim=1)
         rope = rotary_tables(length + 1, c.rope_dim, x.device)
@@ -267,15 +281,16 @@ class StableAudioDiT(nn.Module):
         capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
         if frame_mask is not None and (capturing or not bool(frame_mask.all())):
             key_mask = torch.cat([torch.ones(b, 1, dtype=torch.bool, device=x.device), frame_mask.bool()], dim=1)
+        cross = iter(kv if kv is not None else ())
         for layer in self.layers:
-            h = layer(h, context, rope, key_mask)
+            h = layer(h, next(cross, None) if layer.cross_attend else None, rope, key_mask)
         return h
 
     def forward(self, x: Tensor, t: Tensor, context: Tensor | None = None, global_cond: Tensor | None = None,
-                frame_mask: Tensor | None = None) -> Tensor:
+                frame_mask: Tensor | None = None, state: tuple[Tensor | None, ...] | None = None) -> Tensor:
         """x [B, C, T], t [B] (model time), context [B, L, cond_token_dim], global_cond [B, global_cond_dim],
-        frame_mask [B, T] bool (True = real frame) -> raw output [B, C, T]."""
-        h = self.hidden(x, t, context, global_cond, frame_mask)
+        frame_mask [B, T] bool (True = real frame) -> raw output [B, C, T]; ``state`` as in ``hidden``."""
+        h = self.hidden(x, t, context, global_cond, frame_mask, state)
         out = self.project_out(h).transpose(1, 2)[:, :, 1:]
         out = self.postprocess_conv(out) + out
         if frame_mask is not None:

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from models.checkpoints.denoisers import per_length
-from models.checkpoints.stable_audio_3 import RequestCache, context_rows, row_digest
+from models.checkpoints.request_cache import RequestCache, context_rows, row_digest
 from models.diffusion import make_schedule
 from models.export import OnnxExport, ensure_onnx_export
 from models.export.graphs import (
