@@ -28,7 +28,7 @@ def _add_dataclass_args(parser: argparse.ArgumentParser, cls) -> None:
 
 
 def _optional_type(annotation) -> type:
-    """The value type of an ``X | None`` field (annotations are strings here: ``from __future__ import annotations``)."""
+    """The value type of an ``X | None`` field (annotations are strings: ``from __future__ import annotations``)."""
     text = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", str(annotation))
     return next((t for t in (float, str) if t.__name__ in text), int)
 
@@ -130,7 +130,7 @@ def cmd_serve(args) -> None:
     serve(host=args.host, port=args.port, model_dir=args.model_dir, default_model=args.default_model,
           device=args.device, runtime=args.runtime, policy=args.policy, max_batch=args.max_batch,
           threads=args.threads, log_level=args.log_level, torch_compile=args.compile, precision=args.precision,
-          cuda_graphs=args.cuda_graphs)
+          decode_precision=args.decode_precision, cuda_graphs=args.cuda_graphs)
 
 
 def cmd_export(args) -> None:
@@ -293,6 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true", default=None, help="torch runtime: torch.compile the denoiser")
     p.add_argument("--precision", choices=get_args(Precision), default=None,
                    help="torch runtime: autocast the denoiser to this type")
+    p.add_argument("--decode-precision", choices=get_args(Precision), default=None,
+                   help="torch runtime: the Oobleck decoder's weights in this type (float16 on GPUs)")
     p.add_argument("--cuda-graphs", action="store_true", default=None,
                    help="torch runtime on cuda: replay the denoiser from CUDA graphs")
     p.set_defaults(func=cmd_serve)

@@ -38,6 +38,9 @@ class Settings(BaseSettings):
         "float32", description="torch runtime: autocast the denoiser's matrix products to this type (bfloat16 / "
         "float16 on GPUs; the sampler and decoder stay float32); tensorrt runtime: the denoiser engines' precision "
         "(float32: the existing engines', else float16)")
+    decode_precision: Precision = Field(
+        "float32", description="torch runtime: the Oobleck decoder's convolution weights in this type (float16 on "
+        "GPUs: 61 dB SNR against float32 on random weights, bfloat16 43 dB), snakes computed in float32 and fused")
     max_batch: int = Field(16, ge=1, le=256, description="samples per denoiser forward")
     max_padding: float = Field(0.25, ge=0, description="a tick splits its samples into forwards of similar length "
                                "whose padded frames stay within this share of the real ones (large: one forward)")

@@ -239,3 +239,12 @@ def test_the_runtime_decodes_on_cuda_near_float32(sao_tiny, precision):
     assert torch.backends.cudnn.benchmark == benchmark  # autotuning for the decoder only
     assert got.dtype == torch.float32 and got.device.type == "cpu"
     assert min(snr_db(got, want)) >= MIN_SNR_DB["float32 on cuda" if precision == "float32" else precision]
+
+
+def test_the_service_setting_reaches_the_runtime(sao_tiny, monkeypatch):
+    from service.app import load_model
+    from service.settings import Settings
+
+    monkeypatch.setenv("TTA_DECODE_PRECISION", "float16")
+    rt = load_model(sao_tiny, Settings(runtime="torch"))
+    assert (rt.decode_precision, rt.bundle.codec.decoder_dtype) == ("float16", torch.float16)
