@@ -474,7 +474,7 @@ def checks(table: list[dict], reference_steps: int) -> dict:
         arc = [r for r in table if r["family"] == "arc" and r["steps"] <= 8]
         arc_out = []
         for r in arc:
-            entry = {"steps": r["steps"]}
+            entry = {"steps": r["steps"], "method": r["method"]}
             for k in ("fd_crepe", "fd_mfcc", "pitch_error"):
                 q = ratio(r, k)
                 entry[k] = {"ratio": q, "within_15pct": None if q is None else q <= 1.15}
@@ -586,9 +586,10 @@ def _checks_md(chk: dict, ref_steps: int) -> list[str]:
             lines.append(f"- BSA-{b['steps']} against teacher-{ref_steps}: " + ", ".join(parts) + ".")
     for a in chk.get("arc_vs_reference", []):
         parts = [f"{LABELS[k]} x{v['ratio']:.3f}{'' if v['within_15pct'] else ' (outside 15 %)'}"
-                 for k, v in a.items() if k != "steps" and v["ratio"] is not None]
+                 for k, v in a.items() if k not in ("steps", "method") and v["ratio"] is not None]
         if parts:
-            lines.append(f"- ARC-{a['steps']} against teacher-{ref_steps} (ratios; placement and tempo should be "
+            lines.append(f"- {a.get('method', 'ARC')}, {a['steps']} steps, against teacher-{ref_steps} (ratios; "
+                         "placement and tempo should be "
                          f">= 0.85, the others <= 1.15): " + ", ".join(parts) + ".")
     return lines
 

@@ -254,7 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="generate audio from a prompt, offline (the server's models and runtimes)")
     p.add_argument("prompt")
     p.add_argument("-o", "--output", default="out.wav", help="the file to write; its suffix picks the format")
-    p.add_argument("--model", default=os.environ.get("TTA_DEFAULT_MODEL", "tta-arc"),
+    p.add_argument("--model", default=os.environ.get("TTA_DEFAULT_MODEL", "tta-bsa-25"),
                    help="a model name under --model-dir, or a model / checkpoint directory")
     p.add_argument("--model-dir", default=os.environ.get("TTA_MODEL_DIR", str(ZOO)))
     p.add_argument("--runtime", choices=["auto", "torch", "onnxruntime", "tensorrt"], default="torch")

@@ -24,7 +24,7 @@ class Settings(BaseSettings):
     host: str = "0.0.0.0"
     port: int = Field(8000, ge=0, le=65535)
     model_dir: Path = ZOO
-    default_model: str = "tta-arc"
+    default_model: str = "tta-bsa-25"
     models: str = Field("", description="comma-separated model names to load; empty = every model in model_dir")
     device: Literal["cpu", "cuda"] = "cpu"
     runtime: Literal["auto", "torch", "onnxruntime", "tensorrt"] = Field(

@@ -23,7 +23,7 @@ def test_settings_from_env(monkeypatch, tmp_path):
 
     defaults = Settings(_env_file=None)
     assert (defaults.host, defaults.port, defaults.default_model, defaults.max_batch, defaults.queue_size,
-            defaults.request_timeout, defaults.policy) == ("0.0.0.0", 8000, "tta-arc", 16, 64, 60.0, "continuous")
+            defaults.request_timeout, defaults.policy) == ("0.0.0.0", 8000, "tta-bsa-25", 16, 64, 60.0, "continuous")
     assert defaults.model_dir == ROOT / "models" / "zoo" and defaults.api_key_set == frozenset()
     for key, value in {"TTA_PORT": "9001", "TTA_API_KEYS": "a, b", "TTA_POLICY": "request", "TTA_MAX_BATCH": "4",
                        "TTA_MODEL_DIR": str(tmp_path), "TTA_DEVICE": "cuda", "TTA_THREADS": "2"}.items():
