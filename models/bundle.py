@@ -116,4 +116,8 @@ class ModelBundle(Networks):
 
     @torch.inference_mode()
     def decode_latents(self, latents: Tensor) -> Tensor:
-        return self.codec.decode(latents.to(self.device)).cpu()
+        return self.decode_on_device(latents).cpu()
+
+    @torch.inference_mode()
+    def decode_on_device(self, latents: Tensor) -> Tensor:
+        return self.codec.decode(latents.to(self.device))

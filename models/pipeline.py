@@ -23,7 +23,12 @@ ONNX Runtime runtimes) only run the text encoder, the denoiser and the decoder. 
 same calls to completion for the offline CLI, benchmarks, training-time validation and the tests. So a seed gives the
 same audio through every path and every backend (up to float rounding across backends).
 
-The sampler's maths and every random number run in float32 on the CPU, whatever device runs the networks.
+Every random number is drawn on the CPU from the sample's own generator when the sample starts (its initial noise
+and, for a stochastic sampler, the noise of each of its steps, in the order the steps use them), so seeds keep their
+meaning on every device. A running batch then lives where the backend computes (``Networks.batch_device``): its
+latents, pre-drawn noise, grids, masks and guidance scales, the x0 conversion and the sampler step (float32) stay
+there, and a step makes no host round-trip. Only per-request conditioning (a few KiB of text embedding) stays on the
+host, and is copied once when a batch is formed.
 """
 from __future__ import annotations
 
@@ -84,6 +89,11 @@ class Networks(ABC):
         """Latents [B, C, T] of one length -> float32 waveforms [B, 2, N] on the CPU (N >= T x samples per
         latent; the pipeline cuts each clip to its duration)."""
 
+    def decode_on_device(self, latents: Tensor) -> Tensor:
+        """``decode_latents`` with the waveforms left where the decoder computed them (a whole generation's graph
+        converts and copies them itself); a backend that decodes on the host returns them there."""
+        return self.decode_latents(latents)
+
     def encode_audio(self, wave: Tensor) -> Tensor:
         """Waveforms [B, 2, N] at ``sample_rate`` -> latents [B, C, ceil(N / samples_per_latent)] (the codec's
         encoder: audio-to-audio and inpainting need it). A backend without an encoder says so here."""
@@ -95,6 +105,12 @@ class Networks(ABC):
 
     def prepare(self) -> None:
         """Work to do once before serving (compilation, graph capture): nothing, unless a backend has some."""
+
+    @property
+    def batch_device(self) -> torch.device:
+        """Where the pipeline keeps a running batch's tensors (latents, noise, masks, the sampler's maths): the
+        networks' own device, unless a backend takes its inputs on the host (ONNX Runtime feeds NumPy arrays)."""
+        return torch.device(self.device)
 
 
 MODES = ("text-to-audio", "audio-to-audio", "inpainting", "negative-prompt")
@@ -147,12 +163,13 @@ class Trajectory:
     frames: int
     grid: Tensor  # [steps + 1] float64, the sampler's time grid for this sample's step count
     z: Tensor
-    generator: torch.Generator  # the request's own: per-step noise of a stochastic sampler comes from it
-    cond: Conditioning  # batch of one
+    generator: torch.Generator  # the request's own: every random number of the sample comes from it
+    cond: Conditioning  # batch of one, on the host
     index: int = 0  # steps taken
     known: Tensor | None = None  # [C, frames] latents to keep (inpainting), where ``keep`` is True
     keep: Tensor | None = None  # [frames] bool
-    negative: TextEmbedding | None = None  # batch of one: the unconditional row's condition
+    negative: TextEmbedding | None = None  # batch of one, on the host: the unconditional row's condition
+    noise: Tensor | None = None  # [steps, C, frames]: a stochastic sampler's noise for each step (zero before start)
 
     @property
     def steps(self) -> int:
@@ -173,25 +190,33 @@ compiled denoiser's graphs are specialised on that). Latents are padded to the l
     @torch.inference_mode()
     def __init__(self, trajectories: Sequence[Trajectory]):
         self.trajectories = list(trajectories)
+        self.device = device = self.trajectories[0].z.device
         frames = [s.frames for s in self.trajectories]
         self.length = max(frames)
         self.z = torch.stack([F.pad(s.z, (0, self.length - s.frames)) for s in self.trajectories])
-        self.frame_mask = torch.arange(self.length)[None] < torch.tensor(frames)[:, None]
+        self.frame_mask = (torch.arange(self.length)[None] < torch.tensor(frames)[:, None]).to(device)
         self.keep = self.frame_mask[:, None]
         width = max(s.grid.numel() for s in self.trajectories)
-        self.grids = torch.stack([F.pad(s.grid, (0, width - s.grid.numel())) for s in self.trajectories])
-        self.rows = torch.arange(len(self.trajectories))
-        self.index = torch.tensor([s.index for s in self.trajectories])
-        self.guidance = torch.tensor([float(s.request.guidance) for s in self.trajectories], dtype=torch.float32)
-        self.cond = concat_conditioning([s.cond for s in self.trajectories])
+        self.grids = torch.stack([F.pad(s.grid, (0, width - s.grid.numel())) for s in self.trajectories]).to(device)
+        self.rows = torch.arange(len(self.trajectories), device=device)
+        self.index = torch.tensor([s.index for s in self.trajectories], device=device)
+        scales = [float(s.request.guidance) for s in self.trajectories]
+        self.guidance = torch.tensor(scales, dtype=torch.float32, device=device)
+        self.cond = concat_conditioning([s.cond for s in self.trajectories]).to(device)
         self.negatives = [s.negative for s in self.trajectories]
-        self.memo: dict = {}  # what a forward derives from the fixed parts (``guided_forward``), while the batch lives
+        # what a forward derives from the fixed parts (``guided_forward``), while the batch lives; the guided rows
+        # are known here, on the host, so that no step reads them back from the device
+        self.memo: dict = {"guided_rows": [i for i, g in enumerate(scales) if g != 1.0]}
+        self.noise = None  # [B, steps, C, L]: each sample's pre-drawn step noise, when the sampler takes some
+        if any(s.noise is not None for s in self.trajectories):
+            self.noise = torch.stack([F.pad(s.noise, (0, self.length - s.frames, 0, 0, 0, width - 1 - s.steps))
+                                      for s in self.trajectories])
         self.known = self.keep_known = None  # [B, C, L] and [B, 1, L] when a sample inpaints
         if any(s.keep is not None for s in self.trajectories):
             self.known = torch.stack([F.pad(s.known, (0, self.length - s.frames)) if s.keep is not None
                                       else torch.zeros_like(self.z[0]) for s in self.trajectories])
             self.keep_known = torch.stack([F.pad(s.keep, (0, self.length - s.frames)) if s.keep is not None
-                                           else torch.zeros(self.length, dtype=torch.bool)
+                                           else torch.zeros(self.length, dtype=torch.bool, device=device)
                                            for s in self.trajectories])[:, None]
 
     def local_cond(self) -> Tensor | None:
@@ -213,6 +238,41 @@ compiled denoiser's graphs are specialised on that). Latents are padded to the l
     def times(self) -> tuple[Tensor, Tensor]:
         """This step's per-sample t and t_next, float32."""
         return self.grids[self.rows, self.index].float(), self.grids[self.rows, self.index + 1].float()
+
+    def pad_tokens(self, length: int) -> None:
+        """Pad the batch's text conditioning (and its guided rows', once built) to ``length`` tokens, masked: a
+        batch held in fixed tensors (``models.generation_graph``) takes prompts of any length up to it."""
+        text = self.cond.text
+        self.cond = Conditioning(TextEmbedding(pad_tokens(text.tokens, length), pad_tokens(text.mask, length),
+                                               text.pooled), self.cond.seconds)
+        if text.tokens.shape[1] > length:
+            raise ValueError(f"a batch with {text.tokens.shape[1]} prompt tokens does not fit {length}")
+        rows = self.memo.get("guided")
+        if rows is not None and len(rows) > 1:
+            self.memo["guided"] = (rows[0], pad_tokens(rows[1], length), pad_tokens(rows[2], length)) + rows[3:]
+
+    def state(self) -> list[Tensor]:
+        """The tensors a step reads that differ between batches of the same shape: the starting latents, the step
+        index, the guidance scales, the conditioning (with the guided rows', once built), the noise, the grids."""
+        text, rows = self.cond.text, self.memo.get("guided", ())
+        out = [self.z, self.index, self.guidance, text.tokens, text.mask, text.pooled, self.cond.seconds,
+               self.grids, *rows[1:]]
+        return out + ([self.noise] if self.noise is not None else [])
+
+    @torch.inference_mode()
+    def load(self, other: DenoiseBatch) -> None:
+        """Copy ``other``'s state into this batch's own tensors, in place (a batch of the same shape: rows, frames,
+        grid width, guided rows; ``other``'s prompts no longer than this batch's token length)."""
+        other.pad_tokens(self.cond.text.tokens.shape[1])
+        mine, theirs = self.state(), other.state()
+        if len(mine) != len(theirs) or any(a.shape != b.shape for a, b in zip(mine, theirs)):
+            raise ValueError("load: the batches differ in shape")
+        for a, b in zip(mine, theirs):
+            a.copy_(b)
+
+    def step_noise(self) -> Tensor | None:
+        """This step's per-sample noise [B, C, L] (pre-drawn), or None for a deterministic sampler."""
+        return None if self.noise is None else self.noise[self.rows, self.index]
 
 
 class Pipeline:
@@ -296,7 +356,7 @@ class Pipeline:
         for r in requests:
             self.check(r)
         negatives = [r.negative_prompt for r in requests if r.negative_prompt is not None]
-        text = self.networks.encode_text([r.prompt for r in requests] + negatives)
+        text = self.networks.encode_text([r.prompt for r in requests] + negatives).to("cpu")
         cond = Conditioning(text.select(list(range(len(requests)))),
                             torch.tensor([r.duration for r in requests], dtype=torch.float32))
         out, k = [], len(requests)
@@ -312,8 +372,21 @@ class Pipeline:
                     self.enter(tr, known, r.init_noise_level)
                 if r.inpaint is not None:
                     tr.known, tr.keep = known, self.keep_mask(r, frames)
-            out.append(tr)
+            out.append(self.place(tr))
         return out
+
+    def place(self, tr: Trajectory) -> Trajectory:
+        """The trajectory ready to run: a stochastic sampler's noise for each of its remaining steps drawn now,
+        from its own generator in step order (the numbers a draw per step would give), and its latents, noise
+        and inpainting data moved to the backend's ``batch_device``."""
+        if self.sampler.stochastic:
+            tr.noise = torch.zeros(tr.steps, self.networks.latent_dim, tr.frames)
+            for k in range(tr.index, tr.steps):
+                tr.noise[k] = step_noise(tr.generator, self.networks.latent_dim, tr.frames)
+        device = self.networks.batch_device
+        tr.z = tr.z.to(device)
+        tr.noise, tr.known, tr.keep = (None if x is None else x.to(device) for x in (tr.noise, tr.known, tr.keep))
+        return tr
 
     def enter(self, tr: Trajectory, known: Tensor, level: float) -> None:
         """Audio-to-audio: the trajectory starts from the clip's latents noised, with its own initial noise, to the
@@ -358,16 +431,27 @@ class Pipeline:
         ``negatives``: per sample, the condition of its unconditional row (None: the model's own); ``local_cond``:
         the trained inpainting input (``Networks.denoise``); ``memo``: a batch's ``DenoiseBatch.memo``."""
         t = t.float()
-
-        def unconditional(rows: Tensor) -> TextEmbedding:
-            own = [negatives[i] for i in rows.tolist()] if negatives is not None else []
-            if not any(x is not None for x in own):
-                return self.networks.unconditional_text(rows.numel())
-            return concat_text([x if x is not None else self.networks.unconditional_text(1) for x in own])
-
-        out = guided_forward(self.networks.denoise, z, t, cond, guidance, frame_mask, unconditional,
+        out = guided_forward(self.networks.denoise, z, t, cond, guidance, frame_mask,
+                             lambda rows: self.unconditional(negatives, rows, z.device),
                              self.config.guidance_in_model, local_cond, memo)
         return self.parameterization.to_x0(out.to(z.device, z.dtype), z, t)
+
+    def unconditional(self, negatives: Sequence[TextEmbedding | None] | None, rows: list[int],
+                      device) -> TextEmbedding:
+        """The conditions of these samples' unconditional rows, on ``device``: each one's negative prompt, else the
+        model's own unconditional condition."""
+        own = [negatives[i] for i in rows] if negatives is not None else []
+        if not any(x is not None for x in own):
+            return self.networks.unconditional_text(len(rows)).to(device)
+        return concat_text([(x if x is not None else self.networks.unconditional_text(1)).to("cpu")
+                            for x in own]).to(device)
+
+    def prime(self, batch: DenoiseBatch) -> None:
+        """Build what the batch's first step would build from its fixed parts (the guided rows' conditioning), now,
+        without a forward."""
+        if not self.config.guidance_in_model:
+            guided_inputs(batch.cond, batch.guidance, batch.frame_mask,
+                          lambda rows: self.unconditional(batch.negatives, rows, batch.device), batch.memo)
 
     @torch.inference_mode()
     def step(self, batch: DenoiseBatch) -> None:
@@ -378,11 +462,7 @@ class Pipeline:
                              batch.local_cond() if trained else None, batch.memo)
         if batch.keep_known is not None and not trained:  # the known region's prediction is the known latents
             x0 = torch.where(batch.keep_known, batch.known, x0)
-        noise = None
-        if self.sampler.stochastic:
-            noise = torch.stack([F.pad(step_noise(s.generator, self.networks.latent_dim, s.frames),
-                                       (0, batch.length - s.frames)) for s in batch.trajectories])
-        batch.z = z = self.sampler.step(batch.z, x0, t, t_next, noise) * batch.keep
+        batch.z = z = self.sampler.step(batch.z, x0, t, t_next, batch.step_noise()) * batch.keep
         batch.index += 1
         for i, s in enumerate(batch.trajectories):
             s.z = z[i, :, : s.frames]
@@ -398,10 +478,10 @@ class Pipeline:
                               decode_batch_limit(self.networks.device))
 
     # ------------------------------------------------------------------ whole generations
-    def run(self, trajectories: Sequence[Trajectory]) -> None:
-        """Step every trajectory to its end, unfinished ones sharing each forward."""
+    def run(self, trajectories: Sequence[Trajectory], batch: DenoiseBatch | None = None) -> None:
+        """Step every trajectory to its end, unfinished ones sharing each forward (starting with ``batch``, when it
+        holds them)."""
         active = [s for s in trajectories if not s.finished]
-        batch = None
         while active:
             batch = batch if batch is not None and batch.holds(active) else DenoiseBatch(active)
             self.step(batch)
@@ -444,29 +524,19 @@ def guided_forward(denoise: Callable[..., Tensor], z: Tensor, t: Tensor, cond: C
                    frame_mask: Tensor, unconditional: Callable[[Tensor], TextEmbedding],
                    guidance_in_model: bool, local_cond: Tensor | None = None, memo: dict | None = None) -> Tensor:
     """Classifier-free guidance batched into ONE denoiser call: samples with guidance != 1 get an unconditional row
-    (``unconditional(rows)``: the condition of those samples' unconditional branch) appended to the same batch, and
+    (``unconditional(rows)``: the condition of those samples' unconditional branch, on z's device) appended to the
+    same batch, and
     their raw outputs are combined by ``apply_guidance``; a model that takes guidance as an input (a
     guidance-distilled student) gets it directly. ``local_cond`` goes to the denoiser only when given. ``memo``
     (a dict that lives as long as ``cond``, ``guidance`` and ``frame_mask`` stay the same: a ``DenoiseBatch``'s)
     keeps the guided rows' conditioning, so that every step hands the denoiser the same tensors (a denoiser that
-    keeps per-request results finds them by identity) and builds them once."""
+    keeps per-request results finds them by identity) and builds them once; its ``guided_rows`` (a list), when
+    given, names the guided samples without reading ``guidance`` back from the device."""
     text = cond.text
     extra = {} if local_cond is None else {"local_cond": local_cond}
     if guidance_in_model:
         return denoise(z, t, text.tokens, text.mask, text.pooled, cond.seconds, frame_mask, guidance=guidance, **extra)
-    rows = memo.get("guided") if memo is not None else None
-    if rows is None:
-        guided = torch.nonzero(guidance != 1.0).flatten()
-        rows = (guided,)
-        if guided.numel():
-            u = unconditional(guided)
-            length = max(text.tokens.shape[1], u.tokens.shape[1])
-            rows += (torch.cat([pad_tokens(text.tokens, length), pad_tokens(u.tokens, length)]),
-                     torch.cat([pad_tokens(text.mask, length), pad_tokens(u.mask, length)]),
-                     torch.cat([text.pooled, u.pooled]), torch.cat([cond.seconds, cond.seconds[guided]]),
-                     torch.cat([frame_mask, frame_mask[guided]]))
-        if memo is not None:
-            memo["guided"] = rows
+    rows = guided_inputs(cond, guidance, frame_mask, unconditional, memo)
     guided, n = rows[0], z.shape[0]
     if not guided.numel():
         return denoise(z, t, text.tokens, text.mask, text.pooled, cond.seconds, frame_mask, **extra)
@@ -476,6 +546,30 @@ def guided_forward(denoise: Callable[..., Tensor], z: Tensor, t: Tensor, cond: C
     cond_out = out[:n].clone()
     cond_out[guided] = apply_guidance(out[:n][guided], out[n:], guidance[guided].to(out.device))
     return cond_out
+
+
+def guided_inputs(cond: Conditioning, guidance: Tensor, frame_mask: Tensor,
+                  unconditional: Callable[[list[int]], TextEmbedding], memo: dict | None = None) -> tuple:
+    """(guided row indices, then the denoiser's tokens, token mask, pooled, seconds and frame mask over the
+    conditional rows followed by the guided samples' unconditional rows); only the indices when no sample is
+    guided. Kept in ``memo`` (see ``guided_forward``)."""
+    rows = memo.get("guided") if memo is not None else None
+    if rows is not None:
+        return rows
+    listed = memo.get("guided_rows") if memo is not None else None
+    listed = torch.nonzero(guidance != 1.0).flatten().tolist() if listed is None else listed
+    guided = torch.tensor(listed, dtype=torch.long, device=guidance.device)
+    rows, text = (guided,), cond.text
+    if listed:
+        u = unconditional(listed)
+        length = max(text.tokens.shape[1], u.tokens.shape[1])
+        rows += (torch.cat([pad_tokens(text.tokens, length), pad_tokens(u.tokens, length)]),
+                 torch.cat([pad_tokens(text.mask, length), pad_tokens(u.mask, length)]),
+                 torch.cat([text.pooled, u.pooled]), torch.cat([cond.seconds, cond.seconds[guided]]),
+                 torch.cat([frame_mask, frame_mask[guided]]))
+    if memo is not None:
+        memo["guided"] = rows
+    return rows
 
 
 def decode_batch_limit(device) -> int:

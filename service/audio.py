@@ -14,6 +14,7 @@ import soundfile as sf
 from scipy.signal import resample_poly  # here, not on first use: its first import takes about a second
 from torch import Tensor
 
+from models.audio.pcm import pcm16
 from service.schemas import FormatName
 from service.settings import DEFAULT_MP3_BITRATE_KBPS
 
@@ -71,8 +72,7 @@ def mp3_compression_level(kbps: int, sample_rate: int) -> float:
 
 def to_pcm16(wave: Tensor) -> np.ndarray:
     """[channels, frames] float in [-1, 1] -> [frames, channels] int16 (round to nearest, clipped)."""
-    x = np.clip(wave.detach().cpu().numpy().T, -1.0, 1.0)
-    return np.round(x * 32767.0).astype(np.int16)
+    return np.ascontiguousarray(pcm16(wave.detach().cpu()).numpy().T)
 
 
 def encode_audio(wave: Tensor, sample_rate: int, fmt: str,

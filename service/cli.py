@@ -130,7 +130,8 @@ def cmd_serve(args) -> None:
     serve(host=args.host, port=args.port, model_dir=args.model_dir, default_model=args.default_model,
           device=args.device, runtime=args.runtime, policy=args.policy, max_batch=args.max_batch,
           threads=args.threads, log_level=args.log_level, torch_compile=args.compile, precision=args.precision,
-          decode_precision=args.decode_precision, cuda_graphs=args.cuda_graphs)
+          decode_precision=args.decode_precision, cuda_graphs=args.cuda_graphs,
+          whole_generation=args.whole_generation)
 
 
 def cmd_export(args) -> None:
@@ -297,6 +298,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch runtime: the Oobleck decoder's weights in this type (float16 on GPUs)")
     p.add_argument("--cuda-graphs", action="store_true", default=None,
                    help="torch runtime on cuda: replay the denoiser from CUDA graphs")
+    p.add_argument("--whole-generation", action="store_true", default=None,
+                   help="requests that run alone and share steps and length: every step, the decode and the PCM in "
+                        "one call (one CUDA graph on cuda)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("export", help="export a model's graphs for another runtime (checked against PyTorch)")

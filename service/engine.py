@@ -18,6 +18,10 @@ CPU, where a forward's cost grows almost linearly with batch x length, one forwa
 10 s cost about twice the real work and made batching slower than no batching at all
 (docs/experiments.md); a GPU, where batching is nearly free, wants a large ``max_padding`` (one forward).
 
+A running batch stays where its model computes (``Networks.batch_device``): on a GPU a tick queues its forwards and
+sampler steps without waiting for them, the first wait being a decode's copy of finished audio to the host. Forward
+costs are then timed by device events read at a later tick (``ForwardClock``), never by a synchronisation.
+
 An exception inside a stage fails only the samples of that stage's batch (500, with a message that names the stage
 and nothing of the exception: the detail goes to the log with the request ids); the loop carries on. Stage, batch
 and queue metrics are recorded here, at the engine boundary, never inside the runner.
@@ -30,7 +34,9 @@ import threading
 import time
 from collections import deque
 
+from models.audio.pcm import PCM16_SCALE
 from service.costmodel import ForwardCost
+from service.forward_clock import ForwardClock
 from service.jobs import (
     BatchFailed,
     DeadlineUnreachable,
@@ -56,17 +62,18 @@ class Engine:
 
     def __init__(self, runtimes: dict[str, Runtime], metrics: Metrics, policy: str = "continuous",
                  max_batch: int = 16, queue_size: int = 64, max_queue_delay_ms: float = 20.0,
-                 max_padding: float = 0.25):
+                 max_padding: float = 0.25, whole_generation: bool = False):
         self.runtimes = runtimes
         self.metrics = metrics
         self.max_batch = max_batch
         self.max_padding = max_padding
         self.queue_size = queue_size
         self.policy_name = policy
-        self.runners = {name: ModelRunner(rt) for name, rt in runtimes.items()}
+        self.runners = {name: ModelRunner(rt, whole_generation) for name, rt in runtimes.items()}
         # every forward's time, per model: tta_forward_cost_seconds for any policy, the price of batching for one
         # that decides with it (adaptive)
         self.costs = {name: ForwardCost() for name in runtimes}
+        self.clocks = {name: ForwardClock(rt.batch_device) for name, rt in runtimes.items()}
         self.schedulers = {name: ModelScheduler(name, make_policy(policy, max_batch, max_queue_delay_ms,
                                                                    rt.latent_frames, max_padding, self.costs[name]))
                            for name, rt in runtimes.items()}
@@ -96,10 +103,13 @@ class Engine:
                                       on_done=lambda result, error: None) for i in range(batch)]
                 samples = runner.encode(jobs, time.monotonic())
                 runner.denoise_step(samples)
+                clock = self.clocks[name]
                 for _ in range(repeats):
-                    t0 = time.perf_counter()
+                    mark = clock.start()
                     runner.denoise_step(samples)
-                    self.costs[name].observe(batch * samples[0].frames, time.perf_counter() - t0)
+                    clock.stop(mark, batch * samples[0].frames)
+                for work, seconds in clock.ready(wait=True):
+                    self.costs[name].observe(work, seconds)
                 runner.release()
             self._report_cost(name)
 
@@ -261,6 +271,9 @@ class Engine:
             for job in out.admitted:
                 m.queue_wait.labels(name).observe(now - job.arrival)
                 job.progress("running", queue_s=now - job.arrival)
+            if not sched.running and runner.whole_qualifies(out.admitted):
+                self._generate_whole(name, sched, runner, out.admitted, now)
+                return True
             t0 = time.perf_counter()
             try:
                 samples = runner.encode(out.admitted, now)
@@ -276,20 +289,23 @@ class Engine:
             return worked
         t0 = time.perf_counter()
         kept = []
+        clock = self.clocks[name]
         for group in length_groups([s.frames for s in running], self.max_padding):
             batch = [running[i] for i in group]
-            t_forward = time.perf_counter()
+            mark = clock.start()
             try:
                 kept.append(runner.denoise_step(batch))
             except Exception as exc:  # noqa: BLE001 - fault isolation: this forward's samples fail, the rest go on
                 self._fail(name, sched, "denoise", [s.job for s in batch], exc)
                 continue
-            self.costs[name].observe(len(batch) * max(s.frames for s in batch), time.perf_counter() - t_forward)
+            clock.stop(mark, len(batch) * max(s.frames for s in batch))
             for s in batch:
                 s.job.progress("step", step=s.job.steps_done, steps=s.job.steps)
             m.batch_size.labels(name).observe(len(batch))
             m.denoise_steps.labels(name).inc(len(batch))
         runner.keep(kept)
+        for work, seconds in clock.ready():  # forwards the device has finished (all of this tick's on a CPU)
+            self.costs[name].observe(work, seconds)
         self.ticks += 1
         self._report_cost(name)
         m.stage_duration.labels(name, "denoise").observe(time.perf_counter() - t0)
@@ -300,6 +316,39 @@ class Engine:
         if finished:
             self._decode(name, sched, runner, finished)
         return True
+
+    def _generate_whole(self, name: str, sched: ModelScheduler, runner: ModelRunner, jobs: list[GenerationJob],
+                        now: float) -> None:
+        """Admitted jobs that nothing else runs beside and that share steps and length, from start to PCM in one
+        call (a captured graph on a GPU): no tick between their steps, so nothing joins them and a cancellation
+        takes effect when they are done. Timings: "denoise" is the whole run, the decode included."""
+        m = self.metrics
+        samples = [Sample(j, runner.rt.latent_frames(j.duration), now) for j in jobs]
+        sched.start(samples)
+        m.inflight.labels(name).set(len(samples))
+        try:
+            out = runner.generate_whole(jobs)
+        except Exception as exc:  # noqa: BLE001 - fault isolation: only these jobs fail
+            runner.release()
+            self._fail(name, sched, "generate", jobs, exc)
+            return
+        m.stage_duration.labels(name, "encode").observe(out.start_s)
+        m.stage_duration.labels(name, "denoise").observe(out.run_s)
+        m.batch_size.labels(name).observe(len(jobs))
+        for job in jobs:
+            job.steps_done = job.steps
+            m.denoise_steps.labels(name).inc(job.steps)
+        self.ticks += 1
+        sched.finish()
+        m.inflight.labels(name).set(len(sched.running))
+        sr = runner.pipeline.sample_rate
+        for s, pcm, latents in zip(samples, out.pcm, out.latents):
+            s.job.progress("step", step=s.job.steps, steps=s.job.steps)
+            timings = {"queue": s.admitted - s.job.arrival, "encode": out.start_s, "denoise": out.run_s, "decode": 0.0}
+            m.rtf.labels(name).observe((out.start_s + out.run_s) / max(s.job.duration, 1e-6))
+            self._latency_ema = 0.8 * self._latency_ema + 0.2 * (time.monotonic() - s.job.arrival)
+            # 16-bit PCM as floats: the service's encoders turn it back into the same integers
+            sched.complete(s, JobResult(latents, pcm.float() / PCM16_SCALE, sr, timings, s.job.steps))
 
     def _decode(self, name: str, sched: ModelScheduler, runner: ModelRunner, finished: list[Sample]) -> None:
         m = self.metrics
@@ -320,7 +369,7 @@ class Engine:
             compute = timings["encode"] + timings["denoise"] + decode_s
             m.rtf.labels(name).observe(compute / max(s.job.duration, 1e-6))
             self._latency_ema = 0.8 * self._latency_ema + 0.2 * (time.monotonic() - s.job.arrival)
-            sched.complete(s, JobResult(s.trajectory.z, wave, sr, timings, s.job.steps_done))
+            sched.complete(s, JobResult(s.trajectory.z.cpu(), wave, sr, timings, s.job.steps_done))
 
     def _fail(self, name: str, sched: ModelScheduler, stage: str, jobs: list[GenerationJob],
               exc: BaseException) -> None:

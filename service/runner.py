@@ -1,21 +1,32 @@
-"""The model runner: executes the three stages of a tick for one model through its pipeline. No metrics, no policy,
-no request state; its only state is the pipeline and the current ``DenoiseBatch`` of each length group."""
+"""The model runner: executes the three stages of a tick for one model through its pipeline, or a whole generation
+in one call. No metrics, no policy, no request state; its only state is the pipeline, the current ``DenoiseBatch``
+of each length group and the whole-generation graphs."""
 from __future__ import annotations
 
 import time
 
 from torch import Tensor
 
+from models.generation_graph import WholeGeneration, WholeResult
 from models.pipeline import DenoiseBatch, Pipeline, SampleRequest
 from service.jobs import GenerationJob, Sample
 from service.runtimes import Runtime
 
 
 class ModelRunner:
-    def __init__(self, runtime: Runtime):
+    def __init__(self, runtime: Runtime, whole_generation: bool = False):
         self.rt = runtime
         self.pipeline = Pipeline(runtime)
         self._batches: list[DenoiseBatch] = []  # one per length group of the last tick
+        # whole generations in one call (one CUDA graph on a GPU) for admitted sets that qualify
+        self.whole = WholeGeneration(self.pipeline) if whole_generation else None
+
+    def whole_qualifies(self, jobs: list[GenerationJob]) -> bool:
+        return self.whole is not None and self.whole.qualifies([sample_request(j) for j in jobs])
+
+    def generate_whole(self, jobs: list[GenerationJob]) -> WholeResult:
+        """These jobs from start to 16-bit PCM in one call (``models.generation_graph``)."""
+        return self.whole([sample_request(j) for j in jobs])
 
     def encode(self, jobs: list[GenerationJob], now: float) -> list[Sample]:
         """The jobs' samples at their first step: ONE batched text-encoder call (the encoder caches prompts)."""

@@ -34,6 +34,9 @@ class Settings(BaseSettings):
                                 "warm-up pays for the first compilation)")
     cuda_graphs: bool = Field(False, description="torch runtime on cuda: replay the denoiser from CUDA graphs "
                               "captured per bucketed batch shape (excludes torch_compile)")
+    whole_generation: bool = Field(False, description="admitted requests that run alone and share steps and length "
+                                   "run from start to 16-bit PCM in one call: one CUDA graph per shape on cuda (every "
+                                   "step, the decode, the copy to the host), the same program eagerly elsewhere")
     precision: Precision = Field(
         "float32", description="torch runtime: autocast the denoiser's matrix products to this type (bfloat16 / "
         "float16 on GPUs; the sampler and decoder stay float32); tensorrt runtime: the denoiser engines' precision "

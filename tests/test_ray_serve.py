@@ -16,6 +16,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -52,8 +53,15 @@ def wav(content: bytes) -> np.ndarray:
     return data.astype(np.int32)
 
 
+# serve.status() is not safe to call from several threads at once: Ray 2.60 registers and unregisters its
+# autoscaling-policy module for pickling by value around each call, process-wide, so two concurrent calls can
+# unregister it twice ("... is not registered for pickle by value")
+_STATUS_LOCK = threading.Lock()
+
+
 def running_replicas() -> int:
-    status = serve.status().applications[APP].deployments[DEPLOYMENT]
+    with _STATUS_LOCK:
+        status = serve.status().applications[APP].deployments[DEPLOYMENT]
     return status.replica_states.get("RUNNING", 0)
 
 

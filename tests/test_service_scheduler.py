@@ -32,7 +32,7 @@ ONE_FORWARD = float("inf")  # max_padding that keeps every sample of a model in 
 
 
 def run_engine(runtimes, jobs: list[dict], policy="continuous", max_batch=16, max_padding=ONE_FORWARD, metrics=None,
-               calibrate=False):
+               calibrate=False, whole_generation=False):
     """Submit every job before the worker starts, so the first tick admits them all together. By default all
     lengths share one padded forward (what the padding tests need); ``max_padding`` as the service sets it splits
     them by length."""
@@ -41,7 +41,7 @@ def run_engine(runtimes, jobs: list[dict], policy="continuous", max_batch=16, ma
     from service.jobs import GenerationJob
 
     engine = Engine(runtimes, metrics or Metrics(), policy=policy, max_batch=max_batch, queue_size=64,
-                    max_padding=max_padding)
+                    max_padding=max_padding, whole_generation=whole_generation)
     results, done = {}, threading.Event()
     lock = threading.Lock()
 
@@ -69,6 +69,28 @@ def run_engine(runtimes, jobs: list[dict], policy="continuous", max_batch=16, ma
 
 def spec(model, prompt, duration, steps, guidance, seed, **kw):
     return dict(model=model, prompt=prompt, duration=duration, steps=steps, guidance=guidance, seed=seed, **kw)
+
+
+def test_whole_generation_runs_a_qualifying_admitted_set_in_one_call(runtimes):
+    """Jobs admitted together with one step count and length, nothing else running: one call from start to PCM,
+    the same audio as the step-by-step engine (prompts padded to 16 tokens round differently: a few PCM steps);
+    a set that does not qualify (two lengths) runs step by step."""
+    from models.audio.pcm import pcm16
+
+    jobs = [spec(TINY_ARC, "a cat meows", 1.0, 4, 2.5, 1), spec(TINY_ARC, "thunder and rain", 1.0, 4, 1.0, 2),
+            spec(TINY_ARC, "a bell", 1.0, 4, 3.0, 3, negative_prompt="hiss")]
+    whole, engine = run_engine(runtimes, jobs, whole_generation=True)
+    assert engine.ticks == 1 and engine.runners[TINY_ARC].whole is not None
+    stepped, _ = run_engine(runtimes, jobs)
+    for jid, (result, error) in whole.items():
+        assert error is None and result.steps_done == 4 and result.timings["decode"] == 0.0
+        want = stepped[jid][0]
+        assert result.wave.shape == want.wave.shape
+        assert (pcm16(result.wave).int() - pcm16(want.wave).int()).abs().max() <= 8
+        torch.testing.assert_close(result.latents, want.latents, rtol=1e-3, atol=1e-3)
+
+    mixed, engine = run_engine(runtimes, jobs[:2] + [spec(TINY_ARC, "wind", 2.0, 4, 1.0, 4)], whole_generation=True)
+    assert all(e is None for _, e in mixed.values()) and engine.ticks == 4
 
 
 @pytest.mark.parametrize("model", [TINY, TINY_ARC])

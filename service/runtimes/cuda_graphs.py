@@ -4,7 +4,8 @@ A few-step sampler on a GPU spends much of a small batch's forward launching ker
 is a few hundred kernels of microseconds each). A CUDA graph records the launches once and replays them in one call.
 A graph holds fixed shapes and fixed memory, so inputs are copied into static tensors and padded to a bucket:
 
-- rows to the next bucket of ``ROW_BUCKETS`` (the padding rows repeat row 0, so no row is ever fully masked),
+- rows to the next bucket of ``models.cuda_capture.ROW_BUCKETS`` (the padding rows repeat row 0, so no row is ever
+  fully masked),
 - frames to a multiple of ``frame_multiple`` (padding frames are masked, as the scheduler's own padding is),
 - text tokens to a multiple of ``token_multiple`` (masked).
 
@@ -34,23 +35,9 @@ import torch
 from torch import Tensor, nn
 
 from models.conditioning import pad_axis
+from models.cuda_capture import capture, round_up, row_bucket
 
 log = logging.getLogger("tta.runtimes")
-
-ROW_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
-
-
-def _round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
-
-
-def row_bucket(rows: int) -> int:
-    """The smallest bucket holding ``rows`` (beyond the table: the next multiple of its last step)."""
-    for b in ROW_BUCKETS:
-        if rows <= b:
-            return b
-    return _round_up(rows, ROW_BUCKETS[-1] - ROW_BUCKETS[-2])
-
 
 @dataclass(frozen=True)
 class Shape:
@@ -87,16 +74,7 @@ class _Graph:
 
     def __init__(self, module: nn.Module, inputs: tuple, pool) -> None:
         self.inputs = tuple(None if x is None else x.clone() for x in inputs)
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):  # warm-up off the default stream, as capture requires
-            for _ in range(2):
-                module(*self.inputs[:7], guidance=self.inputs[7])
-        torch.cuda.current_stream().wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        # thread-local: CUDA calls other threads make meanwhile (the HTTP side) do not break this capture
-        with torch.cuda.graph(self.graph, pool=pool, capture_error_mode="thread_local"):
-            self.output = module(*self.inputs[:7], guidance=self.inputs[7])
+        self.graph, self.output = capture(lambda: module(*self.inputs[:7], guidance=self.inputs[7]), pool)
 
     def __call__(self, inputs: tuple) -> Tensor:
         for static, x in zip(self.inputs, inputs):
@@ -121,19 +99,29 @@ class CudaGraphDenoiser(nn.Module):
         self.graphs: OrderedDict[Shape, _Graph] = OrderedDict()
         self.captures = 0
         self._pool = None
+        self._mask_seen: tuple[Tensor, bool] | None = None
+
+    def _all_real(self, frame_mask: Tensor) -> bool:
+        """Whether every frame of ``frame_mask`` is real. Reading that back waits for the device, so it is read
+        once per mask: a running batch hands the same mask tensor to every one of its steps."""
+        if self._mask_seen is None or self._mask_seen[0] is not frame_mask:
+            self._mask_seen = (frame_mask, bool(frame_mask.all()))
+        return self._mask_seen[1]
 
     def forward(self, z: Tensor, t: Tensor, tokens: Tensor, token_mask: Tensor, pooled: Tensor, seconds: Tensor,
                 frame_mask: Tensor | None = None, guidance: Tensor | None = None) -> Tensor:
         if z.device.type != "cuda":
             raise ValueError(f"CUDA graphs need the denoiser's inputs on a CUDA device, got {z.device}")
+        if torch.cuda.is_current_stream_capturing():  # inside a whole generation's graph: it records this forward
+            return self.inner(z, t, tokens, token_mask, pooled, seconds, frame_mask, guidance=guidance)
         b, _, n = z.shape
         if frame_mask is None:
             frame_mask = torch.ones(b, n, dtype=torch.bool, device=z.device)
         autocast = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
-        frames = _round_up(n, self.frame_multiple)
+        frames = round_up(n, self.frame_multiple)
         # a graph without a frame mask where every frame is real: some denoisers attend faster without one
-        masked = frames != n or not bool(frame_mask.all())
-        key = Shape(row_bucket(b), frames, _round_up(tokens.shape[1], self.token_multiple), masked,
+        masked = frames != n or not self._all_real(frame_mask)
+        key = Shape(row_bucket(b), frames, round_up(tokens.shape[1], self.token_multiple), masked,
                     guidance is not None, autocast)
         inputs = pad_inputs(z, t, tokens, token_mask, pooled, seconds, frame_mask, guidance,
                             key.rows, key.frames, key.tokens)

@@ -123,6 +123,11 @@ class OnnxRuntime(Runtime):
         self.providers = self.denoiser.get_providers()
         self._uncond: TextEmbedding | None = None
 
+    @property
+    def batch_device(self) -> torch.device:
+        """The host: sessions (and TensorRT's engines behind the same interface) take NumPy feeds."""
+        return torch.device("cpu")
+
     def open_graph(self, graph: str):
         """A session for one of the export's graphs (the TensorRT runtime opens its engines here instead)."""
         return session(self.export.path(graph), self.device)

@@ -5,6 +5,10 @@ that serving needs) and ``precision`` (autocast to bfloat16 or float16 for its m
 the noise and the decoder stay float32). On a CUDA device, ``cuda_graphs`` replays the denoiser's forward from
 captured CUDA graphs (``service.runtimes.cuda_graphs``); it excludes ``compile``.
 
+On CUDA the text encoder follows: its weights in bfloat16 with ``precision`` bfloat16 (float16 is left alone: T5's
+activations overflow it) and its forward replayed from graphs per (rows, tokens) bucket with ``cuda_graphs``
+(``models.text.encoder_graphs``).
+
 The decoder runs its inference form wherever the codec has one (``prepare_inference``: the Oobleck VAE of the Stable
 Audio checkpoints): snake constants computed once at load (exact, so always), and with ``decode_precision``
 bfloat16 or float16 its weights cast to that type once, no autocast (``models.checkpoints.oobleck``). float16 is the
@@ -27,6 +31,7 @@ from torch import Tensor
 from models.bundle import ModelBundle
 from models.config import BundleConfig
 from models.text import TextEmbedding, load_text_encoder
+from models.text.encoder_graphs import use_encoder_graphs
 from service.runtimes.base import Runtime
 from service.runtimes.cuda_graphs import use_cuda_graphs
 
@@ -72,6 +77,13 @@ class TorchRuntime(Runtime):
             compile_denoiser(bundle)
         if cuda_graphs:
             use_cuda_graphs(bundle)
+        if self.device.type == "cuda" and (cuda_graphs or precision == "bfloat16"):
+            # the text encoder's weights in bfloat16 too (not float16: T5's activations overflow it), and its
+            # forward from graphs with cuda_graphs
+            dtype = torch.bfloat16 if precision == "bfloat16" else None
+            if use_encoder_graphs(bundle.text_encoder, dtype, graphs=cuda_graphs):
+                log.info("text encoder on the GPU path", extra={"model": bundle.config.name, "graphs": cuda_graphs,
+                                                               "dtype": str(dtype or "float32")})
 
     @classmethod
     def load(cls, path: Path, device: str = "cpu", **options) -> TorchRuntime:
@@ -118,18 +130,23 @@ class TorchRuntime(Runtime):
         dtype = PRECISIONS[self.precision]
         if dtype is None:
             return self.bundle.denoise(*args)
-        # autocast's cache of cast weights must stay off while a CUDA graph is captured (cuda_graphs)
-        with torch.autocast(self.device.type, dtype=dtype, cache_enabled=not self.cuda_graphs):
+        # autocast's cache of cast weights must stay off while a CUDA graph is captured (cuda_graphs, or a whole
+        # generation's graph)
+        capturing = self.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+        with torch.autocast(self.device.type, dtype=dtype, cache_enabled=not (self.cuda_graphs or capturing)):
             return self.bundle.denoise(*args)
 
     def encode_audio(self, wave: Tensor) -> Tensor:
         return self.bundle.encode_audio(wave)
 
     def decode_latents(self, latents: Tensor) -> Tensor:
+        return self.decode_on_device(latents).cpu()
+
+    def decode_on_device(self, latents: Tensor) -> Tensor:
         if self.device.type != "cuda":
-            return self.bundle.decode_latents(latents)
+            return self.bundle.decode_on_device(latents)
         with cudnn_benchmark():
-            return self.bundle.decode_latents(latents)
+            return self.bundle.decode_on_device(latents)
 
 
 def prepare_decoder(bundle, precision: str) -> tuple[str, bool]:

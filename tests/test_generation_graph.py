@@ -1,0 +1,120 @@
+"""Whole generations as one program (``models.generation_graph``): every step, the decode and the PCM conversion.
+On the CPU the program runs eagerly and must give the step-by-step path's audio; the replay's one extra part, loading
+new requests into a fixed batch, must step exactly like the requests' own batch. The CUDA capture runs in the GPU
+suite (``benchmarks/gpu_suite.sh``)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import float32_default
+
+from models.audio.pcm import pcm16
+from models.bundle import ModelBundle
+from models.generation_graph import WholeGeneration
+from models.pipeline import DenoiseBatch, SampleRequest
+from models.registry import ZOO
+
+
+@pytest.fixture(scope="module")
+def arc():
+    with float32_default():
+        return ModelBundle.load(ZOO / "tta-arc")
+
+
+def stepwise(pipeline, requests):
+    """The step-by-step path's (int16 clips, final latents)."""
+    trajectories = pipeline.start(requests)
+    pipeline.run(trajectories)
+    waves = pipeline.decode([s.z for s in trajectories], [r.duration for r in requests])
+    return [pcm16(w) for w in waves], [s.z for s in trajectories]
+
+
+def snr_db(got: torch.Tensor, want: torch.Tensor) -> float:
+    noise = (got.double() - want.double()).pow(2).sum()
+    if noise == 0:
+        return float("inf")
+    return float(10 * torch.log10(want.double().pow(2).sum() / noise))
+
+
+def batch_a():
+    return [SampleRequest("a 440 Hz sine tone", 1.0, 8, 1.0, 1),
+            SampleRequest("clicks at 120 bpm on the right", 1.0, 8, 3.0, 2, negative_prompt="hiss"),
+            SampleRequest("a sawtooth", 0.98, 8, 2.0, 3)]
+
+
+def batch_b():  # the same key: rows, frames, steps, guided rows; other prompts (token counts), seeds and scales
+    return [SampleRequest("a low hum that slowly fades out towards the end", 0.99, 8, 1.0, 7),
+            SampleRequest("a chirp", 1.0, 8, 1.5, 8),
+            SampleRequest("a bell at 880 Hz", 1.0, 8, 4.0, 9, negative_prompt="a drum loop with heavy reverb")]
+
+
+def test_a_whole_generation_gives_the_stepwise_audio(arc):
+    exact, padded = WholeGeneration(arc.pipeline, token_multiple=1), WholeGeneration(arc.pipeline)
+    for requests in (batch_a(), batch_b()):
+        want, latents = stepwise(arc.pipeline, requests)
+        got = exact(requests)
+        for g, w, r in zip(got.pcm, want, requests):
+            assert g.dtype == torch.int16 and g.shape == (2, round(r.duration * arc.sample_rate))
+            assert torch.equal(g, w)
+        assert all(torch.equal(g, w) for g, w in zip(got.latents, latents))
+        # prompts padded to a multiple of 16 tokens: each forward differs by float rounding (3e-7 relative), which
+        # eight steps and the decoder carry to a few steps of 16-bit PCM
+        for g, w in zip(padded(requests).pcm, want):
+            assert (g.int() - w.int()).abs().max() <= 8
+            assert snr_db(g, w) > 50
+
+
+def test_a_loaded_fixed_batch_steps_like_the_requests_own_batch(arc):
+    p = arc.pipeline
+    fixed = DenoiseBatch(p.start(batch_a()))
+    p.prime(fixed)
+    fixed.pad_tokens(32)
+    shapes = [x.shape for x in fixed.state()]
+    own, other = DenoiseBatch(p.start(batch_b())), DenoiseBatch(p.start(batch_b()))
+    p.prime(other)  # the guided rows' conditioning, built as the first step would
+    fixed.load(other)
+    assert [x.shape for x in fixed.state()] == shapes  # loaded in place: the fixed tensors keep their shapes
+    for _ in range(8):
+        p.step(fixed)
+        p.step(own)
+    torch.testing.assert_close(fixed.z, own.z, rtol=1e-5, atol=1e-5)
+
+
+def test_load_refuses_a_batch_of_another_shape(arc):
+    p = arc.pipeline
+    fixed = DenoiseBatch(p.start(batch_a()))
+    p.prime(fixed)
+    with pytest.raises(ValueError, match="differ in shape"):
+        fixed.load(DenoiseBatch(p.start(batch_a())))  # not primed: without its guided rows
+    with pytest.raises(ValueError, match="differ in shape"):
+        fewer = DenoiseBatch(p.start(batch_a()[:2]))
+        p.prime(fewer)
+        fixed.load(fewer)
+    longer = DenoiseBatch(p.start([SampleRequest(" ".join(["word"] * 40), 1.0, 8, 1.0, 1)] + batch_a()[1:]))
+    p.prime(longer)
+    with pytest.raises(ValueError, match="does not fit"):
+        fixed.load(longer)
+
+
+def test_which_requests_qualify(arc):
+    whole = WholeGeneration(arc.pipeline)
+    assert whole.qualifies(batch_a())
+    assert not whole.qualifies([])
+    assert not whole.qualifies(batch_a()[:2] + [SampleRequest("x", 1.0, 4, 1.0, 1)])  # another step count
+    assert not whole.qualifies(batch_a()[:2] + [SampleRequest("x", 2.0, 8, 1.0, 1)])  # another length
+    clip = torch.zeros(2, 44100)
+    assert not whole.qualifies([SampleRequest("x", 1.0, 8, 1.0, 1, init_audio=clip, init_noise_level=0.5)])
+    with pytest.raises(ValueError, match="share steps and length"):
+        whole([SampleRequest("x", 1.0, 8, 1.0, 1), SampleRequest("x", 1.0, 4, 1.0, 1)])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graph capture needs a CUDA device (GPU suite)")
+def test_the_captured_graph_replays_the_stepwise_audio():
+    with float32_default():
+        bundle = ModelBundle.load(ZOO / "tta-arc", device="cuda")
+    whole = WholeGeneration(bundle.pipeline)
+    for requests in (batch_a(), batch_b(), batch_a()):
+        got = whole(requests).pcm
+        want = stepwise(bundle.pipeline, requests)[0]
+        assert all((g.int() - w.int()).abs().max() <= 2 for g, w in zip(got, want))
+    assert whole.captures == 1
