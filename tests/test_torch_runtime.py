@@ -62,3 +62,31 @@ def test_the_settings_reach_the_torch_runtime_and_not_the_others(model_dir):
     with pytest.raises(ValueError, match="CUDA graphs need a CUDA device"):
         load_model(model_dir / TINY, Settings(runtime="torch", device="cpu", cuda_graphs=True))
     assert load_model(model_dir / TINY, Settings(runtime="onnxruntime", torch_compile=True)).name == "onnxruntime"
+
+
+@pytest.mark.parametrize("which", ["embedded", "sao-tiny", "sa3-tiny"])
+def test_16_bit_weights_cast_once_give_what_autocast_gives(model_dir, sao_tiny, tmp_path, which):
+    """``precision``: linear and convolution weights are cast at load to what autocast would cast them to at every
+    call, so the forward is the same bit for bit; norms and the like stay float32."""
+    from models.checkpoints.sized import write_random_checkpoint
+
+    path = {"embedded": model_dir / TINY, "sao-tiny": sao_tiny, "sa3-tiny": tmp_path / "sa3-tiny"}[which]
+    with float32_default():
+        if which == "sa3-tiny":
+            write_random_checkpoint(path, "sa3-small", scale="tiny", seed=5)
+        ref, half = load_runtime(path, "torch"), load_runtime(path, "torch", precision="bfloat16")
+    params = dict(half.bundle.denoiser.named_parameters())
+    linear = [n for n, m in half.bundle.denoiser.named_modules() if isinstance(m, torch.nn.Linear)]
+    assert linear and all(params[f"{n}.weight"].dtype == torch.bfloat16 for n in linear)
+    assert any(p.dtype == torch.float32 for p in params.values())
+    frames = ref.latent_frames(1.0)
+    text = ref.encode_text(["a dog barks twice", "rain"])
+    g = torch.Generator().manual_seed(3)
+    args = (torch.randn(2, ref.latent_dim, frames, generator=g), torch.tensor([0.9, 0.4]), text.tokens, text.mask,
+            text.pooled, torch.tensor([1.0, 1.0]), torch.ones(2, frames, dtype=torch.bool))
+    guidance = torch.tensor([3.0, 3.0]) if ref.config.guidance_in_model else None
+    with torch.inference_mode():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            want = ref.bundle.denoise(*args, guidance=guidance)
+        got = half.denoise(*args, guidance=guidance)
+    assert torch.equal(got, want)

@@ -1,8 +1,9 @@
 """The PyTorch runtime: a thin adapter over ``models.bundle.ModelBundle``, eager by default. Two options apply to
 the denoiser, the part that runs once per step: ``compile`` (``torch.compile`` with dynamic shapes, so that batch
 size and length changes do not recompile; ``prepare``, called before the service is ready, compiles the two graphs
-that serving needs) and ``precision`` (autocast to bfloat16 or float16 for its matrix products; the sampler's maths,
-the noise and the decoder stay float32). On a CUDA device, ``cuda_graphs`` replays the denoiser's forward from
+that serving needs) and ``precision`` (autocast to bfloat16 or float16 for its matrix products, whose weights are
+cast to that type once at load, ``cast_matmul_weights``; the sampler's maths, the noise and the decoder stay
+float32). On a CUDA device, ``cuda_graphs`` replays the denoiser's forward from
 captured CUDA graphs (``service.runtimes.cuda_graphs``); it excludes ``compile``.
 
 On CUDA the text encoder follows: its weights in bfloat16 with ``precision`` bfloat16 (float16 is left alone: T5's
@@ -26,7 +27,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from models.bundle import ModelBundle
 from models.config import BundleConfig
@@ -73,6 +74,8 @@ class TorchRuntime(Runtime):
         self.latent_dim = bundle.latent_dim
         self.precision, self.compiled, self.cuda_graphs = precision, bool(compile), bool(cuda_graphs)
         self.decode_precision, self.fast_decoder = prepare_decoder(bundle, decode_precision)
+        if PRECISIONS[precision] is not None:
+            cast_matmul_weights(bundle.denoiser, PRECISIONS[precision])
         if compile:
             compile_denoiser(bundle)
         if cuda_graphs:
@@ -174,6 +177,20 @@ def cudnn_benchmark():
         yield
     finally:
         torch.backends.cudnn.benchmark = previous
+
+
+MATMUL_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d)
+
+
+def cast_matmul_weights(module: nn.Module, dtype: torch.dtype) -> int:
+    """The weights and biases of ``module``'s linear and convolution layers in ``dtype``, once: what autocast casts
+    them to at every call, so a forward under autocast gives the same result bit for bit, without re-reading and
+    re-casting the float32 weights each time (a captured graph repeats those casts at every replay). Everything else
+    (norms, embeddings, Fourier features' frequencies) keeps its float32 values. Returns the layers cast."""
+    layers = [m for m in module.modules() if isinstance(m, MATMUL_MODULES)]
+    for m in layers:
+        m.to(dtype)
+    return len(layers)
 
 
 def compile_denoiser(bundle) -> None:
