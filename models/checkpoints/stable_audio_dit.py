@@ -16,6 +16,8 @@ length), so each sample's output is the same as when it runs alone.
 """
 from __future__ import annotations
 
+import functools
+
 import math
 from dataclasses import asdict, dataclass
 
@@ -125,7 +127,21 @@ def config_from_diffusers(cfg: dict, source: str) -> StableAudioDiTConfig:
 
 
 def rotary_tables(length: int, dim: int, device, base: float = 10000.0) -> tuple[Tensor, Tensor]:
-    """cos/sin [length, dim] for the half-split ("rotate half") rotary layout used by both references."""
+    """cos/sin [length, dim] for the half-split ("rotate half") rotary layout used by both references. Serving
+    (inference mode) reads them from a cache per length rather than computing them at every forward; with gradients,
+    or while a graph is traced or compiled, they are computed (a kept table must not become a graph's constant)."""
+    if torch.is_inference_mode_enabled() and not (torch.compiler.is_compiling() or torch.compiler.is_exporting()
+                                                  or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()):
+        return _cached_rotary_tables(length, dim, torch.device(device), base)
+    return _rotary_tables(length, dim, device, base)
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_rotary_tables(length: int, dim: int, device: torch.device, base: float) -> tuple[Tensor, Tensor]:
+    return _rotary_tables(length, dim, device, base)
+
+
+def _rotary_tables(length: int, dim: int, device, base: float) -> tuple[Tensor, Tensor]:
     inv = 1.0 / base ** (torch.arange(0, dim, 2, device=device, dtype=torch.float32) / dim)
     freqs = torch.arange(length, device=device, dtype=torch.float32)[:, None] * inv[None]
     freqs = torch.cat([freqs, freqs], dim=-1)
