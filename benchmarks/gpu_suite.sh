@@ -15,7 +15,11 @@
 #   3. latency of the embedded models' architectures (EMBEDDED_MODELS, default tta-arc; random weights, the text
 #      encoder's too) under eager torch float32 / bfloat16 and CUDA graphs (EMBEDDED_RUNTIMES), batches 1, 4, 16,
 #      10 s clips at each model's default steps;
-#   4. the SAO-small-sized checkpoint under torch.compile, if time is left (COMPILE=0 skips it).
+#   4. the SAO-small-sized checkpoint under torch.compile, if time is left (COMPILE=0 skips it);
+#   5. only when STAGES names it, "load": Poisson arrivals at LOAD_RATES through the real server on the SAO-small-sized
+#      checkpoint, continuous batching against none (benchmarks.load; goodput within a 0.5 s objective, p99).
+# With this project's 15 minutes of device time a session runs two calls, e.g. STAGES="tests sao" and then
+# STAGES="sa3 load" (or "sa3 embedded"), each within 10 minutes at its stages' limits.
 # SUFFIX is appended to the result names. STAGES picks stages (default: tests sao decoder sa3 embedded compile), so
 # that the suite can be split over two calls of at most 10 minutes each, e.g. STAGES="tests sao decoder", then
 # STAGES="sa3 embedded": at their limits the first call's stages take 600 s (tests 120, writing the checkpoint 150,
@@ -90,6 +94,18 @@ for model in ${EMBEDDED_MODELS:-tta-arc}; do
     --repeats 20 --e2e-repeats 5 --name "latency-gpu-$model${SUFFIX:-}" --results-dir "$OUT" 2>&1 \
     | grep -v "it/s\]" | tail -n 60
 done
+fi
+
+if want load; then
+  # continuous batching against none through the real server (HTTP, engine, device-resident batches), on the
+  # SAO-small-sized checkpoint: bfloat16, CUDA graphs per forward, whole-generation graphs when a set runs alone
+  stage "load: continuous batching vs none, SAO-small-sized 11.9 s, 8 steps"
+  [ -d "$SAO" ] || timeout "${WRITE_S:-150}" $PY -c "from models.checkpoints.sized import write_random_sao_small as w
+w('$SAO')"
+  TTA_DEVICE=cuda TTA_PRECISION=bfloat16 TTA_DECODE_PRECISION=float16 TTA_CUDA_GRAPHS=true TTA_WHOLE_GENERATION=true \
+  TTA_MAX_PADDING=10 timeout "${LOAD_S:-180}" $PY -m benchmarks.load --model-dir "$SAO" --model "$(basename "$SAO")" \
+    --policies continuous,none --rates "${LOAD_RATES:-20,80}" --seconds 10 --audio-seconds 11.888 --slo 0.5 \
+    --max-batch 32 --timeout 10 --out "$OUT" --name "load-gpu-sao-small-sized${SUFFIX:-}" 2>&1 | tail -n 30
 fi
 
 if want compile && [ "${COMPILE:-1}" = 1 ]; then

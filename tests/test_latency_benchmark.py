@@ -89,6 +89,7 @@ def test_the_gpu_summary_tables_every_run_and_plots_it(tmp_path):
     ("tests", ["pytest"]),
     ("sa3", ["write_random_checkpoint", "latency-gpu-sa3-small-sized-3s", "latency-gpu-sa3-small-sized-30s"]),
     ("sao decoder", ["write_random_sao_small", "latency-gpu-sao-small-sized", "decoder_precision"]),
+    ("load", ["write_random_sao_small", "load-gpu-sao-small-sized"]),
 ])
 def test_the_gpu_suite_runs_the_stages_it_is_asked_for(tmp_path, stages, expected):
     """benchmarks/gpu_suite.sh with STAGES: which Python commands each choice starts (the interpreter is replaced by
