@@ -55,3 +55,17 @@ def pad_axis(x: Tensor, length: int, dim: int) -> Tensor:
 def pad_tokens(x: Tensor, length: int) -> Tensor:
     """Zero-pad the token axis (dim 1) of a text batch to ``length``."""
     return pad_axis(x, length, 1)
+
+
+class AllFramesReal:
+    """Whether every frame of a frame mask [B, T] is real, read once per mask tensor. Reading a mask back waits for
+    its device; a running batch hands the same mask tensor to every one of its steps (``models.pipeline.DenoiseBatch``),
+    so a denoiser that attends faster without a mask asks here and waits once per batch, not once per step."""
+
+    def __init__(self) -> None:
+        self._seen: tuple[Tensor, bool] | None = None
+
+    def __call__(self, frame_mask: Tensor) -> bool:
+        if self._seen is None or self._seen[0] is not frame_mask:
+            self._seen = (frame_mask, bool(frame_mask.all()))
+        return self._seen[1]

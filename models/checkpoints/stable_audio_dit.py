@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.checkpoints.weights import CheckpointError
+from models.conditioning import AllFramesReal
 
 
 @dataclass
@@ -130,8 +131,8 @@ def rotary_tables(length: int, dim: int, device, base: float = 10000.0) -> tuple
     """cos/sin [length, dim] for the half-split ("rotate half") rotary layout used by both references. Serving
     (inference mode) reads them from a cache per length rather than computing them at every forward; with gradients,
     or while a graph is traced or compiled, they are computed (a kept table must not become a graph's constant)."""
-    if torch.is_inference_mode_enabled() and not (torch.compiler.is_compiling() or torch.compiler.is_exporting()
-                                                  or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()):
+    if not (torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing()
+            or torch.onnx.is_in_onnx_export()) and torch.is_inference_mode_enabled():
         return _cached_rotary_tables(length, dim, torch.device(device), base)
     return _rotary_tables(length, dim, device, base)
 
@@ -252,6 +253,7 @@ class StableAudioDiT(nn.Module):
         if c.embed_dim % c.num_heads:
             raise ValueError(f"embed_dim {c.embed_dim} is not divisible by num_heads {c.num_heads}")
         self.timestep_features = nn.Parameter(torch.randn(c.timestep_features_dim // 2, 1))
+        self.all_frames_real = AllFramesReal()
         self.to_timestep_embed = _mlp(c.timestep_features_dim, d, bias=True)
         if c.cond_token_dim > 0:
             self.to_cond_embed = _mlp(c.cond_token_dim, c.cond_embed_dim, bias=False)
@@ -292,10 +294,11 @@ class StableAudioDiT(nn.Module):
         h = torch.cat([glob[:, None], h], dim=1)
         rope = rotary_tables(length + 1, c.rope_dim, x.device)
         key_mask = None
-        # all frames real: no mask (the faster attention path); reading the mask syncs, which a CUDA graph's
-        # capture cannot, so a capture always takes the masked path
-        capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
-        if frame_mask is not None and (capturing or not bool(frame_mask.all())):
+        # all frames real: no mask (the faster attention path); reading the mask waits for the device, once per
+        # batch (``AllFramesReal``), which a CUDA graph's capture and torch.compile's tracing cannot, so they always
+        # take the masked path
+        tracing = torch.compiler.is_compiling() or (x.is_cuda and torch.cuda.is_current_stream_capturing())
+        if frame_mask is not None and (tracing or not self.all_frames_real(frame_mask)):
             key_mask = torch.cat([torch.ones(b, 1, dtype=torch.bool, device=x.device), frame_mask.bool()], dim=1)
         cross = iter(kv if kv is not None else ())
         for layer in self.layers:

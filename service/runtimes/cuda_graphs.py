@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from models.conditioning import pad_axis
+from models.conditioning import AllFramesReal, pad_axis
 from models.cuda_capture import capture, round_up, row_bucket
 
 log = logging.getLogger("tta.runtimes")
@@ -99,14 +99,7 @@ class CudaGraphDenoiser(nn.Module):
         self.graphs: OrderedDict[Shape, _Graph] = OrderedDict()
         self.captures = 0
         self._pool = None
-        self._mask_seen: tuple[Tensor, bool] | None = None
-
-    def _all_real(self, frame_mask: Tensor) -> bool:
-        """Whether every frame of ``frame_mask`` is real. Reading that back waits for the device, so it is read
-        once per mask: a running batch hands the same mask tensor to every one of its steps."""
-        if self._mask_seen is None or self._mask_seen[0] is not frame_mask:
-            self._mask_seen = (frame_mask, bool(frame_mask.all()))
-        return self._mask_seen[1]
+        self._all_real = AllFramesReal()
 
     def forward(self, z: Tensor, t: Tensor, tokens: Tensor, token_mask: Tensor, pooled: Tensor, seconds: Tensor,
                 frame_mask: Tensor | None = None, guidance: Tensor | None = None) -> Tensor:
