@@ -12,7 +12,9 @@ encoder call.
 
 A graph belongs to its ``GraphKey`` (rows, latent frames, steps, which rows are guided, token count rounded up to
 ``token_multiple``); the ``max_graphs`` most recently used are kept. Requests qualify when none carries init audio
-(text-to-audio, with or without a negative prompt) and all share steps and latent frames (``qualifies``).
+(text-to-audio, with or without a negative prompt) and all share steps and latent frames (``qualifies``); the engine
+runs them whole once their shape has been met ``capture_after`` times (``wants``: on a GPU the second time, so that
+a clip length met once does not pay for a capture).
 
 Without CUDA there is no graph: the same program (``run_whole``) runs eagerly over the requests' own batch, which is
 what the CPU tests compare with the step-by-step path (and ``DenoiseBatch.load``, the replay's one extra part, with
@@ -111,9 +113,17 @@ class WholeGeneration:
     """Whole generations of a pipeline: on CUDA one captured graph per ``GraphKey``, elsewhere the program run
 eagerly."""
 
-    def __init__(self, pipeline: Pipeline, token_multiple: int = 16, max_graphs: int = 8):
+    SHAPES_KEPT = 256  # shapes whose sightings are counted (the least recently met forgotten first)
+
+    def __init__(self, pipeline: Pipeline, token_multiple: int = 16, max_graphs: int = 8,
+                 capture_after: int | None = None):
         self.pipeline = pipeline
         self.token_multiple, self.max_graphs = token_multiple, max_graphs
+        # a shape is run whole from its capture_after-th sighting on: a capture costs several generations' time, so a
+        # one-off shape (a clip length met once) is left to the step path; off CUDA there is nothing to capture
+        cuda = torch.device(pipeline.networks.batch_device).type == "cuda"
+        self.capture_after = capture_after if capture_after is not None else (2 if cuda else 1)
+        self.sightings: OrderedDict[tuple, int] = OrderedDict()
         self.graphs: OrderedDict[GraphKey, _Graph] = OrderedDict()
         self.captures = 0
         self._pool = None
@@ -123,6 +133,19 @@ eagerly."""
         return bool(requests) and all(r.init_audio is None for r in requests) \
             and len({r.steps for r in requests}) == 1 \
             and len({self.pipeline.latent_frames(r.duration) for r in requests}) == 1
+
+    def wants(self, requests: Sequence[SampleRequest]) -> bool:
+        """Whether to run these requests whole now: they qualify and their shape (rows, frames, steps, guided rows)
+        has been met ``capture_after`` times, this time included."""
+        if not self.qualifies(requests):
+            return False
+        shape = (len(requests), self.pipeline.latent_frames(requests[0].duration), requests[0].steps,
+                 tuple(r.guidance != 1.0 for r in requests))
+        seen = self.sightings.pop(shape, 0) + 1
+        self.sightings[shape] = seen
+        while len(self.sightings) > self.SHAPES_KEPT:
+            self.sightings.popitem(last=False)
+        return seen >= self.capture_after
 
     @torch.inference_mode()
     def __call__(self, requests: Sequence[SampleRequest]) -> WholeResult:

@@ -271,7 +271,7 @@ class Engine:
             for job in out.admitted:
                 m.queue_wait.labels(name).observe(now - job.arrival)
                 job.progress("running", queue_s=now - job.arrival)
-            if not sched.running and runner.whole_qualifies(out.admitted):
+            if not sched.running and runner.wants_whole(out.admitted):
                 self._generate_whole(name, sched, runner, out.admitted, now)
                 return True
             t0 = time.perf_counter()

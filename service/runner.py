@@ -21,8 +21,9 @@ class ModelRunner:
         # whole generations in one call (one CUDA graph on a GPU) for admitted sets that qualify
         self.whole = WholeGeneration(self.pipeline) if whole_generation else None
 
-    def whole_qualifies(self, jobs: list[GenerationJob]) -> bool:
-        return self.whole is not None and self.whole.qualifies([sample_request(j) for j in jobs])
+    def wants_whole(self, jobs: list[GenerationJob]) -> bool:
+        """Whether these jobs should run as one whole generation (``WholeGeneration.wants``)."""
+        return self.whole is not None and self.whole.wants([sample_request(j) for j in jobs])
 
     def generate_whole(self, jobs: list[GenerationJob]) -> WholeResult:
         """These jobs from start to 16-bit PCM in one call (``models.generation_graph``)."""

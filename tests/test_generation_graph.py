@@ -108,6 +108,17 @@ def test_which_requests_qualify(arc):
         whole([SampleRequest("x", 1.0, 8, 1.0, 1), SampleRequest("x", 1.0, 4, 1.0, 1)])
 
 
+def test_a_shape_runs_whole_from_its_nth_sighting(arc):
+    eager = WholeGeneration(arc.pipeline)
+    assert eager.capture_after == 1 and eager.wants(batch_a())  # off CUDA there is no capture to pay for
+    whole = WholeGeneration(arc.pipeline, capture_after=2)  # what a GPU does by default
+    assert not whole.wants(batch_a())
+    assert not whole.wants(batch_a()[:2])  # another shape: its own count
+    assert whole.wants(batch_b())  # batch_a's shape again (rows, frames, steps, guided rows), other prompts
+    assert not whole.wants([SampleRequest("x", 1.0, 8, 1.0, 1, init_audio=torch.zeros(2, 44100),
+                                          init_noise_level=0.5)] * 3)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graph capture needs a CUDA device (GPU suite)")
 def test_the_captured_graph_replays_the_stepwise_audio():
     with float32_default():
