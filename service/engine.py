@@ -271,8 +271,8 @@ class Engine:
             for job in out.admitted:
                 m.queue_wait.labels(name).observe(now - job.arrival)
                 job.progress("running", queue_s=now - job.arrival)
-            if not sched.running and runner.wants_whole(out.admitted):
-                self._generate_whole(name, sched, runner, out.admitted, now)
+            if not sched.running and runner.wants_whole(out.admitted) \
+                    and self._generate_whole(name, sched, runner, out.admitted, now):
                 return True
             t0 = time.perf_counter()
             try:
@@ -318,20 +318,26 @@ class Engine:
         return True
 
     def _generate_whole(self, name: str, sched: ModelScheduler, runner: ModelRunner, jobs: list[GenerationJob],
-                        now: float) -> None:
+                        now: float) -> bool:
         """Admitted jobs that nothing else runs beside and that share steps and length, from start to PCM in one
         call (a captured graph on a GPU): no tick between their steps, so nothing joins them and a cancellation
-        takes effect when they are done. Timings: "denoise" is the whole run, the decode included."""
+        takes effect when they are done. Timings: "denoise" is the whole run, the decode included. If the call
+        raises (a capture the device refuses, say), whole generations are turned off for this model, the error is
+        logged and counted, and False leaves the jobs to the step path, which answers them as it would have."""
         m = self.metrics
         samples = [Sample(j, runner.rt.latent_frames(j.duration), now) for j in jobs]
         sched.start(samples)
         m.inflight.labels(name).set(len(samples))
         try:
             out = runner.generate_whole(jobs)
-        except Exception as exc:  # noqa: BLE001 - fault isolation: only these jobs fail
-            runner.release()
-            self._fail(name, sched, "generate", jobs, exc)
-            return
+        except Exception as exc:  # noqa: BLE001 - the step path takes these jobs instead
+            sched.withdraw(samples)
+            runner.whole = None
+            m.failed_batches.labels(name, "generate").inc()
+            ids = [j.id for j in jobs]
+            log.error("whole generation failed for model %s; it runs step by step from now on %s", name, ids,
+                      exc_info=(type(exc), exc, exc.__traceback__), extra={"request_ids": ids})
+            return False
         m.stage_duration.labels(name, "encode").observe(out.start_s)
         m.stage_duration.labels(name, "denoise").observe(out.run_s)
         m.batch_size.labels(name).observe(len(jobs))
@@ -349,6 +355,7 @@ class Engine:
             self._latency_ema = 0.8 * self._latency_ema + 0.2 * (time.monotonic() - s.job.arrival)
             # 16-bit PCM as floats: the service's encoders turn it back into the same integers
             sched.complete(s, JobResult(latents, pcm.float() / PCM16_SCALE, sr, timings, s.job.steps))
+        return True
 
     def _decode(self, name: str, sched: ModelScheduler, runner: ModelRunner, finished: list[Sample]) -> None:
         m = self.metrics

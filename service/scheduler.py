@@ -307,6 +307,11 @@ class ModelScheduler:
         """Admitted jobs whose samples were encoded join the denoise set."""
         self._running.extend(samples)
 
+    def withdraw(self, samples: list[Sample]) -> None:
+        """These samples leave the denoise set without an outcome (their jobs start again by another path)."""
+        gone = {id(s) for s in samples}
+        self._running = [s for s in self._running if id(s) not in gone]
+
     def finish(self) -> list[Sample]:
         """The samples that took their last step leave the denoise set (for the decode stage)."""
         done = [s for s in self._running if s.finished]

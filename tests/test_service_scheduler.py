@@ -93,6 +93,23 @@ def test_whole_generation_runs_a_qualifying_admitted_set_in_one_call(runtimes):
     assert all(e is None for _, e in mixed.values()) and engine.ticks == 4
 
 
+def test_a_failing_whole_generation_leaves_its_jobs_to_the_step_path(runtimes, monkeypatch, caplog):
+    """A whole generation that raises (on a GPU: a capture the device refuses) costs its jobs nothing: the step path
+    answers them, and whole generations stay off for that model."""
+    from models.generation_graph import WholeGeneration
+
+    def refuse(self, requests):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(WholeGeneration, "__call__", refuse)
+    jobs = [spec(TINY_ARC, "a cat meows", 1.0, 4, 2.5, 1), spec(TINY_ARC, "thunder", 1.0, 4, 1.0, 2)]
+    with caplog.at_level("ERROR", logger="tta.engine"):
+        results, engine = run_engine(runtimes, jobs, whole_generation=True)
+    assert all(e is None and r.steps_done == 4 for r, e in results.values())
+    assert engine.runners[TINY_ARC].whole is None and engine.ticks == 4
+    assert "whole generation failed" in caplog.text
+
+
 @pytest.mark.parametrize("model", [TINY, TINY_ARC])
 def test_engine_latents_equal_bundle_generate_latents(runtimes, model):
     """The service's per-sample recipe (initial noise, per-step noise, per-sample t grid, masking) gives the same
