@@ -10,7 +10,8 @@ unchanged (``use_encoder_graphs``). Inputs are padded to a bucket: rows to ``mod
 padding rows repeat row 0) and tokens to a multiple of ``token_multiple`` (pad id 0, masked). Masked keys take no
 part in attention, so a real token's state changes by float rounding only; the CPU tests run the same padding
 without a graph. The states come back as float32, as the encoders' callers expect. Graphs are captured only on a
-CUDA device, the ``max_graphs`` most recently used kept.
+CUDA device, the ``max_graphs`` most recently used kept; a capture that fails turns them off (logged), and the
+encoder runs eagerly.
 """
 from __future__ import annotations
 
@@ -45,27 +46,36 @@ class GraphedEncoder(nn.Module):
         if ids.device.type != "cuda" or not self.use_graphs:
             states = self._encode(ids, mask)
         else:
-            graph = self.graphs.get(key)
-            if graph is None:
-                graph = self._capture(key, ids, mask)
+            entry = self.graphs.get(key)
+            if entry is None:
+                entry = self._capture(key, ids, mask)
             else:
                 self.graphs.move_to_end(key)
-            static_ids, static_mask, graph, states = graph
-            static_ids.copy_(ids)
-            static_mask.copy_(mask)
-            graph.replay()
+            if entry is None:  # the capture failed: graphs are off, this call runs eagerly
+                states = self._encode(ids, mask)
+            else:
+                static_ids, static_mask, graph, states = entry
+                static_ids.copy_(ids)
+                static_mask.copy_(mask)
+                graph.replay()
         return BaseModelOutput(last_hidden_state=states[:b, :n].float().clone())
 
     def _encode(self, ids: Tensor, mask: Tensor) -> Tensor:
         return self.model(input_ids=ids, attention_mask=mask).last_hidden_state
 
-    def _capture(self, key: tuple[int, int], ids: Tensor, mask: Tensor) -> tuple:
+    def _capture(self, key: tuple[int, int], ids: Tensor, mask: Tensor) -> tuple | None:
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         while len(self.graphs) >= self.max_graphs:
             self.graphs.popitem(last=False)
         static_ids, static_mask = ids.clone(), mask.clone()
-        graph, states = capture(lambda: self._encode(static_ids, static_mask), self._pool)
+        try:
+            graph, states = capture(lambda: self._encode(static_ids, static_mask), self._pool)
+        except RuntimeError:
+            # an encoder the device will not capture (an operation that syncs): it runs eagerly from now on
+            log.exception("text encoder graph capture failed; the encoder runs without graphs")
+            self.use_graphs = False
+            return None
         self.graphs[key] = entry = (static_ids, static_mask, graph, states)
         self.captures += 1
         log.info("captured a text encoder graph", extra={"rows": key[0], "tokens": key[1], "graphs": len(self.graphs)})
