@@ -209,6 +209,33 @@ def peak_matmul_flops(threads: int, device: str = "cpu", repeats: int = 10) -> f
     return 2 * n ** 3 / best
 
 
+def peak_copy_bytes_per_s(device: str = "cpu", repeats: int = 10) -> float:
+    """This machine's memory bandwidth (bytes read + written per second), the practical peak the weights floor is
+    computed against: the best of ``repeats`` copies of 256 MiB (64 MiB on the CPU)."""
+    import torch
+
+    n = (256 if device != "cpu" else 64) * 2**20 // 4
+    a, b = torch.empty(n, device=device), torch.randn(n, device=device)
+    copy = synchronised(lambda: a.copy_(b))
+    best = float("inf")
+    for _ in range(repeats + 2):
+        t0 = time.perf_counter()
+        copy()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * 4 * n / best
+
+
+def weight_params(rt) -> dict[str, int]:
+    """Parameters each stage's network reads once per call: the text encoder's transformer, the denoiser, the
+    codec's decoder (the whole codec where it has no separate one)."""
+    bundle = rt.bundle
+    encoder = getattr(bundle.text_encoder, "encoder", bundle.text_encoder)
+    networks = {"text_encoding": getattr(encoder, "model", None), "denoiser_forward": bundle.denoiser,
+                "decode": getattr(bundle.codec, "decoder", bundle.codec)}
+    return {stage: sum(p.numel() for p in net.parameters()) if net is not None else 0
+            for stage, net in networks.items()}
+
+
 def worker(args) -> dict:
     """One runtime in this process: load (exporting first if needed), then time every stage."""
     import torch
@@ -242,6 +269,8 @@ def worker(args) -> dict:
         out["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
     if args.worker == "torch":
         out["peak_matmul_flops"] = peak_matmul_flops(args.threads, args.device)
+        out["peak_copy_bytes_per_s"] = peak_copy_bytes_per_s(args.device)
+        out["weight_params"] = weight_params(rt)
     return out
 
 
@@ -250,10 +279,12 @@ def pool_rounds(runs: list[dict]) -> dict:
     factor from the pooled end-to-end median, the peak RSS the highest, the load time the median."""
     from benchmarks.common import time_summary
 
+    peaks = ("peak_matmul_flops", "peak_copy_bytes_per_s")
     out = {k: v for k, v in runs[0].items()
-           if k not in ("batches", "peak_rss_mb", "peak_gpu_mb", "load_s", "peak_matmul_flops")}
-    if "peak_matmul_flops" in runs[0]:
-        out["peak_matmul_flops"] = max(r["peak_matmul_flops"] for r in runs)
+           if k not in ("batches", "peak_rss_mb", "peak_gpu_mb", "load_s") + peaks}
+    for peak in peaks:
+        if peak in runs[0]:
+            out[peak] = max(r[peak] for r in runs)
     out["rounds"] = len(runs)
     out["peak_rss_mb"] = max(r["peak_rss_mb"] for r in runs)
     if "peak_gpu_mb" in runs[0]:
@@ -305,29 +336,43 @@ def markdown(results: list[dict], args, model_label: str, export_s: float | None
 
 
 def floor_section(results: list[dict]) -> str:
-    """Compute floor per stage: the counted FLOPs at this machine's measured matmul peak, beside the best runtime's
-    median (the gap is what software could still win; elementwise work and FFTs are not in the count)."""
+    """Compute floor per stage, beside the best runtime's median (the gap is what software could still win): the
+    larger of the counted FLOPs at this machine's measured matmul peak and the weights read once per network call
+    at its measured copy bandwidth (2 bytes a weight on a GPU, which serves in 16 bits; 4 on the CPU). Elementwise
+    work, FFTs and activations' traffic are in neither count."""
     from benchmarks.common import md_table
 
     torch_run = next((r for r in results if r["runtime"] == "torch" and "peak_matmul_flops" in r), None)
     if torch_run is None:
         return ""
-    peak = torch_run["peak_matmul_flops"]
+    peak, gpu = torch_run["peak_matmul_flops"], "peak_gpu_mb" in torch_run
+    bandwidth, params = torch_run.get("peak_copy_bytes_per_s"), torch_run.get("weight_params")
+    weight_bytes = 2 if gpu else 4
     rows = []
     for b, row in torch_run["batches"].items():
         for stage, flops in row.get("flops", {}).items():
             best = min(r["batches"][b][stage]["median_s"] for r in results)
-            floor = flops / peak
-            rows.append([int(b), stage.replace("_", " "), flops / 1e9, floor * 1000, best * 1000,
+            compute = flops / peak
+            weights = None
+            if bandwidth and params:
+                counts = params if stage != "end_to_end" else {"end_to_end": params["text_encoding"] + params[
+                    "decode"] + torch_run["steps"] * params["denoiser_forward"]}
+                weights = counts[stage] * weight_bytes
+            memory = weights / bandwidth if weights else 0.0
+            floor = max(compute, memory)
+            rows.append([int(b), stage.replace("_", " "), flops / 1e9, None if weights is None else weights / 2**20,
+                         floor * 1000, "compute" if compute >= memory else "weights", best * 1000,
                          best / floor if floor else None])
     what = (f"bfloat16 matmul peak, {peak / 1e12:.0f} TFLOP/s (best 8192 x 8192 product)"
-            if "peak_gpu_mb" in torch_run else
-            f"float32 matmul peak, {peak / 1e9:.0f} GFLOP/s (best 2048 x 2048 product, same threads)")
-    return (f"\n\n**Floor.** Matrix-product and convolution FLOPs of each stage (torch's FlopCounterMode) at this "
-            f"machine's measured {what}; "
-            "end to end = text + steps x denoiser + decode. Elementwise work, FFTs and memory traffic are not counted, "
-            "so the floor is a lower bound.\n\n"
-            + md_table(["batch", "stage", "GFLOP", "floor ms", "best measured ms", "measured / floor"], rows))
+            if gpu else f"float32 matmul peak, {peak / 1e9:.0f} GFLOP/s (best 2048 x 2048 product, same threads)")
+    if bandwidth:
+        what += f", and its copy bandwidth, {bandwidth / 1e9:.0f} GB/s (best copy of {256 if gpu else 64} MiB)"
+    return (f"\n\n**Floor.** The larger of two lower bounds per stage at this machine's measured {what}: the "
+            "matrix-product and convolution FLOPs (torch's FlopCounterMode), and the weights each network reads once "
+            f"per call ({weight_bytes} bytes each); end to end = text + steps x denoiser + decode. Elementwise work, "
+            "FFTs and activations' memory traffic are in neither, so the floor is a lower bound.\n\n"
+            + md_table(["batch", "stage", "GFLOP", "weights MiB", "floor ms", "bound by", "best measured ms",
+                        "measured / floor"], rows))
 
 
 def main(argv=None) -> dict:

@@ -39,7 +39,16 @@ def test_the_floor_is_the_counted_work_at_the_measured_peak():
     ort_run = _run({s: [0.1] for s in stages}, rss=950.0, load=3.0) | {"runtime": "onnxruntime"}
     text = floor_section([torch_run, ort_run])
     assert "100 GFLOP/s" in text
-    assert "| 2 | end to end | 12 | 120 | 100 | 0.8333 |" in text  # 12 GFLOP -> 120 ms floor; best run 100 ms
+    # 12 GFLOP -> 120 ms floor; best run 100 ms; no bandwidth measured: no weights column values
+    assert "| 2 | end to end | 12 | - | 120 | compute | 100 | 0.8333 |" in text
+    # with a copy bandwidth of 1 GB/s: the text encoder's 50 M float32 weights (190.7 MiB) take 200 ms to read,
+    # more than its 10 ms of FLOPs; end to end reads 50 + 4 x 10 + 5 M weights (362.4 MiB, 380 ms)
+    torch_run["peak_copy_bytes_per_s"] = 1e9
+    torch_run["weight_params"] = {"text_encoding": 50_000_000, "denoiser_forward": 10_000_000, "decode": 5_000_000}
+    text = floor_section([torch_run, ort_run])
+    assert "1 GB/s" in text
+    assert "| 2 | text encoding | 1 | 190.7 | 200 | weights | 100 | 0.5 |" in text
+    assert "| 2 | end to end | 12 | 362.4 | 380 | weights | 100 | 0.2632 |" in text
 
 
 @pytest.mark.slow
