@@ -129,3 +129,47 @@ def test_the_captured_graph_replays_the_stepwise_audio():
         want = stepwise(bundle.pipeline, requests)[0]
         assert all((g.int() - w.int()).abs().max() <= 2 for g, w in zip(got, want))
     assert whole.captures == 1
+
+
+@pytest.mark.parametrize("which", ["sao-tiny", "sa3-tiny"])
+def test_the_stable_audio_checkpoints_run_whole_as_step_by_step(sao_tiny, tmp_path, which):
+    """Their DiTs keep per-request keys and values (``RequestCache``) and their Oobleck decoder runs its inference
+    form: a whole generation still equals the step path."""
+    from models.checkpoints import load_checkpoint_dir
+    from models.checkpoints.sized import write_random_checkpoint
+
+    with float32_default():
+        path = sao_tiny
+        if which == "sa3-tiny":
+            path = tmp_path / "sa3-tiny"
+            write_random_checkpoint(path, "sa3-small", scale="tiny", seed=5)
+        bundle = load_checkpoint_dir(path)
+    d = min(1.0, bundle.config.max_duration)
+    requests = [SampleRequest("a dog barks", d, 4, 3.0, 1), SampleRequest("rain on a tin roof at night", d, 4, 1.0, 2)]
+    want, latents = stepwise(bundle.pipeline, requests)
+    got = WholeGeneration(bundle.pipeline, token_multiple=1)(requests)
+    assert all(torch.equal(g, w) for g, w in zip(got.pcm, want))
+    assert all(torch.equal(g, w) for g, w in zip(got.latents, latents))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graph capture needs a CUDA device (GPU suite)")
+def test_the_serving_configuration_captures_whole_generations(sao_tiny):
+    """What the GPU suite serves: the torch runtime in bfloat16 with per-forward CUDA graphs (which step aside inside
+    the whole capture), a float16 decoder and the text encoder's graphs; replays equal the step path of the same
+    runtime up to 16-bit rounding."""
+    from models.checkpoints import load_checkpoint_dir
+    from models.pipeline import Pipeline
+    from service.runtimes import TorchRuntime
+
+    with float32_default():
+        rt = TorchRuntime(load_checkpoint_dir(sao_tiny, device="cuda"), precision="bfloat16", cuda_graphs=True,
+                          decode_precision="float16")
+    pipeline = Pipeline(rt)
+    whole = WholeGeneration(pipeline)
+    d = min(1.0, rt.config.max_duration)
+    for seed in (1, 2):
+        requests = [SampleRequest("a dog barks", d, 8, 3.0, seed), SampleRequest("rain", d, 8, 3.0, seed + 10)]
+        got = whole(requests).pcm
+        want = stepwise(pipeline, requests)[0]
+        assert all(snr_db(g, w) > 30 for g, w in zip(got, want))
+    assert whole.captures == 1
