@@ -361,6 +361,7 @@ class Engine:
         m = self.metrics
         for s in finished:
             s.job.progress("decoding")
+        runner.settle(finished)
         t0 = time.perf_counter()
         try:
             waves = runner.decode(finished)
