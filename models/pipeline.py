@@ -242,12 +242,12 @@ compiled denoiser's graphs are specialised on that). Latents are padded to the l
     def pad_tokens(self, length: int) -> None:
         """Pad the batch's text conditioning (and its guided rows', once built) to ``length`` tokens, masked: a
         batch held in fixed tensors (``models.generation_graph``) takes prompts of any length up to it."""
-        text = self.cond.text
+        text, rows = self.cond.text, self.memo.get("guided")
+        longest = max([text.tokens.shape[1]] + ([rows[1].shape[1]] if rows is not None and len(rows) > 1 else []))
+        if longest > length:
+            raise ValueError(f"a batch with {longest} prompt tokens does not fit {length}")
         self.cond = Conditioning(TextEmbedding(pad_tokens(text.tokens, length), pad_tokens(text.mask, length),
                                                text.pooled), self.cond.seconds)
-        if text.tokens.shape[1] > length:
-            raise ValueError(f"a batch with {text.tokens.shape[1]} prompt tokens does not fit {length}")
-        rows = self.memo.get("guided")
         if rows is not None and len(rows) > 1:
             self.memo["guided"] = (rows[0], pad_tokens(rows[1], length), pad_tokens(rows[2], length)) + rows[3:]
 
@@ -523,7 +523,7 @@ def step_noise(generator: torch.Generator, latent_dim: int, frames: int) -> Tens
 
 
 def guided_forward(denoise: Callable[..., Tensor], z: Tensor, t: Tensor, cond: Conditioning, guidance: Tensor,
-                   frame_mask: Tensor, unconditional: Callable[[Tensor], TextEmbedding],
+                   frame_mask: Tensor, unconditional: Callable[[list[int]], TextEmbedding],
                    guidance_in_model: bool, local_cond: Tensor | None = None, memo: dict | None = None) -> Tensor:
     """Classifier-free guidance batched into ONE denoiser call: samples with guidance != 1 get an unconditional row
     (``unconditional(rows)``: the condition of those samples' unconditional branch, on z's device) appended to the
