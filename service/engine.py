@@ -338,6 +338,7 @@ class Engine:
             log.error("whole generation failed for model %s; it runs step by step from now on %s", name, ids,
                       exc_info=(type(exc), exc, exc.__traceback__), extra={"request_ids": ids})
             return False
+        m.whole_generations.labels(name).inc()
         m.stage_duration.labels(name, "encode").observe(out.start_s)
         m.stage_duration.labels(name, "denoise").observe(out.run_s)
         m.batch_size.labels(name).observe(len(jobs))

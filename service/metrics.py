@@ -42,3 +42,5 @@ class Metrics:
         self.job_result_bytes = Gauge("tta_job_result_bytes", "Bytes of finished jobs' audio held", registry=r)
         self.failed_batches = Counter("tta_failed_batches", "Batches whose stage raised", ["model", "stage"],
                                       registry=r)
+        self.whole_generations = Counter("tta_whole_generations", "Admitted sets run from start to PCM in one call "
+                                         "(TTA_WHOLE_GENERATION; one CUDA graph on a GPU)", ["model"], registry=r)

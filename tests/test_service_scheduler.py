@@ -81,6 +81,7 @@ def test_whole_generation_runs_a_qualifying_admitted_set_in_one_call(runtimes):
             spec(TINY_ARC, "a bell", 1.0, 4, 3.0, 3, negative_prompt="hiss")]
     whole, engine = run_engine(runtimes, jobs, whole_generation=True)
     assert engine.ticks == 1 and engine.runners[TINY_ARC].whole is not None
+    assert engine.metrics.whole_generations.labels(TINY_ARC)._value.get() == 1
     stepped, _ = run_engine(runtimes, jobs)
     for jid, (result, error) in whole.items():
         assert error is None and result.steps_done == 4 and result.timings["decode"] == 0.0
@@ -108,6 +109,8 @@ def test_a_failing_whole_generation_leaves_its_jobs_to_the_step_path(runtimes, m
     assert all(e is None and r.steps_done == 4 for r, e in results.values())
     assert engine.runners[TINY_ARC].whole is None and engine.ticks == 4
     assert "whole generation failed" in caplog.text
+    assert engine.metrics.failed_batches.labels(TINY_ARC, "generate")._value.get() == 1
+    assert engine.metrics.whole_generations.labels(TINY_ARC)._value.get() == 0
 
 
 @pytest.mark.parametrize("model", [TINY, TINY_ARC])
