@@ -18,8 +18,8 @@
 #   4. the SAO-small-sized checkpoint under torch.compile, if time is left (COMPILE=0 skips it);
 #   5. only when STAGES names it, "load": Poisson arrivals at LOAD_RATES through the real server on the SAO-small-sized
 #      checkpoint, continuous batching against none (benchmarks.load; goodput within a 0.5 s objective, p99).
-# With this project's 15 minutes of device time a session runs two calls, e.g. STAGES="tests sao" and then
-# STAGES="sa3 load" (or "sa3 embedded"), each within 10 minutes at its stages' limits.
+# Within 15 minutes of GPU time the suite runs as two calls, e.g. STAGES="tests sao" and then STAGES="sa3 load"
+# (or "sa3 embedded"), each within 10 minutes at its stages' limits.
 # SUFFIX is appended to the result names. STAGES picks stages (default: tests sao decoder sa3 embedded compile), so
 # that the suite can be split over two calls of at most 10 minutes each, e.g. STAGES="tests sao decoder", then
 # STAGES="sa3 embedded": at their limits the first call's stages take 600 s (tests 120, writing the checkpoint 150,

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from models.audio.pcm import pcm16
-from models.cuda_capture import capture
+from models.cuda_capture import capture, round_up
 from models.pipeline import DenoiseBatch, Pipeline, SampleRequest, decode_batch_limit, decode_grouped
 
 log = logging.getLogger("tta.generation_graph")
@@ -156,11 +156,8 @@ eagerly."""
         t0 = time.perf_counter()
         batch = DenoiseBatch(p.start(list(requests)))
         p.prime(batch)
-        rows = batch.memo.get("guided", ())
-        longest = max([batch.cond.text.tokens.shape[1]] + [x.shape[1] for x in rows[1:2]])
         key = GraphKey(len(batch), batch.length, batch.trajectories[0].steps,
-                       tuple(r.guidance != 1.0 for r in requests),
-                       -(-longest // self.token_multiple) * self.token_multiple)
+                       tuple(r.guidance != 1.0 for r in requests), round_up(batch.tokens, self.token_multiple))
         batch.pad_tokens(key.tokens)
         t1 = time.perf_counter()
         if batch.device.type != "cuda":

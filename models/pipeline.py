@@ -239,13 +239,18 @@ compiled denoiser's graphs are specialised on that). Latents are padded to the l
         """This step's per-sample t and t_next, float32."""
         return self.grids[self.rows, self.index].float(), self.grids[self.rows, self.index + 1].float()
 
+    @property
+    def tokens(self) -> int:
+        """The token length of the batch's text conditioning, its guided rows' included once built."""
+        rows = self.memo.get("guided", ())
+        return max([self.cond.text.tokens.shape[1]] + [x.shape[1] for x in rows[1:2]])
+
     def pad_tokens(self, length: int) -> None:
         """Pad the batch's text conditioning (and its guided rows', once built) to ``length`` tokens, masked: a
         batch held in fixed tensors (``models.generation_graph``) takes prompts of any length up to it."""
+        if self.tokens > length:
+            raise ValueError(f"a batch with {self.tokens} prompt tokens does not fit {length}")
         text, rows = self.cond.text, self.memo.get("guided")
-        longest = max([text.tokens.shape[1]] + ([rows[1].shape[1]] if rows is not None and len(rows) > 1 else []))
-        if longest > length:
-            raise ValueError(f"a batch with {longest} prompt tokens does not fit {length}")
         self.cond = Conditioning(TextEmbedding(pad_tokens(text.tokens, length), pad_tokens(text.mask, length),
                                                text.pooled), self.cond.seconds)
         if rows is not None and len(rows) > 1:
@@ -263,7 +268,7 @@ compiled denoiser's graphs are specialised on that). Latents are padded to the l
     def load(self, other: DenoiseBatch) -> None:
         """Copy ``other``'s state into this batch's own tensors, in place (a batch of the same shape: rows, frames,
         grid width, guided rows; ``other``'s prompts no longer than this batch's token length)."""
-        other.pad_tokens(self.cond.text.tokens.shape[1])
+        other.pad_tokens(self.tokens)
         mine, theirs = self.state(), other.state()
         if len(mine) != len(theirs) or any(a.shape != b.shape for a, b in zip(mine, theirs)):
             raise ValueError("load: the batches differ in shape")

@@ -331,7 +331,7 @@ class Engine:
         try:
             out = runner.generate_whole(jobs)
         except Exception as exc:  # noqa: BLE001 - the step path takes these jobs instead
-            sched.withdraw(samples)
+            sched.withdraw(jobs)
             runner.whole = None
             m.failed_batches.labels(name, "generate").inc()
             ids = [j.id for j in jobs]
@@ -351,11 +351,9 @@ class Engine:
         sr = runner.pipeline.sample_rate
         for s, pcm, latents in zip(samples, out.pcm, out.latents):
             s.job.progress("step", step=s.job.steps, steps=s.job.steps)
-            timings = {"queue": s.admitted - s.job.arrival, "encode": out.start_s, "denoise": out.run_s, "decode": 0.0}
-            m.rtf.labels(name).observe((out.start_s + out.run_s) / max(s.job.duration, 1e-6))
-            self._latency_ema = 0.8 * self._latency_ema + 0.2 * (time.monotonic() - s.job.arrival)
             # 16-bit PCM as floats: the service's encoders turn it back into the same integers
-            sched.complete(s, JobResult(latents, pcm.float() / PCM16_SCALE, sr, timings, s.job.steps))
+            self._answer(name, sched, s, JobResult(latents, pcm.float() / PCM16_SCALE, sr, {
+                "encode": out.start_s, "denoise": out.run_s, "decode": 0.0}, s.job.steps))
         return True
 
     def _decode(self, name: str, sched: ModelScheduler, runner: ModelRunner, finished: list[Sample]) -> None:
@@ -373,12 +371,18 @@ class Engine:
         m.stage_duration.labels(name, "decode").observe(decode_s)
         sr = runner.pipeline.sample_rate
         for s, wave in zip(finished, waves):
-            timings = {"queue": s.admitted - s.job.arrival, "encode": s.encode_s,
-                       "denoise": s.denoise_end - s.denoise_start, "decode": decode_s}
-            compute = timings["encode"] + timings["denoise"] + decode_s
-            m.rtf.labels(name).observe(compute / max(s.job.duration, 1e-6))
-            self._latency_ema = 0.8 * self._latency_ema + 0.2 * (time.monotonic() - s.job.arrival)
-            sched.complete(s, JobResult(s.trajectory.z.cpu(), wave, sr, timings, s.job.steps_done))
+            self._answer(name, sched, s, JobResult(s.trajectory.z.cpu(), wave, sr, {
+                "encode": s.encode_s, "denoise": s.denoise_end - s.denoise_start, "decode": decode_s},
+                s.job.steps_done))
+
+    def _answer(self, name: str, sched: ModelScheduler, s: Sample, result: JobResult) -> None:
+        """A sample's audio is ready: its queue time joins the result's timings (encode, denoise, decode), its
+        real-time factor and the latency that Retry-After is estimated from are recorded, and its job resolved."""
+        result.timings = {"queue": s.admitted - s.job.arrival, **result.timings}
+        compute = result.timings["encode"] + result.timings["denoise"] + result.timings["decode"]
+        self.metrics.rtf.labels(name).observe(compute / max(s.job.duration, 1e-6))
+        self._latency_ema = 0.8 * self._latency_ema + 0.2 * (time.monotonic() - s.job.arrival)
+        sched.complete(s, result)
 
     def _fail(self, name: str, sched: ModelScheduler, stage: str, jobs: list[GenerationJob],
               exc: BaseException) -> None:

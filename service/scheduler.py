@@ -307,10 +307,11 @@ class ModelScheduler:
         """Admitted jobs whose samples were encoded join the denoise set."""
         self._running.extend(samples)
 
-    def withdraw(self, samples: list[Sample]) -> None:
-        """These samples leave the denoise set without an outcome (their jobs start again by another path)."""
-        gone = {id(s) for s in samples}
-        self._running = [s for s in self._running if id(s) not in gone]
+    def withdraw(self, jobs: list[GenerationJob]) -> None:
+        """These jobs' samples leave the denoise set without an outcome (``fail`` gives them one; otherwise they
+        start again by another path)."""
+        ids = {id(j) for j in jobs}
+        self._running = [s for s in self._running if id(s.job) not in ids]
 
     def finish(self) -> list[Sample]:
         """The samples that took their last step leave the denoise set (for the decode stage)."""
@@ -325,8 +326,7 @@ class ModelScheduler:
 
     def fail(self, jobs: list[GenerationJob], error: EngineError) -> None:
         """These jobs end with ``error`` (a stage raised for their batch); their samples leave the denoise set."""
-        ids = {id(j) for j in jobs}
-        self._running = [s for s in self._running if id(s.job) not in ids]
+        self.withdraw(jobs)
         for job in jobs:
             job.resolve(None, error)
 

@@ -17,7 +17,6 @@ length), so each sample's output is the same as when it runs alone.
 from __future__ import annotations
 
 import functools
-
 import math
 from dataclasses import asdict, dataclass
 

@@ -182,15 +182,14 @@ def cudnn_benchmark():
 MATMUL_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d)
 
 
-def cast_matmul_weights(module: nn.Module, dtype: torch.dtype) -> int:
+def cast_matmul_weights(module: nn.Module, dtype: torch.dtype) -> None:
     """The weights and biases of ``module``'s linear and convolution layers in ``dtype``, once: what autocast casts
     them to at every call, so a forward under autocast gives the same result bit for bit, without re-reading and
     re-casting the float32 weights each time (a captured graph repeats those casts at every replay). Everything else
-    (norms, embeddings, Fourier features' frequencies) keeps its float32 values. Returns the layers cast."""
-    layers = [m for m in module.modules() if isinstance(m, MATMUL_MODULES)]
-    for m in layers:
-        m.to(dtype)
-    return len(layers)
+    (norms, embeddings, Fourier features' frequencies) keeps its float32 values."""
+    for m in module.modules():
+        if isinstance(m, MATMUL_MODULES):
+            m.to(dtype)
 
 
 def compile_denoiser(bundle) -> None:
