@@ -25,15 +25,15 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import Tensor
 
 from models.audio.pcm import pcm16
-from models.cuda_capture import capture, round_up
+from models.cuda_capture import GraphCache, Record, Sightings, capture, round_up
 from models.pipeline import DenoiseBatch, Pipeline, SampleRequest, decode_batch_limit, decode_grouped
 
 log = logging.getLogger("tta.generation_graph")
@@ -89,23 +89,27 @@ def run_whole(pipeline: Pipeline, batch: DenoiseBatch, z: Tensor, host: _Host) -
 
 
 class _Graph:
-    """One key's program captured over a fixed batch (on a CUDA device)."""
+    """One key's program recorded over a fixed batch (``record``: ``capture`` on a CUDA device)."""
 
-    def __init__(self, pipeline: Pipeline, batch: DenoiseBatch, host: _Host, pool):
+    def __init__(self, pipeline: Pipeline, batch: DenoiseBatch, host: _Host, pool, record=capture):
         self.batch, self.host = batch, host
-        z = batch.z  # the starting latents: every replay begins from this tensor (``load`` fills it)
+        self.z = batch.z  # the starting latents: every replay begins from this tensor (``run`` loads it)
         state = [x.clone() for x in batch.state()]  # the warm-up steps the fixed batch: put back before capture
-        self.graph, _ = capture(lambda: run_whole(pipeline, batch, z, host), pool, warmups=1,
-                                before_capture=lambda: self._restore(state))
+        self.graph, _ = record(lambda: run_whole(pipeline, batch, self.z, host), pool, warmups=1,
+                               before_capture=lambda: self._load(state))
 
-    def _restore(self, state: list[Tensor]) -> None:
+    def _load(self, state: list[Tensor]) -> None:
+        # a run leaves the batch at its last step's latents: the state goes into the starting ones
+        self.batch.z = self.z
         for a, b in zip(self.batch.state(), state):
             a.copy_(b)
 
     def run(self, batch: DenoiseBatch) -> _Host:
+        self.batch.z = self.z
         self.batch.load(batch)
         self.graph.replay()
-        torch.cuda.current_stream().synchronize()
+        if self.z.is_cuda:
+            torch.cuda.current_stream().synchronize()
         return self.host
 
 
@@ -113,20 +117,18 @@ class WholeGeneration:
     """Whole generations of a pipeline: on CUDA one captured graph per ``GraphKey``, elsewhere the program run
 eagerly."""
 
-    SHAPES_KEPT = 256  # shapes whose sightings are counted (the least recently met forgotten first)
-
     def __init__(self, pipeline: Pipeline, token_multiple: int = 16, max_graphs: int = 8,
-                 capture_after: int | None = None):
+                 capture_after: int | None = None, record: Record | None = None):
         self.pipeline = pipeline
-        self.token_multiple, self.max_graphs = token_multiple, max_graphs
+        cuda = torch.device(pipeline.networks.batch_device).type == "cuda"
+        # how a key's program is recorded: a CUDA capture; None off CUDA, where the program runs eagerly
+        self.record = record if record is not None else (capture if cuda else None)
+        self.token_multiple = token_multiple
         # a shape is run whole from its capture_after-th sighting on: a capture costs several generations' time, so a
         # one-off shape (a clip length met once) is left to the step path; off CUDA there is nothing to capture
-        cuda = torch.device(pipeline.networks.batch_device).type == "cuda"
         self.capture_after = capture_after if capture_after is not None else (2 if cuda else 1)
-        self.sightings: OrderedDict[tuple, int] = OrderedDict()
-        self.graphs: OrderedDict[GraphKey, _Graph] = OrderedDict()
-        self.captures = 0
-        self._pool = None
+        self.sightings = Sightings()
+        self.graphs: GraphCache[GraphKey, _Graph] = GraphCache(max_graphs)
 
     def qualifies(self, requests: Sequence[SampleRequest]) -> bool:
         """No init audio, one step count and one latent length."""
@@ -141,11 +143,7 @@ eagerly."""
             return False
         shape = (len(requests), self.pipeline.latent_frames(requests[0].duration), requests[0].steps,
                  tuple(r.guidance != 1.0 for r in requests))
-        seen = self.sightings.pop(shape, 0) + 1
-        self.sightings[shape] = seen
-        while len(self.sightings) > self.SHAPES_KEPT:
-            self.sightings.popitem(last=False)
-        return seen >= self.capture_after
+        return self.sightings.see(shape) >= self.capture_after
 
     @torch.inference_mode()
     def __call__(self, requests: Sequence[SampleRequest]) -> WholeResult:
@@ -160,34 +158,24 @@ eagerly."""
                        tuple(r.guidance != 1.0 for r in requests), round_up(batch.tokens, self.token_multiple))
         batch.pad_tokens(key.tokens)
         t1 = time.perf_counter()
-        if batch.device.type != "cuda":
+        if self.record is None:
             host = _Host.like(batch, p.networks.samples_per_latent)
             run_whole(p, batch, batch.z, host)
         else:
-            graph = self.graphs.get(key)
-            if graph is None:
-                graph = self._capture(key, batch)
-            else:
-                self.graphs.move_to_end(key)
-            host = graph.run(batch)
+            host = self.graphs.get(key, partial(self._capture, key, batch)).run(batch)
         frames = [s.frames for s in batch.trajectories]
         return WholeResult([host.pcm[i, :, : round(r.duration * p.sample_rate)].clone()
                             for i, r in enumerate(requests)],
                            [host.latents[i, :, : frames[i]].clone() for i in range(len(requests))],
                            t1 - t0, time.perf_counter() - t1)
 
-    def _capture(self, key: GraphKey, batch: DenoiseBatch) -> _Graph:
-        if self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle()
-        while len(self.graphs) >= self.max_graphs:
-            self.graphs.popitem(last=False)
+    def _capture(self, key: GraphKey, batch: DenoiseBatch, pool) -> _Graph:
         fixed = DenoiseBatch(batch.trajectories)  # its own tensors: the request's batch stays the request's
         self.pipeline.prime(fixed)
         fixed.pad_tokens(key.tokens)
         host = _Host.like(fixed, self.pipeline.networks.samples_per_latent)
-        graph = self.graphs[key] = _Graph(self.pipeline, fixed, host, self._pool)
-        self.captures += 1
+        graph = _Graph(self.pipeline, fixed, host, pool, self.record)
         log.info("captured a whole generation", extra={"model": self.pipeline.config.name, "rows": key.rows,
                                                        "frames": key.frames, "steps": key.steps,
-                                                       "tokens": key.tokens, "graphs": len(self.graphs)})
+                                                       "tokens": key.tokens, "graphs": len(self.graphs) + 1})
         return graph

@@ -16,3 +16,29 @@ def join_and_leave(pipeline: Pipeline, requests: list[SampleRequest]) -> list[to
             pipeline.step(batch)
     assert all(s.finished for s in (a, b, c))
     return [s.z for s in (a, b, c)]
+
+
+class EagerReplay:
+    """What ``record_eagerly`` returns in place of a CUDA graph: ``replay()`` reruns the recorded program and writes
+    its result into the tensor the recording returned, as a graph rewrites its static output."""
+
+    def __init__(self, fn, out):
+        self.fn, self.out, self.replays = fn, out, 0
+
+    def replay(self) -> None:
+        result = self.fn()
+        if isinstance(self.out, torch.Tensor):
+            self.out.copy_(result)
+        self.replays += 1
+
+
+def record_eagerly(fn, pool=None, warmups: int = 2, before_capture=None):
+    """``models.cuda_capture.capture``'s contract without CUDA (the warm-ups, ``before_capture``, the recorded call),
+    for the CPU tests of everything around a replay: what is copied into a recorded program's fixed tensors, and
+    what is copied out of its output."""
+    for _ in range(warmups):
+        fn()
+    if before_capture is not None:
+        before_capture()
+    out = fn()
+    return EagerReplay(fn, out), out

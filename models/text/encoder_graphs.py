@@ -16,14 +16,14 @@ encoder runs eagerly.
 from __future__ import annotations
 
 import logging
-from collections import OrderedDict
+from functools import partial
 
 import torch
 from torch import Tensor, nn
 from transformers.modeling_outputs import BaseModelOutput
 
 from models.conditioning import pad_axis
-from models.cuda_capture import capture, round_up, row_bucket
+from models.cuda_capture import GraphCache, capture, round_up, row_bucket
 
 log = logging.getLogger("tta.text")
 
@@ -34,10 +34,8 @@ class GraphedEncoder(nn.Module):
         super().__init__()
         self.model = model.to(dtype) if dtype is not None else model
         self.dtype, self.use_graphs = dtype, graphs
-        self.token_multiple, self.max_graphs = token_multiple, max_graphs
-        self.graphs: OrderedDict[tuple[int, int], tuple] = OrderedDict()
-        self.captures = 0
-        self._pool = None
+        self.token_multiple = token_multiple
+        self.graphs: GraphCache[tuple[int, int], tuple] = GraphCache(max_graphs)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, **_) -> BaseModelOutput:
         b, n = input_ids.shape
@@ -46,15 +44,14 @@ class GraphedEncoder(nn.Module):
         if ids.device.type != "cuda" or not self.use_graphs:
             states = self._encode(ids, mask)
         else:
-            entry = self.graphs.get(key)
-            if entry is None:
-                entry = self._capture(key, ids, mask)
-            else:
-                self.graphs.move_to_end(key)
-            if entry is None:  # the capture failed: graphs are off, this call runs eagerly
+            try:
+                static_ids, static_mask, graph, states = self.graphs.get(key, partial(self._capture, key, ids, mask))
+            except RuntimeError:
+                # an encoder the device will not capture (an operation that syncs): it runs eagerly from now on
+                log.exception("text encoder graph capture failed; the encoder runs without graphs")
+                self.use_graphs = False
                 states = self._encode(ids, mask)
             else:
-                static_ids, static_mask, graph, states = entry
                 static_ids.copy_(ids)
                 static_mask.copy_(mask)
                 graph.replay()
@@ -63,23 +60,12 @@ class GraphedEncoder(nn.Module):
     def _encode(self, ids: Tensor, mask: Tensor) -> Tensor:
         return self.model(input_ids=ids, attention_mask=mask).last_hidden_state
 
-    def _capture(self, key: tuple[int, int], ids: Tensor, mask: Tensor) -> tuple | None:
-        if self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle()
-        while len(self.graphs) >= self.max_graphs:
-            self.graphs.popitem(last=False)
+    def _capture(self, key: tuple[int, int], ids: Tensor, mask: Tensor, pool) -> tuple:
         static_ids, static_mask = ids.clone(), mask.clone()
-        try:
-            graph, states = capture(lambda: self._encode(static_ids, static_mask), self._pool)
-        except RuntimeError:
-            # an encoder the device will not capture (an operation that syncs): it runs eagerly from now on
-            log.exception("text encoder graph capture failed; the encoder runs without graphs")
-            self.use_graphs = False
-            return None
-        self.graphs[key] = entry = (static_ids, static_mask, graph, states)
-        self.captures += 1
-        log.info("captured a text encoder graph", extra={"rows": key[0], "tokens": key[1], "graphs": len(self.graphs)})
-        return entry
+        graph, states = capture(lambda: self._encode(static_ids, static_mask), pool)
+        log.info("captured a text encoder graph", extra={"rows": key[0], "tokens": key[1],
+                                                         "graphs": len(self.graphs) + 1})
+        return static_ids, static_mask, graph, states
 
 
 def _rows(x: Tensor, rows: int) -> Tensor:

@@ -28,14 +28,14 @@ outside the graph's memory pool), so the torch runtime's autocast runs with ``ca
 from __future__ import annotations
 
 import logging
-from collections import OrderedDict
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import Tensor, nn
 
 from models.conditioning import AllFramesReal, pad_axis
-from models.cuda_capture import capture, round_up, row_bucket
+from models.cuda_capture import GraphCache, capture, round_up, row_bucket
 
 log = logging.getLogger("tta.runtimes")
 
@@ -86,19 +86,16 @@ class _Graph:
 
 class CudaGraphDenoiser(nn.Module):
     """Wraps a denoiser (``forward(z, t, tokens, token_mask, pooled, seconds, frame_mask, guidance=None)``) on a
-    CUDA device: the first call of each bucketed shape captures a graph, later calls replay it. At most
-    ``max_graphs`` graphs are kept (least recently used dropped first). They share one memory pool, which is safe
-    because replays never overlap (one engine thread per device) and each output is copied before the next replay."""
+    CUDA device: the first call of each bucketed shape captures a graph, later calls replay it. The graphs live in
+    a ``GraphCache`` of ``max_graphs`` (least recently used dropped first, one memory pool)."""
 
     def __init__(self, inner: nn.Module, frame_multiple: int = 32, token_multiple: int = 16, max_graphs: int = 64):
         super().__init__()
         if getattr(inner, "runs_per_length", False):
             raise ValueError("this denoiser loops over lengths in Python and cannot be captured in a CUDA graph")
         self.inner = inner
-        self.frame_multiple, self.token_multiple, self.max_graphs = frame_multiple, token_multiple, max_graphs
-        self.graphs: OrderedDict[Shape, _Graph] = OrderedDict()
-        self.captures = 0
-        self._pool = None
+        self.frame_multiple, self.token_multiple = frame_multiple, token_multiple
+        self.graphs: GraphCache[Shape, _Graph] = GraphCache(max_graphs)
         self._all_real = AllFramesReal()
 
     def forward(self, z: Tensor, t: Tensor, tokens: Tensor, token_mask: Tensor, pooled: Tensor, seconds: Tensor,
@@ -120,23 +117,12 @@ class CudaGraphDenoiser(nn.Module):
                             key.rows, key.frames, key.tokens)
         if not masked:
             inputs = inputs[:6] + (None,) + inputs[7:]
-        graph = self.graphs.get(key)
-        if graph is None:
-            graph = self._capture(key, inputs)
-        else:
-            self.graphs.move_to_end(key)
-        return graph(inputs)[:b, :, :n].clone()
+        return self.graphs.get(key, partial(self._capture, key, inputs))(inputs)[:b, :, :n].clone()
 
-    def _capture(self, key: Shape, inputs: tuple) -> _Graph:
-        if self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle()
-        while len(self.graphs) >= self.max_graphs:
-            self.graphs.popitem(last=False)
-        graph = _Graph(self.inner, inputs, self._pool)
-        self.graphs[key] = graph
-        self.captures += 1
+    def _capture(self, key: Shape, inputs: tuple, pool) -> _Graph:
+        graph = _Graph(self.inner, inputs, pool)
         log.info("captured a CUDA graph", extra={"rows": key.rows, "frames": key.frames, "tokens": key.tokens,
-                                                "graphs": len(self.graphs)})
+                                                "graphs": len(self.graphs) + 1})
         return graph
 
 
