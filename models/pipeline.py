@@ -257,12 +257,13 @@ compiled denoiser's graphs are specialised on that). Latents are padded to the l
             self.memo["guided"] = (rows[0], pad_tokens(rows[1], length), pad_tokens(rows[2], length)) + rows[3:]
 
     def state(self) -> list[Tensor]:
-        """The tensors a step reads that differ between batches of the same shape: the starting latents, the step
-        index, the guidance scales, the conditioning (with the guided rows', once built), the noise, the grids."""
+        """The tensors a step reads that differ between batches of the same shape: the latents, the step index, the
+        guidance scales, the conditioning (with the guided rows', once built), the grids, the frame mask (``keep``
+        is a view of it), and the noise and inpainting data where the batch has them."""
         text, rows = self.cond.text, self.memo.get("guided", ())
         out = [self.z, self.index, self.guidance, text.tokens, text.mask, text.pooled, self.cond.seconds,
-               self.grids, *rows[1:]]
-        return out + ([self.noise] if self.noise is not None else [])
+               self.grids, self.frame_mask, *rows[1:]]
+        return out + [x for x in (self.noise, self.known, self.keep_known) if x is not None]
 
     @torch.inference_mode()
     def load(self, other: DenoiseBatch) -> None:
@@ -463,13 +464,25 @@ class Pipeline:
     @torch.inference_mode()
     def step(self, batch: DenoiseBatch) -> None:
         """One denoiser forward over the batch, then one sampler step for each of its trajectories (in place)."""
+        self.take_step(batch, self.advance(batch))
+
+    @torch.inference_mode()
+    def advance(self, batch: DenoiseBatch) -> Tensor:
+        """The batch's latents one step on [B, C, L], from its current state, which it leaves as it is: the forward
+        and the sampler step, all on the batch's device (what a tick's CUDA graph records, ``models.tick_graph``)."""
         t, t_next = batch.times()
         trained = self.config.inpaint_conditioning
         x0 = self.predict_x0(batch.z, t, batch.cond, batch.guidance, batch.frame_mask, batch.negatives,
                              batch.local_cond() if trained else None, batch.memo)
         if batch.keep_known is not None and not trained:  # the known region's prediction is the known latents
             x0 = torch.where(batch.keep_known, batch.known, x0)
-        batch.z = z = self.sampler.step(batch.z, x0, t, t_next, batch.step_noise()) * batch.keep
+        return self.sampler.step(batch.z, x0, t, t_next, batch.step_noise()) * batch.keep
+
+    @staticmethod
+    def take_step(batch: DenoiseBatch, z: Tensor) -> None:
+        """The batch moves to latents ``z`` (``advance``'s), each trajectory one step on; a finished one keeps its
+        own copy of its latents."""
+        batch.z = z
         batch.index += 1
         for i, s in enumerate(batch.trajectories):
             s.z = z[i, :, : s.frames]

@@ -124,7 +124,7 @@ def load_models(state: ServiceState) -> None:
                                   else f"not found in {s.model_dir} (found: {sorted(runtimes) or 'none'})"))
         engine = Engine(runtimes, m, policy=s.policy, max_batch=s.max_batch, queue_size=s.queue_size,
                         max_queue_delay_ms=s.max_queue_delay_ms, max_padding=s.max_padding,
-                        whole_generation=s.whole_generation)
+                        whole_generation=s.whole_generation, tick_graphs=s.tick_graphs)
         if s.warmup:
             for rt in runtimes.values():
                 rt.prepare()

@@ -131,7 +131,7 @@ def cmd_serve(args) -> None:
           device=args.device, runtime=args.runtime, policy=args.policy, max_batch=args.max_batch,
           threads=args.threads, log_level=args.log_level, torch_compile=args.compile, precision=args.precision,
           decode_precision=args.decode_precision, cuda_graphs=args.cuda_graphs,
-          whole_generation=args.whole_generation)
+          whole_generation=args.whole_generation, tick_graphs=args.tick_graphs)
 
 
 def cmd_export(args) -> None:
@@ -301,6 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--whole-generation", action="store_true", default=None,
                    help="requests that run alone and share steps and length: every step, the decode and the PCM in "
                         "one call (one CUDA graph on cuda)")
+    p.add_argument("--tick-graphs", action="store_true", default=None,
+                   help="torch runtime on cuda: each tick's forward and sampler step as one CUDA graph per batch shape")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("export", help="export a model's graphs for another runtime (checked against PyTorch)")

@@ -62,14 +62,14 @@ class Engine:
 
     def __init__(self, runtimes: dict[str, Runtime], metrics: Metrics, policy: str = "continuous",
                  max_batch: int = 16, queue_size: int = 64, max_queue_delay_ms: float = 20.0,
-                 max_padding: float = 0.25, whole_generation: bool = False):
+                 max_padding: float = 0.25, whole_generation: bool = False, tick_graphs: bool = False):
         self.runtimes = runtimes
         self.metrics = metrics
         self.max_batch = max_batch
         self.max_padding = max_padding
         self.queue_size = queue_size
         self.policy_name = policy
-        self.runners = {name: ModelRunner(rt, whole_generation) for name, rt in runtimes.items()}
+        self.runners = {name: ModelRunner(rt, whole_generation, tick_graphs) for name, rt in runtimes.items()}
         # every forward's time, per model: tta_forward_cost_seconds for any policy, the price of batching for one
         # that decides with it (adaptive)
         self.costs = {name: ForwardCost() for name in runtimes}

@@ -1,8 +1,9 @@
 """The model runner: executes the three stages of a tick for one model through its pipeline, or a whole generation
 in one call. No metrics, no policy, no request state; its only state is the pipeline, the current ``DenoiseBatch``
-of each length group and the whole-generation graphs."""
+of each length group, and the whole-generation and tick graphs."""
 from __future__ import annotations
 
+import logging
 import time
 
 import torch
@@ -10,17 +11,29 @@ from torch import Tensor
 
 from models.generation_graph import WholeGeneration, WholeResult
 from models.pipeline import DenoiseBatch, Pipeline, SampleRequest
+from models.tick_graph import TickGraphs
 from service.jobs import GenerationJob, Sample
 from service.runtimes import Runtime
 
+log = logging.getLogger("tta.engine")
+
 
 class ModelRunner:
-    def __init__(self, runtime: Runtime, whole_generation: bool = False):
+    def __init__(self, runtime: Runtime, whole_generation: bool = False, tick_graphs: bool = False):
         self.rt = runtime
         self.pipeline = Pipeline(runtime)
         self._batches: list[DenoiseBatch] = []  # one per length group of the last tick
         # whole generations in one call (one CUDA graph on a GPU) for admitted sets that qualify
         self.whole = WholeGeneration(self.pipeline) if whole_generation else None
+        # each tick's forward and sampler step as one CUDA graph, for a runtime whose batches live on the GPU (not
+        # ONNX Runtime's or TensorRT's, which take host feeds)
+        self.ticks = None
+        if tick_graphs:
+            if runtime.batch_device.type == "cuda":
+                self.ticks = TickGraphs(self.pipeline)
+            else:
+                log.warning("tick graphs need the model's batches on a CUDA device; model %s (%s runtime) keeps them "
+                            "on %s and steps without them", runtime.model_name, runtime.name, runtime.batch_device)
 
     def wants_whole(self, jobs: list[GenerationJob]) -> bool:
         """Whether these jobs should run as one whole generation (``WholeGeneration.wants``)."""
@@ -59,12 +72,26 @@ class ModelRunner:
     def denoise_step(self, samples: list[Sample]) -> DenoiseBatch:
         """One pipeline step over these samples (one denoiser forward); returns the batch, for ``keep``."""
         b = self.batch(samples)
-        self.pipeline.step(b)
+        if not self._step_graphed(b):
+            self.pipeline.step(b)
         for s in samples:
             s.job.steps_done = s.trajectory.index
             if s.finished:
                 s.denoise_end = time.perf_counter()
         return b
+
+    def _step_graphed(self, b: DenoiseBatch) -> bool:
+        """Step ``b`` through its tick graph (``TickGraphs.step``); False when it is left to the plain step. A tick
+        graph that raises (a capture the device refuses, say) turns them off for this model: the batch, untouched
+        but for its prompts' padding, takes the plain step, and so do all later ones."""
+        if self.ticks is None:
+            return False
+        try:
+            return self.ticks.step(b)
+        except Exception:  # noqa: BLE001 - the step path answers; the cause is logged
+            log.exception("tick graph failed for model %s; its ticks run without one from now on", self.rt.model_name)
+            self.ticks = None
+            return False
 
     def settle(self, samples: list[Sample]) -> None:
         """On a GPU, wait until the device has run these samples' steps (queued without waiting) and end their

@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # the batching policies (``service.scheduler.POLICIES`` implements each; the CLI offers these)
@@ -37,6 +37,9 @@ class Settings(BaseSettings):
     whole_generation: bool = Field(False, description="admitted requests that run alone and share steps and length "
                                    "run from start to 16-bit PCM in one call: one CUDA graph per shape on cuda (every "
                                    "step, the decode, the copy to the host), the same program eagerly elsewhere")
+    tick_graphs: bool = Field(False, description="torch runtime on cuda: each continuous-batching tick (the denoiser "
+                              "forward and the sampler step) replays one CUDA graph per batch shape, captured at "
+                              "the shape's second tick")
     precision: Precision = Field(
         "float32", description="torch runtime: autocast the denoiser's matrix products to this type (bfloat16 / "
         "float16 on GPUs; the sampler and decoder stay float32); tensorrt runtime: the denoiser engines' precision "
@@ -101,6 +104,12 @@ class Settings(BaseSettings):
         if kbps not in MP3_BITRATES_KBPS:
             raise ValueError(f"{kbps} is not an MP3 bitrate; one of {', '.join(map(str, MP3_BITRATES_KBPS))}")
         return kbps
+
+    @model_validator(mode="after")
+    def _tick_graphs_need_cuda(self) -> Settings:
+        if self.tick_graphs and self.device != "cuda":
+            raise ValueError("tick_graphs (TTA_TICK_GRAPHS) needs device cuda (TTA_DEVICE=cuda)")
+        return self
 
     @property
     def api_key_set(self) -> frozenset[str]:

@@ -121,3 +121,11 @@ def test_the_gpu_suite_runs_the_stages_it_is_asked_for(tmp_path, stages, expecte
     assert len(calls) == len(expected)
     for call, what in zip(calls, expected):
         assert what in call, (call, what)
+
+
+def test_a_runtime_suffix_names_the_runners_graphs():
+    from benchmarks.latency import runner_options
+
+    assert runner_options("torch-bf16-cudagraphs-whole") == ("torch-bf16-cudagraphs", {"whole_generation": True})
+    assert runner_options("torch-bf16-ticks") == ("torch-bf16", {"tick_graphs": True})
+    assert runner_options("onnxruntime") == ("onnxruntime", {})
