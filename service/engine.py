@@ -90,23 +90,25 @@ class Engine:
 
     def calibrate(self, repeats: int = 2) -> None:
         """Before ``start``, for policies that price batching: time denoiser forwards of a few sizes per model
-        (``CALIBRATION``; one untimed forward of each size first), so that the cost model knows this device from
-        the first request instead of learning it from live traffic."""
+        (``CALIBRATION``; untimed ticks of each size first, ``ModelRunner.warmup_ticks``), so that the cost model
+        knows this device from the first request instead of learning it from live traffic."""
         for name, runner in self.runners.items():
             if not self.schedulers[name].policy.prices_batching:
                 continue
             cfg = runner.rt.config
             for batch, share in self.CALIBRATION:
                 jobs = [GenerationJob(id=f"calibrate-{i}", model=name, prompt="calibration",
-                                      duration=max(0.5, share * cfg.max_duration), steps=repeats + 1,
+                                      duration=max(0.5, share * cfg.max_duration),
+                                      steps=repeats + runner.warmup_ticks,
                                       guidance=cfg.default_guidance, seed=i, deadline=math.inf,
                                       on_done=lambda result, error: None) for i in range(batch)]
                 samples = runner.encode(jobs, time.monotonic())
-                runner.denoise_step(samples)
+                for _ in range(runner.warmup_ticks):
+                    runner.keep([runner.denoise_step(samples)])
                 clock = self.clocks[name]
                 for _ in range(repeats):
                     mark = clock.start()
-                    runner.denoise_step(samples)
+                    runner.keep([runner.denoise_step(samples)])
                     clock.stop(mark, batch * samples[0].frames)
                 for work, seconds in clock.ready(wait=True):
                     self.costs[name].observe(work, seconds)

@@ -156,6 +156,24 @@ def test_the_runner_steps_through_tick_graphs_and_gives_them_up_when_one_raises(
     assert all(torch.equal(g, w) for g, w in zip(got, want))
 
 
+def test_calibration_times_ticks_after_their_capture(arc):
+    """The adaptive policy's calibration times forwards for the cost model: with tick graphs its untimed ticks run
+    up to each shape's capture, so no capture is timed."""
+    from service.engine import Engine
+    from service.metrics import Metrics
+    from service.runtimes import TorchRuntime
+
+    engine = Engine({"tta-arc": TorchRuntime(arc)}, Metrics(), policy="adaptive")
+    runner = engine.runners["tta-arc"]
+    assert runner.warmup_ticks == 1
+    runner.ticks = TickGraphs(runner.pipeline, record=record_eagerly)
+    assert runner.warmup_ticks == 2
+    engine.calibrate(repeats=2)
+    graphs = runner.ticks.graphs.items()
+    assert len(graphs) == len(Engine.CALIBRATION)  # (batch, length) pairs, each its own shape
+    assert all(tick.graph.replays == 2 + 1 for _, tick in graphs)  # the timed ticks, and the capture's own tick
+
+
 def test_tick_graphs_are_a_cuda_setting():
     from service.settings import Settings
 
