@@ -1,9 +1,14 @@
 """Test helpers that drive ``models.pipeline`` the way the engine does."""
 from __future__ import annotations
 
+import copy
+
 import torch
 
-from models.pipeline import DenoiseBatch, Pipeline, SampleRequest
+from models.bundle import ModelBundle
+from models.pipeline import DenoiseBatch, Networks, Pipeline, SampleRequest
+
+META = torch.device("meta")
 
 
 def join_and_leave(pipeline: Pipeline, requests: list[SampleRequest]) -> list[torch.Tensor]:
@@ -42,3 +47,37 @@ def record_eagerly(fn, pool=None, warmups: int = 2, before_capture=None):
         before_capture()
     out = fn()
     return EagerReplay(fn, out), out
+
+
+class MetaNetworks(Networks):
+    """The embedded ARC model with its denoiser on the meta device (the text and audio encoders stay on the CPU,
+    where the pipeline runs them before a sample starts)."""
+
+    def __init__(self, bundle: ModelBundle):
+        self.bundle = bundle
+        self.config, self.schedule = bundle.config, bundle.schedule
+        self.sample_rate, self.samples_per_latent = bundle.sample_rate, bundle.samples_per_latent
+        self.latent_dim = bundle.latent_dim
+        self.device = META
+        self.denoiser = copy.deepcopy(bundle.denoiser).to(META)
+        self.calls: list[dict] = []
+
+    def latent_frames(self, duration):
+        return self.bundle.latent_frames(duration)
+
+    def encode_text(self, prompts):
+        return self.bundle.encode_text(prompts)
+
+    def unconditional_text(self, n):
+        return self.bundle.unconditional_text(n)
+
+    def encode_audio(self, wave):
+        return self.bundle.encode_audio(wave)
+
+    def denoise(self, z, t, tokens, token_mask, pooled, seconds, frame_mask, guidance=None, local_cond=None):
+        args = (z, t, tokens, token_mask, pooled, seconds, frame_mask)
+        self.calls.append({"rows": z.shape[0], "devices": {x.device.type for x in args}})
+        return self.denoiser(*args, guidance=guidance)
+
+    def decode_latents(self, latents):
+        raise AssertionError("not decoded on the meta device")

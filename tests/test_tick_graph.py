@@ -10,7 +10,7 @@ import logging
 import pytest
 import torch
 from conftest import float32_default
-from pipeline_support import EagerReplay, record_eagerly
+from pipeline_support import META, EagerReplay, MetaNetworks, record_eagerly
 
 from models.bundle import ModelBundle
 from models.pipeline import DenoiseBatch, Pipeline, SampleRequest
@@ -102,6 +102,18 @@ def test_prompts_padded_to_the_token_bucket_stay_within_rounding(arc):
     assert graphed > 10
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
+
+
+def test_a_tick_through_a_graph_never_reads_the_device_back(arc):
+    """With the denoiser on PyTorch's meta device (``tests/test_pipeline_device.py``), where a read-back raises: keys,
+    loads, copies in and out, and the step's bookkeeping all stay off the device's values."""
+    nets = MetaNetworks(arc)
+    pipeline = Pipeline(nets)
+    ticks = TickGraphs(pipeline, capture_after=1, record=record_eagerly)
+    clip = 0.1 * torch.randn(2, 44100 * 2)
+    latents, graphed = drive(pipeline, arrivals(clip), ticks)
+    assert graphed > 10 and all(z.device == META for z in latents)
+    assert all(c["devices"] == {"meta"} for c in nets.calls)
 
 
 def test_a_key_holds_what_a_graph_fixes(arc):
