@@ -255,19 +255,54 @@ def pool(rows: list[dict]) -> dict:
     peaks = [r.get("rss_peak_mib") for r in rows if r.get("rss_peak_mib") is not None]
     out["rss_peak_mib"] = max(peaks) if peaks else None
     out.pop("rss_series_mib", None)
+    captures: dict[str, int] = {}
+    for r in rows:
+        for kind, n in r.get("graph_captures", {}).items():
+            captures[kind] = captures.get(kind, 0) + n
+    out["graph_captures"] = captures
     out["runs"] = [{k: r[k] for k in ("sent", "ok", *POOLED, "rss_peak_mib") if k in r} for r in rows]
+    return out
+
+
+CAPTURES = "tta_cuda_graph_captures_total"
+
+
+def graph_captures(url: str) -> dict[str, float] | None:
+    """The server's CUDA graph captures so far, by kind, summed over models (``tta_cuda_graph_captures_total``);
+    None when /metrics cannot be read."""
+    try:
+        return captures_in(httpx.get(f"{url}/metrics", timeout=10).raise_for_status().text)
+    except httpx.HTTPError:
+        return None
+
+
+def captures_in(exposition: str) -> dict[str, float]:
+    """``tta_cuda_graph_captures_total`` by kind, summed over models, from Prometheus' text format."""
+    out: dict[str, float] = {}
+    for line in exposition.splitlines():
+        if line.startswith(CAPTURES + "{"):
+            labels, value = line[len(CAPTURES) + 1:].rsplit("} ", 1)
+            kind = dict(part.split("=", 1) for part in labels.split(","))["kind"].strip('"')
+            out[kind] = out.get(kind, 0) + float(value)
     return out
 
 
 def run_one_rate(url: str, memory: ProcessMemory | None, rate: float, args, body: dict, seed: int,
                  audio_seconds: tuple[float, float]) -> dict:
-    """One rate against one server, with its memory sampled when it can be read."""
+    """One rate against one server, with its memory sampled when it can be read, and the CUDA graphs the server
+    captured meanwhile (``graph_captures``: by kind; empty without graphs)."""
+    before = graph_captures(url)
     if memory is None:
         raw = asyncio.run(run_rate(url, rate, args.seconds, body, seed, args.timeout, audio_seconds))
-        return summarise(raw, args.slo)
-    with RssMonitor(memory, args.rss_interval) as monitor:
-        raw = asyncio.run(run_rate(url, rate, args.seconds, body, seed, args.timeout, audio_seconds))
-    return summarise(raw, args.slo, monitor.summary())
+        row = summarise(raw, args.slo)
+    else:
+        with RssMonitor(memory, args.rss_interval) as monitor:
+            raw = asyncio.run(run_rate(url, rate, args.seconds, body, seed, args.timeout, audio_seconds))
+        row = summarise(raw, args.slo, monitor.summary())
+    after = graph_captures(url)
+    if before is not None and after is not None:
+        row["graph_captures"] = {k: int(n - before.get(k, 0)) for k, n in after.items() if n > before.get(k, 0)}
+    return row
 
 
 def free_port() -> int:
@@ -366,6 +401,12 @@ def write_report(report: dict, out: Path, name: str) -> list[Path]:
             lines.append(f"| {policy} | {r['offered_rps']:g} | {r['sent']} | {r['ok']} | {fmt(r['throughput_rps'])} | "
                          f"{fmt(r['goodput_rps'])} | {fmt(r['p50_s'])} | {fmt(r['p95_s'])} | {fmt(r['p99_s'])} | "
                          f"{fmt(peak, 0)}{flag} | {fmt(r.get('rss_mean_mib'), 0)} | {r['statuses']} |")
+    captured = [(policy, r) for policy, rows in report["policies"].items() for r in rows if r.get("graph_captures")]
+    if captured:
+        lines += ["", "CUDA graphs the server captured during each rate (a capture costs a few forwards):", "",
+                  "| policy | offered req/s | captures by kind |", "|---|---|---|"]
+        lines += [f"| {policy} | {r['offered_rps']:g} | "
+                  f"{', '.join(f'{k} {n}' for k, n in sorted(r['graph_captures'].items()))} |" for policy, r in captured]
     repeats = cfg.get("repeats", 1)
     if repeats > 1:
         lines += ["", (f"Each figure above is the median of {repeats} runs (sent / ok: summed). Within a run every "

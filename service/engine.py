@@ -74,6 +74,7 @@ class Engine:
         # that decides with it (adaptive)
         self.costs = {name: ForwardCost() for name in runtimes}
         self.clocks = {name: ForwardClock(rt.batch_device) for name, rt in runtimes.items()}
+        self._captures: dict[tuple[str, str], int] = {}  # graph captures reported so far, by (model, kind)
         self.schedulers = {name: ModelScheduler(name, make_policy(policy, max_batch, max_queue_delay_ms,
                                                                    rt.latent_frames, max_padding, self.costs[name]))
                            for name, rt in runtimes.items()}
@@ -114,6 +115,15 @@ class Engine:
                     self.costs[name].observe(work, seconds)
                 runner.release()
             self._report_cost(name)
+            self._report_captures(name)
+
+    def _report_captures(self, name: str) -> None:
+        """Count the model's new CUDA graph captures (``tta_cuda_graph_captures_total``)."""
+        for kind, n in self.runners[name].graph_captures().items():
+            seen = self._captures.get((name, kind), 0)
+            if n > seen:
+                self.metrics.graph_captures.labels(name, kind).inc(n - seen)
+                self._captures[name, kind] = n
 
     def _report_cost(self, name: str) -> None:
         overhead, per_frame = self.costs[name].fit()
@@ -250,6 +260,7 @@ class Engine:
                         self.runners[name].release()
                         self._fail(name, sched, "schedule", [s.job for s in sched.running], exc)
                         worked = True
+                    self._report_captures(name)
             if self._stop.is_set():
                 break
             if not worked:

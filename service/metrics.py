@@ -42,5 +42,9 @@ class Metrics:
         self.job_result_bytes = Gauge("tta_job_result_bytes", "Bytes of finished jobs' audio held", registry=r)
         self.failed_batches = Counter("tta_failed_batches", "Batches whose stage raised", ["model", "stage"],
                                       registry=r)
+        self.graph_captures = Counter("tta_cuda_graph_captures", "CUDA graphs captured, by kind: forward "
+                                      "(TTA_CUDA_GRAPHS), tick (TTA_TICK_GRAPHS), whole (TTA_WHOLE_GENERATION); each "
+                                      "costs a few forwards, so a count that keeps rising means batch shapes that do "
+                                      "not recur", ["model", "kind"], registry=r)
         self.whole_generations = Counter("tta_whole_generations", "Admitted sets run from start to PCM in one call "
                                          "(TTA_WHOLE_GENERATION; one CUDA graph on a GPU)", ["model"], registry=r)

@@ -80,6 +80,16 @@ class ModelRunner:
                 s.denoise_end = time.perf_counter()
         return b
 
+    def graph_captures(self) -> dict[str, int]:
+        """CUDA graphs captured so far for this model, by kind: the runtime's ("forward"), the tick graphs' ("tick")
+        and the whole generations' ("whole"), those in use."""
+        out = dict(self.rt.graph_captures())
+        if self.ticks is not None:
+            out["tick"] = self.ticks.graphs.captures
+        if self.whole is not None and self.whole.record is not None:
+            out["whole"] = self.whole.graphs.captures
+        return out
+
     @property
     def warmup_ticks(self) -> int:
         """Ticks of a new batch shape before one that a timing may trust: the first meets new shapes (a per-forward

@@ -75,3 +75,17 @@ def test_poisson_runs_through_the_client_and_count_statuses_and_replicas(server)
     assert 0 < r["p50_s"] <= r["p99_s"] and r["per_replica"] == {"-": r["ok"]}
     bad = poisson(server.url, dict(body, model="nope"), rate=20, seconds=0.5, seed=3)
     assert bad["ok"] == 0 and bad["statuses"] == {"404": bad["sent"]} and bad["p99_s"] is None
+
+
+def test_graph_captures_are_read_from_the_servers_metrics():
+    from prometheus_client import generate_latest
+
+    from benchmarks.load import captures_in
+    from service.metrics import Metrics
+
+    m = Metrics()
+    m.graph_captures.labels("tta-arc", "tick").inc(3)
+    m.graph_captures.labels("tta-bsa-25", "tick").inc(1)
+    m.graph_captures.labels("tta-arc", "whole").inc(2)
+    assert captures_in(generate_latest(m.registry).decode()) == {"tick": 4, "whole": 2}
+    assert captures_in(generate_latest(Metrics().registry).decode()) == {}

@@ -186,6 +186,31 @@ def test_calibration_times_ticks_after_their_capture(arc):
     assert all(tick.graph.replays == 2 + 1 for _, tick in graphs)  # the timed ticks, and the capture's own tick
 
 
+def test_the_engine_serves_through_tick_graphs_and_counts_their_captures(arc):
+    from service.engine import Engine
+    from service.metrics import Metrics
+    from service.runtimes import TorchRuntime
+
+    engine = Engine({"tta-arc": TorchRuntime(arc)}, Metrics(), policy="continuous")
+    runner = engine.runners["tta-arc"]
+    runner.ticks = TickGraphs(runner.pipeline, record=record_eagerly)
+    want = {}
+    for seed in (1, 2):
+        (s,) = arc.pipeline.start([SampleRequest("a 440 Hz tone", 1.0, 4, 3.0, seed)])
+        arc.pipeline.run([s])
+        want[seed] = s.z
+    engine.start()
+    try:
+        for seed in (1, 2):  # one after the other: the second replays the first one's graph
+            got = engine.generate_sync({"id": f"j{seed}", "model": "tta-arc", "prompt": "a 440 Hz tone",
+                                        "duration": 1.0, "steps": 4, "guidance": 3.0, "seed": seed})
+            torch.testing.assert_close(got.latents, want[seed], rtol=1e-4, atol=1e-4)
+    finally:
+        engine.stop()
+    assert runner.graph_captures() == {"tick": 1}
+    assert engine.metrics.graph_captures.labels("tta-arc", "tick")._value.get() == 1
+
+
 def test_tick_graphs_are_a_cuda_setting():
     from service.settings import Settings
 

@@ -11,3 +11,8 @@ from models.pipeline import Networks
 
 class Runtime(Networks):
     name: str  # runtime name reported by /models and tta_model_loaded ("torch", "onnxruntime", ...)
+
+    def graph_captures(self) -> dict[str, int]:
+        """CUDA graphs this runtime has captured so far, by kind (the torch runtime's "forward" graphs); none by
+        default."""
+        return {}

@@ -34,7 +34,7 @@ from models.config import BundleConfig
 from models.text import TextEmbedding, load_text_encoder
 from models.text.encoder_graphs import use_encoder_graphs
 from service.runtimes.base import Runtime
-from service.runtimes.cuda_graphs import use_cuda_graphs
+from service.runtimes.cuda_graphs import CudaGraphDenoiser, use_cuda_graphs
 
 log = logging.getLogger("tta.runtimes")
 
@@ -117,6 +117,10 @@ class TorchRuntime(Runtime):
                              torch.ones(batch, frames, dtype=torch.bool))
         log.info("compiled denoiser ready", extra={"model": self.model_name,
                                                    "seconds": round(time.perf_counter() - t0, 1)})
+
+    def graph_captures(self) -> dict[str, int]:
+        denoiser = self.bundle.denoiser
+        return {"forward": denoiser.graphs.captures} if isinstance(denoiser, CudaGraphDenoiser) else {}
 
     def latent_frames(self, duration: float) -> int:
         return self.bundle.latent_frames(duration)
