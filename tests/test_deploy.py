@@ -51,6 +51,8 @@ CONTRACT: dict[str, tuple[str, frozenset[str]]] = {
     "tta_ready": ("gauge", frozenset()),
     # beyond DESIGN.md: the adaptive policy's fitted forward cost (term = overhead | per_frame)
     "tta_forward_cost_seconds": ("gauge", frozenset({"model", "term"})),
+    # and the CUDA graphs captured (kind = forward | tick | whole)
+    "tta_cuda_graph_captures_total": ("counter", frozenset({"model", "kind"})),
 }
 # Series Prometheus itself makes, and labels it attaches to every scraped series.
 BUILTIN_SERIES = {"up", "scrape_duration_seconds", "scrape_samples_scraped", "ALERTS", "ALERTS_FOR_STATE"}
