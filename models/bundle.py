@@ -19,7 +19,7 @@ from torch import Tensor
 from models.codec import load_codec
 from models.codec.base import AudioCodec
 from models.config import BundleConfig
-from models.diffusion import make_parameterization, make_sampler, make_schedule
+from models.diffusion import make_schedule
 from models.dit import DiT
 from models.files import read_weights
 from models.pipeline import Networks, Pipeline
