@@ -106,6 +106,14 @@ class Sightings:
         self.kept = kept
         self._seen: OrderedDict[Hashable, int] = OrderedDict()
 
+    def items(self) -> list[tuple[Hashable, int]]:
+        """The remembered (shape, count) pairs, least recently met first."""
+        return list(self._seen.items())
+
+    def count(self, shape: Hashable) -> int:
+        """Sightings of ``shape`` so far (0 for one not met, or forgotten)."""
+        return self._seen.get(shape, 0)
+
     def see(self, shape: Hashable) -> int:
         """Count one more sighting of ``shape``; returns its count, this one included."""
         seen = self._seen.pop(shape, 0) + 1

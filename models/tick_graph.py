@@ -13,8 +13,10 @@ A running batch stays the same object while its samples stay (``service.runner.M
 steps through a graph, its whole state is copied into the graph's fixed batch (``DenoiseBatch.load``); at each tick
 after that only its latents and step indices are, since nothing else of a batch changes while it lives. The replay
 writes the next latents into the graph's static output, which the batch takes a copy of (``Pipeline.take_step``), so
-batches of one key never share memory. A key is captured from its ``capture_after``-th sighting on (a capture costs
-a few ticks' time), and the ``max_graphs`` most recently used are kept.
+batches of one key never share memory. A capture costs a few ticks' time, so a key is captured only once it recurs:
+when the ``capture_after``-th batch object of that key steps (the ticks of one batch count once, so traffic whose
+batch shapes never repeat, such as a mix of guided and unguided requests in ever new orders, is left to the plain
+step). The ``max_graphs`` most recently used are kept.
 
 Every random number is still drawn on the host when a sample starts (``Pipeline.place``), so a seed gives the audio
 the step path gives, up to float rounding where a prompt is padded to the key's token count. Without CUDA there is
@@ -80,7 +82,8 @@ class TickGraphs:
         self.pipeline = pipeline
         self.token_multiple, self.capture_after = token_multiple, capture_after
         self.record = record if record is not None else capture
-        self.sightings = Sightings()
+        self.sightings = Sightings()  # by key: the batch objects that stepped with it
+        self._counted: weakref.WeakSet[DenoiseBatch] = weakref.WeakSet()
         self.graphs: GraphCache[TickKey, _Tick] = GraphCache(max_graphs)
 
     def key(self, batch: DenoiseBatch) -> TickKey:
@@ -91,10 +94,13 @@ class TickGraphs:
 
     @torch.inference_mode()
     def step(self, batch: DenoiseBatch) -> bool:
-        """``Pipeline.step(batch)`` through the key's graph, once the key has been met ``capture_after`` times
-        (True); before that, nothing (False: the caller steps the batch itself)."""
+        """``Pipeline.step(batch)`` through the key's graph, once ``capture_after`` batch objects of the key have
+        stepped (True); before that, nothing (False: the caller steps the batch itself)."""
         key = self.key(batch)
-        if self.sightings.see(key) < self.capture_after:
+        if batch not in self._counted:
+            self._counted.add(batch)
+            self.sightings.see(key)
+        if key not in self.graphs and self.sightings.count(key) < self.capture_after:
             return False
         self.pipeline.take_step(batch, self.graphs.get(key, partial(self._capture, key, batch)).advance(batch))
         return True

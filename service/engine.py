@@ -91,21 +91,21 @@ class Engine:
 
     def calibrate(self, repeats: int = 2) -> None:
         """Before ``start``, for policies that price batching: time denoiser forwards of a few sizes per model
-        (``CALIBRATION``; untimed ticks of each size first, ``ModelRunner.warmup_ticks``), so that the cost model
-        knows this device from the first request instead of learning it from live traffic."""
+        (``CALIBRATION``; one untimed tick of each size first), so that the cost model knows this device from the
+        first request instead of learning it from live traffic. Each size's ticks step one kept batch, as live
+        traffic's do: tick graphs capture a shape only when another batch of it comes (``models.tick_graph``), so
+        none is captured, let alone timed, here."""
         for name, runner in self.runners.items():
             if not self.schedulers[name].policy.prices_batching:
                 continue
             cfg = runner.rt.config
             for batch, share in self.CALIBRATION:
                 jobs = [GenerationJob(id=f"calibrate-{i}", model=name, prompt="calibration",
-                                      duration=max(0.5, share * cfg.max_duration),
-                                      steps=repeats + runner.warmup_ticks,
+                                      duration=max(0.5, share * cfg.max_duration), steps=repeats + 1,
                                       guidance=cfg.default_guidance, seed=i, deadline=math.inf,
                                       on_done=lambda result, error: None) for i in range(batch)]
                 samples = runner.encode(jobs, time.monotonic())
-                for _ in range(runner.warmup_ticks):
-                    runner.keep([runner.denoise_step(samples)])
+                runner.keep([runner.denoise_step(samples)])
                 clock = self.clocks[name]
                 for _ in range(repeats):
                     mark = clock.start()

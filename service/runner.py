@@ -90,12 +90,6 @@ class ModelRunner:
             out["whole"] = self.whole.graphs.captures
         return out
 
-    @property
-    def warmup_ticks(self) -> int:
-        """Ticks of a new batch shape before one that a timing may trust: the first meets new shapes (a per-forward
-        graph's capture, lazy initialisation); with tick graphs, the ticks up to the shape's capture as well."""
-        return 1 if self.ticks is None else max(1, self.ticks.capture_after)
-
     def _step_graphed(self, b: DenoiseBatch) -> bool:
         """Step ``b`` through its tick graph (``TickGraphs.step``); False when it is left to the plain step. A tick
         graph that raises (a capture the device refuses, say) turns them off for this model: the batch, untouched

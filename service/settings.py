@@ -38,8 +38,8 @@ class Settings(BaseSettings):
                                    "run from start to 16-bit PCM in one call: one CUDA graph per shape on cuda (every "
                                    "step, the decode, the copy to the host), the same program eagerly elsewhere")
     tick_graphs: bool = Field(False, description="torch runtime on cuda: each continuous-batching tick (the denoiser "
-                              "forward and the sampler step) replays one CUDA graph per batch shape, captured at "
-                              "the shape's second tick")
+                              "forward and the sampler step) replays one CUDA graph per batch shape, captured once "
+                              "a second batch of that shape steps")
     precision: Precision = Field(
         "float32", description="torch runtime: autocast the denoiser's matrix products to this type (bfloat16 / "
         "float16 on GPUs; the sampler and decoder stay float32); tensorrt runtime: the denoiser engines' precision "

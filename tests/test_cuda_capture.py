@@ -54,3 +54,4 @@ def test_sightings_count_each_shape_and_forget_the_oldest():
     assert [seen.see("a"), seen.see("a"), seen.see("b"), seen.see("a")] == [1, 2, 1, 3]
     seen.see("c")  # three shapes: "b", the least recently met, is forgotten
     assert seen.see("b") == 1 and seen.see("c") == 2
+    assert seen.count("c") == 2 and seen.count("a") == 0 and seen.items() == [("b", 1), ("c", 2)]

@@ -84,7 +84,7 @@ class Watched(TickGraphs):
 def test_ticks_through_graphs_end_where_the_step_path_ends(arc):
     clip = 0.1 * torch.randn(2, 44100 * 2, generator=torch.Generator().manual_seed(0))
     want, _ = drive(arc.pipeline, arrivals(clip))
-    ticks = Watched(arc.pipeline, token_multiple=1, capture_after=2, record=record_eagerly)
+    ticks = Watched(arc.pipeline, token_multiple=1, capture_after=1, record=record_eagerly)  # every shape captured
     got, graphed = drive(arc.pipeline, arrivals(clip), ticks)
     assert all(torch.equal(g, w) for g, w in zip(got, want))
     assert graphed > 10 and ticks.graphs.captures == len(ticks.graphs) >= 3
@@ -126,9 +126,15 @@ def test_a_key_holds_what_a_graph_fixes(arc):
     two = DenoiseBatch(arc.pipeline.start([SampleRequest("a cat", 1.0, 8, 2.0, 3),
                                            SampleRequest("y", 1.0, 8, 1.0, 4, init_audio=clip, inpaint=(0.2, 0.4))]))
     assert ticks.key(two).inpaints and ticks.key(two).frames == one.length
-    # a shape is captured from its capture_after-th tick on; before that the caller steps the batch
-    assert not ticks.step(one) and len(ticks.graphs) == 0
-    assert ticks.step(one) and ticks.graphs.captures == 1 and one.trajectories[0].index == 1
+    # a shape is captured once its capture_after-th batch object steps (the ticks of one batch count once); before
+    # that the caller steps the batch
+    for _ in range(3):
+        assert not ticks.step(one)
+        arc.pipeline.step(one)
+    assert len(ticks.graphs) == 0
+    again = DenoiseBatch(one.trajectories)  # the same samples in a new batch (one left and came back, say)
+    assert ticks.step(again) and ticks.graphs.captures == 1 and one.trajectories[0].index == 4
+    assert ticks.step(one)  # the first batch, too, now replays the graph
 
 
 def test_tick_graphs_need_a_cuda_device_or_a_recorder(arc):
@@ -154,7 +160,7 @@ def test_the_runner_steps_through_tick_graphs_and_gives_them_up_when_one_raises(
 
     want = run(ModelRunner(rt))
     runner = ModelRunner(rt)
-    runner.ticks = TickGraphs(runner.pipeline, token_multiple=1, record=record_eagerly)
+    runner.ticks = TickGraphs(runner.pipeline, token_multiple=1, capture_after=1, record=record_eagerly)
     assert all(torch.equal(g, w) for g, w in zip(run(runner), want))
     assert runner.ticks.graphs.captures == 1
 
@@ -168,22 +174,19 @@ def test_the_runner_steps_through_tick_graphs_and_gives_them_up_when_one_raises(
     assert all(torch.equal(g, w) for g, w in zip(got, want))
 
 
-def test_calibration_times_ticks_after_their_capture(arc):
-    """The adaptive policy's calibration times forwards for the cost model: with tick graphs its untimed ticks run
-    up to each shape's capture, so no capture is timed."""
+def test_calibration_times_no_capture(arc):
+    """The adaptive policy's calibration times forwards for the cost model; it steps one batch per size, which tick
+    graphs do not capture (a shape is captured when another batch of it comes)."""
     from service.engine import Engine
     from service.metrics import Metrics
     from service.runtimes import TorchRuntime
 
     engine = Engine({"tta-arc": TorchRuntime(arc)}, Metrics(), policy="adaptive")
     runner = engine.runners["tta-arc"]
-    assert runner.warmup_ticks == 1
     runner.ticks = TickGraphs(runner.pipeline, record=record_eagerly)
-    assert runner.warmup_ticks == 2
     engine.calibrate(repeats=2)
-    graphs = runner.ticks.graphs.items()
-    assert len(graphs) == len(Engine.CALIBRATION)  # (batch, length) pairs, each its own shape
-    assert all(tick.graph.replays == 2 + 1 for _, tick in graphs)  # the timed ticks, and the capture's own tick
+    assert len(runner.ticks.graphs) == 0 and len(Engine.CALIBRATION) == 3
+    assert [n for _, n in runner.ticks.sightings.items()] == [1, 1, 1]  # a batch per shape, counted once
 
 
 def test_the_engine_serves_through_tick_graphs_and_counts_their_captures(arc):
@@ -230,7 +233,7 @@ def test_captured_ticks_replay_the_step_path_without_waiting_for_the_device(prec
     pipeline = Pipeline(rt)
     clip = 0.1 * torch.randn(2, 44100 * 2, generator=torch.Generator().manual_seed(0))
     want, _ = drive(pipeline, arrivals(clip))
-    ticks = TickGraphs(pipeline)
+    ticks = TickGraphs(pipeline, capture_after=1)
     got, graphed = drive(pipeline, arrivals(clip), ticks)
     assert graphed > 10 and ticks.graphs.captures >= 3
     for g, w in zip(got, want):
@@ -238,8 +241,7 @@ def test_captured_ticks_replay_the_step_path_without_waiting_for_the_device(prec
     # once captured, a tick of a running batch queues its work without waiting for the device
     (s,) = pipeline.start([SampleRequest("a 440 Hz tone", 1.0, 8, 3.0, 1)])
     batch = DenoiseBatch([s])
-    for _ in range(2):
-        assert ticks.step(batch) or pipeline.step(batch) is None
+    assert ticks.step(batch)  # captured
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
