@@ -15,8 +15,9 @@ after that only its latents and step indices are, since nothing else of a batch 
 writes the next latents into the graph's static output, which the batch takes a copy of (``Pipeline.take_step``), so
 batches of one key never share memory. A capture costs a few ticks' time, so a key is captured only once it recurs:
 when the ``capture_after``-th batch object of that key steps (the ticks of one batch count once, so traffic whose
-batch shapes never repeat, such as a mix of guided and unguided requests in ever new orders, is left to the plain
-step). The ``max_graphs`` most recently used are kept.
+batch shapes never repeat is left to the plain step). The engine's runner puts guided samples first in a batch, so
+that a mix of guided and unguided requests meets one key per count of guided rows, not one per order of arrival.
+The ``max_graphs`` most recently used are kept.
 
 Every random number is still drawn on the host when a sample starts (``Pipeline.place``), so a seed gives the audio
 the step path gives, up to float rounding where a prompt is padded to the key's token count. Without CUDA there is

@@ -54,8 +54,11 @@ class ModelRunner:
 
     def batch(self, samples: list[Sample]) -> DenoiseBatch:
         """The batch tensors for this group of samples: the previous tick's when nobody joined or left, else
-        rebuilt."""
+        rebuilt. With tick graphs the guided samples come first, so that a batch's shape names how many rows are
+        guided rather than which (a sample's result depends on its row by float rounding only)."""
         trajectories = [s.trajectory for s in samples]
+        if self.ticks is not None:
+            trajectories.sort(key=lambda tr: tr.request.guidance == 1.0)
         for b in self._batches:
             if b.holds(trajectories):
                 return b

@@ -161,7 +161,8 @@ def test_the_runner_steps_through_tick_graphs_and_gives_them_up_when_one_raises(
     want = run(ModelRunner(rt))
     runner = ModelRunner(rt)
     runner.ticks = TickGraphs(runner.pipeline, token_multiple=1, capture_after=1, record=record_eagerly)
-    assert all(torch.equal(g, w) for g, w in zip(run(runner), want))
+    for g, w in zip(run(runner), want):  # guided first: the rows swap places, which moves float rounding only
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
     assert runner.ticks.graphs.captures == 1
 
     def refuse(fn, pool=None, **_):
@@ -171,7 +172,36 @@ def test_the_runner_steps_through_tick_graphs_and_gives_them_up_when_one_raises(
     with caplog.at_level(logging.ERROR, logger="tta.engine"):
         got = run(runner)
     assert runner.ticks is None and "tick graph failed" in caplog.text
-    assert all(torch.equal(g, w) for g, w in zip(got, want))
+    for g, w in zip(got, want):  # the plain step from the failed tick on
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
+
+
+def test_with_tick_graphs_the_runner_puts_guided_samples_first(arc):
+    """So that mixed guided and unguided traffic meets a few batch shapes (how many rows are guided), not one per
+    order of arrival; the answers stay each sample's own."""
+    from service.jobs import GenerationJob
+    from service.runner import ModelRunner
+    from service.runtimes import TorchRuntime
+
+    rt = TorchRuntime(arc)
+    scales = [1.0, 3.0, 1.0, 2.0]
+
+    def run(runner, order):
+        jobs = [GenerationJob(f"job{i}", "tta-arc", f"prompt {i}", 1.0, 4, scales[i], i, deadline=1e9,
+                              on_done=lambda *_: None) for i in order]
+        samples = runner.encode(jobs, 0.0)
+        while not all(s.finished for s in samples):
+            runner.keep([runner.denoise_step(samples)])
+        return {s.job.seed: s.trajectory.z for s in samples}
+
+    want = run(ModelRunner(rt), range(4))
+    runner = ModelRunner(rt)
+    runner.ticks = TickGraphs(runner.pipeline, capture_after=1, record=record_eagerly)
+    for order in ([0, 1, 2, 3], [3, 2, 1, 0], [1, 0, 3, 2]):
+        got = run(runner, order)
+        for seed, z in want.items():
+            torch.testing.assert_close(got[seed], z, rtol=1e-4, atol=1e-4)
+    assert [key.guided for key, _ in runner.ticks.graphs.items()] == [(True, True, False, False)]
 
 
 def test_calibration_times_no_capture(arc):
