@@ -8,7 +8,8 @@
 #      paper's scale: 256 latent frames (11.9 s), 8 steps, batches 1, 4, 16, under eager torch float32 / bfloat16,
 #      bfloat16 with CUDA graphs, the whole generation as one CUDA graph with a float16 decoder, and each tick as one
 #      CUDA graph (SAO_RUNTIMES; a runtime name ending in -whole times end to end through models.generation_graph,
-#      one ending in -ticks step by step through models.tick_graph);
+#      one ending in -ticks step by step through models.tick_graph: compare it with torch-bf16-cudagraphs, whose
+#      decoder it shares);
 #   2b. its Oobleck decoder alone (benchmarks.decoder_precision): decode time at batches 1 and 16 and the SNR of the
 #      bfloat16 and float16 decoders against float32 (target 40 dB), beside the decoder as loaded;
 #   2c. latency of the Stable-Audio-3-Small-sized checkpoint (tta sized sa3-small: random weights, diffusers' layout)
@@ -60,7 +61,7 @@ fi
 if want sao; then
 stage "SAO-small-sized"
 timeout "${SAO_S:-270}" $PY -m benchmarks.latency --device cuda --model "$SAO" \
-  --runtimes "${SAO_RUNTIMES:-torch,torch-bf16,torch-bf16-cudagraphs,torch-bf16-cudagraphs-vae-fp16-whole,torch-bf16-cudagraphs-vae-fp16-ticks}" \
+  --runtimes "${SAO_RUNTIMES:-torch,torch-bf16,torch-bf16-cudagraphs,torch-bf16-cudagraphs-vae-fp16-whole,torch-bf16-cudagraphs-ticks}" \
   --batches 1,4,16 --duration 11.888 --repeats 20 --e2e-repeats 5 --name "latency-gpu-sao-small-sized${SUFFIX:-}" \
   --results-dir "$OUT" 2>&1 | grep -v "it/s\]" | tail -n 60
 fi

@@ -129,3 +129,24 @@ def test_a_runtime_suffix_names_the_runners_graphs():
     assert runner_options("torch-bf16-cudagraphs-whole") == ("torch-bf16-cudagraphs", {"whole_generation": True})
     assert runner_options("torch-bf16-ticks") == ("torch-bf16", {"tick_graphs": True})
     assert runner_options("onnxruntime") == ("onnxruntime", {})
+
+
+def test_no_timed_end_to_end_run_pays_for_a_capture():
+    from conftest import float32_default
+    from pipeline_support import record_eagerly
+
+    from benchmarks.latency import e2e_warmups
+    from models.bundle import ModelBundle
+    from models.generation_graph import WholeGeneration
+    from models.registry import ZOO
+    from models.tick_graph import TickGraphs
+    from service.runner import ModelRunner
+    from service.runtimes import TorchRuntime
+
+    with float32_default():
+        runner = ModelRunner(TorchRuntime(ModelBundle.load(ZOO / "tta-arc")))
+    assert e2e_warmups(runner) == 1
+    runner.whole = WholeGeneration(runner.pipeline, capture_after=2, record=record_eagerly)  # as on a GPU
+    assert e2e_warmups(runner) == 2
+    runner.whole, runner.ticks = None, TickGraphs(runner.pipeline, capture_after=3, record=record_eagerly)
+    assert e2e_warmups(runner) == 3
