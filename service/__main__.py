@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -19,13 +20,31 @@ def uvicorn_config(app, settings):
                           timeout_keep_alive=settings.keep_alive_timeout, server_header=False)
 
 
+def load_settings(settings_class, overrides: dict):
+    """The service's settings (environment, .env, then ``overrides`` that are not None); a setting that is not
+    valid ends the process with exit status 2 and one line per problem, naming its variable, instead of a
+    traceback."""
+    from pydantic import ValidationError
+
+    try:
+        return settings_class(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            field = ".".join(str(part) for part in err["loc"])
+            where = f"TTA_{field.upper()}: " if field else ""
+            lines.append(f"  {where}{err['msg'].removeprefix('Value error, ')}")
+        print("invalid settings:\n" + "\n".join(lines), file=sys.stderr)
+        raise SystemExit(2) from None
+
+
 def serve(**overrides) -> None:
     import uvicorn
 
     from service.app import begin_drain, create_app
     from service.settings import Settings
 
-    settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
+    settings = load_settings(Settings, overrides)
     app = create_app(settings)
 
     class DrainingServer(uvicorn.Server):

@@ -44,6 +44,18 @@ def test_cli_has_serve():
     assert args.func.__name__ == "cmd_serve"
 
 
+def test_invalid_settings_end_the_process_with_one_line_each_and_no_traceback():
+    env = dict(os.environ, TTA_MAX_BATCH="0", PYTHONPATH=str(ROOT))
+    out = subprocess.run([sys.executable, "-m", "service"], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert out.stderr.splitlines() == ["invalid settings:", "  TTA_MAX_BATCH: Input should be greater than or equal to 1"]
+    env = dict(os.environ, TTA_TICK_GRAPHS="true", PYTHONPATH=str(ROOT))
+    out = subprocess.run([sys.executable, "-m", "service"], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 2 and "TTA_TICK_GRAPHS" in out.stderr and "needs device cuda" in out.stderr
+
+
 @pytest.mark.slow
 def test_python_m_service(model_dir):
     port = free_port()
