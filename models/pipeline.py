@@ -188,11 +188,14 @@ compiled denoiser's graphs are specialised on that). Latents are padded to the l
     out of attention and at zero, so a sample's result does not depend on its companions beyond float rounding."""
 
     @torch.inference_mode()
-    def __init__(self, trajectories: Sequence[Trajectory]):
+    def __init__(self, trajectories: Sequence[Trajectory], length: int | None = None):
+        """``length``: latent frames to pad to (at least the longest sample's; by default exactly that)."""
         self.trajectories = list(trajectories)
         self.device = device = self.trajectories[0].z.device
         frames = [s.frames for s in self.trajectories]
-        self.length = max(frames)
+        if length is not None and length < max(frames):
+            raise ValueError(f"a batch of {length} frames cannot hold a sample of {max(frames)}")
+        self.length = max(frames) if length is None else length
         self.z = torch.stack([F.pad(s.z, (0, self.length - s.frames)) for s in self.trajectories])
         self.frame_mask = (torch.arange(self.length)[None] < torch.tensor(frames)[:, None]).to(device)
         self.keep = self.frame_mask[:, None]
@@ -267,14 +270,17 @@ compiled denoiser's graphs are specialised on that). Latents are padded to the l
 
     @torch.inference_mode()
     def load(self, other: DenoiseBatch) -> None:
-        """Copy ``other``'s state into this batch's own tensors, in place (a batch of the same shape: rows, frames,
-        grid width, guided rows; ``other``'s prompts no longer than this batch's token length)."""
+        """Copy ``other``'s state into this batch's own tensors, in place: a batch of the same rows, grid width and
+        guided rows, with prompts no longer than this batch's token length and no more frames. Shorter ones are
+        padded as the batch pads its own: every state tensor's last axis is one where zero means absent (frames:
+        zero latents and noise, masked; tokens: masked)."""
         other.pad_tokens(self.tokens)
         mine, theirs = self.state(), other.state()
-        if len(mine) != len(theirs) or any(a.shape != b.shape for a, b in zip(mine, theirs)):
+        if len(mine) != len(theirs) or any(a.shape[:-1] != b.shape[:-1] or b.shape[-1] > a.shape[-1]
+                                           or (a.dim() == 1 and a.shape != b.shape) for a, b in zip(mine, theirs)):
             raise ValueError("load: the batches differ in shape")
         for a, b in zip(mine, theirs):
-            a.copy_(b)
+            a.copy_(b if a.shape == b.shape else F.pad(b, (0, a.shape[-1] - b.shape[-1])))
 
     def step_noise(self) -> Tensor | None:
         """This step's per-sample noise [B, C, L] (pre-drawn), or None for a deterministic sampler."""

@@ -84,7 +84,8 @@ class Watched(TickGraphs):
 def test_ticks_through_graphs_end_where_the_step_path_ends(arc):
     clip = 0.1 * torch.randn(2, 44100 * 2, generator=torch.Generator().manual_seed(0))
     want, _ = drive(arc.pipeline, arrivals(clip))
-    ticks = Watched(arc.pipeline, token_multiple=1, capture_after=1, record=record_eagerly)  # every shape captured
+    # nothing padded (tokens, frames) and every shape captured
+    ticks = Watched(arc.pipeline, token_multiple=1, frame_multiple=1, capture_after=1, record=record_eagerly)
     got, graphed = drive(arc.pipeline, arrivals(clip), ticks)
     assert all(torch.equal(g, w) for g, w in zip(got, want))
     assert graphed > 10 and ticks.graphs.captures == len(ticks.graphs) >= 3
@@ -95,10 +96,12 @@ def test_ticks_through_graphs_end_where_the_step_path_ends(arc):
 
 def test_prompts_padded_to_the_token_bucket_stay_within_rounding(arc):
     clip = 0.1 * torch.randn(2, 44100 * 2, generator=torch.Generator().manual_seed(0))
-    other = ("a chirp that rises", "a drum loop with heavy reverb")  # other token counts, one 16-token bucket
+    # other token counts, one 16-token bucket; frames padded to multiples of 32 (22 and 33 frames: two buckets)
+    other = ("a chirp that rises", "a drum loop with heavy reverb")
     want, _ = drive(arc.pipeline, arrivals(clip, other))
-    got, graphed = drive(arc.pipeline, arrivals(clip, other), Watched(arc.pipeline, capture_after=1,
-                                                                       record=record_eagerly))
+    ticks = Watched(arc.pipeline, capture_after=1, record=record_eagerly)
+    got, graphed = drive(arc.pipeline, arrivals(clip, other), ticks)
+    assert {key.frames for key, _ in ticks.graphs.items()} == {32, 64}
     assert graphed > 10
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
@@ -121,11 +124,11 @@ def test_a_key_holds_what_a_graph_fixes(arc):
     clip = 0.1 * torch.randn(2, 44100)
     one = DenoiseBatch(arc.pipeline.start([SampleRequest("a dog", 1.0, 8, 3.0, 1), SampleRequest("x", 0.5, 4, 1.0, 2)]))
     key = ticks.key(one)
-    assert (key.rows, key.frames, key.width, key.guided, key.tokens, key.inpaints) == \
-        (2, one.length, 9, (True, False), 16, False)
+    assert one.length == 22 and (key.rows, key.frames, key.width, key.guided, key.tokens, key.inpaints) == \
+        (2, 32, 9, (True, False), 16, False)
     two = DenoiseBatch(arc.pipeline.start([SampleRequest("a cat", 1.0, 8, 2.0, 3),
                                            SampleRequest("y", 1.0, 8, 1.0, 4, init_audio=clip, inpaint=(0.2, 0.4))]))
-    assert ticks.key(two).inpaints and ticks.key(two).frames == one.length
+    assert ticks.key(two).inpaints and ticks.key(two).frames == 32
     # a shape is captured once its capture_after-th batch object steps (the ticks of one batch count once); before
     # that the caller steps the batch
     for _ in range(3):
@@ -135,6 +138,24 @@ def test_a_key_holds_what_a_graph_fixes(arc):
     again = DenoiseBatch(one.trajectories)  # the same samples in a new batch (one left and came back, say)
     assert ticks.step(again) and ticks.graphs.captures == 1 and one.trajectories[0].index == 4
     assert ticks.step(one)  # the first batch, too, now replays the graph
+
+
+def test_a_longer_fixed_batch_takes_a_shorter_batch_masked_and_refuses_a_longer_one(arc):
+    p = arc.pipeline
+    short = DenoiseBatch(p.start([SampleRequest("a dog", 1.0, 8, 3.0, 1), SampleRequest("x", 0.5, 8, 1.0, 2)]))
+    longer = DenoiseBatch(p.start([SampleRequest("a cat", 1.5, 8, 2.0, 3), SampleRequest("y", 1.0, 8, 1.0, 4)]))
+    fixed = DenoiseBatch(longer.trajectories, 64)
+    assert fixed.length == 64 and not fixed.frame_mask[:, longer.length:].any()
+    for b in (short, longer, fixed):
+        p.prime(b)
+    fixed.load(short)
+    n = short.length
+    assert torch.equal(fixed.frame_mask[:, :n], short.frame_mask) and not fixed.frame_mask[:, n:].any()
+    assert torch.equal(fixed.z[..., :n], short.z) and not fixed.z[..., n:].any() and not fixed.noise[..., n:].any()
+    with pytest.raises(ValueError, match="differ in shape"):
+        DenoiseBatch(short.trajectories).load(longer)
+    with pytest.raises(ValueError, match="cannot hold"):
+        DenoiseBatch(longer.trajectories, 10)
 
 
 def test_tick_graphs_need_a_cuda_device_or_a_recorder(arc):
