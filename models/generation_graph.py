@@ -11,7 +11,9 @@ count. The text encoder stays outside the graph: a prompt seen before costs noth
 encoder call.
 
 A graph belongs to its ``GraphKey`` (rows, latent frames, steps, which rows are guided, token count rounded up to
-``token_multiple``); the ``max_graphs`` most recently used are kept. Requests qualify when none carries init audio
+``token_multiple``); the ``max_graphs`` most recently used are kept. The requests run guided ones first
+(``guided_first``), so that a mix of guided and unguided requests meets one key per count of guided rows, whatever
+their order; their answers come back in the order asked. Requests qualify when none carries init audio
 (text-to-audio, with or without a negative prompt) and all share steps and latent frames (``qualifies``); the engine
 runs them whole once their shape has been met ``capture_after`` times (``wants``: on a GPU the second time, so that
 a clip length met once does not pay for a capture).
@@ -113,6 +115,11 @@ class _Graph:
         return self.host
 
 
+def guided_first(requests: Sequence[SampleRequest]) -> list[int]:
+    """The order a whole generation runs these requests in: the guided ones first, each group as asked."""
+    return sorted(range(len(requests)), key=lambda i: requests[i].guidance == 1.0)
+
+
 class WholeGeneration:
     """Whole generations of a pipeline: on CUDA one captured graph per ``GraphKey``, elsewhere the program run
 eagerly."""
@@ -137,12 +144,12 @@ eagerly."""
             and len({self.pipeline.latent_frames(r.duration) for r in requests}) == 1
 
     def wants(self, requests: Sequence[SampleRequest]) -> bool:
-        """Whether to run these requests whole now: they qualify and their shape (rows, frames, steps, guided rows)
-        has been met ``capture_after`` times, this time included."""
+        """Whether to run these requests whole now: they qualify and their shape (rows, frames, steps, how many are
+        guided) has been met ``capture_after`` times, this time included."""
         if not self.qualifies(requests):
             return False
         shape = (len(requests), self.pipeline.latent_frames(requests[0].duration), requests[0].steps,
-                 tuple(r.guidance != 1.0 for r in requests))
+                 sum(r.guidance != 1.0 for r in requests))
         return self.sightings.see(shape) >= self.capture_after
 
     @torch.inference_mode()
@@ -151,8 +158,10 @@ eagerly."""
             raise ValueError("a whole-generation graph takes requests without init audio that share steps and "
                              "length")
         p = self.pipeline
+        order = guided_first(requests)
+        requests = [requests[i] for i in order]
         t0 = time.perf_counter()
-        batch = DenoiseBatch(p.start(list(requests)))
+        batch = DenoiseBatch(p.start(requests))
         p.prime(batch)
         key = GraphKey(len(batch), batch.length, batch.trajectories[0].steps,
                        tuple(r.guidance != 1.0 for r in requests), round_up(batch.tokens, self.token_multiple))
@@ -163,10 +172,9 @@ eagerly."""
             run_whole(p, batch, batch.z, host)
         else:
             host = self.graphs.get(key, partial(self._capture, key, batch)).run(batch)
-        frames = [s.frames for s in batch.trajectories]
-        return WholeResult([host.pcm[i, :, : round(r.duration * p.sample_rate)].clone()
-                            for i, r in enumerate(requests)],
-                           [host.latents[i, :, : frames[i]].clone() for i in range(len(requests))],
+        rows = sorted(range(len(order)), key=order.__getitem__)  # each request's row, in the order asked
+        return WholeResult([host.pcm[i, :, : round(requests[i].duration * p.sample_rate)].clone() for i in rows],
+                           [host.latents[i, :, : batch.trajectories[i].frames].clone() for i in rows],
                            t1 - t0, time.perf_counter() - t1)
 
     def _capture(self, key: GraphKey, batch: DenoiseBatch, pool) -> _Graph:
