@@ -36,7 +36,7 @@ from torch import Tensor
 
 from models.audio.pcm import pcm16
 from models.cuda_capture import GraphCache, Record, Sightings, capture, round_up
-from models.pipeline import DenoiseBatch, Pipeline, SampleRequest, decode_batch_limit, decode_grouped
+from models.pipeline import DenoiseBatch, Pipeline, SampleRequest, decode_batch_limit, decode_grouped, guided_first
 
 log = logging.getLogger("tta.generation_graph")
 
@@ -113,11 +113,6 @@ class _Graph:
         if self.z.is_cuda:
             torch.cuda.current_stream().synchronize()
         return self.host
-
-
-def guided_first(requests: Sequence[SampleRequest]) -> list[int]:
-    """The order a whole generation runs these requests in: the guided ones first, each group as asked."""
-    return sorted(range(len(requests)), key=lambda i: requests[i].guidance == 1.0)
 
 
 class WholeGeneration:

@@ -534,6 +534,13 @@ class Pipeline:
         return self.decode(self.generate_latents(prompts, durations, seeds, steps, guidance), durations)
 
 
+def guided_first(requests: Sequence[SampleRequest]) -> list[int]:
+    """An order for a batch of these requests: the guided ones first, each group as given. A captured graph
+    (``models.tick_graph``, ``models.generation_graph``) then depends on how many rows are guided, not on which; a
+    sample's result depends on its row by float rounding only."""
+    return sorted(range(len(requests)), key=lambda i: requests[i].guidance == 1.0)
+
+
 def initial_noise(latent_dim: int, seed: int, frames: int) -> tuple[Tensor, torch.Generator]:
     """A sample's starting noise [C, frames] and the generator its later step noise comes from: every random number
     of a sample depends only on its own seed, never on its batch companions or the backend."""

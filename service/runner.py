@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from models.generation_graph import WholeGeneration, WholeResult
-from models.pipeline import DenoiseBatch, Pipeline, SampleRequest
+from models.pipeline import DenoiseBatch, Pipeline, SampleRequest, guided_first
 from models.tick_graph import TickGraphs
 from service.jobs import GenerationJob, Sample
 from service.runtimes import Runtime
@@ -58,7 +58,7 @@ class ModelRunner:
         guided rather than which (a sample's result depends on its row by float rounding only)."""
         trajectories = [s.trajectory for s in samples]
         if self.ticks is not None:
-            trajectories.sort(key=lambda tr: tr.request.guidance == 1.0)
+            trajectories = [trajectories[i] for i in guided_first([tr.request for tr in trajectories])]
         for b in self._batches:
             if b.holds(trajectories):
                 return b

@@ -11,8 +11,8 @@ from pipeline_support import record_eagerly
 
 from models.audio.pcm import pcm16
 from models.bundle import ModelBundle
-from models.generation_graph import WholeGeneration, guided_first
-from models.pipeline import DenoiseBatch, SampleRequest
+from models.generation_graph import WholeGeneration
+from models.pipeline import DenoiseBatch, SampleRequest, guided_first
 from models.registry import ZOO
 
 
