@@ -264,9 +264,6 @@ def pool(rows: list[dict]) -> dict:
     return out
 
 
-CAPTURES = "tta_cuda_graph_captures_total"
-
-
 def graph_captures(url: str) -> dict[str, float] | None:
     """The server's CUDA graph captures so far, by kind, summed over models (``tta_cuda_graph_captures_total``);
     None when /metrics cannot be read."""
@@ -278,12 +275,13 @@ def graph_captures(url: str) -> dict[str, float] | None:
 
 def captures_in(exposition: str) -> dict[str, float]:
     """``tta_cuda_graph_captures_total`` by kind, summed over models, from Prometheus' text format."""
+    from prometheus_client.parser import text_string_to_metric_families
+
     out: dict[str, float] = {}
-    for line in exposition.splitlines():
-        if line.startswith(CAPTURES + "{"):
-            labels, value = line[len(CAPTURES) + 1:].rsplit("} ", 1)
-            kind = dict(part.split("=", 1) for part in labels.split(","))["kind"].strip('"')
-            out[kind] = out.get(kind, 0) + float(value)
+    for family in text_string_to_metric_families(exposition):
+        for s in family.samples:
+            if s.name == "tta_cuda_graph_captures_total":
+                out[s.labels["kind"]] = out.get(s.labels["kind"], 0) + s.value
     return out
 
 

@@ -20,14 +20,16 @@ def uvicorn_config(app, settings):
                           timeout_keep_alive=settings.keep_alive_timeout, server_header=False)
 
 
-def load_settings(settings_class, overrides: dict):
+def load_settings(overrides: dict):
     """The service's settings (environment, .env, then ``overrides`` that are not None); a setting that is not
     valid ends the process with exit status 2 and one line per problem, naming its variable, instead of a
     traceback."""
     from pydantic import ValidationError
 
+    from service.settings import Settings
+
     try:
-        return settings_class(**{k: v for k, v in overrides.items() if v is not None})
+        return Settings(**{k: v for k, v in overrides.items() if v is not None})
     except ValidationError as exc:
         lines = []
         for err in exc.errors():
@@ -42,9 +44,8 @@ def serve(**overrides) -> None:
     import uvicorn
 
     from service.app import begin_drain, create_app
-    from service.settings import Settings
 
-    settings = load_settings(Settings, overrides)
+    settings = load_settings(overrides)
     app = create_app(settings)
 
     class DrainingServer(uvicorn.Server):

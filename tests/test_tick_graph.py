@@ -65,6 +65,19 @@ def drive(pipeline: Pipeline, arriving: dict[int, list[SampleRequest]], ticks: T
     return [s.z for s in started], graphed
 
 
+def run_on_runner(runner, specs: list[tuple[str, float]], order) -> dict[int, torch.Tensor]:
+    """Jobs (prompt, guidance) of 1 s and 4 steps, seed = their index in ``specs``, admitted in ``order`` and
+    stepped to the end by the engine's runner, one kept batch; their final latents by seed."""
+    from service.jobs import GenerationJob
+
+    jobs = [GenerationJob(f"job{i}", "tta-arc", specs[i][0], 1.0, 4, specs[i][1], i, deadline=1e9,
+                          on_done=lambda *_: None) for i in order]
+    samples = runner.encode(jobs, 0.0)
+    while not all(s.finished for s in samples):
+        runner.keep([runner.denoise_step(samples)])
+    return {s.job.seed: s.trajectory.z for s in samples}
+
+
 class Watched(TickGraphs):
     """Checks after every tick that no graph's fixed tensors or output were swapped for others: a replay must copy
     into them (a CUDA graph would not see a new tensor; an eager rerun would)."""
@@ -163,21 +176,14 @@ def test_tick_graphs_need_a_cuda_device_or_a_recorder(arc):
         TickGraphs(arc.pipeline)
 
 
-def test_the_runner_steps_through_tick_graphs_and_gives_them_up_when_one_raises(arc, monkeypatch, caplog):
-    from service.jobs import GenerationJob
+def test_the_runner_steps_through_tick_graphs_and_gives_them_up_when_one_raises(arc, caplog):
     from service.runner import ModelRunner
     from service.runtimes import TorchRuntime
 
     rt = TorchRuntime(arc)
-    def jobs():
-        return [GenerationJob(f"job{i}", "tta-arc", p, 1.0, 4, g, i, deadline=1e9, on_done=lambda *_: None)
-                for i, (p, g) in enumerate([("a 440 Hz tone", 1.0), ("clicks", 3.0)])]
 
     def run(runner):
-        samples = runner.encode(jobs(), 0.0)
-        while not all(s.finished for s in samples):
-            runner.keep([runner.denoise_step(samples)])
-        return [s.trajectory.z for s in samples]
+        return list(run_on_runner(runner, [("a 440 Hz tone", 1.0), ("clicks", 3.0)], range(2)).values())
 
     want = run(ModelRunner(rt))
     runner = ModelRunner(rt)
@@ -200,20 +206,14 @@ def test_the_runner_steps_through_tick_graphs_and_gives_them_up_when_one_raises(
 def test_with_tick_graphs_the_runner_puts_guided_samples_first(arc):
     """So that mixed guided and unguided traffic meets a few batch shapes (how many rows are guided), not one per
     order of arrival; the answers stay each sample's own."""
-    from service.jobs import GenerationJob
     from service.runner import ModelRunner
     from service.runtimes import TorchRuntime
 
     rt = TorchRuntime(arc)
-    scales = [1.0, 3.0, 1.0, 2.0]
+    specs = [(f"prompt {i}", g) for i, g in enumerate([1.0, 3.0, 1.0, 2.0])]
 
     def run(runner, order):
-        jobs = [GenerationJob(f"job{i}", "tta-arc", f"prompt {i}", 1.0, 4, scales[i], i, deadline=1e9,
-                              on_done=lambda *_: None) for i in order]
-        samples = runner.encode(jobs, 0.0)
-        while not all(s.finished for s in samples):
-            runner.keep([runner.denoise_step(samples)])
-        return {s.job.seed: s.trajectory.z for s in samples}
+        return run_on_runner(runner, specs, order)
 
     want = run(ModelRunner(rt), range(4))
     runner = ModelRunner(rt)
