@@ -111,6 +111,27 @@ class Settings(BaseSettings):
             raise ValueError("tick_graphs (TTA_TICK_GRAPHS) needs device cuda (TTA_DEVICE=cuda)")
         return self
 
+    @model_validator(mode="after")
+    def _half_types_need_a_cpu_that_has_them(self) -> Settings:
+        """On the CPU a 16-bit type the processor lacks is emulated, tens of times slower than float32
+        (``service.runtimes.torch_runtime.cpu_runs_natively``): refused here, where the operator sees it, instead
+        of serving every request that slowly. ONNX Runtime ignores both settings."""
+        if self.device != "cpu" or self.runtime == "onnxruntime":
+            return self
+        asked = [(field, value) for field, value in (("precision", self.precision),
+                                                     ("decode_precision", self.decode_precision)) if value != "float32"]
+        if not asked:
+            return self
+        from service.runtimes.torch_runtime import cpu_runs_natively
+
+        lacking = [(field, value) for field, value in asked if not cpu_runs_natively(value)]
+        if lacking:
+            named = " and ".join(f"{field} (TTA_{field.upper()}) {value}" for field, value in lacking)
+            types = " or ".join(sorted({value for _, value in lacking}))
+            raise ValueError(f"{named}: this CPU has no native {types} arithmetic, so torch would emulate it, tens "
+                             "of times slower than float32; use float32 on this CPU, or device cuda")
+        return self
+
     @property
     def api_key_set(self) -> frozenset[str]:
         return frozenset(k.strip() for k in self.api_keys.split(",") if k.strip())

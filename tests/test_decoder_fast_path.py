@@ -246,5 +246,7 @@ def test_the_service_setting_reaches_the_runtime(sao_tiny, monkeypatch):
     from service.settings import Settings
 
     monkeypatch.setenv("TTA_DECODE_PRECISION", "float16")
+    # as on a CPU with native float16 (elsewhere the settings refuse it: tests/test_torch_runtime.py)
+    monkeypatch.setattr("service.runtimes.torch_runtime.cpu_runs_natively", lambda precision: True)
     rt = load_model(sao_tiny, Settings(runtime="torch"))
     assert (rt.decode_precision, rt.bundle.codec.decoder_dtype) == ("float16", torch.float16)

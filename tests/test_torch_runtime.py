@@ -52,16 +52,53 @@ def test_bfloat16_autocast_stays_near_float32(model_dir):
 
 
 @pytest.mark.slow
-def test_the_settings_reach_the_torch_runtime_and_not_the_others(model_dir):
+def test_the_settings_reach_the_torch_runtime_and_not_the_others(model_dir, monkeypatch):
     pytest.importorskip("onnxruntime")
     from service.app import load_model
     from service.settings import Settings
 
+    # as on a CPU with native bfloat16 (AVX-512 or AMX): elsewhere the settings refuse it (test below)
+    monkeypatch.setattr("service.runtimes.torch_runtime.cpu_runs_natively", lambda precision: True)
     rt = load_model(model_dir / TINY, Settings(runtime="torch", torch_compile=True, precision="bfloat16"))
     assert (rt.name, rt.compiled, rt.precision) == ("torch", True, "bfloat16")
     with pytest.raises(ValueError, match="CUDA graphs need a CUDA device"):
         load_model(model_dir / TINY, Settings(runtime="torch", device="cpu", cuda_graphs=True))
     assert load_model(model_dir / TINY, Settings(runtime="onnxruntime", torch_compile=True)).name == "onnxruntime"
+
+
+def test_16_bit_types_a_cpu_lacks_are_refused_by_the_settings_and_named_by_the_runtime(model_dir, monkeypatch,
+                                                                                         caplog):
+    """Without native 16-bit arithmetic torch emulates it, tens of times slower than float32: the service's settings
+    refuse such a precision on the CPU, naming each variable; the runtime itself (the library, benchmarks) runs it
+    and says why it is slow. A CPU that has the type, a GPU, or ONNX Runtime (which ignores both settings) passes."""
+    from pydantic import ValidationError
+
+    import service.runtimes.torch_runtime as torch_runtime
+    from service.settings import Settings
+
+    assert torch_runtime.cpu_runs_natively("float32")
+    assert isinstance(torch_runtime.cpu_runs_natively("bfloat16"), bool)
+    native = {"float32"}
+    monkeypatch.setattr(torch_runtime, "cpu_runs_natively", lambda precision: precision in native)
+    with pytest.raises(ValidationError) as refused:
+        Settings(_env_file=None, precision="bfloat16", decode_precision="float16")
+    message = refused.value.errors()[0]["msg"]
+    assert "precision (TTA_PRECISION) bfloat16 and decode_precision (TTA_DECODE_PRECISION) float16" in message
+    assert "no native bfloat16 or float16 arithmetic" in message and "use float32" in message
+    native.add("bfloat16")
+    with pytest.raises(ValidationError, match="TTA_DECODE_PRECISION"):
+        Settings(_env_file=None, precision="bfloat16", decode_precision="float16")
+    assert Settings(_env_file=None, precision="bfloat16").precision == "bfloat16"
+    native.discard("bfloat16")
+    for passes in ({"device": "cuda"}, {"runtime": "onnxruntime"}):
+        assert Settings(_env_file=None, precision="bfloat16", **passes).precision == "bfloat16"
+
+    with caplog.at_level("WARNING", logger="tta.runtimes"):
+        half = load_runtime(model_dir / TINY, "torch", precision="bfloat16")
+    assert half.precision == "bfloat16"
+    assert [r.getMessage() for r in caplog.records if "native" in r.getMessage()] == [
+        "precision bfloat16: this CPU has no native bfloat16 arithmetic, so torch emulates it, tens of times slower "
+        "than float32"]
 
 
 @pytest.mark.parametrize("which", ["embedded", "sao-tiny", "sa3-tiny"])
