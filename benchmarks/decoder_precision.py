@@ -129,7 +129,7 @@ def markdown(rows: list[dict], args, label: str, frames: int) -> str:
                        table))
 
 
-def main(argv=None) -> dict:
+def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="a checkpoint directory with an Oobleck VAE")
     ap.add_argument("--sized", default="sao-small", help="without --model: the published model whose VAE to build")
@@ -147,7 +147,14 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     args.batches = [int(b) for b in str(args.batches).split(",")]
     args.types = [t for t in str(args.types).split(",") if t]
+    unknown = [t for t in args.types if t not in TYPES]
+    if unknown:
+        ap.error(f"unknown decoder type {', '.join(unknown)}; known: {', '.join(TYPES)}")
+    return args
 
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
     import torch
 
     from benchmarks.common import environment, write_results

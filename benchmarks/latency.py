@@ -391,7 +391,8 @@ def floor_section(results: list[dict]) -> str:
                         "measured / floor"], rows))
 
 
-def main(argv=None) -> dict:
+def parse_args(argv=None) -> argparse.Namespace:
+    """The command line, checked: an unknown runtime name ends the run here, before any model loads."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=str(ROOT / "models" / "zoo" / "tta-teacher"))
     ap.add_argument("--runtimes", default=",".join(RUNTIMES),
@@ -412,9 +413,19 @@ def main(argv=None) -> dict:
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    unknown = [name for name in args.runtimes.split(",")
+               if runner_options(name)[0] not in RUNTIMES and runner_options(name)[0] not in VARIANTS]
+    if unknown:
+        ap.error(f"unknown runtime {', '.join(unknown)}; known: {', '.join(RUNTIMES + tuple(VARIANTS))}, each "
+                 f"with {' or '.join(RUNNER_SUFFIXES)} appended or not")
     args.batches = [int(b) for b in str(args.batches).split(",")]
     if args.smoke:
         args.repeats, args.e2e_repeats, args.steps, args.rounds = 2, 1, args.steps or 2, 1
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
     if args.worker:
         Path(args.worker_out).write_text(json.dumps(worker(args)))
         return {}

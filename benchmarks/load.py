@@ -463,7 +463,7 @@ def write_report(report: dict, out: Path, name: str) -> list[Path]:
     return paths
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--url", help="measure this running server instead of starting one per policy")
     p.add_argument("--policies", default="continuous,adaptive,request,none")
@@ -489,7 +489,11 @@ def main(argv: list[str] | None = None) -> None:
                    "policies (medians reported, each run kept)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     p.add_argument("--name", default=None, help="output file stem (default load-<model>)")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     # a terminated benchmark still stops the servers it started (the finally below), instead of orphaning them
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 

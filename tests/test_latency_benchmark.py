@@ -94,22 +94,16 @@ def test_the_gpu_summary_tables_every_run_and_plots_it(tmp_path):
     assert (tmp_path / "summary.png").stat().st_size > 0 and "commit abc" in md
 
 
-@pytest.mark.parametrize("stages, expected", [
-    ("tests", ["pytest"]),
-    ("sa3", ["write_random_checkpoint", "latency-gpu-sa3-small-sized-3s", "latency-gpu-sa3-small-sized-30s"]),
-    ("sao decoder", ["write_random_sao_small", "latency-gpu-sao-small-sized", "decoder_precision"]),
-    ("load", ["write_random_sao_small", "load-gpu-sao-small-sized"]),
-])
-def test_the_gpu_suite_runs_the_stages_it_is_asked_for(tmp_path, stages, expected):
-    """benchmarks/gpu_suite.sh with STAGES: which Python commands each choice starts (the interpreter is replaced by
-    a script that records its arguments; the suite itself needs a CUDA machine)."""
+def run_gpu_suite(tmp_path, stages: str) -> list[list[str]]:
+    """benchmarks/gpu_suite.sh with STAGES, its interpreter replaced by a script that records each call's arguments
+    (the suite itself needs a CUDA machine); the calls after the first (which prints the versions)."""
     import os
     import subprocess
     from pathlib import Path
 
     log = tmp_path / "calls"
-    recorder = tmp_path / "py"
-    recorder.write_text(f'#!/bin/sh\necho "$*" | tr "\\n" " " >> {log}; echo >> {log}\n')  # a call a line
+    recorder = tmp_path / "py"  # arguments end with \037, calls with \036: a -c program keeps its newlines
+    recorder.write_text(f"#!/bin/sh\nprintf '%s\\037' \"$@\" >> {log}; printf '\\036' >> {log}\n")
     recorder.chmod(0o755)
     env = dict(os.environ, PYTHON=str(recorder), STAGES=stages, OUT=str(tmp_path / "out"),
                SAO_DIR=str(tmp_path / "sao"), SA3_DIR=str(tmp_path / "sa3"), PATH=f"{tmp_path}:{os.environ['PATH']}")
@@ -117,10 +111,66 @@ def test_the_gpu_suite_runs_the_stages_it_is_asked_for(tmp_path, stages, expecte
     (tmp_path / "nvidia-smi").chmod(0o755)
     root = Path(__file__).resolve().parents[1]
     subprocess.run(["bash", "benchmarks/gpu_suite.sh"], cwd=root, env=env, check=True, capture_output=True, timeout=60)
-    calls = log.read_text().splitlines()[1:]  # the first call prints the versions
+    calls = [call.split("\037")[:-1] for call in log.read_text().split("\036")[:-1]]
+    return calls[1:]
+
+
+@pytest.mark.parametrize("stages, expected", [
+    ("tests", ["pytest"]),
+    ("sa3", ["write_random_checkpoint", "latency-gpu-sa3-small-sized-3s", "latency-gpu-sa3-small-sized-30s"]),
+    ("sao decoder", ["write_random_sao_small", "latency-gpu-sao-small-sized", "decoder_precision"]),
+    ("load", ["write_random_sao_small", "load-gpu-sao-small-sized"]),
+])
+def test_the_gpu_suite_runs_the_stages_it_is_asked_for(tmp_path, stages, expected):
+    calls = run_gpu_suite(tmp_path, stages)
     assert len(calls) == len(expected)
     for call, what in zip(calls, expected):
-        assert what in call, (call, what)
+        assert what in " ".join(call), (call, what)
+
+
+def test_every_call_of_the_gpu_suite_is_one_its_programs_accept(tmp_path):
+    """Every stage's command, checked here so that a lent GPU's minutes are not lost to a renamed option: each
+    benchmark's arguments parse (runtime names included), each test the suite names exists, each function its
+    checkpoint writers import exists."""
+    import ast
+    import importlib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    calls = run_gpu_suite(tmp_path, "tests sao decoder sa3 embedded compile load")
+    modules = [call[1] for call in calls if call[0] == "-m"]
+    assert modules.count("benchmarks.latency") == 5 and "benchmarks.load" in modules and "pytest" in modules
+    for call in calls:
+        if call[:2] == ["-m", "pytest"]:
+            targets = [a for a in call[2:] if a.startswith("tests/")]
+            assert targets
+            for target in targets:
+                path, _, test = target.partition("::")
+                assert (root / path).is_file(), target
+                if test:
+                    names = {n.name for n in ast.walk(ast.parse((root / path).read_text()))
+                             if isinstance(n, ast.FunctionDef)}
+                    assert test in names, target
+        elif call[0] == "-m":
+            importlib.import_module(call[1]).parse_args(call[2:])
+        else:
+            assert call[0] == "-c", call
+            for node in ast.walk(ast.parse(call[1])):
+                if isinstance(node, ast.ImportFrom):
+                    module = importlib.import_module(node.module)
+                    assert all(hasattr(module, alias.name) for alias in node.names), call[1]
+
+
+def test_a_benchmark_refuses_an_unknown_runtime_or_decoder_type_before_loading_anything(capsys):
+    from benchmarks import decoder_precision, latency
+
+    assert latency.parse_args(["--runtimes", "torch-bf16-cudagraphs-ticks,onnxruntime"]).batches == [1, 4]
+    with pytest.raises(SystemExit):
+        latency.parse_args(["--runtimes", "torch,torch-bf16-graphs"])
+    assert "unknown runtime torch-bf16-graphs" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        decoder_precision.parse_args(["--types", "float16,float8"])
+    assert "unknown decoder type float8" in capsys.readouterr().err
 
 
 def test_a_runtime_suffix_names_the_runners_graphs():
