@@ -82,48 +82,6 @@ def uncached_encoder(rt):
     return cached.encoder
 
 
-def _random_text_encoder(config: dict, out: Path) -> dict:
-    """A copy of the text encoder ``config`` names with random weights (its tokenizer and config copied), and the
-    text-encoder config that loads it."""
-    import shutil
-
-    from transformers import AutoConfig, AutoModel
-
-    from models.text.encoders import minilm_path
-
-    source = Path(config["path"]) if config.get("path") else minilm_path()
-    shutil.copytree(source, out, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
-    AutoModel.from_config(AutoConfig.from_pretrained(source)).save_pretrained(out, safe_serialization=True)
-    return {**config, "path": str(out)}
-
-
-def _random_copy(model: Path, out: Path) -> Path:
-    """The model's architecture (config.json, codec config, text encoder) with random weights, saved as a model
-    directory."""
-    import torch
-
-    from models.bundle import ModelBundle
-    from models.config import BundleConfig
-    from models.codec import HarmonicAutoencoder
-    from models.dit import DiT
-    from models.layers import fill_zero_parameters
-    from models.text import load_text_encoder
-
-    config = BundleConfig.load(model / "config.json")
-    codec_dir = (model / config.codec_from).resolve() if config.codec_from else model
-    codec_config = config.codec or json.loads((codec_dir / "config.json").read_text())["codec"]
-    codec_config = {k: v for k, v in codec_config.items() if k not in ("latent_shift", "latent_scale")}
-    torch.manual_seed(0)
-    dit = DiT.from_config(config.denoiser)
-    fill_zero_parameters(dit, 0.02)
-    codec = HarmonicAutoencoder.from_config(codec_config)
-    config.codec, config.codec_from = {}, None
-    config.text_encoder = _random_text_encoder(config.text_encoder, out / "text_encoder")
-    bundle = ModelBundle(config, dit, codec, load_text_encoder(config.text_encoder))
-    bundle.save(out / config.name, save_codec=True)
-    return out / config.name
-
-
 def stage_calls(rt, runner, encoder, b: int, duration: float, steps: int, prompts) -> dict:
     """Zero-argument callables for each stage (``STAGES``) at batch size ``b``: text encoding (``encoder``, the
     uncached one), one denoiser forward, one decode, and end to end (text, every step and the decode through the
@@ -436,7 +394,9 @@ def main(argv=None) -> dict:
     label = model.name + (" (random weights)" if args.random_weights else "")
     with tempfile.TemporaryDirectory() as tmp:
         if args.random_weights:
-            model = _random_copy(model, Path(tmp))
+            from models.random_weights import random_model_copy
+
+            model = random_model_copy(model, Path(tmp))
         export_s = None
         if "onnxruntime" in args.runtimes.split(","):  # export here, so the worker's RSS and load time are serving's
             from models.export import ensure_onnx_export

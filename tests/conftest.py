@@ -22,6 +22,34 @@ def float32_default():
         torch.set_default_dtype(previous)
 
 
+def cuda_only(reason: str = "needs a CUDA device (GPU suite)"):
+    """A test that runs on CUDA alone: marked ``gpu``, so that the GPU suite (``benchmarks/gpu_suite.sh``) runs just
+    these (``-m gpu``), and skipped where no CUDA device is. Such tests compare execution paths, so they build
+    their models with random weights (``arc_random``, ``minilm_random``): the GPU machine gets no weights."""
+    def mark(test):
+        return pytest.mark.gpu(pytest.mark.skipif(not torch.cuda.is_available(), reason=reason)(test))
+    return mark
+
+
+@pytest.fixture(scope="session")
+def arc_random(tmp_path_factory):
+    """The embedded ARC model's architecture (models/zoo/tta-arc) with random weights, its text encoder's too."""
+    from models.random_weights import random_model_copy
+    from models.registry import ZOO
+
+    with float32_default():
+        return random_model_copy(ZOO / "tta-arc", tmp_path_factory.mktemp("arc-random"))
+
+
+@pytest.fixture(scope="session")
+def minilm_random(tmp_path_factory):
+    """The embedded text encoder (all-MiniLM-L6-v2) with random weights: a directory HFTextEncoder loads."""
+    from models.random_weights import random_text_encoder_copy
+
+    with float32_default():
+        return random_text_encoder_copy({"name": "minilm"}, tmp_path_factory.mktemp("minilm") / "minilm")["path"]
+
+
 @pytest.fixture(scope="session")
 def text_encoder():
     from service.runtimes.torch_runtime import shared_text_encoder

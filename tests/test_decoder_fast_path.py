@@ -15,7 +15,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import float32_default
+from conftest import cuda_only, float32_default
 
 from benchmarks.decoder_precision import snr_db
 from models.checkpoints import snake as snake_module
@@ -25,7 +25,7 @@ from models.checkpoints.snake import SNAKE_EPS, fused_snake, snake_eager
 from service.runtimes import load_runtime
 from service.runtimes.torch_runtime import prepare_decoder
 
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="the compiled snake kernel and cuDNN autotuning "
+cuda = cuda_only("the compiled snake kernel and cuDNN autotuning "
                           "need an NVIDIA GPU; none here (the GPU suite runs these)")
 # Measured on the codec below (sao-small's tiny VAE, random snakes, three seeds), CPU: bfloat16 38.5-41 dB, float16
 # 56-58.5 dB. The full

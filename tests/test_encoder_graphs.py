@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import float32_default
+from conftest import cuda_only, float32_default
 
 from models.text import HFTextEncoder, minilm_path
 from models.text.encoder_graphs import GraphedEncoder, use_encoder_graphs
@@ -61,10 +61,10 @@ def test_a_checkpoints_t5_takes_it_unchanged(sao_tiny):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graph capture needs a CUDA device (GPU suite)")
-def test_a_captured_encoder_replays_its_eager_states():
+@cuda_only("CUDA graph capture needs a CUDA device (GPU suite)")
+def test_a_captured_encoder_replays_its_eager_states(minilm_random):
     with float32_default():
-        enc = HFTextEncoder(minilm_path(), device="cuda")
+        enc = HFTextEncoder(minilm_random, device="cuda")
     plain = states(enc)
     use_encoder_graphs(enc)
     for _ in range(2):

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import time
 
-import pytest
 import torch
+from conftest import cuda_only
 
 from service.forward_clock import ForwardClock
 
@@ -19,7 +19,7 @@ def test_on_a_cpu_a_forward_is_timed_by_the_call_and_reported_once():
     assert clock.ready() == []
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (GPU suite)")
+@cuda_only()
 def test_on_cuda_a_forward_is_reported_once_the_device_has_run_it():
     clock = ForwardClock("cuda")
     a = torch.randn(4096, 4096, device="cuda")

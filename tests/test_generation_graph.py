@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import float32_default
+from conftest import cuda_only, float32_default
 from pipeline_support import record_eagerly
 
 from models.audio.pcm import pcm16
@@ -144,10 +144,10 @@ def test_a_shape_runs_whole_from_its_nth_sighting(arc):
                                           init_noise_level=0.5)] * 3)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graph capture needs a CUDA device (GPU suite)")
-def test_the_captured_graph_replays_the_stepwise_audio():
+@cuda_only("CUDA graph capture needs a CUDA device (GPU suite)")
+def test_the_captured_graph_replays_the_stepwise_audio(arc_random):
     with float32_default():
-        bundle = ModelBundle.load(ZOO / "tta-arc", device="cuda")
+        bundle = ModelBundle.load(arc_random, device="cuda")
     whole = WholeGeneration(bundle.pipeline)
     for requests in (batch_a(), batch_b(), batch_a()):
         got = whole(requests).pcm
@@ -177,7 +177,7 @@ def test_the_stable_audio_checkpoints_run_whole_as_step_by_step(sao_tiny, tmp_pa
     assert all(torch.equal(g, w) for g, w in zip(got.latents, latents))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graph capture needs a CUDA device (GPU suite)")
+@cuda_only("CUDA graph capture needs a CUDA device (GPU suite)")
 def test_the_serving_configuration_captures_whole_generations(sao_tiny):
     """What the GPU suite serves: the torch runtime in bfloat16 with per-forward CUDA graphs (which step aside inside
     the whole capture), a float16 decoder and the text encoder's graphs; replays equal the step path of the same

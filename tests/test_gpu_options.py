@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import float32_default
+from conftest import cuda_only, float32_default
 from training_support import randomise
 
 from models.checkpoints import load_checkpoint_dir
@@ -23,7 +23,7 @@ from service.runtimes.cuda_graphs import CudaGraphDenoiser, pad_inputs, row_buck
 from service.runtimes.torch_runtime import TorchRuntime
 
 ZOO = Path(__file__).resolve().parents[1] / "models" / "zoo"
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need an NVIDIA GPU; none here")
+cuda = cuda_only("CUDA graphs need an NVIDIA GPU; none here")
 
 
 @pytest.fixture(autouse=True)

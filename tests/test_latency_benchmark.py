@@ -94,25 +94,39 @@ def test_the_gpu_summary_tables_every_run_and_plots_it(tmp_path):
     assert (tmp_path / "summary.png").stat().st_size > 0 and "commit abc" in md
 
 
-def run_gpu_suite(tmp_path, stages: str) -> list[list[str]]:
+def run_gpu_suite(tmp_path, stages: str, gpu_dir=None) -> list[list[str]]:
     """benchmarks/gpu_suite.sh with STAGES, its interpreter replaced by a script that records each call's arguments
-    (the suite itself needs a CUDA machine); the calls after the first (which prints the versions)."""
+    and PYTHONPATH last (the suite itself needs a CUDA machine); the calls after the one that prints the versions.
+    ``gpu_dir``: what benchmarks/gpu_pack.sh packed (default: nothing)."""
     import os
     import subprocess
     from pathlib import Path
 
     log = tmp_path / "calls"
     recorder = tmp_path / "py"  # arguments end with \037, calls with \036: a -c program keeps its newlines
-    recorder.write_text(f"#!/bin/sh\nprintf '%s\\037' \"$@\" >> {log}; printf '\\036' >> {log}\n")
+    recorder.write_text(f"#!/bin/sh\nprintf '%s\\037' \"$@\" \"$PYTHONPATH\" >> {log}; printf '\\036' >> {log}\n")
     recorder.chmod(0o755)
     env = dict(os.environ, PYTHON=str(recorder), STAGES=stages, OUT=str(tmp_path / "out"),
-               SAO_DIR=str(tmp_path / "sao"), SA3_DIR=str(tmp_path / "sa3"), PATH=f"{tmp_path}:{os.environ['PATH']}")
+               GPU_DIR=str(gpu_dir or tmp_path / "gpu"), SAO_DIR=str(tmp_path / "sao"), SA3_DIR=str(tmp_path / "sa3"),
+               PATH=f"{tmp_path}:{os.environ['PATH']}")
     (tmp_path / "nvidia-smi").write_text("#!/bin/sh\necho stand-in GPU\n")
     (tmp_path / "nvidia-smi").chmod(0o755)
     root = Path(__file__).resolve().parents[1]
     subprocess.run(["bash", "benchmarks/gpu_suite.sh"], cwd=root, env=env, check=True, capture_output=True, timeout=60)
     calls = [call.split("\037")[:-1] for call in log.read_text().split("\036")[:-1]]
-    return calls[1:]
+    versions = next(i for i, call in enumerate(calls) if call[0] == "-c" and "torch.__version__" in call[1])
+    return calls[:versions] + calls[versions + 1:]
+
+
+def test_the_gpu_suite_installs_what_was_packed_and_puts_it_on_the_path(tmp_path):
+    packed = tmp_path / "packed"
+    (packed / "wheels").mkdir(parents=True)
+    (packed / "wheels" / "fastapi-1-py3-none-any.whl").write_bytes(b"")
+    (packed / "site").mkdir()
+    install, tests = run_gpu_suite(tmp_path, "tests", packed)
+    assert install[:3] == ["-m", "pip", "install"] and "--no-index" in install and "/tmp/site" in install
+    assert install[-2].endswith("fastapi-1-py3-none-any.whl")
+    assert tests[1] == "pytest" and tests[-1].split(":")[:2] == [str(packed / "site"), "/tmp/site"]
 
 
 @pytest.mark.parametrize("stages, expected", [
@@ -122,7 +136,7 @@ def run_gpu_suite(tmp_path, stages: str) -> list[list[str]]:
     ("load", ["write_random_sao_small", "load-gpu-sao-small-sized"]),
 ])
 def test_the_gpu_suite_runs_the_stages_it_is_asked_for(tmp_path, stages, expected):
-    calls = run_gpu_suite(tmp_path, stages)
+    calls = [call[:-1] for call in run_gpu_suite(tmp_path, stages)]
     assert len(calls) == len(expected)
     for call, what in zip(calls, expected):
         assert what in " ".join(call), (call, what)
@@ -130,27 +144,26 @@ def test_the_gpu_suite_runs_the_stages_it_is_asked_for(tmp_path, stages, expecte
 
 def test_every_call_of_the_gpu_suite_is_one_its_programs_accept(tmp_path):
     """Every stage's command, checked here so that a lent GPU's minutes are not lost to a renamed option: each
-    benchmark's arguments parse (runtime names included), each test the suite names exists, each function its
-    checkpoint writers import exists."""
+    benchmark's arguments parse (runtime names included), each test file the suite names has tests marked gpu, each
+    function its checkpoint writers import exists."""
     import ast
     import importlib
+    import subprocess
+    import sys
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    calls = run_gpu_suite(tmp_path, "tests sao decoder sa3 embedded compile load")
+    calls = [call[:-1] for call in run_gpu_suite(tmp_path, "tests sao decoder sa3 embedded compile load")]
     modules = [call[1] for call in calls if call[0] == "-m"]
     assert modules.count("benchmarks.latency") == 5 and "benchmarks.load" in modules and "pytest" in modules
     for call in calls:
         if call[:2] == ["-m", "pytest"]:
             targets = [a for a in call[2:] if a.startswith("tests/")]
-            assert targets
-            for target in targets:
-                path, _, test = target.partition("::")
-                assert (root / path).is_file(), target
-                if test:
-                    names = {n.name for n in ast.walk(ast.parse((root / path).read_text()))
-                             if isinstance(n, ast.FunctionDef)}
-                    assert test in names, target
+            assert targets and all((root / t).is_file() for t in targets) and call[call.index("-m", 1) + 1] == "gpu"
+            collected = subprocess.run([sys.executable, "-m", "pytest", "--co", "-q", "-p", "no:cacheprovider", "-m",
+                                        "gpu", *targets], cwd=root, capture_output=True, text=True, timeout=120)
+            assert collected.returncode == 0, collected.stdout[-2000:]
+            assert all(f"{t}::" in collected.stdout for t in targets), collected.stdout  # each file has gpu tests
         elif call[0] == "-m":
             importlib.import_module(call[1]).parse_args(call[2:])
         else:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import float32_default
+from conftest import cuda_only, float32_default
 from pipeline_support import META, MetaNetworks
 
 from models.bundle import ModelBundle
@@ -78,15 +78,15 @@ def test_the_deterministic_teacher_draws_no_step_noise():
     assert s.noise is None and DenoiseBatch([s]).step_noise() is None
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (GPU suite)")
+@cuda_only()
 @pytest.mark.parametrize("cuda_graphs", [False, True])
-def test_on_cuda_the_steps_after_a_batch_forms_never_wait_for_the_device(cuda_graphs):
+def test_on_cuda_the_steps_after_a_batch_forms_never_wait_for_the_device(cuda_graphs, arc_random):
     """torch's sync debug mode raises on any operation that makes the host wait for the GPU (a read-back, a
     non-pinned copy); the first step may (it builds the batch's guided rows and meets a new frame mask)."""
     from service.runtimes import TorchRuntime
 
     with float32_default():
-        rt = TorchRuntime(ModelBundle.load(ZOO / "tta-arc", device="cuda"), precision="bfloat16",
+        rt = TorchRuntime(ModelBundle.load(arc_random, device="cuda"), precision="bfloat16",
                           cuda_graphs=cuda_graphs)
     pipeline = Pipeline(rt)
     trajectories = pipeline.start([SampleRequest("a 440 Hz sine tone", 2.0, 8, 1.0, 1),

@@ -9,7 +9,7 @@ import logging
 
 import pytest
 import torch
-from conftest import float32_default
+from conftest import cuda_only, float32_default
 from pipeline_support import META, EagerReplay, MetaNetworks, record_eagerly
 
 from models.bundle import ModelBundle
@@ -273,13 +273,13 @@ def test_tick_graphs_are_a_cuda_setting():
     assert Settings(tick_graphs=True, device="cuda").tick_graphs
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graph capture needs a CUDA device (GPU suite)")
+@cuda_only("CUDA graph capture needs a CUDA device (GPU suite)")
 @pytest.mark.parametrize("precision", ["float32", "bfloat16"])
-def test_captured_ticks_replay_the_step_path_without_waiting_for_the_device(precision):
+def test_captured_ticks_replay_the_step_path_without_waiting_for_the_device(precision, arc_random):
     from service.runtimes import TorchRuntime
 
     with float32_default():
-        rt = TorchRuntime(ModelBundle.load(ZOO / "tta-arc", device="cuda"), precision=precision,
+        rt = TorchRuntime(ModelBundle.load(arc_random, device="cuda"), precision=precision,
                           cuda_graphs=precision != "float32")
     pipeline = Pipeline(rt)
     clip = 0.1 * torch.randn(2, 44100 * 2, generator=torch.Generator().manual_seed(0))
