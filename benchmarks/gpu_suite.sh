@@ -47,6 +47,7 @@ if compgen -G "$GPU_DIR/wheels/*.whl" > /dev/null; then
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
     "$GPU_DIR"/wheels/*.whl && export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
+[ -n "${GIT_COMMIT:-}" ] || [ ! -f "$GPU_DIR/commit" ] || export GIT_COMMIT=$(cat "$GPU_DIR/commit")
 [ -d "$GPU_DIR/site" ] && export PYTHONPATH="$(cd "$GPU_DIR/site" && pwd)${PYTHONPATH:+:$PYTHONPATH}"
 
 stage versions

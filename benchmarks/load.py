@@ -37,6 +37,7 @@ from typing import Self
 
 import httpx
 
+from benchmarks.common import child_pythonpath, git_commit
 from service.client import ApiError, AsyncClient
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -315,7 +316,7 @@ def start_server(policy: str, args) -> tuple[subprocess.Popen, str]:
                TTA_MODEL_DIR=str(args.model_dir), TTA_DEFAULT_MODEL=args.model, TTA_MODELS=args.model,
                TTA_MAX_BATCH=str(args.max_batch), TTA_QUEUE_SIZE=str(args.queue_size),
                TTA_MAX_QUEUE_DELAY_MS=str(args.max_queue_delay_ms), TTA_LOG_LEVEL="warning",
-               TTA_REQUEST_TIMEOUT=str(args.timeout), PYTHONPATH=str(ROOT))
+               TTA_REQUEST_TIMEOUT=str(args.timeout), PYTHONPATH=child_pythonpath())
     if args.threads:
         env["TTA_THREADS"] = str(args.threads)
     if args.runtime:
@@ -361,12 +362,7 @@ def environment() -> dict:
             "processor": platform.processor(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
             "command": " ".join([Path(sys.executable).name] + sys.argv),
-            "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    try:
-        info["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                                            timeout=5, check=False).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        info["git_commit"] = None
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "git_commit": git_commit()}
     return info
 
 

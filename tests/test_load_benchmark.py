@@ -89,3 +89,19 @@ def test_graph_captures_are_read_from_the_servers_metrics():
     m.graph_captures.labels("tta-arc", "whole").inc(2)
     assert captures_in(generate_latest(m.registry).decode()) == {"tick": 4, "whole": 2}
     assert captures_in(generate_latest(Metrics().registry).decode()) == {}
+
+
+def test_a_server_the_benchmarks_start_sees_the_packages_they_were_given(monkeypatch):
+    """On a remote GPU machine the web packages come from a PYTHONPATH of their own (benchmarks/gpu_suite.sh): the
+    servers that benchmarks.load and benchmarks.soak start keep it, behind the repository."""
+    from pathlib import Path
+
+    from benchmarks.common import child_pythonpath, git_commit
+
+    root = str(Path(__file__).resolve().parents[1])
+    monkeypatch.delenv("PYTHONPATH", raising=False)
+    assert child_pythonpath() == root
+    monkeypatch.setenv("PYTHONPATH", "/tmp/site")
+    assert child_pythonpath() == f"{root}:/tmp/site"
+    monkeypatch.setenv("GIT_COMMIT", "abc1234")
+    assert git_commit() == "abc1234"
