@@ -92,6 +92,43 @@ def test_the_gpu_summary_tables_every_run_and_plots_it(tmp_path):
     assert "| sizes | m-sizes | torch | 2 | 4 | 10 | 60 | 60 | 60 | 60 | 33.33 | 512 | 900 |" in md
     assert "| other | m-other | torch-bf16-cudagraphs | 2 | 4 | 10 | 200 | 200 | 200 | 200 | 10 | - | 800 |" in md
     assert (tmp_path / "summary.png").stat().st_size > 0 and "commit abc" in md
+    assert "Not found (not run, or failed): `load-gpu-sao-small-sized`." in md
+    assert md.count("| not measured |") == 4  # neither run is one a target names
+
+
+def test_the_gpu_summary_gives_each_target_its_verdict(tmp_path):
+    import json
+
+    from benchmarks.gpu_summary import main
+
+    stages = ("text_encoding", "denoiser_forward", "decode", "end_to_end")
+
+    def run(runtime: str, batches: dict[int, float]) -> dict:
+        return {"runtime": runtime, "steps": 8, "duration_s": 11.9, "peak_rss_mb": 1.0, "load_s": 1.0,
+                "batches": {str(b): {s: time_summary([t]) for s in stages} for b, t in batches.items()}}
+
+    sao = [run("torch", {1: 0.070, 16: 0.5}), run("torch-bf16-cudagraphs-whole", {1: 0.018, 16: 0.1})]
+    (tmp_path / "latency-gpu-sao-small-sized.json").write_text(json.dumps(
+        {"model": "sao", "results": sao, "environment": {"gpu": "H100"}}))
+
+    def rate(rps: float, goodput: float, p50: float, p99: float) -> dict:
+        return {"offered_rps": rps, "goodput_rps": goodput, "p50_s": p50, "p99_s": p99}
+
+    load = {"environment": {"cuda": "H100"}, "policies": {
+        "none": [rate(20, 10.0, 0.05, 0.4), rate(80, 12.0, 3.0, 6.0)],
+        "continuous": [rate(20, 19.0, 0.06, 0.09), rate(80, 60.0, 0.08, 0.2)]}}
+    (tmp_path / "load-gpu-sao-small-sized.json").write_text(json.dumps(load))
+    md = main(["--name", "summary", "--results-dir", str(tmp_path)])
+    # 18 ms <= 20 (the whole-generation runtime); 16 / 0.1 s = 160 clips/s >= 150; SA3 never ran
+    assert ("| SAO-small-sized, 11.9 s, 8 steps, batch 1: end to end ms | <= 20 | 18 | torch-bf16-cudagraphs-whole "
+            "| met |") in md
+    assert "| SAO-small-sized, 11.9 s, batch 16: clips/s | >= 150 | 160 | torch-bf16-cudagraphs-whole | met |" in md
+    assert "| SA3-small-sized, 30 s, 8 steps, batch 1: end to end ms | <= 25 | - | - | not measured |" in md
+    # p99 bound 2 x 50 ms: only the 20/s rate qualifies (19 req/s), over none's best 12: 1.58x, not 4x
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["load"]["ratio"] == pytest.approx(19 / 12) and summary["load"]["p99_bound_s"] == 0.1
+    assert "(100 ms) | >= 4 | 1.583 | continuous vs none | not met |" in md
+    assert "`latency-gpu-sa3-small-sized-30s`" in md.split("Not found")[1]
 
 
 def run_gpu_suite(tmp_path, stages: str, gpu_dir=None) -> list[list[str]]:
