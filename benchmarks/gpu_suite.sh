@@ -19,11 +19,14 @@
 #      encoder's too) under eager torch float32 / bfloat16 and CUDA graphs (EMBEDDED_RUNTIMES), batches 1, 4, 16,
 #      10 s clips at each model's default steps;
 #   4. the SAO-small-sized checkpoint under torch.compile, if time is left (COMPILE=0 skips it);
-#   5. only when STAGES names it, "load": Poisson arrivals at LOAD_RATES through the real server on the SAO-small-sized
-#      checkpoint, continuous batching against none (benchmarks.load; goodput within a 0.5 s objective, p99).
-# Within 15 minutes of GPU time the suite runs as two calls of at most 10 minutes: STAGES="tests sao" (at its stages'
-# limits 540 s: tests 120, writing the checkpoint 150, sao 270), then STAGES="sa3 load" (writing 150, sa3 2 x 150,
-# load 180: 630 s at the limits; LOAD_S=120 keeps it within 570 s).
+#   5. only when STAGES names it, "load" (run before 2c): Poisson arrivals at LOAD_RATES through the real server on
+#      the SAO-small-sized checkpoint, continuous batching against none (benchmarks.load; goodput within a 0.5 s
+#      objective, p99).
+# 15 minutes of device time hold the machine's start and two calls of at most 10 minutes: STAGES="tests sao" (at its
+# stages' limits 540 s: tests 120, writing the checkpoint 150, sao 270), then, on the same warm machine (the
+# checkpoint is still in /tmp), STAGES="load sa3" with a timeout from status' budget_left_s: load 180, then writing
+# the SA3 checkpoint 150 and sa3 2 x 150, the 30 s clips last. Then python -m benchmarks.gpu_summary, whose verdicts
+# name what did not run.
 # SUFFIX is appended to the result names. STAGES picks stages (default: tests sao decoder sa3 embedded compile; the
 # decoder stage takes up to 90 s, embedded 90, compile 120).
 # Each stage has its own time limit and runs whatever the others did; the benchmarks' JSON and Markdown go to $OUT
@@ -84,6 +87,21 @@ timeout "${DECODER_S:-90}" $PY -m benchmarks.decoder_precision --device cuda "${
   | tail -n 30
 fi
 
+if want load; then
+  # continuous batching against none through the real server (HTTP, engine, device-resident batches), on the
+  # SAO-small-sized checkpoint: bfloat16, CUDA graphs per forward and per tick, whole-generation graphs when a set
+  # runs alone. The lowest rate leaves the batch-1 pipeline (none) unloaded: gpu_summary takes its median there as
+  # the batch-1 latency the load target is measured against
+  stage "load: continuous batching vs none, SAO-small-sized 11.9 s, 8 steps"
+  [ -d "$SAO" ] || timeout "${WRITE_S:-150}" $PY -c "from models.checkpoints.sized import write_random_sao_small as w
+w('$SAO')"
+  TTA_DEVICE=cuda TTA_PRECISION=bfloat16 TTA_DECODE_PRECISION=float16 TTA_CUDA_GRAPHS=true TTA_WHOLE_GENERATION=true \
+  TTA_TICK_GRAPHS=true TTA_MAX_PADDING=10 timeout "${LOAD_S:-180}" $PY -m benchmarks.load --model-dir "$SAO" \
+    --model "$(basename "$SAO")" --policies continuous,none --rates "${LOAD_RATES:-2,20,80}" --seconds 10 \
+    --audio-seconds 11.888 --slo 0.5 \
+    --max-batch 32 --timeout 10 --out "$OUT" --name "load-gpu-sao-small-sized${SUFFIX:-}" 2>&1 | tail -n 30
+fi
+
 if want sa3; then
 stage "SA3-small-sized"
 SA3=${SA3_DIR:-/tmp/sa3-small-sized}
@@ -106,19 +124,6 @@ for model in ${EMBEDDED_MODELS:-tta-arc}; do
     --repeats 20 --e2e-repeats 5 --name "latency-gpu-$model${SUFFIX:-}" --results-dir "$OUT" 2>&1 \
     | grep -v "it/s\]" | tail -n 60
 done
-fi
-
-if want load; then
-  # continuous batching against none through the real server (HTTP, engine, device-resident batches), on the
-  # SAO-small-sized checkpoint: bfloat16, CUDA graphs per forward and per tick, whole-generation graphs when a set
-  # runs alone
-  stage "load: continuous batching vs none, SAO-small-sized 11.9 s, 8 steps"
-  [ -d "$SAO" ] || timeout "${WRITE_S:-150}" $PY -c "from models.checkpoints.sized import write_random_sao_small as w
-w('$SAO')"
-  TTA_DEVICE=cuda TTA_PRECISION=bfloat16 TTA_DECODE_PRECISION=float16 TTA_CUDA_GRAPHS=true TTA_WHOLE_GENERATION=true \
-  TTA_TICK_GRAPHS=true TTA_MAX_PADDING=10 timeout "${LOAD_S:-180}" $PY -m benchmarks.load --model-dir "$SAO" --model "$(basename "$SAO")" \
-    --policies continuous,none --rates "${LOAD_RATES:-20,80}" --seconds 10 --audio-seconds 11.888 --slo 0.5 \
-    --max-batch 32 --timeout 10 --out "$OUT" --name "load-gpu-sao-small-sized${SUFFIX:-}" 2>&1 | tail -n 30
 fi
 
 if want compile && [ "${COMPILE:-1}" = 1 ]; then
