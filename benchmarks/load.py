@@ -298,10 +298,31 @@ def run_one_rate(url: str, memory: ProcessMemory | None, rate: float, args, body
         with RssMonitor(memory, args.rss_interval) as monitor:
             raw = asyncio.run(run_rate(url, rate, args.seconds, body, seed, args.timeout, audio_seconds))
         row = summarise(raw, args.slo, monitor.summary())
-    after = graph_captures(url)
-    if before is not None and after is not None:
-        row["graph_captures"] = {k: int(n - before.get(k, 0)) for k, n in after.items() if n > before.get(k, 0)}
+    captured = captured_between(before, graph_captures(url))
+    if captured is not None:
+        row["graph_captures"] = captured
     return row
+
+
+def captured_between(before: dict[str, float] | None, after: dict[str, float] | None) -> dict[str, int] | None:
+    """The graphs captured between two readings of ``graph_captures``, by kind; None when either is unknown."""
+    if before is None or after is None:
+        return None
+    return {k: int(n - before.get(k, 0)) for k, n in after.items() if n > before.get(k, 0)}
+
+
+def warm_up(url: str, rate: float, args, body: dict, audio_seconds: tuple[float, float]) -> dict:
+    """Arrivals at ``rate`` for ``args.warmup_seconds``, unmeasured, with their own seed: the batch shapes a server
+    meets under load (and so the CUDA graphs it captures, the kernels it compiles) come before the measured runs.
+    Returns what was sent and answered, and the graphs captured meanwhile."""
+    before = graph_captures(url)
+    raw = asyncio.run(run_rate(url, rate, args.warmup_seconds, body, args.seed - 1, args.timeout, audio_seconds))
+    out = {"seconds": args.warmup_seconds, "rate": rate, "sent": raw["sent"],
+           "ok": sum(1 for status, _ in raw["results"] if status == 200)}
+    captured = captured_between(before, graph_captures(url))
+    if captured is not None:
+        out["graph_captures"] = captured
+    return out
 
 
 def free_port() -> int:
@@ -401,6 +422,14 @@ def write_report(report: dict, out: Path, name: str) -> list[Path]:
                   "| policy | offered req/s | captures by kind |", "|---|---|---|"]
         lines += [f"| {policy} | {r['offered_rps']:g} | "
                   f"{', '.join(f'{k} {n}' for k, n in sorted(r['graph_captures'].items()))} |" for policy, r in captured]
+    warmed = [(policy, server["warmup"]) for policy, server in report.get("servers", {}).items() if "warmup" in server]
+    if warmed:
+        lines += ["", "Before the measured runs each server had an unmeasured warm-up:", "",
+                  "| policy | seconds | offered req/s | sent | ok | CUDA graphs captured |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {policy} | {w['seconds']:g} | {w['rate']:g} | {w['sent']} | {w['ok']} | "
+                  f"{', '.join(f'{k} {n}' for k, n in sorted(w.get('graph_captures', {}).items())) or '-'} |"
+                  for policy, w in warmed]
     repeats = cfg.get("repeats", 1)
     if repeats > 1:
         lines += ["", (f"Each figure above is the median of {repeats} runs (sent / ok: summed). Within a run every "
@@ -479,6 +508,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--server-pid", type=int, default=None, help="with --url: the server process id, for its RSS")
     p.add_argument("--rss-interval", type=float, default=0.5, help="seconds between RSS samples")
     p.add_argument("--rss-target-mib", type=float, default=1536.0, help="memory target marked in the report")
+    p.add_argument("--warmup-seconds", type=float, default=0.0, help="before any measured load, send each server "
+                   "arrivals at the highest rate for this long, unmeasured (what it captures or caches meanwhile is "
+                   "recorded under servers)")
     p.add_argument("--timeout", type=float, default=120.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--repeats", type=int, default=1, help="run every rate this many times per policy, alternating "
@@ -520,6 +552,9 @@ def main(argv: list[str] | None = None) -> None:
                 memory = None
             servers[name] = (proc, url, memory)
             report["servers"][name] = {"runtime": served_runtime(url, args.model), **server_memory(memory)}
+            if args.warmup_seconds > 0:
+                report["servers"][name]["warmup"] = warm_up(url, max(rates), args, body, audio_seconds)
+                print(f"{name:>10} warm-up: {report['servers'][name]['warmup']}", flush=True)
         for rep in range(args.repeats):
             for i, rate in enumerate(rates):
                 # the same arrivals for every policy within a repeat, new ones for each repeat; the policies' order

@@ -77,6 +77,19 @@ def test_poisson_runs_through_the_client_and_count_statuses_and_replicas(server)
     assert bad["ok"] == 0 and bad["statuses"] == {"404": bad["sent"]} and bad["p99_s"] is None
 
 
+def test_a_warm_up_sends_unmeasured_load_and_counts_what_the_server_captured(server):
+    from argparse import Namespace
+
+    from benchmarks.load import arrival_times, captured_between, warm_up
+
+    args = Namespace(warmup_seconds=0.5, seed=4, timeout=30.0)
+    w = warm_up(server.url, 10.0, args, {"model": "tiny", "steps": 2}, (1.0, 1.0))
+    assert w["sent"] == len(arrival_times(10.0, 0.5, 3)) == w["ok"] > 0  # its own seed: the run's minus one
+    assert w["graph_captures"] == {} and (w["seconds"], w["rate"]) == (0.5, 10.0)  # no CUDA graphs on a CPU
+    assert captured_between({"tick": 2}, {"tick": 5, "whole": 1, "forward": 0}) == {"tick": 3, "whole": 1}
+    assert captured_between(None, {"tick": 1}) is None
+
+
 def test_graph_captures_are_read_from_the_servers_metrics():
     from prometheus_client import generate_latest
 
