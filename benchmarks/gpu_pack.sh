@@ -4,7 +4,7 @@
 # machine's image has PyTorch but not the service's web packages, and no way to fetch them.
 #
 #   bash benchmarks/gpu_pack.sh             # before the device calls
-#   device call: carry [".gpu"], command "STAGES='tests sao' bash benchmarks/gpu_suite.sh" (then "sa3 load")
+#   device call: carry [".gpu"], command "STAGES='tests sao' bash benchmarks/gpu_suite.sh" (then "load sa3")
 #   bash benchmarks/gpu_pack.sh --restore   # after them, before any commit
 #
 # Packing does three things, writes .gpu/commit (the commit the results name), and prints what would travel:
@@ -31,7 +31,7 @@ WEIGHTS=$(printf '%s\n' "$WEIGHTS" | sort -u | sed '/^$/d')
 if [ "${1:-}" = "--restore" ]; then
   [ -z "$WEIGHTS" ] || git reset -q HEAD -- $WEIGHTS
   if [ -f "$EXCLUDE" ]; then
-    grep -v -F -e "$MARK" -e "/models/zoo/*/*.safetensors" "$EXCLUDE" > "$EXCLUDE.tmp" || true
+    grep -v -F -e "$MARK" -e "/$ZOO_WEIGHTS" "$EXCLUDE" > "$EXCLUDE.tmp" || true
     mv "$EXCLUDE.tmp" "$EXCLUDE"
   fi
   if [ -f "$HOOK" ] && grep -q -F "$MARK" "$HOOK"; then rm -f "$HOOK"; fi
@@ -44,7 +44,7 @@ fi
 # 1. the weights out of the index, ignored while packed
 [ -z "$WEIGHTS" ] || git rm -q --cached --ignore-unmatch -- $WEIGHTS
 mkdir -p "$(dirname "$EXCLUDE")"
-grep -q -F "$MARK" "$EXCLUDE" 2>/dev/null || printf '%s\n%s\n' "$MARK" "/models/zoo/*/*.safetensors" >> "$EXCLUDE"
+grep -q -F "$MARK" "$EXCLUDE" 2>/dev/null || printf '%s\n%s\n' "$MARK" "/$ZOO_WEIGHTS" >> "$EXCLUDE"
 # while packed, a commit would delete the weights: a pre-commit hook refuses (unless the checkout has its own hook)
 if [ ! -e "$HOOK" ]; then
   mkdir -p "$(dirname "$HOOK")"

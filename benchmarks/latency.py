@@ -371,8 +371,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    unknown = [name for name in args.runtimes.split(",")
-               if runner_options(name)[0] not in RUNTIMES and runner_options(name)[0] not in VARIANTS]
+    unknown = [name for name in args.runtimes.split(",") if runner_options(name)[0] not in {*RUNTIMES, *VARIANTS}]
     if unknown:
         ap.error(f"unknown runtime {', '.join(unknown)}; known: {', '.join(RUNTIMES + tuple(VARIANTS))}, each "
                  f"with {' or '.join(RUNNER_SUFFIXES)} appended or not")

@@ -311,14 +311,19 @@ def captured_between(before: dict[str, float] | None, after: dict[str, float] | 
     return {k: int(n - before.get(k, 0)) for k, n in after.items() if n > before.get(k, 0)}
 
 
+def captures_text(captures: dict[str, int]) -> str:
+    """Graph captures by kind as a table cell: ``tick 3, whole 1``."""
+    return ", ".join(f"{kind} {n}" for kind, n in sorted(captures.items()))
+
+
 def warm_up(url: str, rate: float, args, body: dict, audio_seconds: tuple[float, float]) -> dict:
     """Arrivals at ``rate`` for ``args.warmup_seconds``, unmeasured, with their own seed: the batch shapes a server
     meets under load (and so the CUDA graphs it captures, the kernels it compiles) come before the measured runs.
     Returns what was sent and answered, and the graphs captured meanwhile."""
     before = graph_captures(url)
     raw = asyncio.run(run_rate(url, rate, args.warmup_seconds, body, args.seed - 1, args.timeout, audio_seconds))
-    out = {"seconds": args.warmup_seconds, "rate": rate, "sent": raw["sent"],
-           "ok": sum(1 for status, _ in raw["results"] if status == 200)}
+    answered = summarise(raw, args.slo)
+    out = {"seconds": args.warmup_seconds, "rate": rate, "sent": answered["sent"], "ok": answered["ok"]}
     captured = captured_between(before, graph_captures(url))
     if captured is not None:
         out["graph_captures"] = captured
@@ -420,16 +425,15 @@ def write_report(report: dict, out: Path, name: str) -> list[Path]:
     if captured:
         lines += ["", "CUDA graphs the server captured during each rate (a capture costs a few forwards):", "",
                   "| policy | offered req/s | captures by kind |", "|---|---|---|"]
-        lines += [f"| {policy} | {r['offered_rps']:g} | "
-                  f"{', '.join(f'{k} {n}' for k, n in sorted(r['graph_captures'].items()))} |" for policy, r in captured]
+        lines += [f"| {policy} | {r['offered_rps']:g} | {captures_text(r['graph_captures'])} |"
+                  for policy, r in captured]
     warmed = [(policy, server["warmup"]) for policy, server in report.get("servers", {}).items() if "warmup" in server]
     if warmed:
         lines += ["", "Before the measured runs each server had an unmeasured warm-up:", "",
                   "| policy | seconds | offered req/s | sent | ok | CUDA graphs captured |",
                   "|---|---|---|---|---|---|"]
         lines += [f"| {policy} | {w['seconds']:g} | {w['rate']:g} | {w['sent']} | {w['ok']} | "
-                  f"{', '.join(f'{k} {n}' for k, n in sorted(w.get('graph_captures', {}).items())) or '-'} |"
-                  for policy, w in warmed]
+                  f"{captures_text(w.get('graph_captures', {})) or '-'} |" for policy, w in warmed]
     repeats = cfg.get("repeats", 1)
     if repeats > 1:
         lines += ["", (f"Each figure above is the median of {repeats} runs (sent / ok: summed). Within a run every "

@@ -82,7 +82,7 @@ def test_a_warm_up_sends_unmeasured_load_and_counts_what_the_server_captured(ser
 
     from benchmarks.load import arrival_times, captured_between, warm_up
 
-    args = Namespace(warmup_seconds=0.5, seed=4, timeout=30.0)
+    args = Namespace(warmup_seconds=0.5, seed=4, timeout=30.0, slo=2.0)
     w = warm_up(server.url, 10.0, args, {"model": "tiny", "steps": 2}, (1.0, 1.0))
     assert w["sent"] == len(arrival_times(10.0, 0.5, 3)) == w["ok"] > 0  # its own seed: the run's minus one
     assert w["graph_captures"] == {} and (w["seconds"], w["rate"]) == (0.5, 10.0)  # no CUDA graphs on a CPU
