@@ -5,6 +5,7 @@ import json
 import os
 import platform
 import resource
+import signal
 import statistics
 import subprocess
 import sys
@@ -86,11 +87,38 @@ def write_results(name: str, data: dict, markdown: str, results_dir: str | Path 
     benchmarks/results)."""
     out = Path(results_dir) if results_dir is not None else RESULTS
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{name}.json").write_text(json.dumps(data, indent=2, default=float) + "\n")
+    write_atomically(out / f"{name}.json", json.dumps(data, indent=2, default=float) + "\n")
     env = data.get("environment", {})
     footer = "\n\n" + "\n".join(f"- {k}: `{v}`" for k, v in env.items()) + "\n"
-    (out / f"{name}.md").write_text(markdown.rstrip() + "\n" + footer)
+    write_atomically(out / f"{name}.md", markdown.rstrip() + "\n" + footer)
     return out / f"{name}.json"
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """``path`` holds its old text or the new, never a part: a benchmark may be stopped while it writes, and results
+    are rewritten as measurements finish (a reader, or a run cut off, sees whole files)."""
+    part = path.with_name(path.name + ".part")
+    part.write_text(text)
+    part.replace(path)
+
+
+def stop_on_sigterm() -> None:
+    """Turn SIGTERM (what ``timeout`` sends a benchmark at its limit) into ``SystemExit(143)``, so that ``finally`` and
+    ``except`` blocks run: servers stop, and what was measured so far is written."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+
+
+def incomplete_note(not_run: list[str], cut_off: str | None = None) -> str:
+    """A results file's line for a run that ended early (its time limit, a stop): what never ran, and what was running
+    (its rows end at its last finished measurement). Empty for a complete run."""
+    if not not_run and cut_off is None:
+        return ""
+    parts = []
+    if cut_off is not None:
+        parts.append(f"`{cut_off}` was cut off (its rows end at its last finished measurement)")
+    if not_run:
+        parts.append(f"never ran: {', '.join(f'`{n}`' for n in not_run)}")
+    return f"**Incomplete.** The run ended early; {'; '.join(parts)}."
 
 
 def mean_ci(values, level: float = 0.95) -> dict:

@@ -76,8 +76,9 @@ def exact_decode(codec, z):
         torch.backends.cudnn.allow_tf32 = tf32
 
 
-def measure(codecs: dict, args) -> list[dict]:
-    """For each batch size: every variant's decode time, and its SNR against the reference on the same latents."""
+def measure(codecs: dict, args, on_row=None) -> list[dict]:
+    """For each batch size: every variant's decode time, and its SNR against the reference on the same latents.
+    ``on_row(rows)`` gets the rows so far after each one (so a run cut off keeps them)."""
     import torch
 
     from benchmarks.common import timed
@@ -107,6 +108,8 @@ def measure(codecs: dict, args) -> list[dict]:
                          "repeats": times["repeats"], "snr_db_min": min(snr), "snr_db": snr,
                          "max_abs_error_of_peak": float((got.float() - want).abs().max()) / peak if peak else 0.0})
             print(f"batch {b} {name}: {times['median_s'] * 1000:.1f} ms, SNR {min(snr):.1f} dB", flush=True)
+            if on_row is not None:
+                on_row(rows)
     return rows
 
 
@@ -117,7 +120,8 @@ def markdown(rows: list[dict], args, label: str, frames: int) -> str:
     table = [[r["variant"], r["batch"], r["median_s"] * 1000, r["p95_s"] * 1000, base[r["batch"]] / r["median_s"],
               None if r["variant"] == REFERENCE else r["snr_db_min"],
               None if r["variant"] == REFERENCE else r["max_abs_error_of_peak"]] for r in rows]
-    worst = {t: min(r["snr_db_min"] for r in rows if r["variant"] == t) for t in args.types}
+    worst = {t: min(r["snr_db_min"] for r in rows if r["variant"] == t) for t in args.types
+             if any(r["variant"] == t for r in rows)}
     verdict = ", ".join(f"{t} {v:.1f} dB ({'meets' if v >= args.target_db else 'below'} {args.target_db:g} dB)"
                         for t, v in worst.items())
     where = f"GPU: {args.gpu_name}" if args.device == "cuda" else f"CPU, {args.threads} threads"
@@ -157,19 +161,28 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     import torch
 
-    from benchmarks.common import environment, write_results
+    from benchmarks.common import environment, incomplete_note, stop_on_sigterm, write_results
 
+    stop_on_sigterm()  # at a time limit the rows written so far stand, marked incomplete
     codec, label = load_codec(args)
     torch.set_num_threads(args.threads)
     if args.device == "cuda":
         args.gpu_name = torch.cuda.get_device_name(0)
-    rows = measure(variants(codec, args.types), args)
     frames = codec.latent_frames(round(args.duration * codec.sample_rate))
-    md = markdown(rows, args, label, frames)
-    data = {"model": label, "duration_s": args.duration, "latent_frames": frames, "target_db": args.target_db,
-            "rows": rows, "environment": environment()}
-    write_results(args.name or f"decoder-precision-{args.device}", data, md, args.results_dir)
-    print(md)
+    codecs = variants(codec, args.types)
+
+    def publish(rows: list[dict]) -> dict:
+        done = {(r["batch"], r["variant"]) for r in rows}
+        not_run = [f"{name} at batch {b}" for b in args.batches for name in codecs if (b, name) not in done]
+        note = incomplete_note(not_run)
+        md = markdown(rows, args, label, frames) + (f"\n\n{note}" if note else "")
+        data = {"model": label, "duration_s": args.duration, "latent_frames": frames, "target_db": args.target_db,
+                "rows": rows, "complete": not note, "not_run": not_run, "environment": environment()}
+        write_results(args.name or f"decoder-precision-{args.device}", data, md, args.results_dir)
+        return data | {"markdown": md}
+
+    data = publish(measure(codecs, args, on_row=publish))
+    print(data.pop("markdown"))
     return data
 
 

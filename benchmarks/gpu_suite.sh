@@ -5,16 +5,16 @@
 #      whole-generation and text-encoder graphs against eager; tick graphs against the step path, their replays under
 #      torch's sync debug mode, as are the steps of a device-resident batch);
 #   2. latency of the Stable-Audio-Open-Small-sized checkpoint (tta sized sao-small: random weights) at the ARC
-#      paper's scale: 256 latent frames (11.9 s), 8 steps, batches 1, 4, 16, under eager torch float32 / bfloat16,
-#      bfloat16 with CUDA graphs, the whole generation as one CUDA graph with a float16 decoder, and each tick as one
-#      CUDA graph (SAO_RUNTIMES; a runtime name ending in -whole times end to end through models.generation_graph,
-#      one ending in -ticks step by step through models.tick_graph: compare it with torch-bf16-cudagraphs, whose
-#      decoder it shares);
+#      paper's scale: 256 latent frames (11.9 s), 8 steps, batches 1, 4, 16, under the whole generation as one CUDA
+#      graph with a float16 decoder, each tick as one CUDA graph, bfloat16 with CUDA graphs, eager torch float32 (its
+#      run also measures the floor) and bfloat16 (SAO_RUNTIMES, the targets' candidates first; a runtime name ending
+#      in -whole times end to end through models.generation_graph, one ending in -ticks step by step through
+#      models.tick_graph: compare it with torch-bf16-cudagraphs, whose decoder it shares);
 #   2b. its Oobleck decoder alone (benchmarks.decoder_precision): decode time at batches 1 and 16 and the SNR of the
 #      bfloat16 and float16 decoders against float32 (target 40 dB), beside the decoder as loaded;
 #   2c. latency of the Stable-Audio-3-Small-sized checkpoint (tta sized sa3-small: random weights, diffusers' layout)
-#      for 3 s and 30 s clips, 8 steps, batches 1, 4, 16, 32 (SA3_RUNTIMES, default bfloat16 eager, with graphs, and
-#      whole-generation graphs with a float16 decoder);
+#      for 30 s clips (the target's), then 3 s, 8 steps, batches 1, 4, 16, 32 (SA3_RUNTIMES, default whole-generation
+#      graphs with a float16 decoder, bfloat16 with graphs, and eager);
 #   3. latency of the embedded models' architectures (EMBEDDED_MODELS, default tta-arc; random weights, the text
 #      encoder's too) under eager torch float32 / bfloat16 and CUDA graphs (EMBEDDED_RUNTIMES), batches 1, 4, 16,
 #      10 s clips at each model's default steps;
@@ -25,8 +25,10 @@
 # 15 minutes of device time hold the machine's start and two calls of at most 10 minutes: STAGES="tests sao" (at its
 # stages' limits 540 s: tests 120, writing the checkpoint 150, sao 270), then, on the same warm machine (the
 # checkpoint is still in /tmp), STAGES="load sa3" with a timeout from status' budget_left_s: load 180, then writing
-# the SA3 checkpoint 150 and sa3 2 x 150, the 30 s clips last. Then python -m benchmarks.gpu_summary, whose verdicts
+# the SA3 checkpoint 150 and sa3 2 x 150, the 30 s clips first. Then python -m benchmarks.gpu_summary, whose verdicts
 # name what did not run.
+# A benchmark stopped at its stage's limit keeps what it measured: results are rewritten as each runtime, batch size,
+# decoder or rate finishes, and a stopped run marks its files incomplete, naming what was cut off and what never ran.
 # SUFFIX is appended to the result names. STAGES picks stages (default: tests sao decoder sa3 embedded compile; the
 # decoder stage takes up to 90 s, embedded 90, compile 120).
 # Each stage has its own time limit and runs whatever the others did; the benchmarks' JSON and Markdown go to $OUT
@@ -74,7 +76,7 @@ fi
 if want sao; then
 stage "SAO-small-sized"
 timeout "${SAO_S:-270}" $PY -m benchmarks.latency --device cuda --model "$SAO" \
-  --runtimes "${SAO_RUNTIMES:-torch,torch-bf16,torch-bf16-cudagraphs,torch-bf16-cudagraphs-vae-fp16-whole,torch-bf16-cudagraphs-ticks}" \
+  --runtimes "${SAO_RUNTIMES:-torch-bf16-cudagraphs-vae-fp16-whole,torch-bf16-cudagraphs-ticks,torch-bf16-cudagraphs,torch,torch-bf16}" \
   --batches 1,4,16 --duration 11.888 --repeats 20 --e2e-repeats 5 --name "latency-gpu-sao-small-sized${SUFFIX:-}" \
   --results-dir "$OUT" 2>&1 | grep -v "it/s\]" | tail -n 60
 fi
@@ -109,9 +111,9 @@ stage "SA3-small-sized"
 SA3=${SA3_DIR:-/tmp/sa3-small-sized}
 [ -d "$SA3" ] || timeout "${WRITE_S:-150}" $PY -c "from models.checkpoints.sized import write_random_checkpoint as w
 w('$SA3', 'sa3-small')"
-for seconds in 3 30; do
+for seconds in 30 3; do
   timeout "${SA3_S:-150}" $PY -m benchmarks.latency --device cuda --model "$SA3" \
-    --runtimes "${SA3_RUNTIMES:-torch-bf16,torch-bf16-cudagraphs,torch-bf16-cudagraphs-vae-fp16-whole}" \
+    --runtimes "${SA3_RUNTIMES:-torch-bf16-cudagraphs-vae-fp16-whole,torch-bf16-cudagraphs,torch-bf16}" \
     --batches 1,4,16,32 --duration "$seconds" \
     --repeats 20 --e2e-repeats 5 --name "latency-gpu-sa3-small-sized-${seconds}s${SUFFIX:-}" --results-dir "$OUT" \
     2>&1 | grep -v "it/s\]" | tail -n 60

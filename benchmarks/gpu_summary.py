@@ -11,7 +11,8 @@
   best goodput among the rates whose p99 meets that bound, over ``none``'s best goodput at any rate.
 
 Each latency target takes the best runtime's median. A run that is missing (a stage that failed or did not run) is
-named as such, and its targets as not measured.
+named as such, and its targets as not measured; a run cut off by its time limit is used for what it measured and
+named with what it did not.
 
     python -m benchmarks.gpu_summary [--inputs latency-gpu-sao-small-sized,...] [--load load-gpu-sao-small-sized]
 """
@@ -21,7 +22,7 @@ import argparse
 import json
 from pathlib import Path
 
-from benchmarks.common import RESULTS, md_table
+from benchmarks.common import RESULTS, incomplete_note, md_table
 
 DEFAULT_INPUTS = ("latency-gpu-sao-small-sized", "latency-gpu-sa3-small-sized-3s", "latency-gpu-sa3-small-sized-30s",
                   "latency-gpu-tta-arc", "latency-gpu-tta-bsa-25")
@@ -115,8 +116,9 @@ def targets(rows: list[list], load: dict | None) -> list[list]:
     lv = load_verdict(load) if load else {"ratio": None}
     what = (f"under load: continuous goodput / batch-1 goodput, p99 <= {P99_RATIO:g}x batch-1 latency"
             + (f" ({lv['p99_bound_s'] * 1e3:.0f} ms)" if lv.get("p99_bound_s") else ""))
+    measured = load is not None and lv["batch1_latency_s"] is not None  # both policies have answers
     out.append([what, f">= {GOODPUT_RATIO:g}", lv["ratio"], "continuous vs none",
-                "not measured" if load is None else verdict(lv["ratio"] or 0.0, GOODPUT_RATIO, False)])
+                verdict(lv["ratio"] or 0.0, GOODPUT_RATIO, False) if measured else "not measured"])
     return out
 
 
@@ -128,7 +130,7 @@ def main(argv=None) -> str:
     ap.add_argument("--results-dir", default=str(RESULTS))
     args = ap.parse_args(argv)
     out = Path(args.results_dir)
-    rows, envs, missing = [], {}, []
+    rows, envs, missing, incomplete = [], {}, [], {}
     for name in args.inputs.split(","):
         path = out / f"{name}.json"
         if not path.is_file():
@@ -137,12 +139,16 @@ def main(argv=None) -> str:
         data = json.loads(path.read_text())
         rows += rows_of(name, data)
         envs[name] = data["environment"]
+        if data.get("complete") is False:
+            incomplete[name] = data
     load = None
     if args.load:
         path = out / f"{args.load}.json"
         if path.is_file():
             load = json.loads(path.read_text())
             envs[args.load] = load["environment"]
+            if load.get("complete") is False:
+                incomplete[args.load] = load
         else:
             missing.append(args.load)
     if not rows:
@@ -161,11 +167,14 @@ def main(argv=None) -> str:
           f"(policy `none`). For scale: the ARC paper reports about {PAPER_MS:g} ms on an H100 for the "
           "SAO-small-sized model.\n\n## Every run\n\n"
           + md_table(headers, rows) + f"\n\n![summary]({args.name}.png)\n\nRuns:\n{sources}\n"
-          + (f"\nNot found (not run, or failed): {', '.join(f'`{m}`' for m in missing)}.\n" if missing else ""))
+          + (f"\nNot found (not run, or failed): {', '.join(f'`{m}`' for m in missing)}.\n" if missing else "")
+          + "".join(f"\n`{n}`: {incomplete_note(d.get('not_run', []), d.get('cut_off'))}\n"
+                    for n, d in incomplete.items()))
     (out / f"{args.name}.md").write_text(md)
     (out / f"{args.name}.json").write_text(json.dumps({"headers": headers, "rows": rows, "targets": verdicts,
                                                        "load": load_verdict(load) if load else None,
-                                                       "missing": missing, "sources": envs}, indent=2) + "\n")
+                                                       "missing": missing, "incomplete": sorted(incomplete),
+                                                       "sources": envs}, indent=2) + "\n")
     plot(rows, out / f"{args.name}.png")
     print(md)
     return md

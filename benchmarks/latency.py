@@ -33,6 +33,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.common import stop_on_sigterm, write_atomically
+
 ROOT = Path(__file__).resolve().parents[1]
 RUNTIMES = ("torch", "onnxruntime")
 # variants of the torch runtime that --runtimes may also name: the runtime and its options
@@ -211,8 +213,9 @@ def weight_params(rt) -> dict[str, int]:
             for stage, net in networks.items()}
 
 
-def worker(args) -> dict:
-    """One runtime in this process: load (exporting first if needed), then time every stage."""
+def worker(args, save=None) -> dict:
+    """One runtime in this process: load (exporting first if needed), then time every stage. ``save(out)`` gets the
+    result so far after each batch size (``complete`` false until the last), so a run cut off keeps those."""
     import torch
 
     from service.runner import ModelRunner
@@ -234,13 +237,19 @@ def worker(args) -> dict:
         return [f"a {200 + next(counter)} Hz tone, then rain on a tin roof" for _ in range(n)]
 
     out = {"runtime": args.worker, "load_s": load_s, "steps": steps, "guidance": rt.config.default_guidance,
-           "duration_s": args.duration, "latent_frames": rt.latent_frames(args.duration), "batches": {}}
+           "duration_s": args.duration, "latent_frames": rt.latent_frames(args.duration), "batches": {},
+           "complete": False}
+    if args.device == "cuda":
+        out["gpu_name"] = torch.cuda.get_device_name(0)
     runner, encoder = ModelRunner(rt, **runner_flags), uncached_encoder(rt)
     for b in args.batches:
         out["batches"][str(b)] = measure_batch(rt, runner, encoder, b, args, steps, prompts)
-    out["peak_rss_mb"] = _peak_rss_mb()
-    if args.device == "cuda":
-        out["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
+        out["peak_rss_mb"] = _peak_rss_mb()
+        if args.device == "cuda":
+            out["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
+        if save is not None:
+            save(out)
+    out["complete"] = True
     if args.worker == "torch":
         out["peak_matmul_flops"] = peak_matmul_flops(args.threads, args.device)
         out["peak_copy_bytes_per_s"] = peak_copy_bytes_per_s(args.device)
@@ -255,7 +264,7 @@ def pool_rounds(runs: list[dict]) -> dict:
 
     peaks = ("peak_matmul_flops", "peak_copy_bytes_per_s")
     out = {k: v for k, v in runs[0].items()
-           if k not in ("batches", "peak_rss_mb", "peak_gpu_mb", "load_s") + peaks}
+           if k not in ("batches", "peak_rss_mb", "peak_gpu_mb", "load_s", "complete") + peaks}
     for peak in peaks:
         if peak in runs[0]:
             out[peak] = max(r[peak] for r in runs)
@@ -264,10 +273,12 @@ def pool_rounds(runs: list[dict]) -> dict:
     if "peak_gpu_mb" in runs[0]:
         out["peak_gpu_mb"] = max(r["peak_gpu_mb"] for r in runs)
     out["load_s"] = sorted(r["load_s"] for r in runs)[len(runs) // 2]
+    out["complete"] = all(r.get("complete", True) for r in runs)
     out["batches"] = {}
-    for b, row in runs[0]["batches"].items():
-        pooled = {stage: time_summary([t for r in runs for t in r["batches"][b][stage]["times_s"]])
-                  for stage in STAGES}
+    for b in dict.fromkeys(b for r in runs for b in r["batches"]):  # a round cut off may lack the last batch sizes
+        measured = [r["batches"][b] for r in runs if b in r["batches"]]
+        row = measured[0]
+        pooled = {stage: time_summary([t for m in measured for t in m[stage]["times_s"]]) for stage in STAGES}
         pooled["rtf"] = pooled["end_to_end"]["median_s"] / (int(b) * out["duration_s"])
         if "flops" in row:
             pooled["flops"] = row["flops"]
@@ -325,7 +336,7 @@ def floor_section(results: list[dict]) -> str:
     rows = []
     for b, row in torch_run["batches"].items():
         for stage, flops in row.get("flops", {}).items():
-            best = min(r["batches"][b][stage]["median_s"] for r in results)
+            best = min(r["batches"][b][stage]["median_s"] for r in results if b in r["batches"])
             compute = flops / peak
             weights = None
             if bandwidth and params:
@@ -384,13 +395,16 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.worker:
-        Path(args.worker_out).write_text(json.dumps(worker(args)))
+        def save(out: dict) -> None:
+            write_atomically(Path(args.worker_out), json.dumps(out))
+
+        save(worker(args, save))
         return {}
 
-    from benchmarks.common import environment, write_results
-
+    stop_on_sigterm()  # at a time limit, the runtimes measured so far are written (below) rather than lost
     model = Path(args.model)
     label = model.name + (" (random weights)" if args.random_weights else "")
+    name = args.name or (f"latency-{args.device}-smoke" if args.smoke else f"latency-{args.device}")
     with tempfile.TemporaryDirectory() as tmp:
         if args.random_weights:
             from models.random_weights import random_model_copy
@@ -403,37 +417,76 @@ def main(argv=None) -> dict:
             t0 = time.perf_counter()
             ensure_onnx_export(model)
             export_s = time.perf_counter() - t0
-        rounds: dict[str, list[dict]] = {name: [] for name in args.runtimes.split(",")}
+        rounds: dict[str, list[dict]] = {runtime: [] for runtime in args.runtimes.split(",")}
+        order = [(r, runtime) for r in range(args.rounds) for runtime in rounds]
         failed: list[str] = []
-        for r, name in ((r, name) for r in range(args.rounds) for name in rounds):
-            out = Path(tmp) / f"{name}-{r}.json"
-            cmd = [sys.executable, "-m", "benchmarks.latency", "--worker", name, "--worker-out", str(out),
+        for i, (r, runtime) in enumerate(order):
+            out = Path(tmp) / f"{runtime}-{r}.json"
+            cmd = [sys.executable, "-m", "benchmarks.latency", "--worker", runtime, "--worker-out", str(out),
                    "--model", str(model), "--batches", ",".join(map(str, args.batches)), "--threads",
                    str(args.threads), "--duration", str(args.duration), "--repeats", str(args.repeats),
                    "--e2e-repeats", str(args.e2e_repeats), "--device", args.device]
             cmd += ["--steps", str(args.steps)] if args.steps else []
-            code = subprocess.run(cmd, cwd=ROOT).returncode
-            if code != 0:  # one runtime's failure (its log is above) leaves the others' results standing
-                print(f"runtime {name} failed (exit {code}); its rows are left out", file=sys.stderr)
-                failed.append(name)
-                continue
-            rounds[name].append(json.loads(out.read_text()))
-        results = [pool_rounds(runs) for runs in rounds.values() if runs]
-        if not results:
-            raise SystemExit("every runtime failed")
-    if args.device == "cuda":
-        import torch
+            try:
+                code = subprocess.run(cmd, cwd=ROOT).returncode
+            except BaseException:  # stopped (SIGTERM at a time limit, ^C): keep every finished batch, then stop
+                kept, _ = worker_result(out, None)
+                rounds[runtime] += [kept] if kept else []
+                publish(name, args, rounds, failed, order[i + 1:], label, export_s, cut_off=(r, runtime))
+                raise
+            # one runtime's failure (its log is above) leaves the others' results, and its own finished batches
+            kept, failure = worker_result(out, code)
+            rounds[runtime] += [kept] if kept else []
+            if failure:
+                print(f"runtime {runtime} failed: {failure}", file=sys.stderr)
+                failed.append(f"{runtime} ({failure})")
+            if i + 1 < len(order):  # what is measured so far, in case the run ends before the rest
+                publish(name, args, rounds, failed, order[i + 1:], label, export_s)
+    data = publish(name, args, rounds, failed, [], label, export_s)
+    if data is None:
+        raise SystemExit("every runtime failed")
+    print(data.pop("markdown"))
+    return data
 
-        args.gpu_name = torch.cuda.get_device_name(0)
+
+def worker_result(out: Path, code: int | None) -> tuple[dict | None, str | None]:
+    """What a worker left in ``out`` after exiting with ``code`` (None: stopped before it exited): its result, whole
+    or up to its last finished batch size (None if it finished none), and what went wrong (None if it exited 0)."""
+    kept = json.loads(out.read_text()) if out.is_file() else None  # written whole or not at all (write_atomically)
+    if kept is not None and not kept["batches"]:
+        kept = None
+    if code == 0:
+        return kept, None
+    how = "stopped" if code is None else f"exit {code}"
+    return kept, how + (f"; its batches {', '.join(kept['batches'])} were measured and are kept" if kept else "")
+
+
+def publish(name: str, args, rounds: dict[str, list[dict]], failed: list[str], pending: list[tuple[int, str]],
+            label: str, export_s: float | None, cut_off: tuple[int, str] | None = None) -> dict | None:
+    """Write the results of the runs so far (each runtime's rounds pooled); ``pending`` (round, runtime) pairs have
+    not run, ``cut_off`` was running when the run stopped. Nothing is written while no runtime has a result."""
+    from benchmarks.common import environment, incomplete_note, write_results
+
+    results = [pool_rounds(runs) for runs in rounds.values() if runs]
+    if not results:
+        return None
+
+    def called(r: int, runtime: str) -> str:
+        return runtime if args.rounds == 1 else f"{runtime} (round {r + 1})"
+
+    not_run = [called(*p) for p in pending]
+    cut = None if cut_off is None else called(*cut_off)
+    args.gpu_name = next((r["gpu_name"] for r in results if "gpu_name" in r), None)
     md = markdown(results, args, label, export_s)
     if failed:
-        md += f"\n\nFailed (left out; see the run's log): {', '.join(sorted(set(failed)))}."
+        md += f"\n\nFailed (see the run's log): {', '.join(failed)}."
+    note = incomplete_note(not_run, cut)
+    md += f"\n\n{note}" if note else ""
     data = {"model": label, "smoke": args.smoke, "onnx_export_s": export_s, "results": results,
-            "failed": sorted(set(failed)), "environment": environment()}
-    name = args.name or (f"latency-{args.device}-smoke" if args.smoke else f"latency-{args.device}")
+            "failed": failed, "complete": not note, "not_run": not_run, "cut_off": cut,
+            "environment": environment()}
     write_results(name, data, md, args.results_dir)
-    print(md)
-    return data
+    return data | {"markdown": md}
 
 
 if __name__ == "__main__":

@@ -25,7 +25,6 @@ import json
 import os
 import platform
 import random
-import signal
 import socket
 import subprocess
 import sys
@@ -37,7 +36,7 @@ from typing import Self
 
 import httpx
 
-from benchmarks.common import child_pythonpath, git_commit
+from benchmarks.common import child_pythonpath, git_commit, incomplete_note, stop_on_sigterm, write_atomically
 from service.client import ApiError, AsyncClient
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -392,10 +391,12 @@ def environment() -> dict:
     return info
 
 
-def write_report(report: dict, out: Path, name: str) -> list[Path]:
+def write_report(report: dict, out: Path, name: str, plot: bool = True) -> list[Path]:
+    """``<name>.json``, ``<name>.md`` and (``plot``) ``<name>.png`` under ``out``; a report whose run ended early
+    (``not_run`` / ``cut_off``) says so in the Markdown."""
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / f"{name}.json", out / f"{name}.md"]
-    paths[0].write_text(json.dumps(report, indent=2) + "\n")
+    write_atomically(paths[0], json.dumps(report, indent=2) + "\n")
     cfg, env = report["config"], report["environment"]
     target = cfg.get("rss_target_mib")
     lines = [f"# Load benchmark: {name}", "",
@@ -462,7 +463,11 @@ def write_report(report: dict, out: Path, name: str) -> list[Path]:
         for policy, info in servers.items():
             lines.append(f"| {policy} | {info.get('runtime') or '-'} | {fmt(info.get('rss_ready_mib'), 0)} | "
                          f"{fmt(info.get('rss_loading_peak_mib'), 0)} |")
-    paths[1].write_text("\n".join(lines) + "\n")
+    note = incomplete_note(report.get("not_run", []), report.get("cut_off"))
+    lines += ["", note] if note else []
+    write_atomically(paths[1], "\n".join(lines) + "\n")
+    if not plot:
+        return paths
     try:
         import matplotlib
 
@@ -489,6 +494,7 @@ def write_report(report: dict, out: Path, name: str) -> list[Path]:
     fig.tight_layout()
     paths.append(out / f"{name}.png")
     fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
     return paths
 
 
@@ -526,8 +532,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    # a terminated benchmark still stops the servers it started (the finally below), instead of orphaning them
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    # a terminated benchmark (its time limit) still stops the servers it started (the finally below), instead of
+    # orphaning them, and writes the rates it measured
+    stop_on_sigterm()
 
     rates = [float(r) for r in args.rates.split(",")]
     audio_seconds = parse_seconds(args.audio_seconds)
@@ -539,11 +546,29 @@ def main(argv: list[str] | None = None) -> None:
                          "audio_seconds": args.audio_seconds, "steps": args.steps, "max_batch": args.max_batch,
                          "queue_size": args.queue_size, "max_queue_delay_ms": args.max_queue_delay_ms,
                          "runtime": args.runtime, "rss_interval_s": args.rss_interval,
-                         "rss_target_mib": args.rss_target_mib},
+                         "rss_target_mib": args.rss_target_mib, "repeats": args.repeats},
               "environment": environment(), "policies": {}, "servers": {}}
     names = ["external"] if args.url else policies
     servers: dict[str, tuple[subprocess.Popen | None, str, ProcessMemory | None]] = {}
     runs: dict[str, list[list[dict]]] = {name: [[] for _ in rates] for name in names}
+    # the same arrivals for every policy within a repeat, new ones for each repeat; the policies' order rotates at
+    # each rate so that none always runs first (or right after the heaviest)
+    schedule = [(rep, i, rate, name) for rep in range(args.repeats) for i, rate in enumerate(rates)
+                for name in names[(rep + i) % len(names):] + names[:(rep + i) % len(names)]]
+    stem = args.name or f"load-{args.model}"
+
+    def publish(pending: list[tuple], cut_off: tuple | None = None, plot: bool = False) -> list[Path]:
+        def called(run: tuple) -> str:
+            rep, _, rate, name = run
+            return f"{name} at {rate:g} req/s" + (f" (run {rep + 1})" if args.repeats > 1 else "")
+
+        report["policies"] = {name: [pool(rows) for rows in per_rate if rows]
+                              for name, per_rate in runs.items() if per_rate[0]}
+        report["complete"] = not pending and cut_off is None
+        report["not_run"], report["cut_off"] = [called(r) for r in pending], cut_off and called(cut_off)
+        return write_report(report, Path(args.out), stem, plot=plot)
+
+    current = None
     try:
         for name in names:  # every policy's server up before any load, so that repeats can alternate between them
             proc, url, pid = None, args.url, args.server_pid
@@ -559,19 +584,20 @@ def main(argv: list[str] | None = None) -> None:
             if args.warmup_seconds > 0:
                 report["servers"][name]["warmup"] = warm_up(url, max(rates), args, body, audio_seconds)
                 print(f"{name:>10} warm-up: {report['servers'][name]['warmup']}", flush=True)
-        for rep in range(args.repeats):
-            for i, rate in enumerate(rates):
-                # the same arrivals for every policy within a repeat, new ones for each repeat; the policies' order
-                # rotates so that none always runs first (or right after the heaviest)
-                seed = args.seed + i + 1000 * rep
-                turn = (rep + i) % len(names)
-                for name in names[turn:] + names[:turn]:
-                    _, url, memory = servers[name]
-                    row = run_one_rate(url, memory, rate, args, body, seed, audio_seconds)
-                    runs[name][i].append(row)
-                    print(f"{name:>10} {rate:6.2f} req/s (run {rep + 1}/{args.repeats}): ok {row['ok']}/{row['sent']}, "
-                          f"throughput {row['throughput_rps']:.2f}, goodput {row['goodput_rps']:.2f}, p50 "
-                          f"{row['p50_s']}, p99 {row['p99_s']}, peak RSS {row['rss_peak_mib']} MiB", flush=True)
+        for k, current in enumerate(schedule):
+            rep, i, rate, name = current
+            _, url, memory = servers[name]
+            row = run_one_rate(url, memory, rate, args, body, args.seed + i + 1000 * rep, audio_seconds)
+            runs[name][i].append(row)
+            print(f"{name:>10} {rate:6.2f} req/s (run {rep + 1}/{args.repeats}): ok {row['ok']}/{row['sent']}, "
+                  f"throughput {row['throughput_rps']:.2f}, goodput {row['goodput_rps']:.2f}, p50 "
+                  f"{row['p50_s']}, p99 {row['p99_s']}, peak RSS {row['rss_peak_mib']} MiB", flush=True)
+            publish(schedule[k + 1:])  # what is measured so far, in case the run ends before the rest
+        current = None
+    except BaseException:  # stopped (SIGTERM at a time limit, ^C) or failed: write what was measured, then stop
+        if any(rows for per_rate in runs.values() for rows in per_rate):
+            publish(schedule[schedule.index(current) + 1:] if current else [], cut_off=current, plot=True)
+        raise
     finally:
         for proc, _, _ in servers.values():
             if proc is not None:
@@ -580,9 +606,7 @@ def main(argv: list[str] | None = None) -> None:
                     proc.wait(15)
                 except subprocess.TimeoutExpired:
                     proc.kill()
-    report["config"]["repeats"] = args.repeats
-    report["policies"] = {name: [pool(rows) for rows in per_rate] for name, per_rate in runs.items() if per_rate[0]}
-    for path in write_report(report, Path(args.out), args.name or f"load-{args.model}"):
+    for path in publish([], plot=True):
         print("wrote", path)
 
 

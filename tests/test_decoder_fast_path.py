@@ -250,3 +250,38 @@ def test_the_service_setting_reaches_the_runtime(sao_tiny, monkeypatch):
     monkeypatch.setattr("service.runtimes.torch_runtime.cpu_runs_natively", lambda precision: True)
     rt = load_model(sao_tiny, Settings(runtime="torch"))
     assert (rt.decode_precision, rt.bundle.codec.decoder_dtype) == ("float16", torch.float16)
+
+
+def test_the_precision_benchmark_writes_each_row_as_it_is_measured(tmp_path, monkeypatch):
+    """benchmarks.decoder_precision rewrites its results after every row, so a stop at a time limit (SystemExit(143)
+    from its SIGTERM handler) leaves the rows measured, marked incomplete with the rest named."""
+    import json
+
+    from benchmarks import decoder_precision
+
+    real = decoder_precision.measure
+
+    def stopped_after_three_rows(codecs, args, on_row=None):
+        def row_then_stop(rows):
+            on_row(rows)
+            if len(rows) == 3:
+                raise SystemExit(143)
+        return real(codecs, args, on_row=row_then_stop)
+
+    monkeypatch.setattr(decoder_precision, "measure", stopped_after_three_rows)
+    monkeypatch.setattr("benchmarks.common.stop_on_sigterm", lambda: None)  # pytest's process: no handler
+    argv = ["--sized", "sao-small", "--scale", "tiny", "--duration", "0.25", "--batches", "1,2", "--types", "float16",
+            "--repeats", "1", "--results-dir", str(tmp_path), "--name", "cut"]
+    with pytest.raises(SystemExit):
+        decoder_precision.main(argv)
+    data = json.loads((tmp_path / "cut.json").read_text())
+    assert [(r["batch"], r["variant"]) for r in data["rows"]] == [(1, "float32 as loaded"), (1, "float32"),
+                                                                  (1, "float16")]
+    assert data["complete"] is False and data["not_run"] == [
+        "float32 as loaded at batch 2", "float32 at batch 2", "float16 at batch 2"]
+    md = (tmp_path / "cut.md").read_text()
+    assert "float16 " in md.split("Worst SNR:")[1] and "**Incomplete.**" in md
+    monkeypatch.setattr(decoder_precision, "measure", real)
+    whole = decoder_precision.main(argv)
+    assert whole["complete"] and whole["not_run"] == [] and len(whole["rows"]) == 6
+    assert "Incomplete" not in (tmp_path / "cut.md").read_text()

@@ -172,7 +172,7 @@ def test_the_gpu_suite_installs_what_was_packed_and_puts_it_on_the_path(tmp_path
 
 @pytest.mark.parametrize("stages, expected", [
     ("tests", ["pytest"]),
-    ("sa3", ["write_random_checkpoint", "latency-gpu-sa3-small-sized-3s", "latency-gpu-sa3-small-sized-30s"]),
+    ("sa3", ["write_random_checkpoint", "latency-gpu-sa3-small-sized-30s", "latency-gpu-sa3-small-sized-3s"]),
     ("sao decoder", ["write_random_sao_small", "latency-gpu-sao-small-sized", "decoder_precision"]),
     ("load", ["write_random_sao_small", "load-gpu-sao-small-sized"]),
 ])
@@ -254,3 +254,64 @@ def test_no_timed_end_to_end_run_pays_for_a_capture():
     assert e2e_warmups(runner) == 2
     runner.whole, runner.ticks = None, TickGraphs(runner.pipeline, capture_after=3, record=record_eagerly)
     assert e2e_warmups(runner) == 3
+
+
+def test_a_workers_partial_result_is_kept_and_its_failure_named(tmp_path):
+    """A worker rewrites its result after each batch size; what it left is kept when it fails or is stopped."""
+    import json
+
+    from benchmarks.latency import worker_result
+
+    stages = ("text_encoding", "denoiser_forward", "decode", "end_to_end")
+    out = tmp_path / "w.json"
+    assert worker_result(out, 1) == (None, "exit 1") and worker_result(out, None) == (None, "stopped")
+    out.write_text(json.dumps(_run({s: [0.1] for s in stages}, rss=1.0, load=1.0) | {"batches": {}}))
+    assert worker_result(out, 137) == (None, "exit 137")  # nothing finished yet
+    partial = _run({s: [0.1] for s in stages}, rss=1.0, load=1.0) | {"complete": False}
+    out.write_text(json.dumps(partial))
+    assert worker_result(out, 1) == (partial, "exit 1; its batches 2 were measured and are kept")
+    assert worker_result(out, None)[1] == "stopped; its batches 2 were measured and are kept"
+    assert worker_result(out, 0) == (partial, None)
+    # pooled with a whole round: batch 2 from both, batch 8 from the whole one; the runtime is marked incomplete
+    whole = _run({s: [0.3] for s in stages}, rss=2.0, load=1.0) | {"complete": True}
+    whole["batches"]["8"] = whole["batches"]["2"]
+    pooled = pool_rounds([whole, partial])
+    assert pooled["batches"]["2"]["end_to_end"]["repeats"] == 2 and pooled["batches"]["8"]["end_to_end"]["repeats"] == 1
+    assert pooled["complete"] is False and pool_rounds([whole])["complete"] is True
+
+
+@pytest.mark.slow
+def test_a_latency_run_stopped_at_its_time_limit_keeps_what_it_measured(model_dir, tmp_path):
+    """What ``timeout`` does at a stage's limit in benchmarks/gpu_suite.sh (SIGTERM to the process group) leaves the
+    finished runtimes' results written, marked incomplete, with what was cut off."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, "-m", "benchmarks.latency", "--model", str(model_dir / "tiny"), "--runtimes", "torch",
+           "--rounds", "2", "--batches", "1,2", "--repeats", "1", "--e2e-repeats", "1", "--steps", "2",
+           "--results-dir", str(tmp_path), "--name", "cut"]
+    proc = subprocess.Popen(cmd, cwd=root, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 240
+        while not (tmp_path / "cut.md").is_file():  # written after the json, once round 1 finished
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read().decode()[-2000:]
+            time.sleep(0.05)
+        first = json.loads((tmp_path / "cut.json").read_text())
+        assert (first["complete"], first["not_run"], first["cut_off"]) == (False, ["torch (round 2)"], None)
+        time.sleep(0.5)  # round 2's worker is starting (importing torch takes seconds)
+        os.killpg(proc.pid, signal.SIGTERM)
+        assert proc.wait(60) == 143
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    data = json.loads((tmp_path / "cut.json").read_text())
+    assert (data["complete"], data["not_run"], data["cut_off"], data["failed"]) == (False, [], "torch (round 2)", [])
+    [torch_run] = data["results"]
+    assert torch_run["rounds"] == 1 and list(torch_run["batches"]) == ["1", "2"]
+    assert "`torch (round 2)` was cut off" in (tmp_path / "cut.md").read_text()

@@ -118,3 +118,58 @@ def test_a_server_the_benchmarks_start_sees_the_packages_they_were_given(monkeyp
     assert child_pythonpath() == f"{root}:/tmp/site"
     monkeypatch.setenv("GIT_COMMIT", "abc1234")
     assert git_commit() == "abc1234"
+
+
+def test_a_load_run_stopped_midway_writes_the_rates_it_measured(server, tmp_path, monkeypatch):
+    """A stop (SIGTERM at the suite's time limit, turned into SystemExit(143)) during the second rate leaves the first
+    rate's figures written, and the report says which run was cut off and which never ran."""
+    import json
+
+    from benchmarks import load
+
+    real, calls = load.run_one_rate, []
+
+    def stopped_at_the_second(*args, **kwargs):
+        calls.append(args[2])
+        if len(calls) == 2:
+            raise SystemExit(143)  # what benchmarks.common.stop_on_sigterm makes of the signal
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(load, "run_one_rate", stopped_at_the_second)
+    monkeypatch.setattr(load, "stop_on_sigterm", lambda: None)  # this process is pytest's: no handler installed
+    with pytest.raises(SystemExit) as stop:
+        load.main(["--url", server.url, "--model", "tiny", "--rates", "4,8,16", "--seconds", "0.5", "--steps", "2",
+                   "--audio-seconds", "1", "--timeout", "30", "--out", str(tmp_path), "--name", "cut"])
+    assert stop.value.code == 143 and calls == [4.0, 8.0]
+    report = json.loads((tmp_path / "cut.json").read_text())
+    assert (report["complete"], report["cut_off"], report["not_run"]) == (False, "external at 8 req/s",
+                                                                          ["external at 16 req/s"])
+    [row] = report["policies"]["external"]
+    assert row["offered_rps"] == 4.0 and row["ok"] == row["sent"] > 0
+    md = (tmp_path / "cut.md").read_text()
+    assert "`external at 8 req/s` was cut off" in md and "never ran: `external at 16 req/s`" in md
+    assert (tmp_path / "cut.png").stat().st_size > 0
+
+
+def test_the_gpu_summary_counts_a_load_run_without_both_policies_as_not_measured(tmp_path):
+    import json
+
+    from benchmarks.common import time_summary
+    from benchmarks.gpu_summary import main
+
+    stages = ("text_encoding", "denoiser_forward", "decode", "end_to_end")
+    sao = {"runtime": "torch", "steps": 8, "duration_s": 11.9, "peak_rss_mb": 1.0, "load_s": 1.0,
+           "batches": {"1": {s: time_summary([0.07]) for s in stages}}}
+    (tmp_path / "latency-gpu-sao-small-sized.json").write_text(json.dumps(
+        {"model": "sao", "results": [sao], "environment": {"gpu": "H100"}, "complete": False,
+         "not_run": ["torch-bf16"], "cut_off": None}))
+    row = {"offered_rps": 2.0, "goodput_rps": 1.9, "p50_s": 0.05, "p99_s": 0.08}
+    (tmp_path / "load-gpu-sao-small-sized.json").write_text(json.dumps(
+        {"environment": {"cuda": "H100"}, "policies": {"continuous": [row]}, "complete": False,
+         "not_run": ["none at 2 req/s"], "cut_off": None}))
+    md = main(["--name", "summary", "--results-dir", str(tmp_path)])
+    assert "| continuous vs none | not measured |" in md
+    assert "`latency-gpu-sao-small-sized`: **Incomplete.** The run ended early; never ran: `torch-bf16`." in md
+    assert "`load-gpu-sao-small-sized`: **Incomplete.**" in md
+    assert json.loads((tmp_path / "summary.json").read_text())["incomplete"] == [
+        "latency-gpu-sao-small-sized", "load-gpu-sao-small-sized"]
