@@ -172,15 +172,44 @@ def test_the_gpu_suite_installs_what_was_packed_and_puts_it_on_the_path(tmp_path
 
 @pytest.mark.parametrize("stages, expected", [
     ("tests", ["pytest"]),
-    ("sa3", ["write_random_checkpoint", "latency-gpu-sa3-small-sized-30s", "latency-gpu-sa3-small-sized-3s"]),
-    ("sao decoder", ["write_random_sao_small", "latency-gpu-sao-small-sized", "decoder_precision"]),
-    ("load", ["write_random_sao_small", "load-gpu-sao-small-sized"]),
+    ("sa3", ["'sa3-small'", "latency-gpu-sa3-small-sized-30s", "latency-gpu-sa3-small-sized-3s"]),
+    ("sao decoder", ["'sao-small'", "latency-gpu-sao-small-sized", "decoder_precision"]),  # one write for both
+    ("load", ["'sao-small'", "load-gpu-sao-small-sized"]),
+    ("load tests", ["'sao-small'", "load-gpu-sao-small-sized", "pytest"]),  # in the order named
 ])
 def test_the_gpu_suite_runs_the_stages_it_is_asked_for(tmp_path, stages, expected):
     calls = [call[:-2] for call in run_gpu_suite(tmp_path, stages)]
     assert len(calls) == len(expected)
     for call, what in zip(calls, expected):
         assert what in " ".join(call), (call, what)
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_the_gpu_suite_writes_a_checkpoint_once_and_never_leaves_a_broken_one(tmp_path, fails):
+    """The random checkpoint is written into <dir>.part and renamed when the writer succeeds: a write that fails or is
+    cut off leaves no directory that a later stage or call would take for a checkpoint, and is not retried within
+    the call."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    fake = tmp_path / "py"  # writes part of a checkpoint where it is asked to, then succeeds or fails
+    fake.write_text("#!/bin/sh\n"
+                    "case \"$2\" in *write_random_checkpoint*)\n"
+                    "  dir=$(printf '%s' \"$2\" | sed -n \"s/^w('\\(.*\\)', '.*')$/\\1/p\")\n"
+                    f"  echo \"$dir\" >> {tmp_path}/writes; mkdir -p \"$dir\"; : > \"$dir/model.safetensors\"\n"
+                    f"  exit {1 if fails else 0};;\nesac\n")
+    fake.chmod(0o755)
+    (tmp_path / "nvidia-smi").write_text("#!/bin/sh\n")
+    (tmp_path / "nvidia-smi").chmod(0o755)
+    sao = tmp_path / "sao"
+    env = dict(os.environ, PYTHON=str(fake), STAGES="sao decoder load", OUT=str(tmp_path / "out"), GIT_COMMIT="",
+               GPU_DIR=str(tmp_path / "gpu"), SAO_DIR=str(sao), PATH=f"{tmp_path}:{os.environ['PATH']}")
+    root = Path(__file__).resolve().parents[1]
+    subprocess.run(["bash", "benchmarks/gpu_suite.sh"], cwd=root, env=env, check=True, capture_output=True, timeout=60)
+    assert (tmp_path / "writes").read_text().split() == [f"{sao}.part"]  # once, for the three stages
+    assert sao.is_dir() != fails and (sao / "model.safetensors").is_file() != fails
+    assert "=== " in (tmp_path / "out" / "gpu-suite.log").read_text()  # the whole output is kept beside the results
 
 
 def test_every_call_of_the_gpu_suite_is_one_its_programs_accept(tmp_path):
