@@ -1,25 +1,20 @@
 from __future__ import annotations
 
 import os
-from contextlib import contextmanager
 
 import pytest
 import torch
+
+from models.default_dtype import default_dtype
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(1)
 
 
-@contextmanager
 def float32_default():
     """Other test modules set a float64 default dtype at import (collection time); the service and its models are
     float32, so everything the service tests build or load happens under float32."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float32)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(previous)
+    return default_dtype(torch.float32)
 
 
 def cuda_only(reason: str = "needs a CUDA device (GPU suite)"):

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import float32_default
 from pipeline_support import join_and_leave
 
 from models.checkpoints import CheckpointError, detect_format, load_checkpoint_dir
@@ -146,9 +147,7 @@ def build_sat_reference(ns: dict, cfg: dict, tokenizer=None, t5=None):
 def sao_small(tmp_path_factory):
     """A tiny Stable Audio Open Small saved as stable-audio-tools saves it, and its reference objects."""
     ns = sat_reference_classes()
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float32)
-    try:
+    with float32_default():
         cfg = sao_small_config("tiny")
         tokenizer, t5 = make_tokenizer(64), make_t5(32, seed=1)
         torch.manual_seed(0)
@@ -161,8 +160,6 @@ def sao_small(tmp_path_factory):
         tokenizer.save_pretrained(root / "text_encoder")
         t5.save_pretrained(root / "text_encoder")
         bundle = load_checkpoint_dir(root)
-    finally:
-        torch.set_default_dtype(previous)
     return {"ns": ns, "cfg": cfg, "ref": ref, "root": root, "bundle": bundle}
 
 
@@ -391,9 +388,7 @@ def sao_1(tmp_path_factory):
     )
     from diffusers.pipelines.stable_audio import StableAudioProjectionModel
 
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float32)
-    try:
+    with float32_default():
         torch.manual_seed(0)
         transformer = randomize(StableAudioDiTModel(
             sample_size=16, in_channels=8, num_layers=2, attention_head_dim=32, num_attention_heads=4,
@@ -411,8 +406,6 @@ def sao_1(tmp_path_factory):
         root = tmp_path_factory.mktemp("sao-1") / "stable-audio-open-1.0"
         pipe.save_pretrained(root)
         bundle = load_checkpoint_dir(root)
-    finally:
-        torch.set_default_dtype(previous)
     return {"pipe": pipe, "root": root, "bundle": bundle}
 
 
@@ -510,9 +503,7 @@ def tango(tmp_path_factory):
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import SpeechT5HifiGan, SpeechT5HifiGanConfig
 
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float32)
-    try:
+    with float32_default():
         torch.manual_seed(0)
         unet = randomize(UNet2DConditionModel(
             sample_size=[TANGO_FRAMES, TANGO_BINS], in_channels=TANGO_CHANNELS, out_channels=TANGO_CHANNELS,
@@ -543,8 +534,6 @@ def tango(tmp_path_factory):
             "scheduler": ["diffusers", "DDPMScheduler"], "text_encoder": ["transformers", "T5EncoderModel"],
             "tokenizer": ["transformers", "PreTrainedTokenizerFast"]}))
         bundle = load_checkpoint_dir(root)
-    finally:
-        torch.set_default_dtype(previous)
     return {"unet": unet, "vae": vae, "vocoder": vocoder, "ddpm": ddpm, "t5": t5, "tokenizer": tokenizer,
             "root": root, "bundle": bundle}
 

@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 
+from models.default_dtype import default_dtype
 from models.diffusion import (
     DDIMSampler,
     EpsPrediction,
@@ -23,10 +24,8 @@ SCHEDULES = [VPCosineSchedule(), RectifiedFlowSchedule()]
 @pytest.fixture(autouse=True)
 def float64():
     """Exact maths in float64, restored afterwards so other test modules keep float32."""
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+    with default_dtype(torch.float64):
+        yield
 
 
 def gaussian_x0(z, t, schedule, mu, s):

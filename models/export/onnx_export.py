@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from models.default_dtype import default_dtype
 from models.export import parity
 from models.export.graphs import (
     CONTEXT_INPUTS,
@@ -88,17 +89,6 @@ class OnnxExport:
 
     def path(self, graph: str) -> Path:
         return self.dir / self.manifest["graphs"][graph]["file"]
-
-
-@contextlib.contextmanager
-def _float32():
-    """Exports are float32 whatever the caller's default dtype (some tests switch it to float64)."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float32)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(previous)
 
 
 def _remainder_symbolic(g, a, b):
@@ -639,7 +629,7 @@ def export_onnx(bundle_dir: str | Path, out_dir: str | Path | None = None, opset
     partial.mkdir()
     t0 = time.perf_counter()
     try:
-        with _float32():
+        with default_dtype(torch.float32):
             bundle = load_for_export(bundle_dir)
             encoder = bundle.text_encoder.encoder  # CachedTextEncoder -> HFTextEncoder (or a checkpoint's T5)
             max_frames = bundle.latent_frames(bundle.config.max_duration)
