@@ -41,17 +41,6 @@ def load_average() -> str:
         return "?"
 
 
-def best_of(fn, repeats: int) -> dict:
-    from benchmarks.common import time_summary
-
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return time_summary(times)
-
-
 # ------------------------------------------------------------------------------------------------- the runners
 def diffusers_calls(model: Path, duration: float, steps: int):
     """(end-to-end call(i), stage calls) for diffusers' pipeline."""
@@ -139,6 +128,8 @@ def peak_rss_mb() -> float:
 def worker(args) -> dict:
     import torch
 
+    from benchmarks.common import timed
+
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     if args.worker == "diffusers":
@@ -150,8 +141,9 @@ def worker(args) -> dict:
         end_to_end(10**6, 1)  # warm-up at this duration: every stage once, one step
         load_before = load_average()
         runs = iter(range(args.seed, 10**9))
-        e2e = best_of(lambda: end_to_end(next(runs)), args.repeats)
-        profile = {name: None if fn is None else best_of(fn, args.stage_repeats) for name, fn in stages.items()}
+        e2e = timed(lambda: end_to_end(next(runs)), args.repeats, warmup=0)
+        profile = {name: None if fn is None else timed(fn, args.stage_repeats, warmup=0)
+                   for name, fn in stages.items()}
         load_after = load_average()
     return {"runner": args.worker, "duration_s": args.duration, "steps": args.steps, "load_s": load_s,
             "end_to_end": e2e, "stages": profile, "peak_rss_mb": peak_rss_mb(),
