@@ -27,19 +27,29 @@ def metric(url: str, name: str) -> float:
     return sum(s.value for fam in text_string_to_metric_families(text) for s in fam.samples if s.name == name)
 
 
-def test_sigterm_answers_running_and_queued_requests_and_exits(model_dir):
+def start_server(model_dir, **settings: str) -> tuple[subprocess.Popen, str]:
+    """``python -m service`` on a free port with the tiny model, the eager runtime, no batching and the debug faults
+    (``[[slow=ms]]`` prompts), plus ``settings`` (TTA_ variables); returns once it is ready."""
     port = free_port()
     env = dict(os.environ, TTA_HOST="127.0.0.1", TTA_PORT=str(port), TTA_MODEL_DIR=str(model_dir),
                TTA_DEFAULT_MODEL="tiny", TTA_THREADS="1", TTA_LOG_LEVEL="warning", TTA_DEBUG_FAULTS="1",
-               TTA_RUNTIME="torch", TTA_POLICY="none", PYTHONPATH=str(ROOT))
+               TTA_RUNTIME="torch", TTA_POLICY="none", PYTHONPATH=str(ROOT), **settings)
     proc = subprocess.Popen([sys.executable, "-m", "service"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while _status(url + "/health/ready") != 200:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(f"the server did not get ready: {proc.communicate()[0].decode()[-2000:]}")
+        time.sleep(0.1)
+    return proc, url
+
+
+def test_sigterm_answers_running_and_queued_requests_and_exits(model_dir):
+    proc, url = start_server(model_dir)
     try:
         deadline = time.monotonic() + 120
-        while _status(url + "/health/ready") != 200:
-            assert proc.poll() is None and time.monotonic() < deadline, "the server did not get ready"
-            time.sleep(0.1)
         bodies = [{"prompt": f"[[slow=60]] rain {i}", "steps": 6, "duration": 0.5, "seed": i} for i in range(4)]
         with ThreadPoolExecutor(len(bodies)) as pool:
             futures = [pool.submit(httpx.post, url + "/generate", json=b, timeout=60) for b in bodies]
@@ -75,19 +85,9 @@ def _status(url: str) -> int | None:
 def test_sigterm_drains_within_the_drain_timeout_with_a_clean_503_for_what_is_left(model_dir):
     """Work that cannot finish within TTA_DRAIN_TIMEOUT is answered with a JSON 503 and Retry-After when the drain
     time is up, instead of holding the shutdown for the request timeout."""
-    port = free_port()
-    env = dict(os.environ, TTA_HOST="127.0.0.1", TTA_PORT=str(port), TTA_MODEL_DIR=str(model_dir),
-               TTA_DEFAULT_MODEL="tiny", TTA_THREADS="1", TTA_LOG_LEVEL="warning", TTA_DEBUG_FAULTS="1",
-               TTA_RUNTIME="torch", TTA_POLICY="none", TTA_DRAIN_TIMEOUT="1", TTA_REQUEST_TIMEOUT="120",
-               PYTHONPATH=str(ROOT))
-    proc = subprocess.Popen([sys.executable, "-m", "service"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
+    proc, url = start_server(model_dir, TTA_DRAIN_TIMEOUT="1", TTA_REQUEST_TIMEOUT="120")
     try:
         deadline = time.monotonic() + 120
-        while _status(url + "/health/ready") != 200:
-            assert proc.poll() is None and time.monotonic() < deadline, "the server did not get ready"
-            time.sleep(0.1)
         bodies = [{"prompt": f"[[slow=400]] long {i}", "steps": 40, "duration": 0.5, "seed": i} for i in range(3)]
         with ThreadPoolExecutor(len(bodies)) as pool:
             futures = [pool.submit(httpx.post, url + "/generate", json=b, timeout=120) for b in bodies]
