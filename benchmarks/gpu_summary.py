@@ -8,13 +8,16 @@
 - a batch of 16 SAO-small-sized clips: at least 150 clips/s;
 - under Poisson load (``benchmarks.load``), continuous batching's goodput at least 4x the batch-1 pipeline's (policy
   ``none``), at a p99 of at most 2x the batch-1 latency (``none``'s median at its lowest rate). Continuous batching's
-  best goodput among the rates whose p99 meets that bound, over ``none``'s best goodput at any rate.
+  best goodput among the rates whose p99 meets that bound, over ``none``'s best goodput at any rate;
+- and the quality the fast path keeps: the SAO-small-sized decoder in float16 (the ``-vae-fp16`` runtimes'), its
+  worst clip's SNR against the float32 decoder at least 40 dB (``benchmarks.decoder_precision``).
 
 Each latency target takes the best runtime's median. A run that is missing (a stage that failed or did not run) is
 named as such, and its targets as not measured; a run cut off by its time limit is used for what it measured and
 named with what it did not.
 
     python -m benchmarks.gpu_summary [--inputs latency-gpu-sao-small-sized,...] [--load load-gpu-sao-small-sized]
+        [--decoder decoder-precision-gpu-sao-small-sized]
 """
 from __future__ import annotations
 
@@ -27,6 +30,8 @@ from benchmarks.common import RESULTS, incomplete_note, md_table
 DEFAULT_INPUTS = ("latency-gpu-sao-small-sized", "latency-gpu-sa3-small-sized-3s", "latency-gpu-sa3-small-sized-30s",
                   "latency-gpu-tta-arc", "latency-gpu-tta-bsa-25")
 DEFAULT_LOAD = "load-gpu-sao-small-sized"
+DEFAULT_DECODER = "decoder-precision-gpu-sao-small-sized"
+DECODER_TYPE, DECODER_SNR_DB = "float16", 40.0
 SAO, SA3_30S = "latency-gpu-sao-small-sized", "latency-gpu-sa3-small-sized-30s"
 SAO_B1_MS, SA3_30S_B1_MS, SAO_B16_CLIPS_S, PAPER_MS = 20.0, 25.0, 150.0, 75.0
 GOODPUT_RATIO, P99_RATIO = 4.0, 2.0
@@ -97,8 +102,9 @@ def load_verdict(report: dict) -> dict:
             "alone_goodput_rps": alone_best, "ratio": ratio}
 
 
-def targets(rows: list[list], load: dict | None) -> list[list]:
-    """One row per target: what, the bound, the best measured, by which runtime, met or not (or not measured)."""
+def targets(rows: list[list], load: dict | None, decoder: dict | None = None) -> list[list]:
+    """One row per target: what, the bound, the best measured, by which runtime, met or not (or not measured).
+    ``load``: a ``benchmarks.load`` report; ``decoder``: a ``benchmarks.decoder_precision`` result."""
     def verdict(value, bound, low: bool) -> str:
         if value is None:
             return "not measured"
@@ -119,6 +125,10 @@ def targets(rows: list[list], load: dict | None) -> list[list]:
     measured = load is not None and lv["batch1_latency_s"] is not None  # both policies have answers
     out.append([what, f">= {GOODPUT_RATIO:g}", lv["ratio"], "continuous vs none",
                 verdict(lv["ratio"] or 0.0, GOODPUT_RATIO, False) if measured else "not measured"])
+    snrs = [r["snr_db_min"] for r in (decoder or {}).get("rows", []) if r["variant"] == DECODER_TYPE]
+    out.append([f"SAO-small-sized decoder in {DECODER_TYPE}: worst SNR against float32, dB", f">= {DECODER_SNR_DB:g}",
+                min(snrs) if snrs else None, f"{DECODER_TYPE} decoder",
+                verdict(min(snrs) if snrs else None, DECODER_SNR_DB, False)])
     return out
 
 
@@ -126,6 +136,8 @@ def main(argv=None) -> str:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--inputs", default=",".join(DEFAULT_INPUTS), help="latency runs (missing ones are named)")
     ap.add_argument("--load", default=DEFAULT_LOAD, help="the load run (benchmarks.load; empty: none)")
+    ap.add_argument("--decoder", default=DEFAULT_DECODER, help="the decoder precision run "
+                    "(benchmarks.decoder_precision; empty: none)")
     ap.add_argument("--name", default="gpu_summary")
     ap.add_argument("--results-dir", default=str(RESULTS))
     args = ap.parse_args(argv)
@@ -141,19 +153,20 @@ def main(argv=None) -> str:
         envs[name] = data["environment"]
         if data.get("complete") is False:
             incomplete[name] = data
-    load = None
-    if args.load:
-        path = out / f"{args.load}.json"
-        if path.is_file():
-            load = json.loads(path.read_text())
-            envs[args.load] = load["environment"]
-            if load.get("complete") is False:
-                incomplete[args.load] = load
-        else:
-            missing.append(args.load)
+    found: dict[str, dict | None] = {}
+    for name in (args.load, args.decoder):
+        path = out / f"{name}.json"
+        found[name] = json.loads(path.read_text()) if name and path.is_file() else None
+        if name and found[name] is None:
+            missing.append(name)
+        elif name:
+            envs[name] = found[name]["environment"]
+            if found[name].get("complete") is False:
+                incomplete[name] = found[name]
+    load, decoder = found[args.load], found[args.decoder]
     if not rows:
         raise SystemExit(f"no latency run found in {out} ({', '.join(missing)})")
-    verdicts = targets(rows, load)
+    verdicts = targets(rows, load, decoder)
     headers = ["run", "model", "runtime", "batch", "steps", "seconds", "text ms", "denoiser forward ms", "decode ms",
                "end to end ms", "clips/s", "peak GPU MB", "peak RSS MB"]
     sources = "\n".join(f"- `{n}`: {e.get('gpu') or e.get('cuda')}, torch {e.get('torch')}, commit "
@@ -164,7 +177,8 @@ def main(argv=None) -> str:
           + md_table(["target", "bound", "best measured", "runtime", "verdict"], verdicts)
           + "\n\nEach latency target takes the best runtime's median; the load target is continuous batching's best "
           "goodput among the rates whose p99 is within the bound, over the batch-1 pipeline's best goodput "
-          f"(policy `none`). For scale: the ARC paper reports about {PAPER_MS:g} ms on an H100 for the "
+          f"(policy `none`); the decoder target is the worst clip's SNR of the {DECODER_TYPE} decoder over the batch "
+          f"sizes measured. For scale: the ARC paper reports about {PAPER_MS:g} ms on an H100 for the "
           "SAO-small-sized model.\n\n## Every run\n\n"
           + md_table(headers, rows) + f"\n\n![summary]({args.name}.png)\n\nRuns:\n{sources}\n"
           + (f"\nNot found (not run, or failed): {', '.join(f'`{m}`' for m in missing)}.\n" if missing else "")

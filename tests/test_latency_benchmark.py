@@ -92,8 +92,9 @@ def test_the_gpu_summary_tables_every_run_and_plots_it(tmp_path):
     assert "| sizes | m-sizes | torch | 2 | 4 | 10 | 60 | 60 | 60 | 60 | 33.33 | 512 | 900 |" in md
     assert "| other | m-other | torch-bf16-cudagraphs | 2 | 4 | 10 | 200 | 200 | 200 | 200 | 10 | - | 800 |" in md
     assert (tmp_path / "summary.png").stat().st_size > 0 and "commit abc" in md
-    assert "Not found (not run, or failed): `load-gpu-sao-small-sized`." in md
-    assert md.count("| not measured |") == 4  # neither run is one a target names
+    assert ("Not found (not run, or failed): `load-gpu-sao-small-sized`, `decoder-precision-gpu-sao-small-sized`."
+            in md)
+    assert md.count("| not measured |") == 5  # neither run is one a target names
 
 
 def test_the_gpu_summary_gives_each_target_its_verdict(tmp_path):
@@ -118,7 +119,13 @@ def test_the_gpu_summary_gives_each_target_its_verdict(tmp_path):
         "none": [rate(20, 10.0, 0.05, 0.4), rate(80, 12.0, 3.0, 6.0)],
         "continuous": [rate(20, 19.0, 0.06, 0.09), rate(80, 60.0, 0.08, 0.2)]}}
     (tmp_path / "load-gpu-sao-small-sized.json").write_text(json.dumps(load))
+    decoder = {"environment": {"gpu": "H100"}, "rows": [
+        {"variant": v, "batch": b, "snr_db_min": snr} for v, b, snr in (
+            ("float32", 1, 140.0), ("bfloat16", 1, 37.0), ("float16", 1, 55.0), ("float16", 16, 41.5))]}
+    (tmp_path / "decoder-precision-gpu-sao-small-sized.json").write_text(json.dumps(decoder))
     md = main(["--name", "summary", "--results-dir", str(tmp_path)])
+    # the float16 decoder's worst clip over both batch sizes (bfloat16's 37 dB is not the target's)
+    assert "| SAO-small-sized decoder in float16: worst SNR against float32, dB | >= 40 | 41.5 | float16 decoder | met |" in md
     # 18 ms <= 20 (the whole-generation runtime); 16 / 0.1 s = 160 clips/s >= 150; SA3 never ran
     assert ("| SAO-small-sized, 11.9 s, 8 steps, batch 1: end to end ms | <= 20 | 18 | torch-bf16-cudagraphs-whole "
             "| met |") in md
