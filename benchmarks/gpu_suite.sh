@@ -19,7 +19,8 @@
 #            batching against none (benchmarks.load; goodput within a 0.5 s objective, p99); up to LOAD_S=180 s;
 #   sa3      latency of the Stable-Audio-3-Small-sized checkpoint (tta sized sa3-small: random weights, diffusers'
 #            layout) for 30 s clips (the target's), then 3 s, 8 steps, batches 1, 4, 16, 32 (SA3_RUNTIMES, default
-#            whole-generation graphs with a float16 decoder, bfloat16 with graphs, and eager); up to SA3_S=150 s each;
+#            whole-generation graphs with a float16 decoder, bfloat16 with graphs, and eager, whose run also
+#            measures the floor); up to SA3_S=150 s each;
 #   embedded latency of the embedded models' architectures (EMBEDDED_MODELS, default tta-arc; random weights, the text
 #            encoder's too) under eager torch float32 / bfloat16 and CUDA graphs (EMBEDDED_RUNTIMES), batches 1, 4,
 #            16, 10 s clips at each model's default steps; up to EMBEDDED_S=90 s;
@@ -125,7 +126,7 @@ run_sa3() {
   for seconds in 30 3; do
     timeout "${SA3_S:-150}" $PY -m benchmarks.latency --device cuda --model "$SA3" \
       --runtimes "${SA3_RUNTIMES:-torch-bf16-cudagraphs-vae-fp16-whole,torch-bf16-cudagraphs,torch-bf16}" \
-      --batches 1,4,16,32 --duration "$seconds" --repeats 20 --e2e-repeats 5 \
+      --batches 1,4,16,32 --duration "$seconds" --repeats 20 --e2e-repeats 5 --floor-runtime torch-bf16 \
       --name "latency-gpu-sa3-small-sized-${seconds}s${SUFFIX:-}" --results-dir "$OUT" 2>&1 | shown 60
   done
 }

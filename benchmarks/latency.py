@@ -150,7 +150,7 @@ def measure_batch(rt, runner, encoder, b: int, args, steps: int, prompts) -> dic
     row = {stage: timed(calls[stage], args.repeats) for stage in ("text_encoding", "denoiser_forward", "decode")}
     row["end_to_end"] = timed(calls["end_to_end"], args.e2e_repeats, warmup=e2e_warmups(runner))
     row["rtf"] = row["end_to_end"]["median_s"] / (b * args.duration)
-    if args.worker == "torch":  # the work itself, for the floor (the other runtimes run the same maths)
+    if args.worker == args.floor_runtime:  # the work itself, for the floor (the other runtimes run the same maths)
         row["flops"] = {stage: count_flops(calls[stage]) for stage in ("text_encoding", "denoiser_forward", "decode")}
         row["flops"]["end_to_end"] = (row["flops"]["text_encoding"] + steps * row["flops"]["denoiser_forward"]
                                       + row["flops"]["decode"])
@@ -250,7 +250,7 @@ def worker(args, save=None) -> dict:
         if save is not None:
             save(out)
     out["complete"] = True
-    if args.worker == "torch":
+    if args.worker == args.floor_runtime:
         out["peak_matmul_flops"] = peak_matmul_flops(args.threads, args.device)
         out["peak_copy_bytes_per_s"] = peak_copy_bytes_per_s(args.device)
         out["weight_params"] = weight_params(rt)
@@ -327,21 +327,21 @@ def floor_section(results: list[dict]) -> str:
     work, FFTs and activations' traffic are in neither count."""
     from benchmarks.common import md_table
 
-    torch_run = next((r for r in results if r["runtime"] == "torch" and "peak_matmul_flops" in r), None)
-    if torch_run is None:
+    counted = next((r for r in results if "peak_matmul_flops" in r), None)  # the --floor-runtime's run
+    if counted is None:
         return ""
-    peak, gpu = torch_run["peak_matmul_flops"], "peak_gpu_mb" in torch_run
-    bandwidth, params = torch_run.get("peak_copy_bytes_per_s"), torch_run.get("weight_params")
+    peak, gpu = counted["peak_matmul_flops"], "peak_gpu_mb" in counted
+    bandwidth, params = counted.get("peak_copy_bytes_per_s"), counted.get("weight_params")
     weight_bytes = 2 if gpu else 4
     rows = []
-    for b, row in torch_run["batches"].items():
+    for b, row in counted["batches"].items():
         for stage, flops in row.get("flops", {}).items():
             best = min(r["batches"][b][stage]["median_s"] for r in results if b in r["batches"])
             compute = flops / peak
             weights = None
             if bandwidth and params:
                 counts = params if stage != "end_to_end" else {"end_to_end": params["text_encoding"] + params[
-                    "decode"] + torch_run["steps"] * params["denoiser_forward"]}
+                    "decode"] + counted["steps"] * params["denoiser_forward"]}
                 weights = counts[stage] * weight_bytes
             memory = weights / bandwidth if weights else 0.0
             floor = max(compute, memory)
@@ -353,8 +353,8 @@ def floor_section(results: list[dict]) -> str:
     if bandwidth:
         what += f", and its copy bandwidth, {bandwidth / 1e9:.0f} GB/s (best copy of {256 if gpu else 64} MiB)"
     return (f"\n\n**Floor.** The larger of two lower bounds per stage at this machine's measured {what}: the "
-            "matrix-product and convolution FLOPs (torch's FlopCounterMode), and the weights each network reads once "
-            f"per call ({weight_bytes} bytes each); end to end = text + steps x denoiser + decode. Elementwise work, "
+            f"matrix-product and convolution FLOPs (torch's FlopCounterMode, counted on the `{counted['runtime']}` "
+            f"run), and the weights each network reads once per call ({weight_bytes} bytes each); end to end = text + steps x denoiser + decode. Elementwise work, "
             "FFTs and activations' memory traffic are in neither, so the floor is a lower bound.\n\n"
             + md_table(["batch", "stage", "GFLOP", "weights MiB", "floor ms", "bound by", "best measured ms",
                         "measured / floor"], rows))
@@ -374,6 +374,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--e2e-repeats", type=int, default=3)
     ap.add_argument("--random-weights", action="store_true")
+    ap.add_argument("--floor-runtime", default=None, help="the runtime whose run also counts the FLOPs and "
+                    "measures the machine's peaks, for the floor (default torch; an eager one: graph replays are "
+                    "not counted)")
     ap.add_argument("--rounds", type=int, default=1, help="alternate the runtimes' processes this many times and "
                                                            "pool the timings (a shared machine drifts)")
     ap.add_argument("--smoke", action="store_true", help="2 repeats, 1 end-to-end run of 2 steps; not for results")
@@ -386,6 +389,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     if unknown:
         ap.error(f"unknown runtime {', '.join(unknown)}; known: {', '.join(RUNTIMES + tuple(VARIANTS))}, each "
                  f"with {' or '.join(RUNNER_SUFFIXES)} appended or not")
+    args.floor_runtime = args.floor_runtime or "torch"
+    if runner_options(args.floor_runtime)[0] not in {*RUNTIMES, *VARIANTS}:
+        ap.error(f"unknown --floor-runtime {args.floor_runtime}")
+    if not args.worker and args.floor_runtime not in args.runtimes.split(","):
+        print(f"--floor-runtime {args.floor_runtime} is not among --runtimes: no floor is measured", file=sys.stderr)
     args.batches = [int(b) for b in str(args.batches).split(",")]
     if args.smoke:
         args.repeats, args.e2e_repeats, args.steps, args.rounds = 2, 1, args.steps or 2, 1
@@ -425,7 +433,8 @@ def main(argv=None) -> dict:
             cmd = [sys.executable, "-m", "benchmarks.latency", "--worker", runtime, "--worker-out", str(out),
                    "--model", str(model), "--batches", ",".join(map(str, args.batches)), "--threads",
                    str(args.threads), "--duration", str(args.duration), "--repeats", str(args.repeats),
-                   "--e2e-repeats", str(args.e2e_repeats), "--device", args.device]
+                   "--e2e-repeats", str(args.e2e_repeats), "--device", args.device,
+                   "--floor-runtime", args.floor_runtime]
             cmd += ["--steps", str(args.steps)] if args.steps else []
             try:
                 code = subprocess.run(cmd, cwd=ROOT).returncode

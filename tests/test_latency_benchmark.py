@@ -49,6 +49,10 @@ def test_the_floor_is_the_counted_work_at_the_measured_peak():
     assert "1 GB/s" in text
     assert "| 2 | text encoding | 1 | 190.7 | 200 | weights | 100 | 0.5 |" in text
     assert "| 2 | end to end | 12 | 362.4 | 380 | weights | 100 | 0.2632 |" in text
+    assert "counted on the `torch` run" in text
+    # any runtime's run may count (--floor-runtime: an eager one where the others replay graphs)
+    text = floor_section([ort_run, torch_run | {"runtime": "torch-bf16"}])
+    assert "counted on the `torch-bf16` run" in text and "| 2 | end to end | 12 | 362.4 | 380 |" in text
 
 
 @pytest.mark.slow
@@ -258,6 +262,11 @@ def test_a_benchmark_refuses_an_unknown_runtime_or_decoder_type_before_loading_a
     with pytest.raises(SystemExit):
         latency.parse_args(["--runtimes", "torch,torch-bf16-graphs"])
     assert "unknown runtime torch-bf16-graphs" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        latency.parse_args(["--runtimes", "torch-bf16", "--floor-runtime", "torch-bf61"])
+    assert "unknown --floor-runtime torch-bf61" in capsys.readouterr().err
+    assert latency.parse_args(["--runtimes", "torch-bf16"]).floor_runtime == "torch"  # none measured: said
+    assert "no floor is measured" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         decoder_precision.parse_args(["--types", "float16,float8"])
     assert "unknown decoder type float8" in capsys.readouterr().err
