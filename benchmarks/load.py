@@ -25,9 +25,11 @@ import json
 import os
 import platform
 import random
+import re
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from datetime import datetime, timezone
@@ -315,6 +317,22 @@ def captures_text(captures: dict[str, int]) -> str:
     return ", ".join(f"{kind} {n}" for kind, n in sorted(captures.items()))
 
 
+def preflight(url: str, body: dict, audio_seconds: tuple[float, float], timeout: float) -> None:
+    """One request of the longest duration the run will ask for, before any load: a server that refuses the
+    benchmark's requests (an unknown model, a duration over the model's maximum, a bad setting) stops the run here
+    with its own words, instead of answering every measured request with the same error."""
+    from service.client import Client
+
+    payload = {k: v for k, v in body.items() if k != "prompt"} | {"seed": 0, "duration": audio_seconds[1]}
+    with Client(url, timeout=timeout) as client:
+        try:
+            client.generate(PROMPTS[0], **payload)
+        except ApiError as exc:
+            if 400 <= exc.status < 500 and exc.status != 429:
+                raise SystemExit(f"the server at {url} refuses the benchmark's requests: {exc}") from None
+            raise
+
+
 def warm_up(url: str, rate: float, args, body: dict, audio_seconds: tuple[float, float]) -> dict:
     """Arrivals at ``rate`` for ``args.warmup_seconds``, unmeasured, with their own seed: the batch shapes a server
     meets under load (and so the CUDA graphs it captures, the kernels it compiles) come before the measured runs.
@@ -327,6 +345,9 @@ def warm_up(url: str, rate: float, args, body: dict, audio_seconds: tuple[float,
     if captured is not None:
         out["graph_captures"] = captured
     return out
+
+
+PROGRESS = re.compile(r"\d+%\|")  # a progress bar's line (tqdm: " 40%|####      | 4/10")
 
 
 def free_port() -> int:
@@ -351,22 +372,75 @@ def start_server(policy: str, args) -> tuple[subprocess.Popen, str]:
 
 def serve(env: dict, port: int, what: str, timeout: float, poll_s: float) -> tuple[subprocess.Popen, str]:
     """``python -m service`` with ``env`` on ``port``, once ``/health/ready`` answers 200 (else RuntimeError naming
-    ``what``)."""
-    proc = subprocess.Popen([sys.executable, "-m", "service"], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ``what``, with the end of the server's log: a refused setting, a model that failed to load). The server's output
+    goes to a log file, ``proc.log_path`` (``server_log_tail`` reads it)."""
+    log = tempfile.NamedTemporaryFile(prefix="tta-server-", suffix=".log", delete=False)
+    proc = subprocess.Popen([sys.executable, "-m", "service"], cwd=ROOT, env=env, stdout=log,
+                            stderr=subprocess.STDOUT)
+    log.close()
+    proc.log_path = Path(log.name)
     url = f"http://127.0.0.1:{port}"
+    problem = "was stopped"  # until wait_ready answers: a stop meanwhile (a time limit's SIGTERM) leaves no server
+    try:
+        problem = wait_ready(proc, url, timeout, poll_s)
+    finally:
+        if problem is not None:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            said = server_log_tail(proc)
+            proc.log_path.unlink(missing_ok=True)
+    if problem is not None:
+        raise RuntimeError(f"{what} {problem}; its log ends:\n{said}")
+    return proc, url
+
+
+def wait_ready(proc: subprocess.Popen, url: str, timeout: float, poll_s: float) -> str | None:
+    """None once ``url``'s /health/ready answers 200, else what went wrong: the process exited, its models failed
+    to load (the server stays up, not ready, saying why), or ``timeout`` seconds passed."""
+    from service.app import LOADING
+
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"{what} exited with {proc.returncode}")
+            return f"exited with {proc.returncode}"
         try:
-            if httpx.get(url + "/health/ready", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
+            answer = httpx.get(url + "/health/ready", timeout=2)
+            if answer.status_code == 200:
+                return None
+            why = answer.json().get("error", {}).get("message")
+            if answer.status_code == 503 and why and why != LOADING:
+                return f"could not load its models ({why})"
+        except (httpx.HTTPError, ValueError, AttributeError):
             pass
         time.sleep(poll_s)
-    proc.kill()
-    raise RuntimeError(f"{what} did not become ready")
+    return f"did not become ready within {timeout:g} s"
+
+
+def stop_server(proc: subprocess.Popen, what: str, wait_s: float = 15.0) -> None:
+    """Stop a server ``serve`` started (SIGTERM, then SIGKILL after ``wait_s``), print the end of its log if it wrote
+    anything (at the benchmarks' log level: warnings, such as a failed capture or a slow path) and remove the log."""
+    proc.terminate()
+    try:
+        proc.wait(wait_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    said = server_log_tail(proc)
+    if said.strip():
+        print(f"{what}, the end of its log:\n{said}", flush=True)
+    proc.log_path.unlink(missing_ok=True)
+
+
+def server_log_tail(proc: subprocess.Popen, lines: int = 30) -> str:
+    """The last ``lines`` lines a server started by ``serve`` wrote (warnings and errors, at the benchmarks' log
+    level), without blank lines and progress bars."""
+    try:
+        text = proc.log_path.read_text(errors="replace")
+    except (AttributeError, OSError):
+        return ""
+    said = [line for line in text.replace("\r", "\n").splitlines() if line.strip() and not PROGRESS.search(line)]
+    return "\n".join(said[-lines:])
 
 
 def served_runtime(url: str, model: str) -> str | None:
@@ -581,6 +655,7 @@ def main(argv: list[str] | None = None) -> None:
                 memory = None
             servers[name] = (proc, url, memory)
             report["servers"][name] = {"runtime": served_runtime(url, args.model), **server_memory(memory)}
+            preflight(url, body, audio_seconds, args.timeout)
             if args.warmup_seconds > 0:
                 report["servers"][name]["warmup"] = warm_up(url, max(rates), args, body, audio_seconds)
                 print(f"{name:>10} warm-up: {report['servers'][name]['warmup']}", flush=True)
@@ -599,13 +674,9 @@ def main(argv: list[str] | None = None) -> None:
             publish(schedule[schedule.index(current) + 1:] if current else [], cut_off=current, plot=True)
         raise
     finally:
-        for proc, _, _ in servers.values():
+        for name, (proc, _, _) in servers.items():
             if proc is not None:
-                proc.terminate()
-                try:
-                    proc.wait(15)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+                stop_server(proc, f"server for policy {name}")
     for path in publish([], plot=True):
         print("wrote", path)
 

@@ -23,7 +23,7 @@ import httpx
 import numpy as np
 
 from benchmarks.common import child_pythonpath, md_table, write_results
-from benchmarks.load import ROOT, ProcessMemory, free_port, percentile, serve
+from benchmarks.load import ROOT, ProcessMemory, free_port, percentile, serve, stop_server
 from service.client import ApiError, AsyncClient
 
 MIB = 1024 * 1024
@@ -165,7 +165,9 @@ def plot(report: dict, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from benchmarks.common import environment
+    from benchmarks.common import environment, stop_on_sigterm
+
+    stop_on_sigterm()  # a stopped soak still stops its server (the finally below)
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model-dir", default=str(ROOT / "models" / "zoo"))
@@ -197,8 +199,7 @@ def main(argv: list[str] | None = None) -> dict:
         peak = memory.peak() / MIB if memory and memory.peak() else None
     finally:
         if proc is not None:
-            proc.terminate()
-            proc.wait(timeout=60)
+            stop_server(proc, "the server", wait_s=60)
     report = {"args": {k: v for k, v in vars(args).items()}, "environment": environment(),
               "summary": summary(windows, None if idle is None else round(idle, 1),
                                  None if peak is None else round(peak, 1)),

@@ -45,6 +45,9 @@ from service.settings import Settings
 
 log = logging.getLogger("tta.http")
 STATIC_DIR = Path(__file__).resolve().parent / "static"
+# /health/ready's 503 message while the models load and warm up, and while draining; any other message is why
+# loading failed (the server then stays up, not ready, for an operator to read it)
+LOADING, SHUTTING_DOWN = "models are loading or warming up", "shutting down"
 
 
 @dataclass
@@ -263,7 +266,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.get("/health/ready", tags=["health"], responses=error_responses(503))
     async def ready():
         if not state.ready:
-            why = "shutting down" if state.draining else state.load_error or "models are loading or warming up"
+            why = SHUTTING_DOWN if state.draining else state.load_error or LOADING
             return error_response(503, "not_ready", why, headers={"Retry-After": "5"})
         return {"status": "ready", "models": sorted(state.runtimes)}
 

@@ -173,3 +173,37 @@ def test_the_gpu_summary_counts_a_load_run_without_both_policies_as_not_measured
     assert "`load-gpu-sao-small-sized`: **Incomplete.**" in md
     assert json.loads((tmp_path / "summary.json").read_text())["incomplete"] == [
         "latency-gpu-sao-small-sized", "load-gpu-sao-small-sized"]
+
+
+def test_a_server_that_refuses_the_benchmarks_requests_stops_the_run_with_its_words(server):
+    from benchmarks.load import preflight
+
+    preflight(server.url, {"model": "tiny", "steps": 2}, (0.5, 1.0), timeout=30)  # answered: the run goes on
+    with pytest.raises(SystemExit, match="refuses the benchmark's requests: 404"):
+        preflight(server.url, {"model": "nope"}, (1.0, 1.0), timeout=30)
+    with pytest.raises(SystemExit, match="duration: 600"):
+        preflight(server.url, {"model": "tiny"}, (1.0, 600.0), timeout=30)  # the longest duration is the one tried
+
+
+@pytest.mark.parametrize("settings, says", [
+    ({"TTA_TICK_GRAPHS": "true"}, r"exited with 2; its log ends:.*TTA_TICK_GRAPHS.*needs device cuda"),
+    # the server stays up, not ready, saying why: the benchmark does not wait out its timeout
+    ({"TTA_DEFAULT_MODEL": "nope"}, r"could not load its models \(RuntimeError: required model.*'nope' not available"),
+])
+def test_a_server_that_fails_to_start_is_reported_with_the_end_of_its_log(model_dir, tmp_path, monkeypatch,
+                                                                           settings, says):
+    import os
+    import tempfile
+    import time
+
+    from benchmarks.load import free_port, serve
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where serve keeps the server's log
+    port = free_port()
+    env = dict(os.environ, TTA_PORT=str(port), TTA_MODEL_DIR=str(model_dir), TTA_DEFAULT_MODEL="tiny",
+               TTA_DEVICE="cpu", TTA_LOG_LEVEL="warning") | settings
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError, match=f"(?s){says}"):
+        serve(env, port, "the server", timeout=300, poll_s=0.1)
+    assert time.monotonic() - t0 < 240  # well before the timeout
+    assert not list(tmp_path.glob("tta-server-*"))  # its log is removed once read
