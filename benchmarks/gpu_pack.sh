@@ -4,7 +4,7 @@
 # machine's image has PyTorch but not the service's web packages, and no way to fetch them.
 #
 #   bash benchmarks/gpu_pack.sh             # before the device calls
-#   device call: carry [".gpu"], command "STAGES='tests sao decoder' bash benchmarks/gpu_suite.sh" (then "load sa3")
+#   device call: carry [".gpu"], command "STAGES='tests sao decoder' bash benchmarks/gpu_suite.sh" (then "load sa3 compile")
 #   bash benchmarks/gpu_pack.sh --restore   # after them, before any commit
 #
 # Packing does three things, writes .gpu/commit (the commit the results name), and prints what would travel:

@@ -24,10 +24,13 @@
 #   embedded latency of the embedded models' architectures (EMBEDDED_MODELS, default tta-arc; random weights, the text
 #            encoder's too) under eager torch float32 / bfloat16 and CUDA graphs (EMBEDDED_RUNTIMES), batches 1, 4,
 #            16, 10 s clips at each model's default steps; up to EMBEDDED_S=90 s;
-#   compile  the SAO-small-sized checkpoint under torch.compile (COMPILE=0 skips it); up to COMPILE_S=120 s.
+#   compile  each block of the denoiser compiled (regional torch.compile, TTA_COMPILE_BLOCKS) and captured in CUDA
+#            graphs: its CUDA test against eager (up to COMPILE_TESTS_S=120 s), then the SAO-small-sized checkpoint
+#            with whole-generation graphs and per-forward graphs (COMPILE_RUNTIMES; COMPILE=0 skips the stage); up to
+#            COMPILE_S=180 s.
 # 15 minutes of device time hold the machine's start and two calls of at most 10 minutes: STAGES="tests sao decoder"
 # (at its stages' limits 630 s, so a timeout_s of 590; in practice about 300-450 s), then, on the same warm machine
-# (the SAO checkpoint is still in /tmp), STAGES="load sa3" with a timeout from status' budget_left_s. Then
+# (the SAO checkpoint is still in /tmp), STAGES="load sa3 compile" with a timeout from status' budget_left_s. Then
 # python -m benchmarks.gpu_summary, whose verdicts name what did not run.
 # A benchmark stopped at its stage's limit, or by the call's, keeps what it measured: results are rewritten as each
 # runtime, batch size, decoder or rate finishes, and a stopped run marks its files incomplete, naming what was cut off
@@ -143,9 +146,12 @@ run_embedded() {
 
 run_compile() {
   [ "${COMPILE:-1}" = 1 ] || return 0
-  stage "SAO-small-sized, torch.compile"
+  stage "compiled denoiser blocks: the test against eager under CUDA graphs, then SAO-small-sized"
+  timeout "${COMPILE_TESTS_S:-120}" $PY -m pytest -q -p no:cacheprovider -m gpu tests/test_compile_blocks.py 2>&1 \
+    | shown 30
   sao_checkpoint
-  timeout "${COMPILE_S:-120}" $PY -m benchmarks.latency --device cuda --model "$SAO" --runtimes torch-compile-bf16 \
+  timeout "${COMPILE_S:-180}" $PY -m benchmarks.latency --device cuda --model "$SAO" \
+    --runtimes "${COMPILE_RUNTIMES:-torch-bf16-cudagraphs-blocks-vae-fp16-whole,torch-bf16-cudagraphs-blocks}" \
     --batches 1,16 --duration 11.888 --repeats 20 --e2e-repeats 5 \
     --name "latency-gpu-sao-small-sized-compile${SUFFIX:-}" --results-dir "$OUT" 2>&1 | shown 40
 }

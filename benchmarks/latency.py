@@ -47,7 +47,13 @@ VARIANTS = {"torch-compile": ("torch", {"compile": True}), "torch-bf16": ("torch
             "torch-bf16-vae-fp16": ("torch", {"precision": "bfloat16", "decode_precision": "float16"}),
             "torch-bf16-vae-bf16": ("torch", {"precision": "bfloat16", "decode_precision": "bfloat16"}),
             "torch-bf16-cudagraphs-vae-fp16": ("torch", {"precision": "bfloat16", "cuda_graphs": True,
-                                                         "decode_precision": "float16"})}
+                                                         "decode_precision": "float16"}),
+            # each block of the denoiser compiled (regional torch.compile), alone or inside the CUDA graphs
+            "torch-blocks": ("torch", {"compile_blocks": True}),
+            "torch-bf16-cudagraphs-blocks": ("torch", {"precision": "bfloat16", "cuda_graphs": True,
+                                                       "compile_blocks": True}),
+            "torch-bf16-cudagraphs-blocks-vae-fp16": ("torch", {"precision": "bfloat16", "cuda_graphs": True,
+                                                                "compile_blocks": True, "decode_precision": "float16"})}
 # any torch variant + "-whole": end to end through whole-generation graphs (models.generation_graph: every step, the
 # decode and the PCM copy in one CUDA graph per shape; the text encoder before it), e.g. torch-bf16-cudagraphs-whole;
 # + "-ticks": end to end step by step, each tick's forward and sampler step one CUDA graph (models.tick_graph)
@@ -354,7 +360,8 @@ def floor_section(results: list[dict]) -> str:
         what += f", and its copy bandwidth, {bandwidth / 1e9:.0f} GB/s (best copy of {256 if gpu else 64} MiB)"
     return (f"\n\n**Floor.** The larger of two lower bounds per stage at this machine's measured {what}: the "
             f"matrix-product and convolution FLOPs (torch's FlopCounterMode, counted on the `{counted['runtime']}` "
-            f"run), and the weights each network reads once per call ({weight_bytes} bytes each); end to end = text + steps x denoiser + decode. Elementwise work, "
+            f"run), and the weights each network reads once per call ({weight_bytes} bytes each); end to end = "
+            "text + steps x denoiser + decode. Elementwise work, "
             "FFTs and activations' memory traffic are in neither, so the floor is a lower bound.\n\n"
             + md_table(["batch", "stage", "GFLOP", "weights MiB", "floor ms", "bound by", "best measured ms",
                         "measured / floor"], rows))

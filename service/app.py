@@ -94,7 +94,8 @@ def discover_models(settings: Settings) -> list[Path]:
 def load_model(path: Path, s: Settings) -> Runtime:
     """A model directory (the zoo's, or a downloaded checkpoint) under the configured runtime."""
     return load_runtime(path, s.runtime, s.device, debug_faults=s.debug_faults, compile=s.torch_compile,
-                        precision=s.precision, cuda_graphs=s.cuda_graphs, decode_precision=s.decode_precision)
+                        precision=s.precision, cuda_graphs=s.cuda_graphs, decode_precision=s.decode_precision,
+                        compile_blocks=s.compile_blocks)
 
 
 def load_models(state: ServiceState) -> None:

@@ -129,7 +129,8 @@ def cmd_serve(args) -> None:
 
     serve(host=args.host, port=args.port, model_dir=args.model_dir, default_model=args.default_model,
           device=args.device, runtime=args.runtime, policy=args.policy, max_batch=args.max_batch,
-          threads=args.threads, log_level=args.log_level, torch_compile=args.compile, precision=args.precision,
+          threads=args.threads, log_level=args.log_level, torch_compile=args.compile,
+          compile_blocks=args.compile_blocks, precision=args.precision,
           decode_precision=args.decode_precision, cuda_graphs=args.cuda_graphs,
           whole_generation=args.whole_generation, tick_graphs=args.tick_graphs)
 
@@ -292,6 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--log-level", default=None)
     p.add_argument("--compile", action="store_true", default=None, help="torch runtime: torch.compile the denoiser")
+    p.add_argument("--compile-blocks", action="store_true", default=None,
+                   help="torch runtime: torch.compile each block of the denoiser (combines with --cuda-graphs)")
     p.add_argument("--precision", choices=get_args(Precision), default=None,
                    help="torch runtime: autocast the denoiser to this type")
     p.add_argument("--decode-precision", choices=get_args(Precision), default=None,

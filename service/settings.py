@@ -32,6 +32,9 @@ class Settings(BaseSettings):
         "it is installed and current engines exist (tta export --format tensorrt), else torch")
     torch_compile: bool = Field(False, description="torch runtime: torch.compile the denoiser (dynamic shapes; the "
                                 "warm-up pays for the first compilation)")
+    compile_blocks: bool = Field(False, description="torch runtime: torch.compile each block of the denoiser's "
+                                 "repeated stack (one compilation serves every block; combines with cuda_graphs; "
+                                 "excludes torch_compile)")
     cuda_graphs: bool = Field(False, description="torch runtime on cuda: replay the denoiser from CUDA graphs "
                               "captured per bucketed batch shape (excludes torch_compile)")
     whole_generation: bool = Field(False, description="admitted requests that run alone and share steps and length "
@@ -104,6 +107,13 @@ class Settings(BaseSettings):
         if kbps not in MP3_BITRATES_KBPS:
             raise ValueError(f"{kbps} is not an MP3 bitrate; one of {', '.join(map(str, MP3_BITRATES_KBPS))}")
         return kbps
+
+    @model_validator(mode="after")
+    def _one_way_to_compile(self) -> Settings:
+        if self.torch_compile and self.compile_blocks:
+            raise ValueError("torch_compile (TTA_TORCH_COMPILE) and compile_blocks (TTA_COMPILE_BLOCKS) both compile "
+                             "the denoiser: choose one")
+        return self
 
     @model_validator(mode="after")
     def _tick_graphs_need_cuda(self) -> Settings:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import float32_default
 
 from benchmarks.common import time_summary
 from benchmarks.latency import pool_rounds
@@ -60,7 +61,6 @@ def test_interleaved_runtimes_are_timed_stage_by_stage_in_one_process(model_dir,
     pytest.importorskip("onnxruntime")
     import json
 
-    from conftest import float32_default
     from service_support import TINY
 
     from benchmarks.interleaved import main
@@ -129,7 +129,8 @@ def test_the_gpu_summary_gives_each_target_its_verdict(tmp_path):
     (tmp_path / "decoder-precision-gpu-sao-small-sized.json").write_text(json.dumps(decoder))
     md = main(["--name", "summary", "--results-dir", str(tmp_path)])
     # the float16 decoder's worst clip over both batch sizes (bfloat16's 37 dB is not the target's)
-    assert "| SAO-small-sized decoder in float16: worst SNR against float32, dB | >= 40 | 41.5 | float16 decoder | met |" in md
+    assert ("| SAO-small-sized decoder in float16: worst SNR against float32, dB | >= 40 | 41.5 | float16 decoder "
+            "| met |") in md
     # 18 ms <= 20 (the whole-generation runtime); 16 / 0.1 s = 160 clips/s >= 150; SA3 never ran
     assert ("| SAO-small-sized, 11.9 s, 8 steps, batch 1: end to end ms | <= 20 | 18 | torch-bf16-cudagraphs-whole "
             "| met |") in md
@@ -281,7 +282,6 @@ def test_a_runtime_suffix_names_the_runners_graphs():
 
 
 def test_no_timed_end_to_end_run_pays_for_a_capture():
-    from conftest import float32_default
     from pipeline_support import record_eagerly
 
     from benchmarks.latency import e2e_warmups
@@ -360,3 +360,25 @@ def test_a_latency_run_stopped_at_its_time_limit_keeps_what_it_measured(model_di
     [torch_run] = data["results"]
     assert torch_run["rounds"] == 1 and list(torch_run["batches"]) == ["1", "2"]
     assert "`torch (round 2)` was cut off" in (tmp_path / "cut.md").read_text()
+
+
+def test_operations_are_counted_as_kernels_or_views(model_dir, tmp_path):
+    """benchmarks.op_count: an operation whose outputs share an input's memory is a view (no GPU kernel); one that
+    writes new memory is a kernel; a forward's counts come out per operation."""
+    import json
+
+    from benchmarks.op_count import OpCounter, main
+
+    x = torch.randn(4, 6)
+    with torch.inference_mode(), OpCounter() as counted:
+        x.t(), x.transpose(0, 1).contiguous(), x + 1, x.to(torch.float32), x.to(torch.float16), x[:, :2]
+        torch.cat([x, x])
+    assert dict(counted.kernels) == {"contiguous": 1, "add": 1, "to": 1, "cat": 1}
+    assert dict(counted.views) == {"t": 1, "transpose": 1, "to": 1, "slice": 1}
+    with float32_default():
+        data = main(["--model", str(model_dir / "tiny"), "--batch", "2", "--duration", "1",
+                     "--results-dir", str(tmp_path), "--name", "ops"])
+    saved = json.loads((tmp_path / "ops.json").read_text())
+    assert saved["kernels"] == data["kernels"] == sum(saved["kernels_by_op"].values()) > 0
+    assert saved["kernels_by_op"]["linear"] > 0 and saved["batch"] == 2
+    assert f"**{data['kernels']} kernels**" in (tmp_path / "ops.md").read_text()

@@ -253,6 +253,9 @@ class StableAudioDiT(nn.Module):
             raise ValueError(f"embed_dim {c.embed_dim} is not divisible by num_heads {c.num_heads}")
         self.timestep_features = nn.Parameter(torch.randn(c.timestep_features_dim // 2, 1))
         self.all_frames_real = AllFramesReal()
+        # True: every forward takes the masked attention path, as traced and captured forwards do (set when the
+        # blocks are compiled apart, so that their warm-ups compile the form their captures replay)
+        self.masks_always = False
         self.to_timestep_embed = _mlp(c.timestep_features_dim, d, bias=True)
         if c.cond_token_dim > 0:
             self.to_cond_embed = _mlp(c.cond_token_dim, c.cond_embed_dim, bias=False)
@@ -296,7 +299,8 @@ class StableAudioDiT(nn.Module):
         # all frames real: no mask (the faster attention path); reading the mask waits for the device, once per
         # batch (``AllFramesReal``), which a CUDA graph's capture and torch.compile's tracing cannot, so they always
         # take the masked path
-        tracing = torch.compiler.is_compiling() or (x.is_cuda and torch.cuda.is_current_stream_capturing())
+        tracing = (self.masks_always or torch.compiler.is_compiling()
+                   or (x.is_cuda and torch.cuda.is_current_stream_capturing()))
         if frame_mask is not None and (tracing or not self.all_frames_real(frame_mask)):
             key_mask = torch.cat([torch.ones(b, 1, dtype=torch.bool, device=x.device), frame_mask.bool()], dim=1)
         cross = iter(kv if kv is not None else ())

@@ -1,10 +1,13 @@
-"""The PyTorch runtime: a thin adapter over ``models.bundle.ModelBundle``, eager by default. Two options apply to
+"""The PyTorch runtime: a thin adapter over ``models.bundle.ModelBundle``, eager by default. These options apply to
 the denoiser, the part that runs once per step: ``compile`` (``torch.compile`` with dynamic shapes, so that batch
 size and length changes do not recompile; ``prepare``, called before the service is ready, compiles the two graphs
-that serving needs) and ``precision`` (autocast to bfloat16 or float16 for its matrix products, whose weights are
-cast to that type once at load, ``cast_matmul_weights``; the sampler's maths, the noise and the decoder stay
-float32). On a CUDA device, ``cuda_graphs`` replays the denoiser's forward from
-captured CUDA graphs (``service.runtimes.cuda_graphs``); it excludes ``compile``.
+that serving needs), ``compile_blocks`` (the same for each block of its repeated stack alone,
+``compile_denoiser_blocks``: one compilation serves every block, and the forward can still be captured in CUDA
+graphs) and ``precision``
+(autocast to bfloat16 or float16 for its matrix products, whose weights are cast to that type once at load,
+``cast_matmul_weights``; the sampler's maths, the noise and the decoder stay float32). On a CUDA device,
+``cuda_graphs`` replays the denoiser's forward from captured CUDA graphs (``service.runtimes.cuda_graphs``); it
+excludes ``compile``.
 
 On CUDA the text encoder follows: its weights in bfloat16 with ``precision`` bfloat16 (float16 is left alone: T5's
 activations overflow it) and its forward replayed from graphs per (rows, tokens) bucket with ``cuda_graphs``
@@ -75,12 +78,14 @@ class TorchRuntime(Runtime):
     name = "torch"
 
     def __init__(self, bundle: ModelBundle, compile: bool = False, precision: str = "float32",
-                 cuda_graphs: bool = False, decode_precision: str = "float32"):
+                 cuda_graphs: bool = False, decode_precision: str = "float32", compile_blocks: bool = False):
         for what, value in (("precision", precision), ("decode_precision", decode_precision)):
             if value not in PRECISIONS:
                 raise ValueError(f"{what} {value!r}: expected one of {sorted(PRECISIONS)}")
         if compile and cuda_graphs:
             raise ValueError("choose torch.compile or CUDA graphs for the denoiser, not both")
+        if compile and compile_blocks:
+            raise ValueError("choose torch.compile of the whole denoiser or of its blocks, not both")
         self.bundle = bundle
         self.config = bundle.config
         self.schedule = bundle.schedule
@@ -99,6 +104,7 @@ class TorchRuntime(Runtime):
             cast_matmul_weights(bundle.denoiser, PRECISIONS[precision])
         if compile:
             compile_denoiser(bundle)
+        self.blocks_compiled = compile_denoiser_blocks(bundle) if compile_blocks else 0
         if cuda_graphs:
             use_cuda_graphs(bundle)
         if self.device.type == "cuda" and (cuda_graphs or precision == "bfloat16"):
@@ -125,7 +131,7 @@ class TorchRuntime(Runtime):
             with torch.inference_mode():
                 self.decode_latents(torch.zeros(1, self.latent_dim, self.latent_frames(min(1.0,
                                                                                            self.config.max_duration))))
-        if not self.compiled:
+        if not (self.compiled or self.blocks_compiled):
             return
         t0 = time.perf_counter()
         duration = min(1.0, self.config.max_duration)
@@ -215,6 +221,30 @@ def cast_matmul_weights(module: nn.Module, dtype: torch.dtype) -> None:
     for m in module.modules():
         if isinstance(m, MATMUL_MODULES):
             m.to(dtype)
+
+
+def compile_denoiser_blocks(bundle, backend: str = "inductor") -> int:
+    """``torch.compile`` each block of the denoiser's repeated stack in place (regional compilation): the largest
+    ``nn.ModuleList`` whose members share one class. The blocks run the same code, so one compilation (dynamic
+    shapes) serves them all, in seconds where the whole network takes minutes; the rest of the forward stays eager,
+    and the whole can still be captured in CUDA graphs (the blocks' kernels are recorded like any others). A network
+    with a ``masks_always`` switch (the Stable Audio DiT, which skips its attention mask when every frame is real)
+    has it turned on, so that its compiled blocks, their warm-ups and their captures see one form. Returns how many
+    blocks were compiled (0: no repeated stack). ``backend``: torch.compile's (``eager`` traces without generating
+    code: the check that the blocks trace whole, without graph breaks)."""
+    stacks = [m for m in bundle.denoiser.modules() if isinstance(m, nn.ModuleList) and len(m) > 1
+              and len({type(block) for block in m}) == 1]
+    if not stacks:
+        return 0
+    stack = max(stacks, key=lambda m: sum(p.numel() for p in m.parameters()))
+    for block in stack:
+        block.compile(dynamic=True, backend=backend)
+    for m in bundle.denoiser.modules():
+        if hasattr(m, "masks_always"):
+            m.masks_always = True
+    log.info("denoiser blocks compiled with torch.compile", extra={"model": bundle.config.name, "blocks": len(stack),
+                                                                    "block": type(stack[0]).__name__})
+    return len(stack)
 
 
 def compile_denoiser(bundle) -> None:
