@@ -848,3 +848,26 @@ def test_the_service_serves_a_checkpoint_directory(sao_small, tmp_path):
             assert sr == 44100 and audio.shape == (22050, 2) and r.headers["X-Model"] == "sao-small"
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("width, dim", [(64, 32), (64, 64), (128, 64)])
+def test_the_rotary_embedding_is_the_references_bit_for_bit(dtype, width, dim):
+    """``apply_rotary``'s gather of the swapped halves against the references' "rotate half" form (slice the rotated
+    channels, negate and concatenate their halves, concatenate the rest back), computed here as they write it."""
+    from models.checkpoints.stable_audio_dit import apply_rotary, rotary_tables
+
+    length = 19
+    inv = 1.0 / 10000.0 ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+    freqs = torch.arange(length, dtype=torch.float32)[:, None] * inv[None]
+    freqs = torch.cat([freqs, freqs], dim=-1)
+    cos, sin = freqs.cos(), freqs.sin()
+    x = torch.randn(2, 3, length, width, generator=torch.Generator().manual_seed(width + dim)).to(dtype)
+    xr, xp = x[..., :dim].float(), x[..., dim:]
+    x1, x2 = xr.chunk(2, dim=-1)
+    want = torch.cat([(xr * cos + torch.cat([-x2, x1], dim=-1) * sin).to(dtype), xp], dim=-1)
+    with torch.inference_mode():
+        got = apply_rotary(x, *rotary_tables(length, dim, "cpu", width))
+    assert torch.equal(got, want)
+    with pytest.raises(ValueError, match="within the head's 16 channels"):
+        rotary_tables(length, 32, "cpu", 16)

@@ -116,7 +116,7 @@ class SAMEAttention(nn.Module):
         self.k_norm = DynamicTanh(dim_heads)
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, band: tuple[int, int] | None) -> Tensor:
-        rope = rotary_tables(q.shape[2], q.shape[3] // 2, q.device)
+        rope = rotary_tables(q.shape[2], q.shape[3] // 2, q.device, q.shape[3])
         q, k = apply_rotary(self.q_norm(q), *rope), apply_rotary(self.k_norm(k), *rope)
         return F.scaled_dot_product_attention(q, k, v) if band is None else band_attention(q, k, v, *band)
 

@@ -148,11 +148,11 @@ class SelfAttention(nn.Module):
         self.q_norm = RMSNorm(dim // heads, eps)
         self.k_norm = RMSNorm(dim // heads, eps)
 
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor | None) -> Tensor:
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, rope: tuple[Tensor, Tensor, Tensor], mask: Tensor | None) -> Tensor:
         q, k = apply_rotary(self.q_norm(q), *rope), apply_rotary(self.k_norm(k), *rope)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor | None) -> Tensor:
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor, Tensor], mask: Tensor | None) -> Tensor:
         parts = [attention_heads(p, self.heads) for p in self.to_qkv(x).chunk(5 if self.differential else 3, -1)]
         if self.differential:
             q1, q2, k1, k2, v = parts
@@ -209,7 +209,7 @@ class Block(nn.Module):
         self.to_scale_shift_gate = nn.Parameter(torch.randn(6 * d) / math.sqrt(d))
         self.to_local_embed = mlp(c.local_cond_dim, d, bias=True) if c.local_cond_dim else None
 
-    def forward(self, x: Tensor, keys: Tensor, values: Tensor, modulation: Tensor, rope: tuple[Tensor, Tensor],
+    def forward(self, x: Tensor, keys: Tensor, values: Tensor, modulation: Tensor, rope: tuple[Tensor, Tensor, Tensor],
                 mask: Tensor | None, local: Tensor | None) -> Tensor:
         """``keys`` / ``values``: the context's (``CrossAttention.keys_values``); ``local``: this block's embedding of
         the inpainting input [B, T, D] (``StableAudio3DiT.local_embeddings``), added to the frames, not the memory
@@ -286,7 +286,7 @@ class StableAudio3DiT(nn.Module):
         modulation = self.global_cond_embedder(global_embed + time)
         h = self.proj_in((self.preprocess_conv(x) + x).transpose(1, 2))
         h = torch.cat([self.memory_tokens.to(h.dtype).expand(b, -1, -1), h], dim=1)
-        rope = rotary_tables(c.memory_tokens + length, c.head_dim // 2, x.device)
+        rope = rotary_tables(c.memory_tokens + length, c.head_dim // 2, x.device, c.head_dim)
         mask = None
         if frame_mask is not None:
             keep = F.pad(frame_mask.bool(), (c.memory_tokens, 0), value=True)

@@ -126,35 +126,48 @@ def config_from_diffusers(cfg: dict, source: str) -> StableAudioDiTConfig:
         timestep_features_dim=int(cfg.get("time_proj_dim", 256)), norm_eps=1e-5)
 
 
-def rotary_tables(length: int, dim: int, device, base: float = 10000.0) -> tuple[Tensor, Tensor]:
-    """cos/sin [length, dim] for the half-split ("rotate half") rotary layout used by both references. Serving
-    (inference mode) reads them from a cache per length rather than computing them at every forward; with gradients,
-    or while a graph is traced or compiled, they are computed (a kept table must not become a graph's constant)."""
+def rotary_tables(length: int, dim: int, device, width: int, base: float = 10000.0) -> tuple[Tensor, Tensor, Tensor]:
+    """The tables ``apply_rotary`` reads for heads of ``width`` channels whose first ``dim`` rotate, in the
+    half-split ("rotate half") layout used by both references: cos' and sin' [length, width] and the channel order
+    ``swap`` [width]. Serving (inference mode) reads them from a cache per length rather than computing them at
+    every forward; with gradients, or while a graph is traced or compiled, they are computed (a kept table must not
+    become a graph's constant)."""
     if not (torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing()
             or torch.onnx.is_in_onnx_export()) and torch.is_inference_mode_enabled():
-        return _cached_rotary_tables(length, dim, torch.device(device), base)
-    return _rotary_tables(length, dim, device, base)
+        return _cached_rotary_tables(length, dim, torch.device(device), width, base)
+    return _rotary_tables(length, dim, device, width, base)
 
 
 @functools.lru_cache(maxsize=64)
-def _cached_rotary_tables(length: int, dim: int, device: torch.device, base: float) -> tuple[Tensor, Tensor]:
-    return _rotary_tables(length, dim, device, base)
+def _cached_rotary_tables(length: int, dim: int, device: torch.device, width: int,
+                          base: float) -> tuple[Tensor, Tensor, Tensor]:
+    return _rotary_tables(length, dim, device, width, base)
 
 
-def _rotary_tables(length: int, dim: int, device, base: float) -> tuple[Tensor, Tensor]:
+def _rotary_tables(length: int, dim: int, device, width: int, base: float) -> tuple[Tensor, Tensor, Tensor]:
+    """The references' cos / sin [length, dim] of the angles, widened to the head: cos' is 1 and sin' 0 on the
+    ``width - dim`` channels that pass through, and sin' is negated on the rotated part's first half; ``swap``
+    exchanges the two halves of the rotated part and keeps the rest in place."""
+    if not 0 < dim <= width or dim % 2:
+        raise ValueError(f"rotary dim {dim} must be even and within the head's {width} channels")
     inv = 1.0 / base ** (torch.arange(0, dim, 2, device=device, dtype=torch.float32) / dim)
     freqs = torch.arange(length, device=device, dtype=torch.float32)[:, None] * inv[None]
-    freqs = torch.cat([freqs, freqs], dim=-1)
-    return freqs.cos(), freqs.sin()
+    cos, sin = freqs.cos(), freqs.sin()
+    rest = width - dim
+    cos = torch.cat([cos, cos, cos.new_ones(length, rest)], dim=-1)
+    sin = torch.cat([-sin, sin, sin.new_zeros(length, rest)], dim=-1)
+    half = dim // 2
+    swap = torch.cat([torch.arange(half, dim), torch.arange(half), torch.arange(dim, width)]).to(device)
+    return cos, sin, swap
 
 
-def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate the first cos.shape[-1] channels of x [B, H, N, D]; the rest pass through."""
-    rot = cos.shape[-1]
-    xr, xp = x[..., :rot].float(), x[..., rot:]
-    x1, x2 = xr.chunk(2, dim=-1)
-    xr = xr * cos + torch.cat([-x2, x1], dim=-1) * sin
-    return torch.cat([xr.to(x.dtype), xp], dim=-1)
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor, swap: Tensor) -> Tensor:
+    """Rotate the first channels of x [B, H, N, D] with ``rotary_tables``' (cos', sin', swap); the rest pass through.
+    x * cos' + x[..., swap] * sin', in float32: the references' x1 cos - x2 sin and x2 cos + x1 sin on the rotated
+    halves, and x * 1 + x' * 0 elsewhere, each product and sum the same floating-point operation as theirs (so the
+    same result bit for bit), in four kernels where slicing, negating and concatenating took six."""
+    xf = x.float()
+    return (xf * cos + xf.index_select(-1, swap) * sin).to(x.dtype)
 
 
 class Attention(nn.Module):
@@ -179,7 +192,7 @@ class Attention(nn.Module):
         else:
             self.q_norm = self.k_norm = None
 
-    def forward(self, x: Tensor, context_kv: Tensor | None = None, rope: tuple[Tensor, Tensor] | None = None,
+    def forward(self, x: Tensor, context_kv: Tensor | None = None, rope: tuple[Tensor, Tensor, Tensor] | None = None,
                 key_mask: Tensor | None = None) -> Tensor:
         """Self-attention over ``x``, or cross-attention to the keys and values ``to_kv(context)`` (``context_kv``:
         they depend on the request alone, so the caller may keep them across steps)."""
@@ -294,7 +307,7 @@ class StableAudioDiT(nn.Module):
             glob = global_embed + glob
         h = self.project_in((self.preprocess_conv(x) + x).transpose(1, 2))
         h = torch.cat([glob[:, None], h], dim=1)
-        rope = rotary_tables(length + 1, c.rope_dim, x.device)
+        rope = rotary_tables(length + 1, c.rope_dim, x.device, c.head_dim)
         key_mask = None
         # all frames real: no mask (the faster attention path); reading the mask waits for the device, once per
         # batch (``AllFramesReal``), which a CUDA graph's capture and torch.compile's tracing cannot, so they always
