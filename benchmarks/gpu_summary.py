@@ -142,28 +142,23 @@ def main(argv=None) -> str:
     ap.add_argument("--results-dir", default=str(RESULTS))
     args = ap.parse_args(argv)
     out = Path(args.results_dir)
-    rows, envs, missing, incomplete = [], {}, [], {}
-    for name in args.inputs.split(","):
+    envs, missing, incomplete = {}, [], {}
+
+    def read(name: str) -> dict | None:
+        """Run ``name``'s results (None: no name, or not found, then named as missing), its environment and
+        whether it ended early noted."""
         path = out / f"{name}.json"
-        if not path.is_file():
-            missing.append(name)
-            continue
+        if not name or not path.is_file():
+            missing.extend([name] if name else [])
+            return None
         data = json.loads(path.read_text())
-        rows += rows_of(name, data)
         envs[name] = data["environment"]
         if data.get("complete") is False:
             incomplete[name] = data
-    found: dict[str, dict | None] = {}
-    for name in (args.load, args.decoder):
-        path = out / f"{name}.json"
-        found[name] = json.loads(path.read_text()) if name and path.is_file() else None
-        if name and found[name] is None:
-            missing.append(name)
-        elif name:
-            envs[name] = found[name]["environment"]
-            if found[name].get("complete") is False:
-                incomplete[name] = found[name]
-    load, decoder = found[args.load], found[args.decoder]
+        return data
+
+    rows = [row for name in args.inputs.split(",") if (data := read(name)) for row in rows_of(name, data)]
+    load, decoder = read(args.load), read(args.decoder)
     if not rows:
         raise SystemExit(f"no latency run found in {out} ({', '.join(missing)})")
     verdicts = targets(rows, load, decoder)
