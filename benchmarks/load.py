@@ -642,7 +642,7 @@ def main(argv: list[str] | None = None) -> None:
         report["not_run"], report["cut_off"] = [called(r) for r in pending], cut_off and called(cut_off)
         return write_report(report, Path(args.out), stem, plot=plot)
 
-    current = None
+    running = None  # the index in the schedule of the run under way
     try:
         for name in names:  # every policy's server up before any load, so that repeats can alternate between them
             proc, url, pid = None, args.url, args.server_pid
@@ -659,19 +659,18 @@ def main(argv: list[str] | None = None) -> None:
             if args.warmup_seconds > 0:
                 report["servers"][name]["warmup"] = warm_up(url, max(rates), args, body, audio_seconds)
                 print(f"{name:>10} warm-up: {report['servers'][name]['warmup']}", flush=True)
-        for k, current in enumerate(schedule):
-            rep, i, rate, name = current
+        for running, (rep, i, rate, name) in enumerate(schedule):
             _, url, memory = servers[name]
             row = run_one_rate(url, memory, rate, args, body, args.seed + i + 1000 * rep, audio_seconds)
             runs[name][i].append(row)
             print(f"{name:>10} {rate:6.2f} req/s (run {rep + 1}/{args.repeats}): ok {row['ok']}/{row['sent']}, "
                   f"throughput {row['throughput_rps']:.2f}, goodput {row['goodput_rps']:.2f}, p50 "
                   f"{row['p50_s']}, p99 {row['p99_s']}, peak RSS {row['rss_peak_mib']} MiB", flush=True)
-            publish(schedule[k + 1:])  # what is measured so far, in case the run ends before the rest
-        current = None
+            publish(schedule[running + 1:])  # what is measured so far, in case the run ends before the rest
+        running = None
     except BaseException:  # stopped (SIGTERM at a time limit, ^C) or failed: write what was measured, then stop
-        if any(rows for per_rate in runs.values() for rows in per_rate):
-            publish(schedule[schedule.index(current) + 1:] if current else [], cut_off=current, plot=True)
+        if running is not None and any(rows for per_rate in runs.values() for rows in per_rate):
+            publish(schedule[running + 1:], cut_off=schedule[running], plot=True)
         raise
     finally:
         for name, (proc, _, _) in servers.items():
