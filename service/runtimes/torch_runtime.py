@@ -3,11 +3,10 @@ the denoiser, the part that runs once per step: ``compile`` (``torch.compile`` w
 size and length changes do not recompile; ``prepare``, called before the service is ready, compiles the two graphs
 that serving needs), ``compile_blocks`` (the same for each block of its repeated stack alone,
 ``compile_denoiser_blocks``: one compilation serves every block, and the forward can still be captured in CUDA
-graphs) and ``precision``
-(autocast to bfloat16 or float16 for its matrix products, whose weights are cast to that type once at load,
-``cast_matmul_weights``; the sampler's maths, the noise and the decoder stay float32). On a CUDA device,
-``cuda_graphs`` replays the denoiser's forward from captured CUDA graphs (``service.runtimes.cuda_graphs``); it
-excludes ``compile``.
+graphs) and ``precision`` (autocast to bfloat16 or float16 for its matrix products, whose weights are cast to that
+type once at load, ``cast_matmul_weights``; the sampler's maths, the noise and the decoder stay float32). On a CUDA
+device, ``cuda_graphs`` replays the denoiser's forward from captured CUDA graphs (``service.runtimes.cuda_graphs``);
+it excludes ``compile``.
 
 On CUDA the text encoder follows: its weights in bfloat16 with ``precision`` bfloat16 (float16 is left alone: T5's
 activations overflow it) and its forward replayed from graphs per (rows, tokens) bucket with ``cuda_graphs``
